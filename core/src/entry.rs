@@ -1,0 +1,86 @@
+//! Entries (one automerge change each) and snapshots (a compacted document).
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::clock::{Dot, VersionVector};
+use crate::ids::DocId;
+
+/// One local change to one document, named by its dot.
+#[derive(Clone, PartialEq, Eq, Debug, Archive, Serialize, Deserialize)]
+pub struct Entry {
+    /// Who made it and where it sits in their sequence.
+    pub dot: Dot,
+    /// The document it changes.
+    pub doc: DocId,
+    /// The automerge change, as `Change::bytes()` encodes it.
+    pub change: Vec<u8>,
+}
+
+/// A document folded from pruned entries: `automerge` save bytes plus the
+/// clock of the entries it contains.
+#[derive(Clone, PartialEq, Eq, Debug, Archive, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The document.
+    pub doc: DocId,
+    /// Per replica, the highest counter of an entry of this document folded in.
+    /// A peer whose version vector dominates it already has everything inside.
+    pub clock: VersionVector,
+    /// `Automerge::save()` output.
+    pub bytes: Vec<u8>,
+}
+
+/// Why an entry's change bytes were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidChange {
+    /// The bytes are not an automerge change.
+    #[error("entry {dot:?}: change bytes do not parse: {reason}")]
+    Unparsable {
+        /// The entry.
+        dot: Dot,
+        /// automerge's explanation.
+        reason: String,
+    },
+    /// The change was made by another actor than the dot's replica.
+    #[error("entry {dot:?}: change actor is not the entry's replica")]
+    WrongActor {
+        /// The entry.
+        dot: Dot,
+    },
+    /// Counter 0 is never used.
+    #[error("entry {dot:?}: counters start at 1")]
+    ZeroCounter {
+        /// The entry.
+        dot: Dot,
+    },
+}
+
+impl Entry {
+    /// Parse the change and check it belongs to the dot's replica.
+    pub fn parse_change(&self) -> Result<automerge::Change, InvalidChange> {
+        if self.dot.counter == 0 {
+            return Err(InvalidChange::ZeroCounter { dot: self.dot });
+        }
+        let change = automerge::Change::try_from(&self.change[..]).map_err(|e| {
+            InvalidChange::Unparsable {
+                dot: self.dot,
+                reason: e.to_string(),
+            }
+        })?;
+        if change.actor_id().to_bytes() != self.dot.replica.0 {
+            return Err(InvalidChange::WrongActor { dot: self.dot });
+        }
+        Ok(change)
+    }
+
+    /// Approximate encoded size, used to cut deltas into frames.
+    pub fn encoded_len(&self) -> usize {
+        self.change.len() + self.doc.as_str().len() + 40
+    }
+}
+
+impl Snapshot {
+    /// Approximate encoded size, used to cut deltas into frames.
+    pub fn encoded_len(&self) -> usize {
+        self.bytes.len() + self.doc.as_str().len() + 24 * self.clock.len() + 24
+    }
+}

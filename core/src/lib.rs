@@ -1,0 +1,4 @@
+pub mod clock;
+pub mod doc;
+pub mod entry;
+pub mod ids;
