@@ -162,8 +162,14 @@ mod tests {
         assert!(m.dominates(&a) && m.dominates(&c));
         assert_eq!(m.total(), 5);
         assert_eq!(a.meet(&b), b);
-        assert!(a.contains(&Dot { replica: r(1), counter: 3 }));
-        assert!(!a.contains(&Dot { replica: r(1), counter: 4 }));
+        assert!(a.contains(&Dot {
+            replica: r(1),
+            counter: 3
+        }));
+        assert!(!a.contains(&Dot {
+            replica: r(1),
+            counter: 4
+        }));
         let mut z = a.clone();
         z.set(r(1), 0);
         assert_eq!(z, vv(&[(2, 1)]));

@@ -12,7 +12,9 @@
 //! a later `update` revives it.
 
 use automerge::transaction::{Transactable, Transaction};
-use automerge::{Automerge, Change, ObjId, ObjType, Prop, ReadDoc, ScalarValue, TextEncoding, Value};
+use automerge::{
+    Automerge, Change, ObjId, ObjType, Prop, ReadDoc, ScalarValue, TextEncoding, Value,
+};
 use serde_json::Value as Json;
 
 use crate::ids::ReplicaId;
@@ -79,7 +81,13 @@ pub enum DocError {
     },
     /// automerge refused (corrupt save bytes, duplicate change, …).
     #[error("automerge: {0}")]
-    Automerge(#[from] automerge::AutomergeError),
+    Automerge(Box<automerge::AutomergeError>),
+}
+
+impl From<automerge::AutomergeError> for DocError {
+    fn from(e: automerge::AutomergeError) -> Self {
+        DocError::Automerge(Box::new(e))
+    }
 }
 
 /// JSON type name for error messages.
@@ -123,7 +131,11 @@ impl Document {
     }
 
     /// Load `automerge` save bytes (a snapshot).
-    pub fn load(bytes: &[u8], replica: ReplicaId, encoding: TextEncoding) -> Result<Self, DocError> {
+    pub fn load(
+        bytes: &[u8],
+        replica: ReplicaId,
+        encoding: TextEncoding,
+    ) -> Result<Self, DocError> {
         let opts = automerge::LoadOptions::new().text_encoding(encoding);
         let am = Automerge::load_with_options(bytes, opts)?.with_actor(replica.actor());
         Ok(Document { am })
@@ -472,7 +484,8 @@ fn update_map(
 ) -> Result<(), DocError> {
     let old_keys: Vec<String> = tx.keys(obj).collect();
     for k in old_keys {
-        if !new.contains_key(&k) && !(is_root && k == DELETED_KEY) {
+        let reserved = is_root && k == DELETED_KEY;
+        if !new.contains_key(&k) && !reserved {
             tx.delete(obj, k.as_str())?;
         }
     }
@@ -606,20 +619,29 @@ mod tests {
         let v = json!({"title": "milk", "done": false, "n": 3, "f": 1.5, "tags": ["a", "b"], "o": {"x": null}});
         assert!(d.update(&v).unwrap().is_some());
         assert_eq!(d.to_json().unwrap(), v);
-        assert!(d.update(&v).unwrap().is_none(), "same value records nothing");
+        assert!(
+            d.update(&v).unwrap().is_none(),
+            "same value records nothing"
+        );
         assert_eq!(d.get_path(&["tags".into(), 1.into()]), Some(json!("b")));
         assert!(d.update(&json!([1])).is_err());
-        assert!(matches!(d.update(&json!({"$deleted": 1})), Err(DocError::ReservedKey)));
+        assert!(matches!(
+            d.update(&json!({"$deleted": 1})),
+            Err(DocError::ReservedKey)
+        ));
     }
 
     #[test]
     fn minimal_updates_merge_concurrent_fields() {
         let mut a = doc(1);
-        a.update(&json!({"title": "milk", "done": false, "items": [1, 2, 3]})).unwrap();
+        a.update(&json!({"title": "milk", "done": false, "items": [1, 2, 3]}))
+            .unwrap();
         let mut b = doc(2);
         merge(&mut b, &a);
-        a.update(&json!({"title": "milk", "done": true, "items": [1, 2, 3]})).unwrap();
-        b.update(&json!({"title": "oat milk", "done": false, "items": [1, 2, 3, 4]})).unwrap();
+        a.update(&json!({"title": "milk", "done": true, "items": [1, 2, 3]}))
+            .unwrap();
+        b.update(&json!({"title": "oat milk", "done": false, "items": [1, 2, 3, 4]}))
+            .unwrap();
         merge(&mut a, &b);
         merge(&mut b, &a);
         let expect = json!({"title": "oat milk", "done": true, "items": [1, 2, 3, 4]});
@@ -634,8 +656,12 @@ mod tests {
         a.update(&json!({"l": [1, 2, 3, 4, 5]})).unwrap();
         a.update(&json!({"l": [1, 9, 5]})).unwrap();
         assert_eq!(a.to_json().unwrap(), json!({"l": [1, 9, 5]}));
-        a.update(&json!({"l": [0, 1, 9, 5, 6, {"k": [true]}]})).unwrap();
-        assert_eq!(a.to_json().unwrap(), json!({"l": [0, 1, 9, 5, 6, {"k": [true]}]}));
+        a.update(&json!({"l": [0, 1, 9, 5, 6, {"k": [true]}]}))
+            .unwrap();
+        assert_eq!(
+            a.to_json().unwrap(),
+            json!({"l": [0, 1, 9, 5, 6, {"k": [true]}]})
+        );
         a.update(&json!({"l": []})).unwrap();
         assert_eq!(a.to_json().unwrap(), json!({"l": []}));
     }
@@ -660,12 +686,18 @@ mod tests {
         c.splice_text(&["t".into()], 8, 6, "").unwrap();
         merge(&mut a, &c);
         let merged = a.to_json().unwrap()["t"].as_str().unwrap().to_owned();
-        assert!(merged.contains("there") && !merged.contains("world"), "{merged}");
+        assert!(
+            merged.contains("there") && !merged.contains("world"),
+            "{merged}"
+        );
         assert!(matches!(
             a.splice_text(&["t".into()], 100, 0, "x"),
             Err(DocError::OutOfRange { .. })
         ));
-        assert!(a.splice_text(&["nope".into(), "x".into()], 0, 0, "x").is_err());
+        assert!(
+            a.splice_text(&["nope".into(), "x".into()], 0, 0, "x")
+                .is_err()
+        );
     }
 
     #[test]
@@ -699,8 +731,20 @@ mod tests {
     fn snapshots_round_trip() {
         let mut a = doc(1);
         a.update(&json!({"x": [1, {"y": "z"}]})).unwrap();
-        let b = Document::load(&a.save(), ReplicaId([2; 16]), TextEncoding::UnicodeCodePoint).unwrap();
+        let b = Document::load(
+            &a.save(),
+            ReplicaId([2; 16]),
+            TextEncoding::UnicodeCodePoint,
+        )
+        .unwrap();
         assert_eq!(b.to_json(), a.to_json());
-        assert!(Document::load(b"garbage", ReplicaId([2; 16]), TextEncoding::UnicodeCodePoint).is_err());
+        assert!(
+            Document::load(
+                b"garbage",
+                ReplicaId([2; 16]),
+                TextEncoding::UnicodeCodePoint
+            )
+            .is_err()
+        );
     }
 }

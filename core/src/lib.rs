@@ -1,4 +1,9 @@
 pub mod clock;
+pub mod database;
 pub mod doc;
 pub mod entry;
 pub mod ids;
+pub mod log;
+pub mod protocol;
+pub mod store;
+pub mod sync;

@@ -1,0 +1,314 @@
+//! The per-database entry log: snapshots below a pruned horizon, entries above
+//! it, and the indexes that make a delta cost O(replicas + missing entries).
+
+use std::collections::{BTreeMap, HashMap};
+
+use automerge::TextEncoding;
+
+use crate::clock::{Dot, VersionVector};
+use crate::doc::Document;
+use crate::entry::{Entry, Snapshot};
+use crate::ids::{DocId, ReplicaId};
+use crate::store::StoredDatabase;
+
+/// Why an entry could not join the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogError {
+    /// The entry skips counters: `expected` must come first.
+    #[error("entry {got:?} arrived before counter {expected} of that replica")]
+    Gap {
+        /// The counter that must come next.
+        expected: u64,
+        /// What arrived.
+        got: Dot,
+    },
+    /// A snapshot could not be built while compacting.
+    #[error("compacting {doc}: {reason}")]
+    Compaction {
+        /// The document.
+        doc: DocId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What appending did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// The entry is new and now in the log.
+    Added,
+    /// The log already covers this dot; nothing changed.
+    Duplicate,
+}
+
+/// What a peer holding some version vector lacks.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Delta<'a> {
+    /// Set when the peer is behind the pruned horizon: after merging
+    /// `snapshots` it may raise its vector to `base`.
+    pub base: Option<VersionVector>,
+    /// Snapshots of documents changed beyond what the peer holds, below `base`.
+    pub snapshots: Vec<&'a Snapshot>,
+    /// Entries the peer lacks, in log (causal) order.
+    pub entries: Vec<&'a Entry>,
+}
+
+/// A compaction, planned by [`Log::plan_compaction`] and applied by
+/// [`Log::apply_compaction`] (and by stores, which prune what it covers).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Compaction {
+    /// The new pruned horizon: every entry at or below it is in a snapshot.
+    pub base: VersionVector,
+    /// New or replaced snapshots.
+    pub snapshots: Vec<Snapshot>,
+}
+
+/// Snapshots + entries of one database, with delta indexes.
+///
+/// Invariants: for every replica `r`, the log holds exactly the counters
+/// `base[r]+1 ..= vv[r]` of `r`, in the order they were appended; every entry
+/// at or below `base` is folded into `snapshots`.
+#[derive(Debug, Clone, Default)]
+pub struct Log {
+    base: VersionVector,
+    vv: VersionVector,
+    snapshots: BTreeMap<DocId, Snapshot>,
+    entries: Vec<Entry>,
+    /// Positions in `entries` of each replica's entries, in counter order.
+    by_replica: HashMap<ReplicaId, Vec<u32>>,
+    /// Per document, the highest counter per replica of any change to it.
+    doc_clocks: HashMap<DocId, VersionVector>,
+    entry_bytes: usize,
+}
+
+impl Log {
+    /// An empty log.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Rebuild from stored content. Entries already covered (at or below the
+    /// base, or repeated) are skipped; the first gap of a replica ends that
+    /// replica's entries (they are reported back so the caller can log them).
+    pub fn from_stored(stored: StoredDatabase) -> (Self, Vec<LogError>) {
+        let mut log = Log::new();
+        log.base = stored.base.clone();
+        log.vv = stored.base;
+        for s in stored.snapshots {
+            log.doc_clocks
+                .entry(s.doc.clone())
+                .or_default()
+                .merge(&s.clock);
+            log.snapshots.insert(s.doc.clone(), s);
+        }
+        let mut problems = Vec::new();
+        for e in stored.entries {
+            if let Err(err) = log.append(e) {
+                problems.push(err);
+            }
+        }
+        (log, problems)
+    }
+
+    /// The version vector: everything held, snapshots included.
+    pub fn vv(&self) -> &VersionVector {
+        &self.vv
+    }
+
+    /// The pruned horizon.
+    pub fn base(&self) -> &VersionVector {
+        &self.base
+    }
+
+    /// Entries above the horizon, in log order.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Snapshots below the horizon.
+    pub fn snapshots(&self) -> impl Iterator<Item = &Snapshot> {
+        self.snapshots.values()
+    }
+
+    /// Bytes of change data held in entries (a compaction trigger).
+    pub fn entry_bytes(&self) -> usize {
+        self.entry_bytes
+    }
+
+    /// Documents ever changed, with their last-change clock.
+    pub fn doc_clocks(&self) -> &HashMap<DocId, VersionVector> {
+        &self.doc_clocks
+    }
+
+    /// The clock of a document's last changes.
+    pub fn doc_clock(&self, doc: &DocId) -> Option<&VersionVector> {
+        self.doc_clocks.get(doc)
+    }
+
+    /// Append the next entry of its replica.
+    pub fn append(&mut self, entry: Entry) -> Result<Appended, LogError> {
+        let r = entry.dot.replica;
+        let have = self.vv.get(&r);
+        if entry.dot.counter <= have {
+            return Ok(Appended::Duplicate);
+        }
+        if entry.dot.counter != have + 1 {
+            return Err(LogError::Gap {
+                expected: have + 1,
+                got: entry.dot,
+            });
+        }
+        let pos = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
+        self.by_replica.entry(r).or_default().push(pos);
+        self.vv.set(r, entry.dot.counter);
+        let clock = self.doc_clocks.entry(entry.doc.clone()).or_default();
+        clock.set(r, entry.dot.counter);
+        self.entry_bytes += entry.change.len();
+        self.entries.push(entry);
+        Ok(Appended::Added)
+    }
+
+    /// The entry with this dot, if it is above the horizon.
+    pub fn get(&self, dot: &Dot) -> Option<&Entry> {
+        let base = self.base.get(&dot.replica);
+        let idx = dot.counter.checked_sub(base + 1)?;
+        let positions = self.by_replica.get(&dot.replica)?;
+        let pos = *positions.get(usize::try_from(idx).ok()?)?;
+        self.entries.get(pos as usize)
+    }
+
+    /// `replica`'s entries with counters in `from..=to` (those above the horizon).
+    pub fn entries_of(&self, replica: &ReplicaId, from: u64, to: u64) -> Vec<&Entry> {
+        let Some(positions) = self.by_replica.get(replica) else {
+            return Vec::new();
+        };
+        let base = self.base.get(replica);
+        let start = from.max(base + 1) - (base + 1);
+        let end = to.saturating_sub(base).min(positions.len() as u64);
+        (start..end)
+            .filter_map(|i| positions.get(i as usize))
+            .filter_map(|&p| self.entries.get(p as usize))
+            .collect()
+    }
+
+    /// What a peer holding `since` lacks: snapshots when it is behind the
+    /// horizon, then the missing entries in log order. Costs
+    /// O(replicas + missing · log missing), plus a scan of the snapshots only
+    /// when the peer is behind the horizon.
+    pub fn changes_since(&self, since: &VersionVector) -> Delta<'_> {
+        let mut delta = Delta::default();
+        if !since.dominates(&self.base) {
+            delta.base = Some(self.base.clone());
+            delta.snapshots = self
+                .snapshots
+                .values()
+                .filter(|s| !since.dominates(&s.clock))
+                .collect();
+        }
+        let mut positions = Vec::new();
+        for (r, idxs) in &self.by_replica {
+            let base = self.base.get(r);
+            let have = since.get(r).max(base);
+            let skip = usize::try_from(have - base).unwrap_or(usize::MAX);
+            if skip < idxs.len() {
+                positions.extend_from_slice(&idxs[skip..]);
+            }
+        }
+        positions.sort_unstable();
+        delta.entries = positions
+            .into_iter()
+            .filter_map(|p| self.entries.get(p as usize))
+            .collect();
+        delta
+    }
+
+    /// Fold every entry at or below `up_to` (clamped to what the log holds)
+    /// into per-document snapshots. Pure: the log is unchanged until
+    /// [`Log::apply_compaction`], so this can run on a copy in the background.
+    pub fn plan_compaction(&self, up_to: &VersionVector) -> Result<Compaction, LogError> {
+        let mut base = up_to.meet(&self.vv);
+        base.merge(&self.base);
+        let mut folded: BTreeMap<&DocId, Vec<&Entry>> = BTreeMap::new();
+        for e in &self.entries {
+            if base.contains(&e.dot) {
+                folded.entry(&e.doc).or_default().push(e);
+            }
+        }
+        let actor = ReplicaId::default();
+        let mut snapshots = Vec::with_capacity(folded.len());
+        for (doc, entries) in folded {
+            let fail = |reason: String| LogError::Compaction {
+                doc: doc.clone(),
+                reason,
+            };
+            let (mut document, mut clock) = match self.snapshots.get(doc) {
+                Some(s) => (
+                    Document::load(&s.bytes, actor, TextEncoding::UnicodeCodePoint)
+                        .map_err(|e| fail(e.to_string()))?,
+                    s.clock.clone(),
+                ),
+                None => (
+                    Document::new(actor, TextEncoding::UnicodeCodePoint),
+                    VersionVector::new(),
+                ),
+            };
+            for e in entries {
+                let change = e.parse_change().map_err(|e| fail(e.to_string()))?;
+                document.apply(change).map_err(|e| fail(e.to_string()))?;
+                if e.dot.counter > clock.get(&e.dot.replica) {
+                    clock.set(e.dot.replica, e.dot.counter);
+                }
+            }
+            snapshots.push(Snapshot {
+                doc: doc.clone(),
+                clock,
+                bytes: document.save(),
+            });
+        }
+        Ok(Compaction { base, snapshots })
+    }
+
+    /// Install a compaction: replace snapshots, raise the horizon, prune the
+    /// entries it covers and rebuild the indexes.
+    pub fn apply_compaction(&mut self, compaction: Compaction) {
+        let mut base = compaction.base.meet(&self.vv);
+        base.merge(&self.base);
+        for s in compaction.snapshots {
+            self.doc_clocks
+                .entry(s.doc.clone())
+                .or_default()
+                .merge(&s.clock);
+            self.snapshots.insert(s.doc.clone(), s);
+        }
+        let entries = std::mem::take(&mut self.entries);
+        self.by_replica.clear();
+        self.entry_bytes = 0;
+        for e in entries {
+            if base.contains(&e.dot) {
+                continue;
+            }
+            let pos = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
+            self.by_replica.entry(e.dot.replica).or_default().push(pos);
+            self.entry_bytes += e.change.len();
+            self.entries.push(e);
+        }
+        self.base = base;
+    }
+
+    /// Install a compaction whose horizon may be ahead of this log: the
+    /// caller obtained the missing content from a peer's snapshots, so the
+    /// vector rises to the horizon too.
+    pub fn absorb(&mut self, compaction: Compaction) {
+        self.vv.merge(&compaction.base);
+        self.apply_compaction(compaction);
+    }
+
+    /// Everything, as a store would hold it.
+    pub fn to_stored(&self) -> StoredDatabase {
+        StoredDatabase {
+            base: self.base.clone(),
+            snapshots: self.snapshots.values().cloned().collect(),
+            entries: self.entries.clone(),
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Frame encoding: a version byte, then an rkyv archive checked with bytecheck.
+
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+
+use super::message::Message;
+use super::{MAX_ERROR_TEXT, MAX_PRESENCE_LEN, MAX_TOKEN_LEN, PROTOCOL_VERSION};
+use crate::clock::VersionVector;
+use crate::entry::{Entry, Snapshot};
+use crate::ids::{DbName, DocId};
+
+/// Why a frame was refused. Decoding never panics, whatever the bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Zero-length frame.
+    #[error("empty frame")]
+    Empty,
+    /// Larger than the configured limit.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Frame length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A version this build does not speak.
+    #[error("protocol version {0} is not supported (this build speaks {PROTOCOL_VERSION})")]
+    UnknownVersion(u8),
+    /// The archive does not validate.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// Structurally valid, but a name, id or field breaks a rule.
+    #[error("invalid frame: {0}")]
+    Invalid(String),
+}
+
+/// Encode a message into one frame.
+pub fn encode(msg: &Message) -> Vec<u8> {
+    // Serialising owned, in-memory data into a growable buffer cannot fail
+    // for our types; fall back to an empty frame rather than panic.
+    let body = rkyv::to_bytes::<rancor::Error>(msg)
+        .map(|b| b.into_vec())
+        .unwrap_or_default();
+    let mut frame = Vec::with_capacity(body.len() + 1);
+    frame.push(PROTOCOL_VERSION);
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Encoded size of a message, in bytes.
+pub fn encoded_len(msg: &Message) -> usize {
+    rkyv::to_bytes::<rancor::Error>(msg).map_or(0, |b| b.len()) + 1
+}
+
+/// Decode and validate one frame of at most `max` bytes.
+pub fn decode(frame: &[u8], max: usize) -> Result<Message, DecodeError> {
+    if frame.len() > max {
+        return Err(DecodeError::TooLarge {
+            len: frame.len(),
+            max,
+        });
+    }
+    let (&version, body) = frame.split_first().ok_or(DecodeError::Empty)?;
+    if version != PROTOCOL_VERSION {
+        return Err(DecodeError::UnknownVersion(version));
+    }
+    // rkyv needs the archive aligned; a received buffer is not.
+    let mut aligned: AlignedVec<16> = AlignedVec::with_capacity(body.len());
+    aligned.extend_from_slice(body);
+    let mut msg = rkyv::from_bytes::<Message, rancor::Error>(&aligned)
+        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    validate(&mut msg)?;
+    Ok(msg)
+}
+
+fn invalid(what: impl Into<String>) -> DecodeError {
+    DecodeError::Invalid(what.into())
+}
+
+fn check_db(db: &DbName) -> Result<(), DecodeError> {
+    if DbName::is_valid(db.as_str()) {
+        Ok(())
+    } else {
+        Err(invalid(format!("database name {:?}", db.as_str())))
+    }
+}
+
+fn check_doc(doc: &DocId) -> Result<(), DecodeError> {
+    if DocId::is_valid(doc.as_str()) {
+        Ok(())
+    } else {
+        Err(invalid(format!("document id {:?}", doc.as_str())))
+    }
+}
+
+fn check_vv(vv: &mut VersionVector) {
+    vv.normalize();
+}
+
+fn check_entries(entries: &[Entry]) -> Result<(), DecodeError> {
+    for e in entries {
+        check_doc(&e.doc)?;
+        if e.dot.counter == 0 {
+            return Err(invalid("entry counter 0"));
+        }
+    }
+    Ok(())
+}
+
+fn check_snapshots(snapshots: &mut [Snapshot]) -> Result<(), DecodeError> {
+    for s in snapshots {
+        check_doc(&s.doc)?;
+        check_vv(&mut s.clock);
+    }
+    Ok(())
+}
+
+/// Re-establish the invariants deserialisation bypassed: names and ids
+/// follow their rules, vectors are normalised, sizes are within limits.
+fn validate(msg: &mut Message) -> Result<(), DecodeError> {
+    match msg {
+        Message::Hello(h) => {
+            if h.token.len() > MAX_TOKEN_LEN {
+                return Err(invalid("token too long"));
+            }
+        }
+        Message::Welcome(_) | Message::Ping { .. } | Message::Pong { .. } => {}
+        Message::Subscribe(s) => {
+            check_db(&s.db)?;
+            check_vv(&mut s.since);
+            if s.req == 0 {
+                return Err(invalid("subscribe request number 0"));
+            }
+        }
+        Message::Unsubscribe { db } => check_db(db)?,
+        Message::Delta(d) => {
+            check_db(&d.db)?;
+            check_vv(&mut d.base);
+            check_vv(&mut d.vv);
+            check_snapshots(&mut d.snapshots)?;
+            check_entries(&d.entries)?;
+        }
+        Message::Push(p) => {
+            check_db(&p.db)?;
+            check_entries(&p.entries)?;
+        }
+        Message::Ack(a) => {
+            check_db(&a.db)?;
+            check_vv(&mut a.vv);
+        }
+        Message::Presence(p) => {
+            check_db(&p.db)?;
+            if p.state.len() > MAX_PRESENCE_LEN {
+                return Err(invalid("presence state too large"));
+            }
+        }
+        Message::PresenceUpdate(p) => check_db(&p.db)?,
+        Message::Error(e) => {
+            if let Some(db) = &e.db {
+                check_db(db)?;
+            }
+            if e.message.len() > MAX_ERROR_TEXT {
+                let mut cut = MAX_ERROR_TEXT;
+                while !e.message.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                e.message.truncate(cut);
+            }
+        }
+    }
+    Ok(())
+}

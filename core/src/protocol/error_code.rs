@@ -1,0 +1,124 @@
+//! Typed error codes carried by `Error` messages.
+
+/// Why a request (or a connection) was refused. Numbers are stable on the
+/// wire; unknown numbers from newer peers decode as [`ErrorCode::Unknown`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// No valid token, or the token does not verify.
+    Unauthorized,
+    /// The token does not grant the right needed for this database.
+    Forbidden,
+    /// The frame does not decode (truncated, corrupt, invalid names).
+    BadFrame,
+    /// The frame, push or presence state exceeds a limit.
+    TooLarge,
+    /// The frame's protocol version is not spoken here.
+    UnknownVersion,
+    /// An entry's change bytes are invalid or not the sender's own.
+    InvalidChange,
+    /// The server is at capacity or the peer is too slow to keep up.
+    Overloaded,
+    /// `Push`/`Presence` for a database the peer has not subscribed to.
+    NotSubscribed,
+    /// A pushed entry skips counters; resubscribe and push from the reply.
+    OutOfOrder,
+    /// A message arrived out of place (before `Hello`, a second `Hello`, …).
+    ProtocolViolation,
+    /// The server failed internally (storage error); nothing was acknowledged.
+    Internal,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// A code this build does not know.
+    Unknown(u16),
+}
+
+impl ErrorCode {
+    /// Wire number.
+    pub fn to_u16(self) -> u16 {
+        match self {
+            ErrorCode::Unauthorized => 1,
+            ErrorCode::Forbidden => 2,
+            ErrorCode::BadFrame => 3,
+            ErrorCode::TooLarge => 4,
+            ErrorCode::UnknownVersion => 5,
+            ErrorCode::InvalidChange => 6,
+            ErrorCode::Overloaded => 7,
+            ErrorCode::NotSubscribed => 8,
+            ErrorCode::OutOfOrder => 9,
+            ErrorCode::ProtocolViolation => 10,
+            ErrorCode::Internal => 11,
+            ErrorCode::ShuttingDown => 12,
+            ErrorCode::Unknown(n) => n,
+        }
+    }
+
+    /// From a wire number.
+    pub fn from_u16(n: u16) -> Self {
+        match n {
+            1 => ErrorCode::Unauthorized,
+            2 => ErrorCode::Forbidden,
+            3 => ErrorCode::BadFrame,
+            4 => ErrorCode::TooLarge,
+            5 => ErrorCode::UnknownVersion,
+            6 => ErrorCode::InvalidChange,
+            7 => ErrorCode::Overloaded,
+            8 => ErrorCode::NotSubscribed,
+            9 => ErrorCode::OutOfOrder,
+            10 => ErrorCode::ProtocolViolation,
+            11 => ErrorCode::Internal,
+            12 => ErrorCode::ShuttingDown,
+            n => ErrorCode::Unknown(n),
+        }
+    }
+
+    /// A stable name, e.g. for a JS `error.code` or a metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Unauthorized => "Unauthorized",
+            ErrorCode::Forbidden => "Forbidden",
+            ErrorCode::BadFrame => "BadFrame",
+            ErrorCode::TooLarge => "TooLarge",
+            ErrorCode::UnknownVersion => "UnknownVersion",
+            ErrorCode::InvalidChange => "InvalidChange",
+            ErrorCode::Overloaded => "Overloaded",
+            ErrorCode::NotSubscribed => "NotSubscribed",
+            ErrorCode::OutOfOrder => "OutOfOrder",
+            ErrorCode::ProtocolViolation => "ProtocolViolation",
+            ErrorCode::Internal => "Internal",
+            ErrorCode::ShuttingDown => "ShuttingDown",
+            ErrorCode::Unknown(_) => "Unknown",
+        }
+    }
+
+    /// Whether the connection is closed after this error.
+    pub fn is_fatal(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Unauthorized
+                | ErrorCode::BadFrame
+                | ErrorCode::UnknownVersion
+                | ErrorCode::ProtocolViolation
+                | ErrorCode::ShuttingDown
+                | ErrorCode::Overloaded
+        )
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip() {
+        for n in 0..20u16 {
+            assert_eq!(ErrorCode::from_u16(n).to_u16(), n);
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The message set (DESIGN.md §4).
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::clock::VersionVector;
+use crate::entry::{Entry, Snapshot};
+use crate::ids::{DbName, ReplicaId};
+
+use super::ErrorCode;
+
+/// First message of a connection, client → server.
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct Hello {
+    /// The client's replica id; every entry it pushes must carry it.
+    pub replica: ReplicaId,
+    /// Credentials (may be empty for anonymous databases).
+    pub token: String,
+}
+
+/// The server accepted `Hello`.
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The server's replica id.
+    pub server: ReplicaId,
+    /// This connection's id, as it appears in presence.
+    pub peer: u64,
+    /// Largest frame the server accepts.
+    pub max_frame: u32,
+}
+
+/// Start (or restart) syncing a database.
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct Subscribe {
+    /// The database.
+    pub db: DbName,
+    /// What the client holds; the reply carries what it lacks.
+    pub since: VersionVector,
+    /// Request number echoed by the reply (non-zero).
+    pub req: u32,
+}
+
+/// Entries (and snapshots) a peer lacks: the reply to `Subscribe`, cut into
+/// parts, or a live update (`req == 0`).
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct Delta {
+    /// The database.
+    pub db: DbName,
+    /// The `Subscribe` this answers, or 0 for live updates.
+    pub req: u32,
+    /// Part number within the reply, from 0.
+    pub part: u32,
+    /// Whether this is the reply's final part.
+    pub last: bool,
+    /// When non-empty, the sender's pruned horizon: once every part has
+    /// arrived, the receiver holds everything at or below it.
+    pub base: VersionVector,
+    /// Snapshots of documents the receiver lacks below `base`.
+    pub snapshots: Vec<Snapshot>,
+    /// Entries in causal order.
+    pub entries: Vec<Entry>,
+    /// The sender's durable version vector (for the client: also an ack).
+    pub vv: VersionVector,
+}
+
+/// Client → server: the client's own new entries.
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct Push {
+    /// The database.
+    pub db: DbName,
+    /// Consecutive entries of the client's replica.
+    pub entries: Vec<Entry>,
+}
+
+/// Server → client: everything up to `vv` is durable on the server.
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct Ack {
+    /// The database.
+    pub db: DbName,
+    /// The server's durable version vector.
+    pub vv: VersionVector,
+}
+
+/// Client → server: publish this connection's ephemeral state (empty clears it).
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct Presence {
+    /// The database.
+    pub db: DbName,
+    /// Opaque bytes (the JS package sends JSON).
+    pub state: Vec<u8>,
+}
+
+/// One peer's presence.
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct PeerPresence {
+    /// The peer's connection id.
+    pub peer: u64,
+    /// The peer's replica.
+    pub replica: ReplicaId,
+    /// Whether the peer left (unsubscribed or disconnected).
+    pub left: bool,
+    /// Its published state, if any.
+    pub state: Option<Vec<u8>>,
+}
+
+/// Server → subscribers: who is here.
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct PresenceUpdate {
+    /// The database.
+    pub db: DbName,
+    /// Whether `peers` is the whole set (sent on subscribe) or changes only.
+    pub full: bool,
+    /// Connections subscribed to the database right now.
+    pub online: u32,
+    /// Peers that joined, changed or left.
+    pub peers: Vec<PeerPresence>,
+}
+
+/// A typed refusal.
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    /// [`ErrorCode`] number.
+    pub code: u16,
+    /// Readable explanation.
+    pub message: String,
+    /// The database concerned, if any.
+    pub db: Option<DbName>,
+}
+
+impl ErrorMsg {
+    /// Build from a code.
+    pub fn new(code: ErrorCode, message: impl Into<String>, db: Option<DbName>) -> Self {
+        ErrorMsg {
+            code: code.to_u16(),
+            message: message.into(),
+            db,
+        }
+    }
+
+    /// The typed code.
+    pub fn code(&self) -> ErrorCode {
+        ErrorCode::from_u16(self.code)
+    }
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub enum Message {
+    /// Client → server, first.
+    Hello(Hello),
+    /// Server → client, answer to `Hello`.
+    Welcome(Welcome),
+    /// Client → server.
+    Subscribe(Subscribe),
+    /// Client → server: stop receiving a database.
+    Unsubscribe {
+        /// The database.
+        db: DbName,
+    },
+    /// Server → client.
+    Delta(Delta),
+    /// Client → server.
+    Push(Push),
+    /// Server → client.
+    Ack(Ack),
+    /// Client → server.
+    Presence(Presence),
+    /// Server → client.
+    PresenceUpdate(PresenceUpdate),
+    /// Either way.
+    Error(ErrorMsg),
+    /// Either way: are you there?
+    Ping {
+        /// Echoed by `Pong`.
+        nonce: u64,
+    },
+    /// Answer to `Ping`.
+    Pong {
+        /// From the `Ping`.
+        nonce: u64,
+    },
+}
+
+impl Message {
+    /// Short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Welcome(_) => "welcome",
+            Message::Subscribe(_) => "subscribe",
+            Message::Unsubscribe { .. } => "unsubscribe",
+            Message::Delta(_) => "delta",
+            Message::Push(_) => "push",
+            Message::Ack(_) => "ack",
+            Message::Presence(_) => "presence",
+            Message::PresenceUpdate(_) => "presence_update",
+            Message::Error(_) => "error",
+            Message::Ping { .. } => "ping",
+            Message::Pong { .. } => "pong",
+        }
+    }
+
+    /// An error message.
+    pub fn error(code: ErrorCode, message: impl Into<String>, db: Option<DbName>) -> Self {
+        Message::Error(ErrorMsg::new(code, message, db))
+    }
+}

@@ -1,0 +1,30 @@
+//! The wire protocol: the message set, its error codes and the frame codec.
+//!
+//! Every WebSocket binary frame is `[version: u8][rkyv archive of Message]`.
+//! See `core/PROTOCOL.md` for each message and a byte-level example.
+
+mod codec;
+mod error_code;
+mod message;
+
+pub use codec::{DecodeError, decode, encode, encoded_len};
+pub use error_code::ErrorCode;
+pub use message::{
+    Ack, Delta, ErrorMsg, Hello, Message, PeerPresence, Presence, PresenceUpdate, Push, Subscribe,
+    Welcome,
+};
+
+/// The protocol version this build speaks; the first byte of every frame.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Default largest frame accepted, in bytes (16 MiB).
+pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
+
+/// Largest token accepted in `Hello`.
+pub const MAX_TOKEN_LEN: usize = 4096;
+
+/// Largest presence state a peer may publish.
+pub const MAX_PRESENCE_LEN: usize = 16 * 1024;
+
+/// Longest error message text kept from a frame.
+pub const MAX_ERROR_TEXT: usize = 4096;

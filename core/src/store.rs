@@ -1,0 +1,188 @@
+//! Persistence: the [`Store`] trait every backend implements, and an in-memory store.
+//!
+//! Stores are asynchronous because the real ones are: IndexedDB answers in
+//! callbacks and the native log acknowledges a write only after a (group)
+//! fsync. The sync state machines never call a store: they emit "persist this
+//! batch" outputs and take "persisted" inputs, so `core` never awaits. The
+//! futures carry no `Send` bound so the browser store (which holds `!Send` JS
+//! handles) fits; native implementations may refine their futures to be `Send`.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use crate::clock::VersionVector;
+use crate::entry::{Entry, Snapshot};
+use crate::ids::DbName;
+
+/// What a store holds for one database.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoredDatabase {
+    /// Pruned horizon: entries at or below it live in `snapshots`.
+    pub base: VersionVector,
+    /// One snapshot per compacted document.
+    pub snapshots: Vec<Snapshot>,
+    /// Entries above the horizon in append order.
+    pub entries: Vec<Entry>,
+}
+
+/// One atomic write: either all of it is durable or none of it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    /// Entries to append, in order.
+    pub entries: Vec<Entry>,
+    /// Snapshots that replace the stored snapshot of their document.
+    pub snapshots: Vec<Snapshot>,
+    /// A new pruned horizon: the store may drop entries at or below it.
+    pub base: Option<VersionVector>,
+}
+
+impl Batch {
+    /// A batch of entries only.
+    pub fn entries(entries: Vec<Entry>) -> Self {
+        Batch {
+            entries,
+            ..Batch::default()
+        }
+    }
+
+    /// Whether the batch writes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.snapshots.is_empty() && self.base.is_none()
+    }
+}
+
+/// A durable home for databases. Every method's future resolves only when
+/// the effect is durable (for native stores: after fsync).
+pub trait Store {
+    /// The backend's error.
+    type Error: std::error::Error + 'static;
+
+    /// Names of the databases held.
+    fn list_databases(&self) -> impl Future<Output = Result<Vec<DbName>, Self::Error>>;
+
+    /// Everything held for `db` (empty when unknown).
+    fn load(&self, db: &DbName) -> impl Future<Output = Result<StoredDatabase, Self::Error>>;
+
+    /// Entries of `db` not covered by `since`, in append order. Entries
+    /// already folded into snapshots are not returned: callers that are
+    /// behind the horizon use [`Store::load`].
+    fn read_since(
+        &self,
+        db: &DbName,
+        since: &VersionVector,
+    ) -> impl Future<Output = Result<Vec<Entry>, Self::Error>>;
+
+    /// Apply one batch atomically and durably.
+    fn write(&self, db: &DbName, batch: &Batch) -> impl Future<Output = Result<(), Self::Error>>;
+
+    /// Read a small metadata value (a replica's own id, for instance).
+    fn get_meta(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, Self::Error>>;
+
+    /// Durably set a small metadata value.
+    fn put_meta(&self, key: &str, value: &[u8]) -> impl Future<Output = Result<(), Self::Error>>;
+}
+
+/// The in-memory store's (never produced) error.
+#[derive(Debug, thiserror::Error)]
+#[error("memory store lock poisoned")]
+pub struct MemoryStoreError;
+
+#[derive(Debug, Default)]
+struct MemoryInner {
+    dbs: BTreeMap<DbName, StoredDatabase>,
+    meta: BTreeMap<String, Vec<u8>>,
+}
+
+/// A store in memory: for tests, simulations and purely local use. Clones
+/// share content, so a test can "restart" a replica from the same store.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<MemoryInner>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut MemoryInner) -> T) -> Result<T, MemoryStoreError> {
+        let mut guard = self.inner.lock().map_err(|_| MemoryStoreError)?;
+        Ok(f(&mut guard))
+    }
+
+    /// Synchronous form of [`Store::write`] (the memory store is never pending).
+    pub fn write_now(&self, db: &DbName, batch: &Batch) -> Result<(), MemoryStoreError> {
+        self.with(|m| {
+            let stored = m.dbs.entry(db.clone()).or_default();
+            stored.entries.extend(batch.entries.iter().cloned());
+            for s in &batch.snapshots {
+                match stored.snapshots.iter_mut().find(|x| x.doc == s.doc) {
+                    Some(slot) => *slot = s.clone(),
+                    None => stored.snapshots.push(s.clone()),
+                }
+            }
+            if let Some(base) = &batch.base {
+                stored.base.merge(base);
+                let base = stored.base.clone();
+                stored.entries.retain(|e| !base.contains(&e.dot));
+            }
+        })
+    }
+
+    /// Synchronous form of [`Store::load`].
+    pub fn load_now(&self, db: &DbName) -> Result<StoredDatabase, MemoryStoreError> {
+        self.with(|m| m.dbs.get(db).cloned().unwrap_or_default())
+    }
+
+    /// Synchronous form of [`Store::list_databases`].
+    pub fn list_now(&self) -> Result<Vec<DbName>, MemoryStoreError> {
+        self.with(|m| m.dbs.keys().cloned().collect())
+    }
+}
+
+impl Store for MemoryStore {
+    type Error = MemoryStoreError;
+
+    async fn list_databases(&self) -> Result<Vec<DbName>, Self::Error> {
+        self.list_now()
+    }
+
+    async fn load(&self, db: &DbName) -> Result<StoredDatabase, Self::Error> {
+        self.load_now(db)
+    }
+
+    async fn read_since(
+        &self,
+        db: &DbName,
+        since: &VersionVector,
+    ) -> Result<Vec<Entry>, Self::Error> {
+        self.with(|m| {
+            m.dbs
+                .get(db)
+                .map(|s| {
+                    s.entries
+                        .iter()
+                        .filter(|e| !since.contains(&e.dot))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+    }
+
+    async fn write(&self, db: &DbName, batch: &Batch) -> Result<(), Self::Error> {
+        self.write_now(db, batch)
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, Self::Error> {
+        self.with(|m| m.meta.get(key).cloned())
+    }
+
+    async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), Self::Error> {
+        self.with(|m| {
+            m.meta.insert(key.to_owned(), value.to_vec());
+        })
+    }
+}

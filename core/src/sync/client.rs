@@ -1,0 +1,759 @@
+//! The client side: a replica's databases and its connection to one server.
+//!
+//! The client works offline: edits apply locally at once and are persisted
+//! through [`ClientOutput::Persist`]; once the adapter reports them durable
+//! ([`Client::persisted`]) they are pushed whenever a connection is up.
+//! Pushing only durable entries means a crash can never make a replica reuse
+//! a counter the server has already seen.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use automerge::TextEncoding;
+use serde_json::Value as Json;
+
+use crate::clock::VersionVector;
+use crate::database::{Applied, ApplyError, Database};
+use crate::doc::{DocError, PathSeg};
+use crate::entry::{Entry, Snapshot};
+use crate::ids::{DbName, DocId, ReplicaId};
+use crate::protocol::{
+    self, DEFAULT_MAX_FRAME, Delta, ErrorCode, ErrorMsg, Hello, Message, Presence, PresenceUpdate,
+    Push, Subscribe,
+};
+use crate::store::{Batch, StoredDatabase};
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Largest frame sent or accepted.
+    pub max_frame: usize,
+    /// Most entries in one `Push` (the server's limit).
+    pub max_entries_per_push: usize,
+    /// How text positions are counted (`Utf16CodeUnit` in browsers).
+    pub encoding: TextEncoding,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            max_frame: DEFAULT_MAX_FRAME,
+            max_entries_per_push: 10_000,
+            encoding: TextEncoding::UnicodeCodePoint,
+        }
+    }
+}
+
+/// Connection status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// No connection.
+    Offline,
+    /// Connected, handshake in progress.
+    Connecting,
+    /// Handshake done.
+    Online,
+}
+
+/// Something the application may want to know.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientEvent {
+    /// Connection status changed.
+    Status(Status),
+    /// Documents changed (locally or from the server).
+    Changed {
+        /// The database.
+        db: DbName,
+        /// The documents.
+        docs: Vec<DocId>,
+        /// Whether the change came from elsewhere.
+        remote: bool,
+    },
+    /// The server made this replica's entries up to `counter` durable.
+    Acked {
+        /// The database.
+        db: DbName,
+        /// Own counter acknowledged.
+        counter: u64,
+    },
+    /// The database is in sync: the reply arrived and every local change is
+    /// durable on the server.
+    Synced {
+        /// The database.
+        db: DbName,
+    },
+    /// Who is here changed.
+    Presence {
+        /// The database.
+        db: DbName,
+    },
+    /// The server refused something, or remote data was unusable.
+    Error {
+        /// The database concerned.
+        db: Option<DbName>,
+        /// Typed code.
+        code: ErrorCode,
+        /// Readable text.
+        message: String,
+    },
+}
+
+/// What the adapter must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientOutput {
+    /// Send this message to the server.
+    Send(Message),
+    /// Write durably, in `seq` order per database, then call [`Client::persisted`].
+    Persist {
+        /// The database.
+        db: DbName,
+        /// Sequence number.
+        seq: u64,
+        /// What to write.
+        batch: Batch,
+    },
+    /// Tell the application.
+    Event(ClientEvent),
+}
+
+/// One peer present on a database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The peer's connection id.
+    pub peer: u64,
+    /// Its replica.
+    pub replica: ReplicaId,
+    /// Its published state.
+    pub state: Option<Vec<u8>>,
+}
+
+/// Presence on one database.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PresenceView {
+    /// Peers subscribed (with their state, if they published one).
+    pub peers: Vec<PeerInfo>,
+    /// Connections subscribed right now, this one included.
+    pub online: u32,
+}
+
+/// Why a local operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The database was not opened.
+    #[error("database {0} is not open")]
+    NotOpen(DbName),
+    /// The document operation failed.
+    #[error(transparent)]
+    Doc(#[from] DocError),
+}
+
+#[derive(Debug)]
+enum Sync {
+    /// Not subscribed on this connection.
+    Idle,
+    /// `Subscribe` sent; collecting the reply's parts.
+    Awaiting {
+        req: u32,
+        parts: BTreeSet<u32>,
+        last: Option<u32>,
+        base: VersionVector,
+        snapshots: Vec<Snapshot>,
+        vv: VersionVector,
+    },
+    /// Reply complete; live updates flow; own entries up to `pushed` were sent.
+    Live { pushed: u64 },
+}
+
+#[derive(Debug)]
+struct ClientDb {
+    db: Database,
+    wanted: bool,
+    sync: Sync,
+    /// Own counter the server has made durable.
+    acked: u64,
+    /// Own counter durable locally.
+    local_durable: u64,
+    /// Persist batches not yet durable: (seq, highest own counter inside).
+    unpersisted: VecDeque<(u64, u64)>,
+    next_seq: u64,
+    presence: Option<Vec<u8>>,
+    peers: BTreeMap<u64, (ReplicaId, Option<Vec<u8>>)>,
+    online: u32,
+    synced: bool,
+}
+
+/// A replica's sans-IO client.
+#[derive(Debug)]
+pub struct Client {
+    replica: ReplicaId,
+    token: String,
+    config: ClientConfig,
+    status: Status,
+    dbs: BTreeMap<DbName, ClientDb>,
+    next_req: u32,
+    out: Vec<ClientOutput>,
+}
+
+impl Client {
+    /// A client for `replica` that presents `token`.
+    pub fn new(replica: ReplicaId, token: impl Into<String>, config: ClientConfig) -> Self {
+        Client {
+            replica,
+            token: token.into(),
+            config,
+            status: Status::Offline,
+            dbs: BTreeMap::new(),
+            next_req: 1,
+            out: Vec::new(),
+        }
+    }
+
+    /// This replica's id.
+    pub fn replica(&self) -> ReplicaId {
+        self.replica
+    }
+
+    /// Connection status.
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    /// Drain the outbox.
+    pub fn take_outputs(&mut self) -> Vec<ClientOutput> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Open a database from what the store holds (an empty
+    /// [`StoredDatabase`] for a new one) and subscribe to it.
+    pub fn open(&mut self, name: DbName, stored: StoredDatabase) {
+        if self.dbs.contains_key(&name) {
+            return;
+        }
+        let (db, errors) =
+            Database::from_stored(name.clone(), self.replica, self.config.encoding, stored);
+        for e in errors {
+            self.apply_error(&name, e);
+        }
+        let own = db.own_counter();
+        self.dbs.insert(
+            name.clone(),
+            ClientDb {
+                db,
+                wanted: true,
+                sync: Sync::Idle,
+                acked: 0,
+                local_durable: own,
+                unpersisted: VecDeque::new(),
+                next_seq: 1,
+                presence: None,
+                peers: BTreeMap::new(),
+                online: 0,
+                synced: false,
+            },
+        );
+        if self.status == Status::Online {
+            self.send_subscribe(&name);
+        }
+    }
+
+    /// Stop syncing a database and forget it in memory (the store keeps it).
+    pub fn close(&mut self, name: &DbName) {
+        if self.dbs.remove(name).is_some() && self.status == Status::Online {
+            self.send(Message::Unsubscribe { db: name.clone() });
+        }
+    }
+
+    /// An open database.
+    pub fn database(&self, name: &DbName) -> Option<&Database> {
+        self.dbs.get(name).map(|c| &c.db)
+    }
+
+    /// Names of the open databases.
+    pub fn databases(&self) -> impl Iterator<Item = &DbName> {
+        self.dbs.keys()
+    }
+
+    /// Own counter the server has made durable for `db`.
+    pub fn acked(&self, db: &DbName) -> u64 {
+        self.dbs.get(db).map_or(0, |c| c.acked)
+    }
+
+    /// Whether `db` is in sync (see [`ClientEvent::Synced`]).
+    pub fn is_synced(&self, db: &DbName) -> bool {
+        self.dbs.get(db).is_some_and(|c| c.synced)
+    }
+
+    /// Who is present on `db`.
+    pub fn presence(&self, db: &DbName) -> PresenceView {
+        self.dbs
+            .get(db)
+            .map_or_else(PresenceView::default, |c| PresenceView {
+                peers: c
+                    .peers
+                    .iter()
+                    .map(|(p, (r, s))| PeerInfo {
+                        peer: *p,
+                        replica: *r,
+                        state: s.clone(),
+                    })
+                    .collect(),
+                online: c.online,
+            })
+    }
+
+    // ---- local edits ----
+
+    /// Make a document equal `value` with minimal changes.
+    pub fn update(&mut self, db: &DbName, doc: &DocId, value: &Json) -> Result<bool, ClientError> {
+        self.local(db, doc, |d| d.update(doc, value))
+    }
+
+    /// Delete a document.
+    pub fn delete(&mut self, db: &DbName, doc: &DocId) -> Result<bool, ClientError> {
+        self.local(db, doc, |d| d.delete(doc))
+    }
+
+    /// Splice collaborative text.
+    pub fn splice_text(
+        &mut self,
+        db: &DbName,
+        doc: &DocId,
+        path: &[PathSeg],
+        pos: usize,
+        del: usize,
+        insert: &str,
+    ) -> Result<bool, ClientError> {
+        self.local(db, doc, |d| d.splice_text(doc, path, pos, del, insert))
+    }
+
+    /// Add to a counter.
+    pub fn increment(
+        &mut self,
+        db: &DbName,
+        doc: &DocId,
+        path: &[PathSeg],
+        by: i64,
+    ) -> Result<bool, ClientError> {
+        self.local(db, doc, |d| d.increment(doc, path, by))
+    }
+
+    /// Publish this connection's presence state on `db` (empty clears it).
+    pub fn set_presence(&mut self, db: &DbName, state: Vec<u8>) -> Result<(), ClientError> {
+        let c = self
+            .dbs
+            .get_mut(db)
+            .ok_or_else(|| ClientError::NotOpen(db.clone()))?;
+        c.presence = Some(state.clone());
+        if !matches!(c.sync, Sync::Idle) {
+            self.send(Message::Presence(Presence {
+                db: db.clone(),
+                state,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Fold history the server has made durable into snapshots, locally.
+    /// Own entries not yet acknowledged are kept (they still need pushing).
+    pub fn compact(&mut self, db: &DbName) -> Result<(), ClientError> {
+        let c = self
+            .dbs
+            .get_mut(db)
+            .ok_or_else(|| ClientError::NotOpen(db.clone()))?;
+        let mut up_to = c.db.vv().clone();
+        up_to.set(self.replica, c.acked.min(c.local_durable));
+        let compaction = c.db.compact(&up_to);
+        let batch = Batch {
+            entries: Vec::new(),
+            snapshots: compaction.snapshots,
+            base: Some(compaction.base),
+        };
+        self.persist(db, batch);
+        Ok(())
+    }
+
+    fn local(
+        &mut self,
+        db: &DbName,
+        doc: &DocId,
+        f: impl FnOnce(&mut Database) -> Result<Option<Entry>, DocError>,
+    ) -> Result<bool, ClientError> {
+        let c = self
+            .dbs
+            .get_mut(db)
+            .ok_or_else(|| ClientError::NotOpen(db.clone()))?;
+        let Some(entry) = f(&mut c.db)? else {
+            return Ok(false);
+        };
+        c.synced = false;
+        self.persist(db, Batch::entries(vec![entry]));
+        self.event(ClientEvent::Changed {
+            db: db.clone(),
+            docs: vec![doc.clone()],
+            remote: false,
+        });
+        Ok(true)
+    }
+
+    // ---- connection ----
+
+    /// The transport connected: start the handshake.
+    pub fn connected(&mut self) {
+        self.status = Status::Connecting;
+        self.send(Message::Hello(Hello {
+            replica: self.replica,
+            token: self.token.clone(),
+        }));
+        self.event(ClientEvent::Status(Status::Connecting));
+    }
+
+    /// The transport closed.
+    pub fn disconnected(&mut self) {
+        if self.status == Status::Offline {
+            return;
+        }
+        self.status = Status::Offline;
+        for c in self.dbs.values_mut() {
+            c.sync = Sync::Idle;
+            c.peers.clear();
+            c.online = 0;
+            c.synced = false;
+        }
+        self.event(ClientEvent::Status(Status::Offline));
+    }
+
+    /// A frame arrived. A frame that does not decode is reported and
+    /// returned as an error: the adapter should close the connection.
+    pub fn handle_frame(&mut self, frame: &[u8]) -> Result<(), protocol::DecodeError> {
+        let msg = protocol::decode(frame, self.config.max_frame).inspect_err(|e| {
+            self.event(ClientEvent::Error {
+                db: None,
+                code: ErrorCode::BadFrame,
+                message: format!("server sent a bad frame: {e}"),
+            });
+        })?;
+        self.handle(msg);
+        Ok(())
+    }
+
+    /// A message arrived from the server.
+    pub fn handle(&mut self, msg: Message) {
+        match msg {
+            Message::Welcome(_) => {
+                self.status = Status::Online;
+                self.event(ClientEvent::Status(Status::Online));
+                let names: Vec<DbName> = self
+                    .dbs
+                    .iter()
+                    .filter(|(_, c)| c.wanted)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for n in names {
+                    self.send_subscribe(&n);
+                }
+            }
+            Message::Delta(d) => self.delta(d),
+            Message::Ack(a) => self.ack(&a.db, a.vv.get(&self.replica)),
+            Message::PresenceUpdate(p) => self.presence_update(p),
+            Message::Error(e) => self.server_error(e),
+            Message::Ping { nonce } => self.send(Message::Pong { nonce }),
+            Message::Pong { .. } => {}
+            other => self.event(ClientEvent::Error {
+                db: None,
+                code: ErrorCode::ProtocolViolation,
+                message: format!("server sent a client message: {}", other.kind()),
+            }),
+        }
+    }
+
+    /// Persist batches of `db` up to `seq` are durable locally.
+    pub fn persisted(&mut self, db: &DbName, seq: u64) {
+        let Some(c) = self.dbs.get_mut(db) else {
+            return;
+        };
+        while c.unpersisted.front().is_some_and(|(s, _)| *s <= seq) {
+            if let Some((_, own)) = c.unpersisted.pop_front() {
+                c.local_durable = c.local_durable.max(own);
+            }
+        }
+        self.push(db);
+    }
+
+    // ---- internals ----
+
+    fn send(&mut self, msg: Message) {
+        self.out.push(ClientOutput::Send(msg));
+    }
+
+    fn event(&mut self, e: ClientEvent) {
+        self.out.push(ClientOutput::Event(e));
+    }
+
+    fn persist(&mut self, db: &DbName, batch: Batch) {
+        if batch.is_empty() {
+            return;
+        }
+        let me = self.replica;
+        let Some(c) = self.dbs.get_mut(db) else {
+            return;
+        };
+        let own = batch
+            .entries
+            .iter()
+            .filter(|e| e.dot.replica == me)
+            .map(|e| e.dot.counter)
+            .max()
+            .unwrap_or(0);
+        let seq = c.next_seq;
+        c.next_seq += 1;
+        c.unpersisted.push_back((seq, own));
+        self.out.push(ClientOutput::Persist {
+            db: db.clone(),
+            seq,
+            batch,
+        });
+    }
+
+    fn apply_error(&mut self, db: &DbName, e: ApplyError) {
+        self.event(ClientEvent::Error {
+            db: Some(db.clone()),
+            code: ErrorCode::InvalidChange,
+            message: e.to_string(),
+        });
+    }
+
+    fn send_subscribe(&mut self, name: &DbName) {
+        let req = self.next_req;
+        self.next_req = self.next_req.wrapping_add(1).max(1);
+        let Some(c) = self.dbs.get_mut(name) else {
+            return;
+        };
+        c.sync = Sync::Awaiting {
+            req,
+            parts: BTreeSet::new(),
+            last: None,
+            base: VersionVector::new(),
+            snapshots: Vec::new(),
+            vv: VersionVector::new(),
+        };
+        let since = c.db.vv().clone();
+        let presence = c.presence.clone();
+        self.send(Message::Subscribe(Subscribe {
+            db: name.clone(),
+            since,
+            req,
+        }));
+        if let Some(state) = presence {
+            self.send(Message::Presence(Presence {
+                db: name.clone(),
+                state,
+            }));
+        }
+    }
+
+    fn delta(&mut self, d: Delta) {
+        let name = d.db.clone();
+        let Some(c) = self.dbs.get_mut(&name) else {
+            return;
+        };
+        let mut complete = None;
+        let mut applied = match &mut c.sync {
+            Sync::Idle => return,
+            Sync::Awaiting {
+                req,
+                parts,
+                last,
+                base,
+                snapshots,
+                vv,
+            } => {
+                if d.req != 0 && d.req != *req {
+                    return; // a stale reply to an earlier Subscribe
+                }
+                if d.req != 0 {
+                    parts.insert(d.part);
+                    if d.last {
+                        *last = Some(d.part);
+                    }
+                    base.merge(&d.base);
+                    snapshots.extend(d.snapshots);
+                    vv.merge(&d.vv);
+                }
+                if let Some(l) = *last
+                    && parts.len() == l as usize + 1
+                {
+                    complete = Some((
+                        std::mem::take(base),
+                        std::mem::take(snapshots),
+                        std::mem::take(vv),
+                    ));
+                }
+                c.db.apply_entries(d.entries)
+            }
+            Sync::Live { .. } => {
+                if d.req != 0 {
+                    return; // a duplicate of the finished reply
+                }
+                c.db.apply_entries(d.entries)
+            }
+        };
+        let server_vv = d.vv;
+        let mut resubscribe = false;
+        if let Some((base, snapshots, vv)) = complete {
+            if !base.is_empty() && !c.db.vv().dominates(&base) {
+                let more = c.db.apply_snapshots(snapshots, &base);
+                merge_applied(&mut applied, more);
+            }
+            let pushed = vv.get(&self.replica);
+            c.sync = Sync::Live { pushed };
+            // Anything the server holds that we still lack means a part went
+            // missing (or arrived out of order and is still pending).
+            resubscribe = !c.db.vv().dominates(&vv);
+        } else if matches!(c.sync, Sync::Live { .. })
+            && !c.db.vv().dominates(&without(&server_vv, self.replica))
+        {
+            resubscribe = true;
+        }
+        self.absorb(&name, applied);
+        self.ack(&name, server_vv.get(&self.replica));
+        if resubscribe {
+            self.send_subscribe(&name);
+        } else {
+            self.push(&name);
+        }
+    }
+
+    /// Persist and announce what applying remote data did.
+    fn absorb(&mut self, name: &DbName, applied: Applied) {
+        for e in applied.errors {
+            self.apply_error(name, e);
+        }
+        let base = (!applied.snapshots.is_empty()).then(|| {
+            self.dbs
+                .get(name)
+                .map(|c| c.db.log().base().clone())
+                .unwrap_or_default()
+        });
+        self.persist(
+            name,
+            Batch {
+                entries: applied.entries,
+                snapshots: applied.snapshots,
+                base,
+            },
+        );
+        if !applied.changed.is_empty() {
+            self.event(ClientEvent::Changed {
+                db: name.clone(),
+                docs: applied.changed.into_iter().collect(),
+                remote: true,
+            });
+        }
+    }
+
+    fn ack(&mut self, name: &DbName, counter: u64) {
+        let Some(c) = self.dbs.get_mut(name) else {
+            return;
+        };
+        if counter > c.acked {
+            c.acked = counter;
+            self.out.push(ClientOutput::Event(ClientEvent::Acked {
+                db: name.clone(),
+                counter,
+            }));
+        }
+        self.check_synced(name);
+    }
+
+    fn check_synced(&mut self, name: &DbName) {
+        let Some(c) = self.dbs.get_mut(name) else {
+            return;
+        };
+        let now = matches!(c.sync, Sync::Live { .. }) && c.acked >= c.db.own_counter();
+        if now && !c.synced {
+            c.synced = true;
+            self.event(ClientEvent::Synced { db: name.clone() });
+        } else if !now {
+            c.synced = false;
+        }
+    }
+
+    /// Push durable own entries the server has not been sent on this connection.
+    fn push(&mut self, name: &DbName) {
+        let me = self.replica;
+        let max = self.config.max_entries_per_push.max(1);
+        let Some(c) = self.dbs.get_mut(name) else {
+            return;
+        };
+        let Sync::Live { pushed } = &mut c.sync else {
+            return;
+        };
+        let from = (*pushed).max(c.acked) + 1;
+        if from > c.local_durable {
+            return;
+        }
+        let entries: Vec<Entry> =
+            c.db.log()
+                .entries_of(&me, from, c.local_durable)
+                .into_iter()
+                .cloned()
+                .collect();
+        *pushed = c.local_durable;
+        for chunk in entries.chunks(max) {
+            self.out.push(ClientOutput::Send(Message::Push(Push {
+                db: name.clone(),
+                entries: chunk.to_vec(),
+            })));
+        }
+    }
+
+    fn presence_update(&mut self, p: PresenceUpdate) {
+        let Some(c) = self.dbs.get_mut(&p.db) else {
+            return;
+        };
+        if p.full {
+            c.peers.clear();
+        }
+        for peer in p.peers {
+            if peer.left {
+                c.peers.remove(&peer.peer);
+            } else {
+                c.peers.insert(peer.peer, (peer.replica, peer.state));
+            }
+        }
+        c.online = p.online;
+        self.event(ClientEvent::Presence { db: p.db });
+    }
+
+    fn server_error(&mut self, e: ErrorMsg) {
+        let code = e.code();
+        if let Some(db) = &e.db
+            && matches!(code, ErrorCode::OutOfOrder | ErrorCode::NotSubscribed)
+            && self.dbs.get(db).is_some_and(|c| c.wanted)
+            && self.status == Status::Online
+        {
+            // The server lost track of our stream: start over from our vector.
+            let db = db.clone();
+            self.send_subscribe(&db);
+            return;
+        }
+        self.event(ClientEvent::Error {
+            db: e.db,
+            code,
+            message: e.message,
+        });
+    }
+}
+
+fn merge_applied(into: &mut Applied, more: Applied) {
+    into.entries.extend(more.entries);
+    into.snapshots.extend(more.snapshots);
+    into.changed.extend(more.changed);
+    into.errors.extend(more.errors);
+}
+
+/// `vv` without `replica`'s component (our own entries may be ahead there).
+fn without(vv: &VersionVector, replica: ReplicaId) -> VersionVector {
+    let mut v = vv.clone();
+    v.set(replica, 0);
+    v
+}

@@ -1,0 +1,58 @@
+//! Cutting a delta into frames that stay under the frame limit.
+
+use crate::clock::VersionVector;
+use crate::entry::{Entry, Snapshot};
+use crate::ids::DbName;
+use crate::protocol::Delta;
+
+/// Build the parts of one delta, each holding at most about `budget` bytes
+/// of snapshots and entries (a single larger item travels alone). Snapshots
+/// come first so a receiver can install them before the entries built on them.
+pub(crate) fn delta_parts(
+    db: &DbName,
+    req: u32,
+    base: VersionVector,
+    snapshots: Vec<Snapshot>,
+    entries: Vec<Entry>,
+    vv: &VersionVector,
+    budget: usize,
+) -> Vec<Delta> {
+    let new_part = |part: u32| Delta {
+        db: db.clone(),
+        req,
+        part,
+        last: false,
+        base: base.clone(),
+        snapshots: Vec::new(),
+        entries: Vec::new(),
+        vv: vv.clone(),
+    };
+    let mut parts = vec![new_part(0)];
+    let mut used = 0usize;
+    for s in snapshots {
+        let len = s.encoded_len();
+        if used > 0 && used + len > budget {
+            parts.push(new_part(parts.len() as u32));
+            used = 0;
+        }
+        used += len;
+        if let Some(p) = parts.last_mut() {
+            p.snapshots.push(s);
+        }
+    }
+    for e in entries {
+        let len = e.encoded_len();
+        if used > 0 && used + len > budget {
+            parts.push(new_part(parts.len() as u32));
+            used = 0;
+        }
+        used += len;
+        if let Some(p) = parts.last_mut() {
+            p.entries.push(e);
+        }
+    }
+    if let Some(p) = parts.last_mut() {
+        p.last = true;
+    }
+    parts
+}

@@ -1,0 +1,788 @@
+//! The server side: one state machine for every connection and database.
+//!
+//! Inputs are calls (`connect`, `handle_frame`, `persisted`, `loaded`, …);
+//! outputs accumulate in an outbox the adapter drains with
+//! [`Server::take_outputs`]. The server is a relay: it validates, stores and
+//! forwards entries without materialising documents (compaction aside).
+//!
+//! Durability: accepted entries are handed to the adapter as
+//! [`ServerOutput::Persist`]; only when the adapter reports them
+//! [`Server::persisted`] are they acknowledged to their sender, added to the
+//! log that answers `Subscribe`, and fanned out to the other subscribers.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::clock::VersionVector;
+use crate::entry::Entry;
+use crate::ids::{DbName, ReplicaId};
+use crate::log::{Compaction, Log, LogError};
+use crate::protocol::{
+    self, Ack, DEFAULT_MAX_FRAME, ErrorCode, Hello, Message, PeerPresence, Presence,
+    PresenceUpdate, Push, Subscribe, Welcome,
+};
+use crate::store::{Batch, StoredDatabase};
+
+use super::auth::{Authenticator, Grants, Right};
+use super::parts::delta_parts;
+
+/// A connection's id, assigned by [`Server::connect`].
+pub type PeerId = u64;
+
+/// Server limits.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The server's own replica id.
+    pub replica: ReplicaId,
+    /// Largest frame accepted and produced.
+    pub max_frame: usize,
+    /// Most entries in one `Push`.
+    pub max_entries_per_push: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            replica: ReplicaId::random(),
+            max_frame: DEFAULT_MAX_FRAME,
+            max_entries_per_push: 10_000,
+        }
+    }
+}
+
+/// What the adapter must do.
+#[derive(Debug, Clone)]
+pub enum ServerOutput {
+    /// Send one message to one peer.
+    Send {
+        /// Recipient.
+        peer: PeerId,
+        /// The message.
+        msg: Message,
+    },
+    /// Send one already-encoded frame to several peers (fan-out encodes once).
+    Broadcast {
+        /// Recipients.
+        peers: Vec<PeerId>,
+        /// The encoded frame.
+        frame: Arc<Vec<u8>>,
+    },
+    /// Close the connection (after sending what precedes this output).
+    Close {
+        /// The peer.
+        peer: PeerId,
+        /// Why (also sent as an `Error` just before).
+        code: ErrorCode,
+    },
+    /// Write `batch` durably, then call [`Server::persisted`] with `seq`.
+    /// Batches of one database must be written in `seq` order.
+    Persist {
+        /// The database.
+        db: DbName,
+        /// Sequence number of this batch within the database.
+        seq: u64,
+        /// What to write.
+        batch: Batch,
+    },
+    /// Load the database from the store, then call [`Server::loaded`].
+    Load {
+        /// The database.
+        db: DbName,
+    },
+}
+
+#[derive(Debug)]
+enum PeerState {
+    AwaitHello,
+    Ready { replica: ReplicaId, grants: Grants },
+}
+
+#[derive(Debug)]
+struct Peer {
+    state: PeerState,
+    subs: BTreeSet<DbName>,
+}
+
+#[derive(Debug)]
+struct PendingBatch {
+    seq: u64,
+    origin: PeerId,
+    entries: Vec<Entry>,
+}
+
+#[derive(Debug, Default)]
+struct ServerDb {
+    /// Durable content: answers `Subscribe`.
+    log: Log,
+    /// Durable plus accepted-but-not-yet-durable: decides duplicates and gaps.
+    accepted: VersionVector,
+    pending: VecDeque<PendingBatch>,
+    next_seq: u64,
+    subscribers: BTreeSet<PeerId>,
+    presence: BTreeMap<PeerId, (ReplicaId, Option<Vec<u8>>)>,
+}
+
+/// The server state machine.
+#[derive(Debug)]
+pub struct Server<A> {
+    config: ServerConfig,
+    auth: A,
+    peers: HashMap<PeerId, Peer>,
+    dbs: HashMap<DbName, ServerDb>,
+    /// Messages waiting for their database to load.
+    loading: HashMap<DbName, Vec<(PeerId, Message)>>,
+    next_peer: PeerId,
+    out: Vec<ServerOutput>,
+}
+
+impl<A: Authenticator> Server<A> {
+    /// A server with no connections and no loaded databases.
+    pub fn new(config: ServerConfig, auth: A) -> Self {
+        Server {
+            config,
+            auth,
+            peers: HashMap::new(),
+            dbs: HashMap::new(),
+            loading: HashMap::new(),
+            next_peer: 1,
+            out: Vec::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// Drain the outbox.
+    pub fn take_outputs(&mut self) -> Vec<ServerOutput> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// A new connection.
+    pub fn connect(&mut self) -> PeerId {
+        let id = self.next_peer;
+        self.next_peer += 1;
+        self.peers.insert(
+            id,
+            Peer {
+                state: PeerState::AwaitHello,
+                subs: BTreeSet::new(),
+            },
+        );
+        id
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Subscribed connections per loaded database.
+    pub fn subscriptions(&self) -> impl Iterator<Item = (&DbName, usize)> {
+        self.dbs.iter().map(|(n, d)| (n, d.subscribers.len()))
+    }
+
+    /// The durable log of a loaded database.
+    pub fn log(&self, db: &DbName) -> Option<&Log> {
+        self.dbs.get(db).map(|d| &d.log)
+    }
+
+    /// A connection ended: forget it and tell the others it left.
+    pub fn disconnect(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.remove(&peer) else {
+            return;
+        };
+        for db in p.subs {
+            self.leave(peer, &db);
+        }
+        for queue in self.loading.values_mut() {
+            queue.retain(|(p, _)| *p != peer);
+        }
+    }
+
+    /// Tell every connection the server is going away and close them.
+    pub fn shutdown(&mut self) {
+        let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+        for peer in peers {
+            self.fail(peer, ErrorCode::ShuttingDown, "server shutting down", None);
+        }
+    }
+
+    /// A frame arrived from `peer`.
+    pub fn handle_frame(&mut self, peer: PeerId, frame: &[u8]) {
+        match protocol::decode(frame, self.config.max_frame) {
+            Ok(msg) => self.handle(peer, msg),
+            Err(e) => {
+                let code = match e {
+                    protocol::DecodeError::TooLarge { .. } => ErrorCode::TooLarge,
+                    protocol::DecodeError::UnknownVersion(_) => ErrorCode::UnknownVersion,
+                    _ => ErrorCode::BadFrame,
+                };
+                self.fail(peer, code, e.to_string(), None);
+            }
+        }
+    }
+
+    /// A decoded message arrived from `peer`.
+    pub fn handle(&mut self, peer: PeerId, msg: Message) {
+        let Some(p) = self.peers.get(&peer) else {
+            return;
+        };
+        let ready = matches!(p.state, PeerState::Ready { .. });
+        match msg {
+            Message::Hello(h) if !ready => self.hello(peer, h),
+            Message::Hello(_) => {
+                self.fail(peer, ErrorCode::ProtocolViolation, "second Hello", None)
+            }
+            _ if !ready => self.fail(
+                peer,
+                ErrorCode::ProtocolViolation,
+                "the first message must be Hello",
+                None,
+            ),
+            Message::Ping { nonce } => self.send(peer, Message::Pong { nonce }),
+            Message::Pong { .. } => {}
+            Message::Error(e) => {
+                tracing::debug!(peer, code = %e.code(), "peer reported: {}", e.message);
+            }
+            Message::Subscribe(s) => self.with_db(peer, s.db.clone(), Message::Subscribe(s)),
+            Message::Unsubscribe { db } => {
+                self.with_db(peer, db.clone(), Message::Unsubscribe { db })
+            }
+            Message::Push(p) => self.with_db(peer, p.db.clone(), Message::Push(p)),
+            Message::Presence(p) => self.with_db(peer, p.db.clone(), Message::Presence(p)),
+            other => self.fail(
+                peer,
+                ErrorCode::ProtocolViolation,
+                format!("{} is a server message", other.kind()),
+                None,
+            ),
+        }
+    }
+
+    /// The store delivered a database requested by [`ServerOutput::Load`].
+    pub fn loaded(&mut self, db: DbName, stored: StoredDatabase) {
+        let (log, problems) = Log::from_stored(stored);
+        for p in problems {
+            tracing::warn!(%db, "stored log: {p}");
+        }
+        let accepted = log.vv().clone();
+        self.dbs.insert(
+            db.clone(),
+            ServerDb {
+                log,
+                accepted,
+                ..ServerDb::default()
+            },
+        );
+        for (peer, msg) in self.loading.remove(&db).unwrap_or_default() {
+            self.db_message(peer, msg);
+        }
+    }
+
+    /// The store could not load `db`: refuse the waiting requests.
+    pub fn load_failed(&mut self, db: &DbName, reason: &str) {
+        for (peer, _) in self.loading.remove(db).unwrap_or_default() {
+            self.send(
+                peer,
+                Message::error(
+                    ErrorCode::Internal,
+                    format!("could not load database: {reason}"),
+                    Some(db.clone()),
+                ),
+            );
+        }
+    }
+
+    /// Batches of `db` up to `seq` are durable: acknowledge and fan out.
+    pub fn persisted(&mut self, db: &DbName, seq: u64) {
+        let Some(d) = self.dbs.get_mut(db) else {
+            return;
+        };
+        let mut done = Vec::new();
+        while d.pending.front().is_some_and(|b| b.seq <= seq) {
+            if let Some(b) = d.pending.pop_front() {
+                done.push(b);
+            }
+        }
+        if done.is_empty() {
+            return;
+        }
+        let mut origins = BTreeSet::new();
+        let mut all: Vec<(PeerId, Entry)> = Vec::new();
+        for b in done {
+            origins.insert(b.origin);
+            for e in b.entries {
+                if let Err(err) = d.log.append(e.clone()) {
+                    tracing::error!(%db, "persisted entry does not fit the log: {err}");
+                    continue;
+                }
+                all.push((b.origin, e));
+            }
+        }
+        let vv = d.log.vv().clone();
+        // Subscribers that pushed none of these get one shared frame.
+        let plain: Vec<PeerId> = d
+            .subscribers
+            .iter()
+            .filter(|p| !origins.contains(p))
+            .copied()
+            .collect();
+        let entries: Vec<Entry> = all.iter().map(|(_, e)| e.clone()).collect();
+        let custom: Vec<(PeerId, Vec<Entry>)> = origins
+            .iter()
+            .filter(|o| d.subscribers.contains(o))
+            .map(|o| {
+                let theirs = all
+                    .iter()
+                    .filter(|(from, _)| from != o)
+                    .map(|(_, e)| e.clone())
+                    .collect();
+                (*o, theirs)
+            })
+            .collect();
+        self.broadcast_live(db, &plain, entries, &vv);
+        for (peer, entries) in custom {
+            if !entries.is_empty() {
+                self.broadcast_live(db, &[peer], entries, &vv);
+            }
+        }
+        for o in origins {
+            if self.peers.contains_key(&o) {
+                self.send(
+                    o,
+                    Message::Ack(Ack {
+                        db: db.clone(),
+                        vv: vv.clone(),
+                    }),
+                );
+            }
+        }
+    }
+
+    /// Writing batch `seq` of `db` failed: nothing from it (or later) is
+    /// acknowledged; the senders are told and will push again.
+    pub fn persist_failed(&mut self, db: &DbName, seq: u64, reason: &str) {
+        let Some(d) = self.dbs.get_mut(db) else {
+            return;
+        };
+        let failed: Vec<PendingBatch> = d
+            .pending
+            .iter()
+            .position(|b| b.seq >= seq)
+            .map(|i| d.pending.drain(i..).collect())
+            .unwrap_or_default();
+        let mut accepted = d.log.vv().clone();
+        for b in &d.pending {
+            for e in &b.entries {
+                accepted.set(e.dot.replica, e.dot.counter);
+            }
+        }
+        d.accepted = accepted;
+        let origins: BTreeSet<PeerId> = failed.iter().map(|b| b.origin).collect();
+        for o in origins {
+            self.send(
+                o,
+                Message::error(
+                    ErrorCode::Internal,
+                    format!("storage failed, not saved: {reason}"),
+                    Some(db.clone()),
+                ),
+            );
+        }
+    }
+
+    /// Plan and install a compaction of `db` up to `up_to` (clamped to the
+    /// durable log), and emit the batch that makes it durable.
+    pub fn compact(&mut self, db: &DbName, up_to: &VersionVector) -> Result<(), LogError> {
+        let Some(d) = self.dbs.get(db) else {
+            return Ok(());
+        };
+        let compaction = d.log.plan_compaction(up_to)?;
+        self.apply_compaction(db, compaction);
+        Ok(())
+    }
+
+    /// Install a compaction planned elsewhere (e.g. on a background thread
+    /// from a copy of the log) and emit the batch that makes it durable.
+    pub fn apply_compaction(&mut self, db: &DbName, compaction: Compaction) {
+        let Some(d) = self.dbs.get_mut(db) else {
+            return;
+        };
+        d.log.apply_compaction(compaction.clone());
+        let seq = d.next_seq;
+        d.next_seq += 1;
+        self.out.push(ServerOutput::Persist {
+            db: db.clone(),
+            seq,
+            batch: Batch {
+                entries: Vec::new(),
+                snapshots: compaction.snapshots,
+                base: Some(compaction.base),
+            },
+        });
+    }
+
+    // ---- internals ----
+
+    fn send(&mut self, peer: PeerId, msg: Message) {
+        self.out.push(ServerOutput::Send { peer, msg });
+    }
+
+    fn fail(
+        &mut self,
+        peer: PeerId,
+        code: ErrorCode,
+        message: impl Into<String>,
+        db: Option<DbName>,
+    ) {
+        let message = message.into();
+        tracing::debug!(peer, %code, "refusing: {message}");
+        self.send(peer, Message::error(code, message, db));
+        if code.is_fatal() {
+            self.out.push(ServerOutput::Close { peer, code });
+            self.disconnect(peer);
+        }
+    }
+
+    fn grants(&self, peer: PeerId) -> Option<(ReplicaId, &Grants)> {
+        match &self.peers.get(&peer)?.state {
+            PeerState::Ready { replica, grants } => Some((*replica, grants)),
+            PeerState::AwaitHello => None,
+        }
+    }
+
+    fn hello(&mut self, peer: PeerId, h: Hello) {
+        match self.auth.authenticate(&h.token) {
+            Ok(grants) => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.state = PeerState::Ready {
+                        replica: h.replica,
+                        grants,
+                    };
+                }
+                let max_frame = u32::try_from(self.config.max_frame).unwrap_or(u32::MAX);
+                self.send(
+                    peer,
+                    Message::Welcome(Welcome {
+                        server: self.config.replica,
+                        peer,
+                        max_frame,
+                    }),
+                );
+            }
+            Err(e) => self.fail(peer, ErrorCode::Unauthorized, e.to_string(), None),
+        }
+    }
+
+    /// Route a database message, loading the database first if needed.
+    fn with_db(&mut self, peer: PeerId, db: DbName, msg: Message) {
+        if let Some(queue) = self.loading.get_mut(&db) {
+            queue.push((peer, msg));
+        } else if self.dbs.contains_key(&db) {
+            self.db_message(peer, msg);
+        } else {
+            let needed = match &msg {
+                Message::Push(_) => Right::Write,
+                _ => Right::Read,
+            };
+            // Refuse before loading anything for a peer without rights.
+            if !self
+                .grants(peer)
+                .is_some_and(|(_, g)| g.allows(db.as_str(), needed))
+            {
+                self.db_message(peer, msg);
+                return;
+            }
+            self.loading.insert(db.clone(), vec![(peer, msg)]);
+            self.out.push(ServerOutput::Load { db });
+        }
+    }
+
+    fn db_message(&mut self, peer: PeerId, msg: Message) {
+        if !self.peers.contains_key(&peer) {
+            return;
+        }
+        match msg {
+            Message::Subscribe(s) => self.subscribe(peer, s),
+            Message::Unsubscribe { db } => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.subs.remove(&db);
+                }
+                self.leave(peer, &db);
+            }
+            Message::Push(p) => self.push(peer, p),
+            Message::Presence(p) => self.presence(peer, p),
+            _ => {}
+        }
+    }
+
+    fn check(&mut self, peer: PeerId, db: &DbName, right: Right) -> Option<ReplicaId> {
+        let (replica, grants) = self.grants(peer)?;
+        if grants.allows(db.as_str(), right) {
+            Some(replica)
+        } else {
+            self.fail(
+                peer,
+                ErrorCode::Forbidden,
+                format!("this token may not {} database {db}", right.as_str()),
+                Some(db.clone()),
+            );
+            None
+        }
+    }
+
+    fn subscribe(&mut self, peer: PeerId, s: Subscribe) {
+        let Some(replica) = self.check(peer, &s.db, Right::Read) else {
+            return;
+        };
+        let budget = self.config.max_frame / 2;
+        let Some(d) = self.dbs.get_mut(&s.db) else {
+            return;
+        };
+        let delta = d.log.changes_since(&s.since);
+        let parts = delta_parts(
+            &s.db,
+            s.req,
+            delta.base.unwrap_or_default(),
+            delta.snapshots.into_iter().cloned().collect(),
+            delta.entries.into_iter().cloned().collect(),
+            d.log.vv(),
+            budget,
+        );
+        let newly = d.subscribers.insert(peer);
+        if newly {
+            d.presence.insert(peer, (replica, None));
+        }
+        let online = d.subscribers.len() as u32;
+        let full = PresenceUpdate {
+            db: s.db.clone(),
+            full: true,
+            online,
+            peers: d
+                .presence
+                .iter()
+                .map(|(&p, (r, st))| PeerPresence {
+                    peer: p,
+                    replica: *r,
+                    left: false,
+                    state: st.clone(),
+                })
+                .collect(),
+        };
+        let others: Vec<PeerId> = d
+            .subscribers
+            .iter()
+            .filter(|&&p| p != peer)
+            .copied()
+            .collect();
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.subs.insert(s.db.clone());
+        }
+        for part in parts {
+            self.send(peer, Message::Delta(part));
+        }
+        self.send(peer, Message::PresenceUpdate(full));
+        if newly {
+            let update = PresenceUpdate {
+                db: s.db.clone(),
+                full: false,
+                online,
+                peers: vec![PeerPresence {
+                    peer,
+                    replica,
+                    left: false,
+                    state: None,
+                }],
+            };
+            self.broadcast(&others, &Message::PresenceUpdate(update));
+        }
+    }
+
+    fn leave(&mut self, peer: PeerId, db: &DbName) {
+        let Some(d) = self.dbs.get_mut(db) else {
+            return;
+        };
+        if !d.subscribers.remove(&peer) {
+            return;
+        }
+        let replica = d.presence.remove(&peer).map(|(r, _)| r).unwrap_or_default();
+        let online = d.subscribers.len() as u32;
+        let others: Vec<PeerId> = d.subscribers.iter().copied().collect();
+        let update = PresenceUpdate {
+            db: db.clone(),
+            full: false,
+            online,
+            peers: vec![PeerPresence {
+                peer,
+                replica,
+                left: true,
+                state: None,
+            }],
+        };
+        self.broadcast(&others, &Message::PresenceUpdate(update));
+    }
+
+    fn push(&mut self, peer: PeerId, p: Push) {
+        let Some(replica) = self.check(peer, &p.db, Right::Write) else {
+            return;
+        };
+        if !self
+            .peers
+            .get(&peer)
+            .is_some_and(|x| x.subs.contains(&p.db))
+        {
+            self.fail(
+                peer,
+                ErrorCode::NotSubscribed,
+                "subscribe before pushing",
+                Some(p.db),
+            );
+            return;
+        }
+        if p.entries.len() > self.config.max_entries_per_push {
+            self.fail(
+                peer,
+                ErrorCode::TooLarge,
+                format!(
+                    "{} entries in one push; the limit is {}",
+                    p.entries.len(),
+                    self.config.max_entries_per_push
+                ),
+                Some(p.db),
+            );
+            return;
+        }
+        // Validate everything before storing anything.
+        for e in &p.entries {
+            let problem = if e.dot.replica != replica {
+                Some("entry is not the sender's own (dot replica differs)".to_string())
+            } else {
+                e.parse_change().err().map(|err| err.to_string())
+            };
+            if let Some(problem) = problem {
+                self.fail(peer, ErrorCode::InvalidChange, problem, Some(p.db));
+                return;
+            }
+        }
+        let Some(d) = self.dbs.get_mut(&p.db) else {
+            return;
+        };
+        let mut accepted = Vec::new();
+        let mut gap = None;
+        for e in p.entries {
+            let have = d.accepted.get(&replica);
+            if e.dot.counter <= have {
+                continue; // duplicate
+            }
+            if e.dot.counter != have + 1 {
+                gap = Some((have + 1, e.dot.counter));
+                break;
+            }
+            d.accepted.set(replica, e.dot.counter);
+            accepted.push(e);
+        }
+        if accepted.is_empty() {
+            let vv = d.log.vv().clone();
+            if gap.is_none() {
+                self.send(
+                    peer,
+                    Message::Ack(Ack {
+                        db: p.db.clone(),
+                        vv,
+                    }),
+                );
+            }
+        } else {
+            let seq = d.next_seq;
+            d.next_seq += 1;
+            d.pending.push_back(PendingBatch {
+                seq,
+                origin: peer,
+                entries: accepted.clone(),
+            });
+            self.out.push(ServerOutput::Persist {
+                db: p.db.clone(),
+                seq,
+                batch: Batch::entries(accepted),
+            });
+        }
+        if let Some((expected, got)) = gap {
+            self.fail(
+                peer,
+                ErrorCode::OutOfOrder,
+                format!("expected counter {expected}, got {got}; resubscribe and push again"),
+                Some(p.db),
+            );
+        }
+    }
+
+    fn presence(&mut self, peer: PeerId, p: Presence) {
+        let Some(replica) = self.check(peer, &p.db, Right::Read) else {
+            return;
+        };
+        let Some(d) = self.dbs.get_mut(&p.db) else {
+            return;
+        };
+        if !d.subscribers.contains(&peer) {
+            self.fail(
+                peer,
+                ErrorCode::NotSubscribed,
+                "subscribe before publishing presence",
+                Some(p.db),
+            );
+            return;
+        }
+        let state = (!p.state.is_empty()).then_some(p.state);
+        d.presence.insert(peer, (replica, state.clone()));
+        let online = d.subscribers.len() as u32;
+        let all: Vec<PeerId> = d.subscribers.iter().copied().collect();
+        let update = PresenceUpdate {
+            db: p.db,
+            full: false,
+            online,
+            peers: vec![PeerPresence {
+                peer,
+                replica,
+                left: false,
+                state,
+            }],
+        };
+        self.broadcast(&all, &Message::PresenceUpdate(update));
+    }
+
+    fn broadcast(&mut self, peers: &[PeerId], msg: &Message) {
+        if peers.is_empty() {
+            return;
+        }
+        self.out.push(ServerOutput::Broadcast {
+            peers: peers.to_vec(),
+            frame: Arc::new(protocol::encode(msg)),
+        });
+    }
+
+    fn broadcast_live(
+        &mut self,
+        db: &DbName,
+        peers: &[PeerId],
+        entries: Vec<Entry>,
+        vv: &VersionVector,
+    ) {
+        if peers.is_empty() || entries.is_empty() {
+            return;
+        }
+        let parts = delta_parts(
+            db,
+            0,
+            VersionVector::new(),
+            Vec::new(),
+            entries,
+            vv,
+            self.config.max_frame / 2,
+        );
+        for part in parts {
+            self.broadcast(peers, &Message::Delta(part));
+        }
+    }
+}
