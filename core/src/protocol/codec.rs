@@ -1,4 +1,6 @@
-//! Frame encoding: a version byte, then an rkyv archive checked with bytecheck.
+//! Frame encoding: `[version: u8][body length: u32 LE][rkyv archive]`, the
+//! archive checked with bytecheck before use. The length makes truncation
+//! and trailing garbage detectable (an rkyv archive alone cannot tell).
 
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
@@ -15,6 +17,14 @@ pub enum DecodeError {
     /// Zero-length frame.
     #[error("empty frame")]
     Empty,
+    /// Shorter or longer than its header says.
+    #[error("frame body is {got} bytes, its header says {expected}")]
+    Length {
+        /// From the header.
+        expected: usize,
+        /// Actual.
+        got: usize,
+    },
     /// Larger than the configured limit.
     #[error("frame of {len} bytes exceeds the limit of {max}")]
     TooLarge {
@@ -41,16 +51,21 @@ pub fn encode(msg: &Message) -> Vec<u8> {
     let body = rkyv::to_bytes::<rancor::Error>(msg)
         .map(|b| b.into_vec())
         .unwrap_or_default();
-    let mut frame = Vec::with_capacity(body.len() + 1);
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    let mut frame = Vec::with_capacity(body.len() + HEADER_LEN);
     frame.push(PROTOCOL_VERSION);
+    frame.extend_from_slice(&len.to_le_bytes());
     frame.extend_from_slice(&body);
     frame
 }
 
 /// Encoded size of a message, in bytes.
 pub fn encoded_len(msg: &Message) -> usize {
-    rkyv::to_bytes::<rancor::Error>(msg).map_or(0, |b| b.len()) + 1
+    rkyv::to_bytes::<rancor::Error>(msg).map_or(0, |b| b.len()) + HEADER_LEN
 }
+
+/// Version byte plus body length.
+pub const HEADER_LEN: usize = 5;
 
 /// Decode and validate one frame of at most `max` bytes.
 pub fn decode(frame: &[u8], max: usize) -> Result<Message, DecodeError> {
@@ -63,6 +78,17 @@ pub fn decode(frame: &[u8], max: usize) -> Result<Message, DecodeError> {
     let (&version, body) = frame.split_first().ok_or(DecodeError::Empty)?;
     if version != PROTOCOL_VERSION {
         return Err(DecodeError::UnknownVersion(version));
+    }
+    let (len, body) = body.split_at_checked(4).ok_or(DecodeError::Length {
+        expected: 4,
+        got: body.len(),
+    })?;
+    let expected = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if expected != body.len() {
+        return Err(DecodeError::Length {
+            expected,
+            got: body.len(),
+        });
     }
     // rkyv needs the archive aligned; a received buffer is not.
     let mut aligned: AlignedVec<16> = AlignedVec::with_capacity(body.len());

@@ -1,13 +1,14 @@
 //! The wire protocol: the message set, its error codes and the frame codec.
 //!
-//! Every WebSocket binary frame is `[version: u8][rkyv archive of Message]`.
+//! Every WebSocket binary frame is
+//! `[version: u8][body length: u32 LE][rkyv archive of Message]`.
 //! See `core/PROTOCOL.md` for each message and a byte-level example.
 
 mod codec;
 mod error_code;
 mod message;
 
-pub use codec::{DecodeError, decode, encode, encoded_len};
+pub use codec::{DecodeError, HEADER_LEN, decode, encode, encoded_len};
 pub use error_code::ErrorCode;
 pub use message::{
     Ack, Delta, ErrorMsg, Hello, Message, PeerPresence, Presence, PresenceUpdate, Push, Subscribe,

@@ -1,0 +1,127 @@
+//! Hostile input: every malformed frame or change is a typed error, never a
+//! panic, and changes nothing.
+
+use proptest::prelude::*;
+use serde_json::json;
+use syncline_core::clock::Dot;
+use syncline_core::database::Database;
+use syncline_core::entry::{Entry, InvalidChange};
+use syncline_core::ids::{DbName, DocId, ReplicaId};
+use syncline_core::protocol::{self, DecodeError, Message, PROTOCOL_VERSION, Subscribe};
+
+fn vectors() -> Vec<Vec<u8>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors");
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect()
+}
+
+#[test]
+fn empty_wrong_version_and_oversized_frames() {
+    assert_eq!(protocol::decode(&[], 100), Err(DecodeError::Empty));
+    assert_eq!(protocol::decode(&[9, 0, 0, 0, 0], 100), Err(DecodeError::UnknownVersion(9)));
+    let ping = protocol::encode(&Message::Ping { nonce: 1 });
+    assert!(matches!(
+        protocol::decode(&ping, ping.len() - 1),
+        Err(DecodeError::TooLarge { .. })
+    ));
+    assert!(protocol::decode(&ping, ping.len()).is_ok());
+}
+
+#[test]
+fn every_truncation_and_extension_of_every_vector_is_refused() {
+    for frame in vectors() {
+        for cut in 0..frame.len() {
+            assert!(protocol::decode(&frame[..cut], usize::MAX).is_err(), "prefix {cut}");
+        }
+        let mut longer = frame.clone();
+        longer.push(0);
+        assert!(matches!(
+            protocol::decode(&longer, usize::MAX),
+            Err(DecodeError::Length { .. })
+        ));
+    }
+}
+
+#[test]
+fn flipped_bytes_never_panic() {
+    for frame in vectors() {
+        for i in protocol::HEADER_LEN..frame.len() {
+            for bit in [0x01u8, 0x80, 0xFF] {
+                let mut f = frame.clone();
+                f[i] ^= bit;
+                // Either a typed error or a message that passed validation.
+                let _ = protocol::decode(&f, usize::MAX);
+            }
+        }
+    }
+}
+
+#[test]
+fn invalid_names_inside_a_valid_archive_are_refused() {
+    let msg = Message::Subscribe(Subscribe {
+        db: DbName::new("abcd").unwrap(),
+        since: Default::default(),
+        req: 1,
+    });
+    let mut frame = protocol::encode(&msg);
+    let at = frame.windows(4).position(|w| w == b"abcd").unwrap();
+    frame[at + 1] = b'/';
+    assert!(matches!(
+        protocol::decode(&frame, usize::MAX),
+        Err(DecodeError::Invalid(_))
+    ));
+}
+
+#[test]
+fn fuzz_crashers_decode_to_errors() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-crashers");
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "md") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(protocol::decode(&bytes, protocol::DEFAULT_MAX_FRAME).is_err(), "{}", path.display());
+        n += 1;
+    }
+    assert!(n > 0, "the regression corpus is empty");
+}
+
+proptest! {
+    #[test]
+    fn random_frames_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = protocol::decode(&body, 1 << 20);
+        let mut framed = vec![PROTOCOL_VERSION];
+        framed.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        framed.extend_from_slice(&body);
+        let _ = protocol::decode(&framed, 1 << 20);
+    }
+
+    #[test]
+    fn random_change_bytes_are_typed_errors(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let e = Entry {
+            dot: Dot { replica: ReplicaId([1; 16]), counter: 1 },
+            doc: DocId::new("d").unwrap(),
+            change: bytes,
+        };
+        prop_assert!(e.parse_change().is_err());
+        let mut db = Database::new(DbName::new("x").unwrap(), ReplicaId([2; 16]), automerge::TextEncoding::UnicodeCodePoint);
+        let applied = db.apply_entries([e]);
+        prop_assert_eq!(applied.errors.len(), 1);
+        prop_assert!(db.vv().is_empty());
+    }
+}
+
+#[test]
+fn corrupted_change_checksum_is_refused() {
+    let mut db = Database::new(DbName::new("x").unwrap(), ReplicaId([1; 16]), automerge::TextEncoding::UnicodeCodePoint);
+    let mut e = db.update(&DocId::new("d").unwrap(), &json!({"a": "hello"})).unwrap().unwrap();
+    let last = e.change.len() - 1;
+    e.change[last] ^= 0x55;
+    assert!(matches!(e.parse_change(), Err(InvalidChange::Unparsable { .. })));
+    let zero = Entry { dot: Dot { replica: ReplicaId([1; 16]), counter: 0 }, ..e };
+    assert!(matches!(zero.parse_change(), Err(InvalidChange::ZeroCounter { .. })));
+}

@@ -1,0 +1,318 @@
+//! The sync state machines' handshake, authorisation, acknowledgement and
+//! presence rules, exercised through encoded frames.
+
+mod common;
+
+use common::Net;
+use serde_json::json;
+use syncline_core::clock::{Dot, VersionVector};
+use syncline_core::entry::Entry;
+use syncline_core::ids::{DbName, DocId, ReplicaId};
+use syncline_core::protocol::{self, ErrorCode, Hello, Message, Push, Subscribe};
+use syncline_core::sync::{
+    AuthError, Authenticator, ClientEvent, Grant, Grants, OpenAccess, Right, Status,
+};
+
+struct Tokens;
+
+impl Authenticator for Tokens {
+    fn authenticate(&self, token: &str) -> Result<Grants, AuthError> {
+        match token {
+            "" => Err(AuthError::Missing),
+            "reader" => Ok(Grants::new(vec![Grant {
+                pattern: "shared".into(),
+                right: Right::Read,
+            }])),
+            "writer" => Ok(Grants::new(vec![Grant {
+                pattern: "shared".into(),
+                right: Right::Write,
+            }])),
+            "other" => Ok(Grants::new(vec![Grant {
+                pattern: "other-*".into(),
+                right: Right::Admin,
+            }])),
+            _ => Err(AuthError::Invalid("bad signature".into())),
+        }
+    }
+}
+
+fn errors(net: &Net<impl Authenticator>, i: usize) -> Vec<ErrorCode> {
+    net.nodes[i]
+        .down
+        .frames
+        .iter()
+        .filter_map(|m| match m {
+            Message::Error(e) => Some(e.code()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn db() -> DbName {
+    DbName::new("shared").unwrap()
+}
+
+#[test]
+fn auth_matrix_refuses_with_typed_errors_and_stores_nothing() {
+    let mut net = Net::new(Tokens);
+    let anon = net.add(1, "");
+    let forged = net.add(2, "forged");
+    let reader = net.add(3, "reader");
+    let other = net.add(4, "other");
+    let writer = net.add(5, "writer");
+    for i in [anon, forged, reader, other, writer] {
+        net.open(i, "shared");
+        net.connect(i);
+    }
+    net.run();
+    assert_eq!(errors(&net, anon), [ErrorCode::Unauthorized]);
+    assert_eq!(errors(&net, forged), [ErrorCode::Unauthorized]);
+    assert!(net.nodes[anon].peer.is_none(), "refused connections are closed");
+    assert_eq!(errors(&net, other), [ErrorCode::Forbidden]);
+    assert!(errors(&net, reader).is_empty(), "a reader may subscribe");
+
+    // A reader that pushes is refused; nothing is stored.
+    net.nodes[reader]
+        .client
+        .update(&db(), &DocId::new("x").unwrap(), &json!({"a": 1}))
+        .unwrap();
+    net.run();
+    assert_eq!(errors(&net, reader), [ErrorCode::Forbidden]);
+    assert!(net.server_store.load_now(&db()).unwrap().entries.is_empty());
+    assert!(net.nodes[reader].events.iter().any(|e| matches!(
+        e,
+        ClientEvent::Error { code: ErrorCode::Forbidden, .. }
+    )));
+
+    // The writer's push is stored and reaches the reader.
+    net.nodes[writer]
+        .client
+        .update(&db(), &DocId::new("y").unwrap(), &json!({"b": 2}))
+        .unwrap();
+    net.run();
+    assert_eq!(net.server_store.load_now(&db()).unwrap().entries.len(), 1);
+    let r = net.nodes[reader].client.database(&db()).unwrap();
+    assert_eq!(r.get(&DocId::new("y").unwrap()), Some(json!({"b": 2})));
+}
+
+#[test]
+fn messages_before_hello_and_a_second_hello_close_the_connection() {
+    let mut net = Net::new(OpenAccess);
+    let a = net.add(1, "");
+    net.nodes[a].peer = Some(net.server.connect());
+    net.raw(
+        a,
+        protocol::encode(&Message::Subscribe(Subscribe {
+            db: db(),
+            since: VersionVector::new(),
+            req: 1,
+        })),
+    );
+    net.run();
+    assert_eq!(errors(&net, a), [ErrorCode::ProtocolViolation]);
+    assert!(net.nodes[a].peer.is_none());
+
+    let b = net.add(2, "");
+    net.connect(b);
+    net.run();
+    net.raw(
+        b,
+        protocol::encode(&Message::Hello(Hello {
+            replica: ReplicaId([2; 16]),
+            token: String::new(),
+        })),
+    );
+    net.run();
+    assert_eq!(errors(&net, b), [ErrorCode::ProtocolViolation]);
+}
+
+fn entry_of(author: u8, counter: u64, as_replica: u8) -> Entry {
+    let mut d = syncline_core::database::Database::new(
+        db(),
+        ReplicaId([author; 16]),
+        automerge::TextEncoding::UnicodeCodePoint,
+    );
+    let mut last = None;
+    for k in 0..counter {
+        last = d
+            .update(&DocId::new("doc").unwrap(), &json!({ "k": k }))
+            .unwrap();
+    }
+    let mut e = last.unwrap();
+    e.dot.replica = ReplicaId([as_replica; 16]);
+    e
+}
+
+#[test]
+fn forged_authorship_invalid_changes_and_gaps_are_refused() {
+    let mut net = Net::new(OpenAccess);
+    let a = net.add(1, "");
+    net.open(a, "shared");
+    net.connect(a);
+    net.run();
+    let push = |entries| protocol::encode(&Message::Push(Push { db: db(), entries }));
+
+    // Another replica's entry, relabelled as ours: the actor does not match.
+    net.raw(a, push(vec![entry_of(9, 1, 1)]));
+    // Someone else's dot.
+    net.raw(a, push(vec![entry_of(9, 1, 9)]));
+    // Garbage change bytes.
+    let mut garbage = entry_of(1, 1, 1);
+    garbage.change = vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3];
+    net.raw(a, push(vec![garbage]));
+    net.run();
+    assert_eq!(
+        errors(&net, a),
+        [ErrorCode::InvalidChange, ErrorCode::InvalidChange, ErrorCode::InvalidChange]
+    );
+    assert!(net.server_store.load_now(&db()).unwrap().entries.is_empty());
+
+    // A gap: counter 2 before counter 1. The client resubscribes on OutOfOrder.
+    net.raw(a, push(vec![entry_of(1, 2, 1)]));
+    net.run();
+    assert_eq!(errors(&net, a).last(), Some(&ErrorCode::OutOfOrder));
+    assert!(net.server_store.load_now(&db()).unwrap().entries.is_empty());
+}
+
+#[test]
+fn acknowledgement_waits_for_durability() {
+    let mut net = Net::new(OpenAccess);
+    let a = net.add(1, "");
+    let b = net.add(2, "");
+    for i in [a, b] {
+        net.open(i, "shared");
+        net.connect(i);
+    }
+    net.run();
+    net.hold_server_persists = true;
+    net.reset_traffic();
+    net.nodes[a]
+        .client
+        .update(&db(), &DocId::new("x").unwrap(), &json!({"v": 1}))
+        .unwrap();
+    net.run();
+    assert_eq!(net.pending_server_persists(), 1);
+    assert!(
+        !net.nodes[a].down.frames.iter().any(|m| matches!(m, Message::Ack(_))),
+        "no ack before the store says durable"
+    );
+    assert!(net.nodes[b].down.frames.is_empty(), "no fan-out of undurable entries");
+    assert_eq!(net.nodes[a].client.acked(&db()), 0);
+    assert!(!net.nodes[a].client.is_synced(&db()));
+
+    net.flush_server();
+    net.run();
+    assert_eq!(net.nodes[a].client.acked(&db()), 1);
+    assert!(net.nodes[a].client.is_synced(&db()));
+    assert!(net.nodes[a].events.contains(&ClientEvent::Acked { db: db(), counter: 1 }));
+    let got = net.nodes[b].client.database(&db()).unwrap().get(&DocId::new("x").unwrap());
+    assert_eq!(got, Some(json!({"v": 1})));
+}
+
+#[test]
+fn a_failed_write_is_not_acknowledged_and_is_pushed_again() {
+    let mut net = Net::new(OpenAccess);
+    let a = net.add(1, "");
+    net.open(a, "shared");
+    net.connect(a);
+    net.run();
+    net.hold_server_persists = true;
+    net.nodes[a]
+        .client
+        .update(&db(), &DocId::new("x").unwrap(), &json!({"v": 1}))
+        .unwrap();
+    net.run();
+    // The disk fails: the batch is dropped, the sender told.
+    net.drop_server_persists();
+    net.server.persist_failed(&db(), 0, "disk full");
+    net.route_server();
+    net.hold_server_persists = false;
+    net.run();
+    assert!(errors(&net, a).contains(&ErrorCode::Internal));
+    assert_eq!(net.nodes[a].client.acked(&db()), 0);
+    // On reconnect the client pushes it again and it is stored.
+    net.disconnect(a);
+    net.connect(a);
+    net.run();
+    assert_eq!(net.nodes[a].client.acked(&db()), 1);
+    assert_eq!(net.server_store.load_now(&db()).unwrap().entries.len(), 1);
+}
+
+#[test]
+fn presence_is_broadcast_and_cleared_on_leave() {
+    let mut net = Net::new(OpenAccess);
+    let a = net.add(1, "");
+    let b = net.add(2, "");
+    for i in [a, b] {
+        net.open(i, "shared");
+        net.connect(i);
+    }
+    net.run();
+    net.nodes[a]
+        .client
+        .set_presence(&db(), br#"{"name":"ada"}"#.to_vec())
+        .unwrap();
+    net.run();
+    let seen = net.nodes[b].client.presence(&db());
+    assert_eq!(seen.online, 2);
+    let ada = seen.peers.iter().find(|p| p.replica == ReplicaId([1; 16])).unwrap();
+    assert_eq!(ada.state.as_deref(), Some(&br#"{"name":"ada"}"#[..]));
+    // Presence is never stored.
+    assert!(net.server_store.load_now(&db()).unwrap().entries.is_empty());
+
+    net.disconnect(a);
+    net.run();
+    let seen = net.nodes[b].client.presence(&db());
+    assert_eq!(seen.online, 1);
+    assert!(seen.peers.iter().all(|p| p.replica != ReplicaId([1; 16])));
+    assert_eq!(net.nodes[a].client.status(), Status::Offline);
+
+    // A late joiner sees the current state in full.
+    net.connect(a);
+    net.run();
+    let seen = net.nodes[a].client.presence(&db());
+    assert_eq!(seen.online, 2);
+    assert_eq!(seen.peers.len(), 2);
+}
+
+#[test]
+fn offline_edits_merge_on_reconnect() {
+    let mut net = Net::new(OpenAccess);
+    let a = net.add(1, "");
+    let b = net.add(2, "");
+    for i in [a, b] {
+        net.open(i, "shared");
+        net.connect(i);
+    }
+    let doc = DocId::new("todo").unwrap();
+    net.nodes[a]
+        .client
+        .update(&db(), &doc, &json!({"title": "milk", "done": false}))
+        .unwrap();
+    net.run();
+    net.disconnect(a);
+    net.disconnect(b);
+    net.nodes[a]
+        .client
+        .update(&db(), &doc, &json!({"title": "milk", "done": true}))
+        .unwrap();
+    net.nodes[b]
+        .client
+        .update(&db(), &doc, &json!({"title": "oat milk", "done": false}))
+        .unwrap();
+    net.run();
+    net.connect(a);
+    net.connect(b);
+    net.run();
+    // b saw a's edit live only if it subscribed before; reconnect both once more.
+    net.run();
+    for i in [a, b] {
+        let d = net.nodes[i].client.database(&db()).unwrap();
+        assert_eq!(d.get(&doc), Some(json!({"title": "oat milk", "done": true})));
+    }
+    let dot = Dot {
+        replica: ReplicaId([1; 16]),
+        counter: 2,
+    };
+    assert!(net.server.log(&db()).unwrap().get(&dot).is_some());
+}
