@@ -20,7 +20,10 @@ fn vectors() -> Vec<Vec<u8>> {
 #[test]
 fn empty_wrong_version_and_oversized_frames() {
     assert_eq!(protocol::decode(&[], 100), Err(DecodeError::Empty));
-    assert_eq!(protocol::decode(&[9, 0, 0, 0, 0], 100), Err(DecodeError::UnknownVersion(9)));
+    assert_eq!(
+        protocol::decode(&[9, 0, 0, 0, 0], 100),
+        Err(DecodeError::UnknownVersion(9))
+    );
     let ping = protocol::encode(&Message::Ping { nonce: 1 });
     assert!(matches!(
         protocol::decode(&ping, ping.len() - 1),
@@ -33,7 +36,10 @@ fn empty_wrong_version_and_oversized_frames() {
 fn every_truncation_and_extension_of_every_vector_is_refused() {
     for frame in vectors() {
         for cut in 0..frame.len() {
-            assert!(protocol::decode(&frame[..cut], usize::MAX).is_err(), "prefix {cut}");
+            assert!(
+                protocol::decode(&frame[..cut], usize::MAX).is_err(),
+                "prefix {cut}"
+            );
         }
         let mut longer = frame.clone();
         longer.push(0);
@@ -60,11 +66,11 @@ fn flipped_bytes_never_panic() {
 
 #[test]
 fn invalid_names_inside_a_valid_archive_are_refused() {
-    let msg = Message::Subscribe(Subscribe {
+    let msg = Message::Subscribe(Box::new(Subscribe {
         db: DbName::new("abcd").unwrap(),
         since: Default::default(),
         req: 1,
-    });
+    }));
     let mut frame = protocol::encode(&msg);
     let at = frame.windows(4).position(|w| w == b"abcd").unwrap();
     frame[at + 1] = b'/';
@@ -84,7 +90,11 @@ fn fuzz_crashers_decode_to_errors() {
             continue;
         }
         let bytes = std::fs::read(&path).unwrap();
-        assert!(protocol::decode(&bytes, protocol::DEFAULT_MAX_FRAME).is_err(), "{}", path.display());
+        assert!(
+            protocol::decode(&bytes, protocol::DEFAULT_MAX_FRAME).is_err(),
+            "{}",
+            path.display()
+        );
         n += 1;
     }
     assert!(n > 0, "the regression corpus is empty");
@@ -117,11 +127,30 @@ proptest! {
 
 #[test]
 fn corrupted_change_checksum_is_refused() {
-    let mut db = Database::new(DbName::new("x").unwrap(), ReplicaId([1; 16]), automerge::TextEncoding::UnicodeCodePoint);
-    let mut e = db.update(&DocId::new("d").unwrap(), &json!({"a": "hello"})).unwrap().unwrap();
+    let mut db = Database::new(
+        DbName::new("x").unwrap(),
+        ReplicaId([1; 16]),
+        automerge::TextEncoding::UnicodeCodePoint,
+    );
+    let mut e = db
+        .update(&DocId::new("d").unwrap(), &json!({"a": "hello"}))
+        .unwrap()
+        .unwrap();
     let last = e.change.len() - 1;
     e.change[last] ^= 0x55;
-    assert!(matches!(e.parse_change(), Err(InvalidChange::Unparsable { .. })));
-    let zero = Entry { dot: Dot { replica: ReplicaId([1; 16]), counter: 0 }, ..e };
-    assert!(matches!(zero.parse_change(), Err(InvalidChange::ZeroCounter { .. })));
+    assert!(matches!(
+        e.parse_change(),
+        Err(InvalidChange::Unparsable { .. })
+    ));
+    let zero = Entry {
+        dot: Dot {
+            replica: ReplicaId([1; 16]),
+            counter: 0,
+        },
+        ..e
+    };
+    assert!(matches!(
+        zero.parse_change(),
+        Err(InvalidChange::ZeroCounter { .. })
+    ));
 }

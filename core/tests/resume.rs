@@ -27,7 +27,10 @@ fn resume_receives_exactly_the_missing_entries_in_one_round_trip() {
         net.nodes[writer].client.update(&db, &id, &body).unwrap();
     }
     net.run();
-    assert_eq!(net.nodes[reader].client.database(&db).unwrap().list().len(), 1000);
+    assert_eq!(
+        net.nodes[reader].client.database(&db).unwrap().list().len(),
+        1000
+    );
 
     // The reader goes away; the writer changes 10 documents.
     net.disconnect(reader);
@@ -36,7 +39,11 @@ fn resume_receives_exactly_the_missing_entries_in_one_round_trip() {
         let id = DocId::new(format!("doc-{:04}", k * 97)).unwrap();
         net.nodes[writer]
             .client
-            .update(&db, &id, &json!({"title": format!("item {k}"), "done": true, "notes": "x".repeat(64)}))
+            .update(
+                &db,
+                &id,
+                &json!({"title": format!("item {k}"), "done": true, "notes": "x".repeat(64)}),
+            )
             .unwrap();
     }
     net.run();
@@ -52,8 +59,16 @@ fn resume_receives_exactly_the_missing_entries_in_one_round_trip() {
     let up = &net.nodes[reader].up;
     let down = &net.nodes[reader].down;
     let kinds = |t: &common::Traffic| t.frames.iter().map(Message::kind).collect::<Vec<_>>();
-    assert_eq!(kinds(up), ["hello", "subscribe"], "one request after the handshake");
-    assert_eq!(kinds(down), ["welcome", "delta", "presence_update"], "one reply");
+    assert_eq!(
+        kinds(up),
+        ["hello", "subscribe"],
+        "one request after the handshake"
+    );
+    assert_eq!(
+        kinds(down),
+        ["welcome", "delta", "presence_update"],
+        "one reply"
+    );
     let Message::Delta(delta) = &down.frames[1] else {
         unreachable!()
     };
@@ -65,14 +80,20 @@ fn resume_receives_exactly_the_missing_entries_in_one_round_trip() {
         "resume: subscribe {subscribe_bytes} B, delta {delta_bytes} B for {change_bytes} B of changes; total up {} B, down {} B",
         up.bytes, down.bytes
     );
-    assert!(subscribe_bytes < 200, "request is O(replicas): {subscribe_bytes} B");
+    assert!(
+        subscribe_bytes < 200,
+        "request is O(replicas): {subscribe_bytes} B"
+    );
     assert!(
         delta_bytes <= change_bytes + change_bytes / 10 + 512,
         "reply within 10% + 512 B of the changes: {delta_bytes} B vs {change_bytes} B"
     );
     let reader_db = net.nodes[reader].client.database(&db).unwrap();
     assert_eq!(reader_db.vv(), net.server.log(&db).unwrap().vv());
-    assert_eq!(reader_db.get(&DocId::new("doc-0097").unwrap()).unwrap()["done"], json!(true));
+    assert_eq!(
+        reader_db.get(&DocId::new("doc-0097").unwrap()).unwrap()["done"],
+        json!(true)
+    );
 }
 
 #[test]
@@ -88,13 +109,19 @@ fn resume_after_compaction_sends_snapshots_of_changed_documents_only() {
     net.run();
     for k in 0..100 {
         let id = DocId::new(format!("d{k}")).unwrap();
-        net.nodes[writer].client.update(&db, &id, &json!({"v": k})).unwrap();
+        net.nodes[writer]
+            .client
+            .update(&db, &id, &json!({"v": k}))
+            .unwrap();
     }
     net.run();
     net.disconnect(reader);
     for k in 0..5 {
         let id = DocId::new(format!("d{k}")).unwrap();
-        net.nodes[writer].client.update(&db, &id, &json!({"v": k + 1000})).unwrap();
+        net.nodes[writer]
+            .client
+            .update(&db, &id, &json!({"v": k + 1000}))
+            .unwrap();
     }
     net.run();
     // The server prunes everything: the reader is now behind the horizon.
@@ -115,6 +142,12 @@ fn resume_after_compaction_sends_snapshots_of_changed_documents_only() {
     assert!(delta.entries.is_empty());
     let reader_db = net.nodes[reader].client.database(&db).unwrap();
     assert_eq!(reader_db.vv(), &vv);
-    assert_eq!(reader_db.get(&DocId::new("d3").unwrap()).unwrap(), json!({"v": 1003}));
-    assert_eq!(reader_db.get(&DocId::new("d50").unwrap()).unwrap(), json!({"v": 50}));
+    assert_eq!(
+        reader_db.get(&DocId::new("d3").unwrap()).unwrap(),
+        json!({"v": 1003})
+    );
+    assert_eq!(
+        reader_db.get(&DocId::new("d50").unwrap()).unwrap(),
+        json!({"v": 50})
+    );
 }

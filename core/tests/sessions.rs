@@ -67,7 +67,10 @@ fn auth_matrix_refuses_with_typed_errors_and_stores_nothing() {
     net.run();
     assert_eq!(errors(&net, anon), [ErrorCode::Unauthorized]);
     assert_eq!(errors(&net, forged), [ErrorCode::Unauthorized]);
-    assert!(net.nodes[anon].peer.is_none(), "refused connections are closed");
+    assert!(
+        net.nodes[anon].peer.is_none(),
+        "refused connections are closed"
+    );
     assert_eq!(errors(&net, other), [ErrorCode::Forbidden]);
     assert!(errors(&net, reader).is_empty(), "a reader may subscribe");
 
@@ -81,7 +84,10 @@ fn auth_matrix_refuses_with_typed_errors_and_stores_nothing() {
     assert!(net.server_store.load_now(&db()).unwrap().entries.is_empty());
     assert!(net.nodes[reader].events.iter().any(|e| matches!(
         e,
-        ClientEvent::Error { code: ErrorCode::Forbidden, .. }
+        ClientEvent::Error {
+            code: ErrorCode::Forbidden,
+            ..
+        }
     )));
 
     // The writer's push is stored and reaches the reader.
@@ -102,11 +108,11 @@ fn messages_before_hello_and_a_second_hello_close_the_connection() {
     net.nodes[a].peer = Some(net.server.connect());
     net.raw(
         a,
-        protocol::encode(&Message::Subscribe(Subscribe {
+        protocol::encode(&Message::Subscribe(Box::new(Subscribe {
             db: db(),
             since: VersionVector::new(),
             req: 1,
-        })),
+        }))),
     );
     net.run();
     assert_eq!(errors(&net, a), [ErrorCode::ProtocolViolation]);
@@ -117,10 +123,10 @@ fn messages_before_hello_and_a_second_hello_close_the_connection() {
     net.run();
     net.raw(
         b,
-        protocol::encode(&Message::Hello(Hello {
+        protocol::encode(&Message::Hello(Box::new(Hello {
             replica: ReplicaId([2; 16]),
             token: String::new(),
-        })),
+        }))),
     );
     net.run();
     assert_eq!(errors(&net, b), [ErrorCode::ProtocolViolation]);
@@ -150,7 +156,7 @@ fn forged_authorship_invalid_changes_and_gaps_are_refused() {
     net.open(a, "shared");
     net.connect(a);
     net.run();
-    let push = |entries| protocol::encode(&Message::Push(Push { db: db(), entries }));
+    let push = |entries| protocol::encode(&Message::Push(Box::new(Push { db: db(), entries })));
 
     // Another replica's entry, relabelled as ours: the actor does not match.
     net.raw(a, push(vec![entry_of(9, 1, 1)]));
@@ -163,7 +169,11 @@ fn forged_authorship_invalid_changes_and_gaps_are_refused() {
     net.run();
     assert_eq!(
         errors(&net, a),
-        [ErrorCode::InvalidChange, ErrorCode::InvalidChange, ErrorCode::InvalidChange]
+        [
+            ErrorCode::InvalidChange,
+            ErrorCode::InvalidChange,
+            ErrorCode::InvalidChange
+        ]
     );
     assert!(net.server_store.load_now(&db()).unwrap().entries.is_empty());
 
@@ -193,10 +203,17 @@ fn acknowledgement_waits_for_durability() {
     net.run();
     assert_eq!(net.pending_server_persists(), 1);
     assert!(
-        !net.nodes[a].down.frames.iter().any(|m| matches!(m, Message::Ack(_))),
+        !net.nodes[a]
+            .down
+            .frames
+            .iter()
+            .any(|m| matches!(m, Message::Ack(_))),
         "no ack before the store says durable"
     );
-    assert!(net.nodes[b].down.frames.is_empty(), "no fan-out of undurable entries");
+    assert!(
+        net.nodes[b].down.frames.is_empty(),
+        "no fan-out of undurable entries"
+    );
     assert_eq!(net.nodes[a].client.acked(&db()), 0);
     assert!(!net.nodes[a].client.is_synced(&db()));
 
@@ -204,8 +221,15 @@ fn acknowledgement_waits_for_durability() {
     net.run();
     assert_eq!(net.nodes[a].client.acked(&db()), 1);
     assert!(net.nodes[a].client.is_synced(&db()));
-    assert!(net.nodes[a].events.contains(&ClientEvent::Acked { db: db(), counter: 1 }));
-    let got = net.nodes[b].client.database(&db()).unwrap().get(&DocId::new("x").unwrap());
+    assert!(net.nodes[a].events.contains(&ClientEvent::Acked {
+        db: db(),
+        counter: 1
+    }));
+    let got = net.nodes[b]
+        .client
+        .database(&db())
+        .unwrap()
+        .get(&DocId::new("x").unwrap());
     assert_eq!(got, Some(json!({"v": 1})));
 }
 
@@ -255,7 +279,11 @@ fn presence_is_broadcast_and_cleared_on_leave() {
     net.run();
     let seen = net.nodes[b].client.presence(&db());
     assert_eq!(seen.online, 2);
-    let ada = seen.peers.iter().find(|p| p.replica == ReplicaId([1; 16])).unwrap();
+    let ada = seen
+        .peers
+        .iter()
+        .find(|p| p.replica == ReplicaId([1; 16]))
+        .unwrap();
     assert_eq!(ada.state.as_deref(), Some(&br#"{"name":"ada"}"#[..]));
     // Presence is never stored.
     assert!(net.server_store.load_now(&db()).unwrap().entries.is_empty());
@@ -308,7 +336,10 @@ fn offline_edits_merge_on_reconnect() {
     net.run();
     for i in [a, b] {
         let d = net.nodes[i].client.database(&db()).unwrap();
-        assert_eq!(d.get(&doc), Some(json!({"title": "oat milk", "done": true})));
+        assert_eq!(
+            d.get(&doc),
+            Some(json!({"title": "oat milk", "done": true}))
+        );
     }
     let dot = Dot {
         replica: ReplicaId([1; 16]),

@@ -12,8 +12,8 @@ use syncline_core::database::Database;
 use syncline_core::entry::Snapshot;
 use syncline_core::ids::{DbName, DocId, ReplicaId};
 use syncline_core::protocol::{
-    self, Ack, Delta, ErrorCode, ErrorMsg, Hello, Message, PeerPresence, Presence,
-    PresenceUpdate, Push, Subscribe, Welcome,
+    self, Ack, Delta, ErrorCode, Hello, Message, PeerPresence, Presence, PresenceUpdate, Push,
+    Subscribe, Welcome,
 };
 
 fn dir() -> PathBuf {
@@ -28,21 +28,47 @@ fn sample_messages() -> Vec<(&'static str, Message)> {
     let vv: VersionVector = [(a, 2), (b, 7)].into_iter().collect();
     let mut replica = Database::new(db.clone(), a, automerge::TextEncoding::UnicodeCodePoint);
     let doc = DocId::new("todo:1").unwrap();
-    let e1 = replica.update(&doc, &json!({"title": "milk"})).unwrap().unwrap();
-    let e2 = replica.update(&doc, &json!({"title": "milk", "done": true})).unwrap().unwrap();
+    let e1 = replica
+        .update(&doc, &json!({"title": "milk"}))
+        .unwrap()
+        .unwrap();
+    let e2 = replica
+        .update(&doc, &json!({"title": "milk", "done": true}))
+        .unwrap()
+        .unwrap();
     let snapshot = Snapshot {
         doc: doc.clone(),
         clock: [(a, 2)].into_iter().collect(),
         bytes: replica.document(&doc).unwrap().save(),
     };
     vec![
-        ("hello", Message::Hello(Hello { replica: a, token: "tok".into() })),
-        ("welcome", Message::Welcome(Welcome { server: b, peer: 7, max_frame: 1 << 24 })),
-        ("subscribe", Message::Subscribe(Subscribe { db: db.clone(), since: vv.clone(), req: 1 })),
+        (
+            "hello",
+            Message::Hello(Box::new(Hello {
+                replica: a,
+                token: "tok".into(),
+            })),
+        ),
+        (
+            "welcome",
+            Message::Welcome(Box::new(Welcome {
+                server: b,
+                peer: 7,
+                max_frame: 1 << 24,
+            })),
+        ),
+        (
+            "subscribe",
+            Message::Subscribe(Box::new(Subscribe {
+                db: db.clone(),
+                since: vv.clone(),
+                req: 1,
+            })),
+        ),
         ("unsubscribe", Message::Unsubscribe { db: db.clone() }),
         (
             "delta",
-            Message::Delta(Delta {
+            Message::Delta(Box::new(Delta {
                 db: db.clone(),
                 req: 1,
                 part: 0,
@@ -51,26 +77,48 @@ fn sample_messages() -> Vec<(&'static str, Message)> {
                 snapshots: vec![snapshot],
                 entries: vec![e2.clone()],
                 vv: vv.clone(),
-            }),
+            })),
         ),
-        ("push", Message::Push(Push { db: db.clone(), entries: vec![e1, e2] })),
-        ("ack", Message::Ack(Ack { db: db.clone(), vv })),
-        ("presence", Message::Presence(Presence { db: db.clone(), state: br#"{"x":1}"#.to_vec() })),
+        (
+            "push",
+            Message::Push(Box::new(Push {
+                db: db.clone(),
+                entries: vec![e1, e2],
+            })),
+        ),
+        ("ack", Message::Ack(Box::new(Ack { db: db.clone(), vv }))),
+        (
+            "presence",
+            Message::Presence(Box::new(Presence {
+                db: db.clone(),
+                state: br#"{"x":1}"#.to_vec(),
+            })),
+        ),
         (
             "presence_update",
-            Message::PresenceUpdate(PresenceUpdate {
+            Message::PresenceUpdate(Box::new(PresenceUpdate {
                 db: db.clone(),
                 full: true,
                 online: 2,
                 peers: vec![
-                    PeerPresence { peer: 1, replica: a, left: false, state: Some(b"{}".to_vec()) },
-                    PeerPresence { peer: 2, replica: b, left: false, state: None },
+                    PeerPresence {
+                        peer: 1,
+                        replica: a,
+                        left: false,
+                        state: Some(b"{}".to_vec()),
+                    },
+                    PeerPresence {
+                        peer: 2,
+                        replica: b,
+                        left: false,
+                        state: None,
+                    },
                 ],
-            }),
+            })),
         ),
         (
             "error",
-            Message::Error(ErrorMsg::new(ErrorCode::Forbidden, "no write right", Some(db))),
+            Message::error(ErrorCode::Forbidden, "no write right", Some(db)),
         ),
         ("ping", Message::Ping { nonce: 42 }),
         ("pong", Message::Pong { nonce: 42 }),
@@ -93,7 +141,12 @@ fn vectors_decode_and_reencode_identically() {
         let bytes = std::fs::read(&path).unwrap();
         let msg = protocol::decode(&bytes, protocol::DEFAULT_MAX_FRAME)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert_eq!(protocol::encode(&msg), bytes, "{} re-encodes differently", path.display());
+        assert_eq!(
+            protocol::encode(&msg),
+            bytes,
+            "{} re-encodes differently",
+            path.display()
+        );
         assert_eq!(
             path.file_stem().unwrap().to_str().unwrap(),
             msg.kind(),

@@ -142,32 +142,33 @@ impl ErrorMsg {
     }
 }
 
-/// Every message of the protocol.
+/// Every message of the protocol. Struct payloads are boxed so the archived
+/// enum stays small (16 bytes) and each message costs only its own fields.
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
 pub enum Message {
     /// Client → server, first.
-    Hello(Hello),
+    Hello(Box<Hello>),
     /// Server → client, answer to `Hello`.
-    Welcome(Welcome),
+    Welcome(Box<Welcome>),
     /// Client → server.
-    Subscribe(Subscribe),
+    Subscribe(Box<Subscribe>),
     /// Client → server: stop receiving a database.
     Unsubscribe {
         /// The database.
         db: DbName,
     },
     /// Server → client.
-    Delta(Delta),
+    Delta(Box<Delta>),
     /// Client → server.
-    Push(Push),
+    Push(Box<Push>),
     /// Server → client.
-    Ack(Ack),
+    Ack(Box<Ack>),
     /// Client → server.
-    Presence(Presence),
+    Presence(Box<Presence>),
     /// Server → client.
-    PresenceUpdate(PresenceUpdate),
+    PresenceUpdate(Box<PresenceUpdate>),
     /// Either way.
-    Error(ErrorMsg),
+    Error(Box<ErrorMsg>),
     /// Either way: are you there?
     Ping {
         /// Echoed by `Pong`.
@@ -201,6 +202,6 @@ impl Message {
 
     /// An error message.
     pub fn error(code: ErrorCode, message: impl Into<String>, db: Option<DbName>) -> Self {
-        Message::Error(ErrorMsg::new(code, message, db))
+        Message::Error(Box::new(ErrorMsg::new(code, message, db)))
     }
 }

@@ -344,10 +344,10 @@ impl Client {
             .ok_or_else(|| ClientError::NotOpen(db.clone()))?;
         c.presence = Some(state.clone());
         if !matches!(c.sync, Sync::Idle) {
-            self.send(Message::Presence(Presence {
+            self.send(Message::Presence(Box::new(Presence {
                 db: db.clone(),
                 state,
-            }));
+            })));
         }
         Ok(())
     }
@@ -399,10 +399,10 @@ impl Client {
     /// The transport connected: start the handshake.
     pub fn connected(&mut self) {
         self.status = Status::Connecting;
-        self.send(Message::Hello(Hello {
+        self.send(Message::Hello(Box::new(Hello {
             replica: self.replica,
             token: self.token.clone(),
-        }));
+        })));
         self.event(ClientEvent::Status(Status::Connecting));
     }
 
@@ -451,10 +451,10 @@ impl Client {
                     self.send_subscribe(&n);
                 }
             }
-            Message::Delta(d) => self.delta(d),
+            Message::Delta(d) => self.delta(*d),
             Message::Ack(a) => self.ack(&a.db, a.vv.get(&self.replica)),
-            Message::PresenceUpdate(p) => self.presence_update(p),
-            Message::Error(e) => self.server_error(e),
+            Message::PresenceUpdate(p) => self.presence_update(*p),
+            Message::Error(e) => self.server_error(*e),
             Message::Ping { nonce } => self.send(Message::Pong { nonce }),
             Message::Pong { .. } => {}
             other => self.event(ClientEvent::Error {
@@ -537,16 +537,16 @@ impl Client {
         };
         let since = c.db.vv().clone();
         let presence = c.presence.clone();
-        self.send(Message::Subscribe(Subscribe {
+        self.send(Message::Subscribe(Box::new(Subscribe {
             db: name.clone(),
             since,
             req,
-        }));
+        })));
         if let Some(state) = presence {
-            self.send(Message::Presence(Presence {
+            self.send(Message::Presence(Box::new(Presence {
                 db: name.clone(),
                 state,
-            }));
+            })));
         }
     }
 
@@ -699,10 +699,11 @@ impl Client {
                 .collect();
         *pushed = c.local_durable;
         for chunk in entries.chunks(max) {
-            self.out.push(ClientOutput::Send(Message::Push(Push {
-                db: name.clone(),
-                entries: chunk.to_vec(),
-            })));
+            self.out
+                .push(ClientOutput::Send(Message::Push(Box::new(Push {
+                    db: name.clone(),
+                    entries: chunk.to_vec(),
+                }))));
         }
     }
 

@@ -231,7 +231,7 @@ impl<A: Authenticator> Server<A> {
         };
         let ready = matches!(p.state, PeerState::Ready { .. });
         match msg {
-            Message::Hello(h) if !ready => self.hello(peer, h),
+            Message::Hello(h) if !ready => self.hello(peer, *h),
             Message::Hello(_) => {
                 self.fail(peer, ErrorCode::ProtocolViolation, "second Hello", None)
             }
@@ -352,10 +352,10 @@ impl<A: Authenticator> Server<A> {
             if self.peers.contains_key(&o) {
                 self.send(
                     o,
-                    Message::Ack(Ack {
+                    Message::Ack(Box::new(Ack {
                         db: db.clone(),
                         vv: vv.clone(),
-                    }),
+                    })),
                 );
             }
         }
@@ -465,11 +465,11 @@ impl<A: Authenticator> Server<A> {
                 let max_frame = u32::try_from(self.config.max_frame).unwrap_or(u32::MAX);
                 self.send(
                     peer,
-                    Message::Welcome(Welcome {
+                    Message::Welcome(Box::new(Welcome {
                         server: self.config.replica,
                         peer,
                         max_frame,
-                    }),
+                    })),
                 );
             }
             Err(e) => self.fail(peer, ErrorCode::Unauthorized, e.to_string(), None),
@@ -505,15 +505,15 @@ impl<A: Authenticator> Server<A> {
             return;
         }
         match msg {
-            Message::Subscribe(s) => self.subscribe(peer, s),
+            Message::Subscribe(s) => self.subscribe(peer, *s),
             Message::Unsubscribe { db } => {
                 if let Some(p) = self.peers.get_mut(&peer) {
                     p.subs.remove(&db);
                 }
                 self.leave(peer, &db);
             }
-            Message::Push(p) => self.push(peer, p),
-            Message::Presence(p) => self.presence(peer, p),
+            Message::Push(p) => self.push(peer, *p),
+            Message::Presence(p) => self.presence(peer, *p),
             _ => {}
         }
     }
@@ -581,9 +581,9 @@ impl<A: Authenticator> Server<A> {
             p.subs.insert(s.db.clone());
         }
         for part in parts {
-            self.send(peer, Message::Delta(part));
+            self.send(peer, Message::Delta(Box::new(part)));
         }
-        self.send(peer, Message::PresenceUpdate(full));
+        self.send(peer, Message::PresenceUpdate(Box::new(full)));
         if newly {
             let update = PresenceUpdate {
                 db: s.db.clone(),
@@ -596,7 +596,7 @@ impl<A: Authenticator> Server<A> {
                     state: None,
                 }],
             };
-            self.broadcast(&others, &Message::PresenceUpdate(update));
+            self.broadcast(&others, &Message::PresenceUpdate(Box::new(update)));
         }
     }
 
@@ -621,7 +621,7 @@ impl<A: Authenticator> Server<A> {
                 state: None,
             }],
         };
-        self.broadcast(&others, &Message::PresenceUpdate(update));
+        self.broadcast(&others, &Message::PresenceUpdate(Box::new(update)));
     }
 
     fn push(&mut self, peer: PeerId, p: Push) {
@@ -688,10 +688,10 @@ impl<A: Authenticator> Server<A> {
             if gap.is_none() {
                 self.send(
                     peer,
-                    Message::Ack(Ack {
+                    Message::Ack(Box::new(Ack {
                         db: p.db.clone(),
                         vv,
-                    }),
+                    })),
                 );
             }
         } else {
@@ -749,7 +749,7 @@ impl<A: Authenticator> Server<A> {
                 state,
             }],
         };
-        self.broadcast(&all, &Message::PresenceUpdate(update));
+        self.broadcast(&all, &Message::PresenceUpdate(Box::new(update)));
     }
 
     fn broadcast(&mut self, peers: &[PeerId], msg: &Message) {
@@ -782,7 +782,7 @@ impl<A: Authenticator> Server<A> {
             self.config.max_frame / 2,
         );
         for part in parts {
-            self.broadcast(peers, &Message::Delta(part));
+            self.broadcast(peers, &Message::Delta(Box::new(part)));
         }
     }
 }

@@ -201,7 +201,7 @@ impl<A: Authenticator> Net<A> {
                 }
             }
             self.route_server();
-            if !self.hold_server_persists && self.server_persists.len() > 0 {
+            if !self.hold_server_persists && !self.server_persists.is_empty() {
                 self.flush_server();
                 moved = true;
             }
@@ -210,7 +210,9 @@ impl<A: Authenticator> Net<A> {
                     moved = true;
                     let n = &mut self.nodes[i];
                     n.down.bytes += f.len();
-                    n.down.frames.push(protocol::decode(&f, usize::MAX).unwrap());
+                    n.down
+                        .frames
+                        .push(protocol::decode(&f, usize::MAX).unwrap());
                     let _ = n.client.handle_frame(&f);
                     self.route_client(i);
                 }
