@@ -106,12 +106,14 @@ impl Database {
             docs,
             pending: BTreeMap::new(),
         };
-        let entries: Vec<Entry> = db.log.entries().to_vec();
-        for e in &entries {
-            if let Err(err) = db.materialise(e) {
-                errors.push(err);
+        let mut batches: BTreeMap<DocId, Vec<automerge::Change>> = BTreeMap::new();
+        for e in db.log.entries() {
+            match e.parse_change() {
+                Ok(c) => batches.entry(e.doc.clone()).or_default().push(c),
+                Err(err) => errors.push(err.into()),
             }
         }
+        db.materialise(batches, &mut errors);
         (db, errors)
     }
 
@@ -241,28 +243,38 @@ impl Database {
 
     /// Apply remote entries (any order, duplicates allowed). Entries that
     /// arrive ahead of a gap wait in a bounded buffer until it fills.
+    /// Changes are handed to automerge in one batch per document, which is
+    /// much cheaper than one call per change.
     pub fn apply_entries(&mut self, entries: impl IntoIterator<Item = Entry>) -> Applied {
         let mut out = Applied::default();
+        let mut batches = BTreeMap::new();
         for e in entries {
-            self.apply_one(e, &mut out);
+            self.apply_one(e, &mut out, &mut batches);
         }
-        self.drain_pending(&mut out);
+        self.drain_pending(&mut out, &mut batches);
+        self.materialise(batches, &mut out.errors);
         out
     }
 
-    fn apply_one(&mut self, e: Entry, out: &mut Applied) {
+    fn apply_one(
+        &mut self,
+        e: Entry,
+        out: &mut Applied,
+        batches: &mut BTreeMap<DocId, Vec<automerge::Change>>,
+    ) {
         if self.log.vv().contains(&e.dot) {
             return;
         }
-        if let Err(err) = e.parse_change() {
-            out.errors.push(err.into());
-            return;
-        }
+        let change = match e.parse_change() {
+            Ok(c) => c,
+            Err(err) => {
+                out.errors.push(err.into());
+                return;
+            }
+        };
         match self.log.append(e.clone()) {
             Ok(Appended::Added) => {
-                if let Err(err) = self.materialise(&e) {
-                    out.errors.push(err);
-                }
+                batches.entry(e.doc.clone()).or_default().push(change);
                 out.changed.insert(e.doc.clone());
                 out.entries.push(e);
             }
@@ -278,7 +290,11 @@ impl Database {
         }
     }
 
-    fn drain_pending(&mut self, out: &mut Applied) {
+    fn drain_pending(
+        &mut self,
+        out: &mut Applied,
+        batches: &mut BTreeMap<DocId, Vec<automerge::Change>>,
+    ) {
         loop {
             let vv = self.log.vv().clone();
             self.pending.retain(|dot, _| !vv.contains(dot));
@@ -293,7 +309,7 @@ impl Database {
             }
             for dot in next {
                 if let Some(e) = self.pending.remove(&dot) {
-                    self.apply_one(e, out);
+                    self.apply_one(e, out, batches);
                 }
             }
         }
@@ -340,7 +356,9 @@ impl Database {
         }
         self.log.absorb(compaction.clone());
         out.snapshots = compaction.snapshots;
-        self.drain_pending(&mut out);
+        let mut batches = BTreeMap::new();
+        self.drain_pending(&mut out, &mut batches);
+        self.materialise(batches, &mut out.errors);
         out
     }
 
@@ -379,16 +397,30 @@ impl Database {
         }
     }
 
-    fn materialise(&mut self, e: &Entry) -> Result<(), ApplyError> {
-        let change = e.parse_change()?;
+    /// Apply parsed changes, one automerge batch per document. A batch that
+    /// fails is retried change by change so one bad change costs only itself.
+    fn materialise(
+        &mut self,
+        batches: BTreeMap<DocId, Vec<automerge::Change>>,
+        errors: &mut Vec<ApplyError>,
+    ) {
         let (replica, encoding) = (self.replica, self.encoding);
-        self.docs
-            .entry(e.doc.clone())
-            .or_insert_with(|| Document::new(replica, encoding))
-            .apply(change)
-            .map_err(|source| ApplyError::Doc {
-                doc: e.doc.clone(),
-                source,
-            })
+        for (doc, changes) in batches {
+            let d = self
+                .docs
+                .entry(doc.clone())
+                .or_insert_with(|| Document::new(replica, encoding));
+            if d.apply_batch(changes.clone()).is_ok() {
+                continue;
+            }
+            for c in changes {
+                if let Err(source) = d.apply(c) {
+                    errors.push(ApplyError::Doc {
+                        doc: doc.clone(),
+                        source,
+                    });
+                }
+            }
+        }
     }
 }

@@ -154,6 +154,12 @@ impl Document {
         Ok(())
     }
 
+    /// Apply several changes in one automerge call (all-or-error).
+    pub fn apply_batch(&mut self, changes: Vec<Change>) -> Result<(), DocError> {
+        self.am.apply_changes(changes)?;
+        Ok(())
+    }
+
     /// `automerge` save bytes.
     pub fn save(&self) -> Vec<u8> {
         self.am.save()
