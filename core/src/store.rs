@@ -26,6 +26,25 @@ pub struct StoredDatabase {
     pub entries: Vec<Entry>,
 }
 
+impl StoredDatabase {
+    /// Apply a batch the way every store must: append entries, replace
+    /// snapshots per document, raise the horizon and drop the entries it covers.
+    pub fn apply(&mut self, batch: &Batch) {
+        self.entries.extend(batch.entries.iter().cloned());
+        for s in &batch.snapshots {
+            match self.snapshots.iter_mut().find(|x| x.doc == s.doc) {
+                Some(slot) => *slot = s.clone(),
+                None => self.snapshots.push(s.clone()),
+            }
+        }
+        if let Some(base) = &batch.base {
+            self.base.merge(base);
+            let base = &self.base;
+            self.entries.retain(|e| !base.contains(&e.dot));
+        }
+    }
+}
+
 /// One atomic write: either all of it is durable or none of it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Batch {
@@ -114,21 +133,7 @@ impl MemoryStore {
 
     /// Synchronous form of [`Store::write`] (the memory store is never pending).
     pub fn write_now(&self, db: &DbName, batch: &Batch) -> Result<(), MemoryStoreError> {
-        self.with(|m| {
-            let stored = m.dbs.entry(db.clone()).or_default();
-            stored.entries.extend(batch.entries.iter().cloned());
-            for s in &batch.snapshots {
-                match stored.snapshots.iter_mut().find(|x| x.doc == s.doc) {
-                    Some(slot) => *slot = s.clone(),
-                    None => stored.snapshots.push(s.clone()),
-                }
-            }
-            if let Some(base) = &batch.base {
-                stored.base.merge(base);
-                let base = stored.base.clone();
-                stored.entries.retain(|e| !base.contains(&e.dot));
-            }
-        })
+        self.with(|m| m.dbs.entry(db.clone()).or_default().apply(batch))
     }
 
     /// Synchronous form of [`Store::load`].

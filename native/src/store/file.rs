@@ -1,0 +1,446 @@
+//! [`FileStore`]: the append-only log files, the group-commit writer thread
+//! and recovery.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use syncline_core::{Batch, DbName, Entry, Store, StoredDatabase, VersionVector};
+use tokio::sync::oneshot;
+
+use super::record::{Record, decode_records, encode_record};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file system refused.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// The writer thread is gone (the store was shut down).
+    #[error("the store is closed")]
+    Closed,
+    /// A metadata key that would escape the meta directory.
+    #[error("invalid metadata key {0:?}")]
+    BadKey(String),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Io { context, source }
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// fsync calls made by the writer.
+    pub fsyncs: AtomicU64,
+    /// Write requests served.
+    pub writes: AtomicU64,
+    /// Total microseconds spent in fsync.
+    pub fsync_micros: AtomicU64,
+    /// Records dropped by recovery (torn or corrupt tails).
+    pub truncations: AtomicU64,
+}
+
+struct WriteReq {
+    db: DbName,
+    bytes: Vec<u8>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// An append-only log per database in a data directory.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    dir: PathBuf,
+    tx: mpsc::Sender<WriteReq>,
+    stats: Arc<StoreStats>,
+}
+
+impl std::fmt::Debug for WriteReq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WriteReq({}, {} bytes)", self.db, self.bytes.len())
+    }
+}
+
+impl FileStore {
+    /// Open (creating) a data directory and start its writer thread.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with_observer(dir, Arc::new(|_| {}))
+    }
+
+    /// Like [`FileStore::open`], calling `observer` with every fsync's latency.
+    pub fn open_with_observer(
+        dir: impl AsRef<Path>,
+        observer: Arc<dyn Fn(Duration) + Send + Sync>,
+    ) -> Result<Self, StoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        for sub in ["dbs", "meta"] {
+            fs::create_dir_all(dir.join(sub))
+                .map_err(io_err(format!("creating {}", dir.display())))?;
+        }
+        let (tx, rx) = mpsc::channel::<WriteReq>();
+        let stats = Arc::new(StoreStats::default());
+        let writer = Writer {
+            dir: dir.clone(),
+            files: HashMap::new(),
+            stats: stats.clone(),
+            observer,
+        };
+        std::thread::Builder::new()
+            .name("syncline-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io_err("starting the writer thread"))?;
+        Ok(FileStore { dir, tx, stats })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Write and fsync counters.
+    pub fn stats(&self) -> &StoreStats {
+        &self.stats
+    }
+
+    fn db_path(dir: &Path, db: &DbName) -> PathBuf {
+        // DbName allows only [A-Za-z0-9._-] and never "." or "..".
+        dir.join("dbs").join(format!("{}.log", db.as_str()))
+    }
+
+    /// Read a database's log up to its first bad record (read-only).
+    pub fn load_blocking(&self, db: &DbName) -> Result<StoredDatabase, StoreError> {
+        let path = Self::db_path(&self.dir, db);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(StoredDatabase::default()),
+            Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
+        };
+        let (records, _, problem) = decode_records(&bytes);
+        if let Some(p) = problem {
+            tracing::warn!(%db, "log has a bad tail (will be truncated on next write): {p}");
+        }
+        let mut stored = StoredDatabase::default();
+        for r in records {
+            stored.apply(&Batch::from(r));
+        }
+        Ok(stored)
+    }
+
+    /// Names of the databases with a log file.
+    pub fn list_blocking(&self) -> Result<Vec<DbName>, StoreError> {
+        let dir = self.dir.join("dbs");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(io_err(format!("listing {}", dir.display())))? {
+            let e = e.map_err(io_err("listing databases"))?;
+            let name = e.file_name();
+            let Some(name) = name.to_str().and_then(|n| n.strip_suffix(".log")) else {
+                continue;
+            };
+            if let Ok(db) = DbName::new(name) {
+                out.push(db);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Queue a batch for the writer; the receiver resolves after fsync.
+    fn submit(&self, db: &DbName, batch: &Batch) -> oneshot::Receiver<Result<(), String>> {
+        let (done, rx) = oneshot::channel();
+        let req = WriteReq {
+            db: db.clone(),
+            bytes: encode_record(&Record::from(batch)),
+            done,
+        };
+        // If the writer is gone, `done` is dropped and the receiver errors.
+        let _ = self.tx.send(req);
+        rx
+    }
+
+    /// Fold a database's log into one record in a fresh file, switched in
+    /// atomically (write, fsync, rename, fsync dir). Runs on the writer
+    /// thread, so no append can interleave with the switch.
+    pub async fn rewrite(&self, db: &DbName) -> Result<(), StoreError> {
+        let (done, rx) = oneshot::channel();
+        let req = WriteReq {
+            db: db.clone(),
+            bytes: Vec::new(), // empty = rewrite request
+            done,
+        };
+        self.tx.send(req).map_err(|_| StoreError::Closed)?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Io {
+                context: format!("rewriting {db}"),
+                source: io::Error::other(e),
+            }),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    fn meta_path(&self, key: &str) -> Result<PathBuf, StoreError> {
+        if DbName::is_valid(key) {
+            Ok(self.dir.join("meta").join(key))
+        } else {
+            Err(StoreError::BadKey(key.to_owned()))
+        }
+    }
+}
+
+/// Write `bytes` to `path` atomically and durably.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+struct Writer {
+    dir: PathBuf,
+    files: HashMap<DbName, File>,
+    stats: Arc<StoreStats>,
+    observer: Arc<dyn Fn(Duration) + Send + Sync>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<WriteReq>) {
+        while let Ok(first) = rx.recv() {
+            let mut group = vec![first];
+            while group.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(r) => group.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.commit(group);
+        }
+    }
+
+    /// Append every request, fsync each touched file once, then answer.
+    fn commit(&mut self, group: Vec<WriteReq>) {
+        enum Answer {
+            Now(Result<(), String>),
+            AfterSync(DbName),
+        }
+        let mut results: HashMap<DbName, Result<(), String>> = HashMap::new();
+        let mut order = Vec::new();
+        let mut answers = Vec::with_capacity(group.len());
+        for req in group {
+            if req.bytes.is_empty() {
+                let r = self.rewrite(&req.db).map_err(|e| e.to_string());
+                answers.push((req.done, Answer::Now(r)));
+                continue;
+            }
+            let r = results.entry(req.db.clone()).or_insert(Ok(()));
+            if r.is_ok()
+                && let Err(e) = self.append(&req.db, &req.bytes)
+            {
+                *r = Err(e.to_string());
+            }
+            if !order.contains(&req.db) {
+                order.push(req.db.clone());
+            }
+            answers.push((req.done, Answer::AfterSync(req.db)));
+        }
+        for db in &order {
+            if !results.get(db).is_some_and(Result::is_ok) {
+                continue;
+            }
+            let started = Instant::now();
+            let synced = self.files.get(db).map(File::sync_data);
+            let took = started.elapsed();
+            self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .fsync_micros
+                .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+            (self.observer)(took);
+            if let Some(Err(e)) = synced {
+                results.insert(db.clone(), Err(format!("fsync: {e}")));
+                // Forget the handle: the next write reopens and recovers.
+                self.files.remove(db);
+            }
+        }
+        for (done, answer) in answers {
+            let r = match answer {
+                Answer::Now(r) => r,
+                Answer::AfterSync(db) => results
+                    .get(&db)
+                    .cloned()
+                    .unwrap_or_else(|| Err("not written".into())),
+            };
+            self.stats.writes.fetch_add(1, Ordering::Relaxed);
+            let _ = done.send(r);
+        }
+    }
+
+    /// Open a log for appending, truncating a torn or corrupt tail first.
+    fn file(&mut self, db: &DbName) -> io::Result<&mut File> {
+        if !self.files.contains_key(db) {
+            let path = FileStore::db_path(&self.dir, db);
+            let mut f = OpenOptions::new()
+                .read(true)
+                .append(true)
+                .create(true)
+                .open(&path)?;
+            let bytes = fs::read(&path)?;
+            let (_, good, problem) = decode_records(&bytes);
+            if let Some(p) = problem {
+                tracing::warn!(%db, "recovering {}: {p}; truncating to {good} bytes", path.display());
+                f.set_len(good)?;
+                f.sync_all()?;
+                self.stats.truncations.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(parent) = path.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+            f.flush()?;
+            self.files.insert(db.clone(), f);
+        }
+        self.files
+            .get_mut(db)
+            .ok_or_else(|| io::Error::other("log handle vanished"))
+    }
+
+    fn append(&mut self, db: &DbName, bytes: &[u8]) -> io::Result<()> {
+        let f = self.file(db)?;
+        if let Err(e) = f.write_all(bytes) {
+            // A partial append is a torn tail: reopening truncates it.
+            self.files.remove(db);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn rewrite(&mut self, db: &DbName) -> io::Result<()> {
+        // Recover first so the rewrite starts from the good prefix.
+        self.file(db)?;
+        let path = FileStore::db_path(&self.dir, db);
+        let bytes = fs::read(&path)?;
+        let (records, _, _) = decode_records(&bytes);
+        let mut stored = StoredDatabase::default();
+        for r in records {
+            stored.apply(&Batch::from(r));
+        }
+        let record = Record {
+            entries: stored.entries,
+            snapshots: stored.snapshots,
+            base: Some(stored.base),
+        };
+        self.files.remove(db);
+        write_atomic(&path, &encode_record(&record))?;
+        Ok(())
+    }
+}
+
+impl Store for FileStore {
+    type Error = StoreError;
+
+    #[allow(refining_impl_trait)]
+    fn list_databases(
+        &self,
+    ) -> impl Future<Output = Result<Vec<DbName>, StoreError>> + Send + 'static {
+        let this = self.clone();
+        async move {
+            tokio::task::spawn_blocking(move || this.list_blocking())
+                .await
+                .map_err(|_| StoreError::Closed)?
+        }
+    }
+
+    #[allow(refining_impl_trait)]
+    fn load(
+        &self,
+        db: &DbName,
+    ) -> impl Future<Output = Result<StoredDatabase, StoreError>> + Send + 'static {
+        let (this, db) = (self.clone(), db.clone());
+        async move {
+            tokio::task::spawn_blocking(move || this.load_blocking(&db))
+                .await
+                .map_err(|_| StoreError::Closed)?
+        }
+    }
+
+    #[allow(refining_impl_trait)]
+    fn read_since(
+        &self,
+        db: &DbName,
+        since: &VersionVector,
+    ) -> impl Future<Output = Result<Vec<Entry>, StoreError>> + Send + 'static {
+        let (load, since) = (self.load(db), since.clone());
+        async move {
+            let stored = load.await?;
+            Ok(stored
+                .entries
+                .into_iter()
+                .filter(|e| !since.contains(&e.dot))
+                .collect())
+        }
+    }
+
+    #[allow(refining_impl_trait)]
+    fn write(
+        &self,
+        db: &DbName,
+        batch: &Batch,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let rx = self.submit(db, batch);
+        let db = db.clone();
+        async move {
+            match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(StoreError::Io {
+                    context: format!("writing {db}"),
+                    source: io::Error::other(e),
+                }),
+                Err(_) => Err(StoreError::Closed),
+            }
+        }
+    }
+
+    #[allow(refining_impl_trait)]
+    fn get_meta(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send + 'static {
+        let path = self.meta_path(key);
+        async move {
+            let path = path?;
+            match fs::read(&path) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
+            }
+        }
+    }
+
+    #[allow(refining_impl_trait)]
+    fn put_meta(
+        &self,
+        key: &str,
+        value: &[u8],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let path = self.meta_path(key);
+        let value = value.to_vec();
+        async move {
+            let path = path?;
+            write_atomic(&path, &value).map_err(io_err(format!("writing {}", path.display())))
+        }
+    }
+}

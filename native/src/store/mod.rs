@@ -1,0 +1,27 @@
+//! The embedded on-disk store: one append-only log file per database.
+//!
+//! ```text
+//! DATA/
+//!   dbs/<db name>.log   records: [len u32 LE][crc32c u32 LE][rkyv Record]
+//!   meta/<key>          small values, replaced atomically
+//! ```
+//!
+//! * **Group commit.** One writer thread takes every pending write, appends
+//!   them, fsyncs each touched file once and only then answers all of them:
+//!   concurrent pushes share one fsync. A write's future resolves after fsync.
+//! * **Recovery.** Before the writer first appends to a file it scans it and
+//!   truncates a torn or corrupt tail (short record, bad checksum, record
+//!   that does not decode) back to the last good record. Readers stop at the
+//!   first bad record and never modify the file.
+//! * **Compaction** is a record too (new snapshots and a raised horizon);
+//!   [`FileStore::rewrite`] folds a log into a fresh file beside the old one
+//!   and switches atomically (write, fsync, rename, fsync dir).
+//! * Database names are validated (`[A-Za-z0-9._-]`, never `.`/`..`), so a
+//!   name can never leave the data directory. Files are plain: copying a
+//!   closed data dir is a backup.
+
+mod file;
+mod record;
+
+pub use file::{FileStore, StoreError, StoreStats};
+pub use record::{Record, RecordError, decode_records, encode_record};
