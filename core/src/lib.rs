@@ -46,7 +46,7 @@
 //!                 let i = peers.iter().position(|p| *p == peer).unwrap();
 //!                 clients[i].handle_frame(&protocol::encode(&msg))?;
 //!             }
-//!             ServerOutput::Broadcast { peers: to, frame } => {
+//!             ServerOutput::Broadcast { peers: to, frame, .. } => {
 //!                 for peer in to {
 //!                     let i = peers.iter().position(|p| *p == peer).unwrap();
 //!                     clients[i].handle_frame(&frame)?;

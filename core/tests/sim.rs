@@ -216,7 +216,7 @@ impl Sim {
                         c.to_client.push_back(frame);
                     }
                 }
-                ServerOutput::Broadcast { peers, frame } => {
+                ServerOutput::Broadcast { peers, frame, .. } => {
                     self.record_acks(&frame);
                     for p in peers {
                         if let Some(c) = self.conn_of_peer(p) {

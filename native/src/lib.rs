@@ -7,4 +7,6 @@
 
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub mod auth;
+pub mod server;
 pub mod store;

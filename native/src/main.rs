@@ -1,30 +1,266 @@
-//! `syncline`: the self-hosted sync server, the native client and the CLI.
-//!
-//! Today this binary only reports its version: the server (`syncline serve`),
-//! the client commands and the data-dir tools are the next piece of work
-//! (see `ARCHITECTURE.md`, "Status"). The protocol and sync logic they will
-//! drive already live in `syncline-core`.
+//! `syncline`: the self-hosted sync server and its command-line tools.
 
-use syncline_core::protocol::PROTOCOL_VERSION;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
-fn main() -> anyhow::Result<()> {
-    let first = std::env::args().nth(1);
-    match first.as_deref() {
-        Some("--version" | "-V") => {
-            println!(
-                "syncline {} (protocol {PROTOCOL_VERSION})",
-                env!("CARGO_PKG_VERSION")
-            );
-            Ok(())
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+use syncline::auth::{Claims, mint};
+use syncline::server::{ServeOptions, run};
+use syncline_core::sync::Right;
+
+#[derive(Parser, Debug)]
+#[command(name = "syncline", version, about = "Offline-first CRDT sync server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the sync server (WebSocket /sync, /healthz, /metrics, static demos).
+    Serve(ServeArgs),
+    /// Mint a signed access token for databases matching a pattern.
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args, Debug, Default)]
+struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:7070]; port 0 picks a free one.
+    #[arg(long, env = "SYNCLINE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data directory [default: ./syncline-data].
+    #[arg(long, env = "SYNCLINE_DATA")]
+    data: Option<PathBuf>,
+    /// HMAC secret for tokens [default: generated on first start, kept in DATA/secret].
+    #[arg(long, env = "SYNCLINE_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Database pattern open to anonymous clients (read and write); repeatable.
+    #[arg(long, env = "SYNCLINE_ANONYMOUS", value_delimiter = ',')]
+    anonymous: Vec<String>,
+    /// Most simultaneous connections [default: 10000].
+    #[arg(long, env = "SYNCLINE_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Largest frame in bytes [default: 16777216].
+    #[arg(long, env = "SYNCLINE_MAX_FRAME")]
+    max_frame: Option<usize>,
+    /// Most entries in one push [default: 10000].
+    #[arg(long, env = "SYNCLINE_MAX_ENTRIES_PER_PUSH")]
+    max_entries_per_push: Option<usize>,
+    /// Bytes queued for a connection before it is dropped as too slow [default: 33554432].
+    #[arg(long, env = "SYNCLINE_MAX_QUEUED_BYTES")]
+    max_queued_bytes: Option<usize>,
+    /// Directory of static files to serve (the built demos).
+    #[arg(long = "static", env = "SYNCLINE_STATIC")]
+    static_dir: Option<PathBuf>,
+    /// TOML file with any of the settings above (flags and environment win).
+    #[arg(long, env = "SYNCLINE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data: Option<PathBuf>,
+    secret: Option<String>,
+    #[serde(default)]
+    anonymous: Vec<String>,
+    max_connections: Option<usize>,
+    max_frame: Option<usize>,
+    max_entries_per_push: Option<usize>,
+    max_queued_bytes: Option<usize>,
+    #[serde(rename = "static")]
+    static_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct TokenArgs {
+    /// Database name pattern (`*` matches any run of characters).
+    #[arg(long)]
+    db: String,
+    /// read, write or admin.
+    #[arg(long)]
+    rights: String,
+    /// Lifetime, e.g. 30s, 15m, 12h, 7d (default: no expiry).
+    #[arg(long)]
+    expires: Option<String>,
+    /// HMAC secret (or SYNCLINE_SECRET; else DATA/secret).
+    #[arg(long, env = "SYNCLINE_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Data directory holding the generated secret [default: ./syncline-data].
+    #[arg(long, env = "SYNCLINE_DATA")]
+    data: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SYNCLINE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::Token(args) => token(args),
+    }
+}
+
+fn default_data() -> PathBuf {
+    PathBuf::from("syncline-data")
+}
+
+/// The secret: given, or read from / generated into DATA/secret (mode 0600).
+fn load_secret(given: Option<String>, data: &Path, create: bool) -> Result<Vec<u8>> {
+    if let Some(s) = given {
+        if s.len() < 16 {
+            bail!("the secret must be at least 16 characters");
         }
-        other => {
-            eprintln!(
-                "syncline {}: `{}` is not available yet; the server, client and CLI \
-                 are still being built (only --version works today)",
-                env!("CARGO_PKG_VERSION"),
-                other.unwrap_or("")
-            );
-            std::process::exit(2)
+        return Ok(s.into_bytes());
+    }
+    let path = data.join("secret");
+    match std::fs::read(&path) {
+        Ok(s) if !s.is_empty() => return Ok(s),
+        Ok(_) => bail!("{} is empty", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("reading the secret from {}", path.display()));
         }
     }
+    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    let secret: String = (0..2)
+        .map(|_| syncline_core::ReplicaId::random().to_hex())
+        .collect();
+    write_private(&path, secret.as_bytes())?;
+    tracing::info!("generated a token secret in {}", path.display());
+    Ok(secret.into_bytes())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let file: FileConfig = match &args.config {
+        Some(p) => toml::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("parsing {}", p.display()))?,
+        None => FileConfig::default(),
+    };
+    let data = args.data.or(file.data).unwrap_or_else(default_data);
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070)));
+    let anonymous = if args.anonymous.is_empty() {
+        file.anonymous
+    } else {
+        args.anonymous
+    };
+    let options = ServeOptions {
+        secret: load_secret(args.secret.or(file.secret), &data, true)?,
+        data,
+        anonymous,
+        max_connections: args
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(10_000),
+        max_frame: args.max_frame.or(file.max_frame).unwrap_or(16 << 20),
+        max_entries_per_push: args
+            .max_entries_per_push
+            .or(file.max_entries_per_push)
+            .unwrap_or(10_000),
+        max_queued_bytes: args
+            .max_queued_bytes
+            .or(file.max_queued_bytes)
+            .unwrap_or(32 << 20),
+        static_dir: args.static_dir.or(file.static_dir),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
+        let addr = listener.local_addr().context("reading the bound address")?;
+        tracing::info!(data = %options.data.display(), anonymous = ?options.anonymous, "serving");
+        // Tests and scripts read this line to find an ephemeral port.
+        println!("listening on http://{addr}");
+        run(listener, options, shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+fn parse_duration(s: &str) -> Result<u64> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().with_context(|| format!("bad duration {s:?}"))?;
+    let mult = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!("bad duration unit in {s:?} (use s, m, h or d)"),
+    };
+    Ok(n.saturating_mul(mult))
+}
+
+fn token(args: TokenArgs) -> Result<()> {
+    if Right::parse(&args.rights).is_none() {
+        bail!("--rights must be read, write or admin");
+    }
+    let data = args.data.unwrap_or_else(default_data);
+    let secret = load_secret(args.secret, &data, false)
+        .context("no secret: pass --secret or start the server once to generate one")?;
+    let exp = match args.expires {
+        Some(d) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .context("clock before 1970")?
+                .as_secs();
+            Some(now + parse_duration(&d)?)
+        }
+        None => None,
+    };
+    let claims = Claims {
+        db: args.db,
+        rights: args.rights,
+        exp,
+    };
+    println!("{}", mint(&secret, &claims));
+    Ok(())
 }

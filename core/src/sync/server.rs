@@ -66,6 +66,8 @@ pub enum ServerOutput {
         peers: Vec<PeerId>,
         /// The encoded frame.
         frame: Arc<Vec<u8>>,
+        /// Entries inside the frame (for metrics).
+        entries: usize,
     },
     /// Close the connection (after sending what precedes this output).
     Close {
@@ -756,9 +758,14 @@ impl<A: Authenticator> Server<A> {
         if peers.is_empty() {
             return;
         }
+        let entries = match msg {
+            Message::Delta(d) => d.entries.len(),
+            _ => 0,
+        };
         self.out.push(ServerOutput::Broadcast {
             peers: peers.to_vec(),
             frame: Arc::new(protocol::encode(msg)),
+            entries,
         });
     }
 

@@ -137,7 +137,7 @@ impl<A: Authenticator> Net<A> {
                         n.to_client.push_back(f);
                     }
                 }
-                ServerOutput::Broadcast { peers, frame } => {
+                ServerOutput::Broadcast { peers, frame, .. } => {
                     for p in peers {
                         if let Some(n) = self.node_of(p) {
                             n.to_client.push_back(frame.as_ref().clone());

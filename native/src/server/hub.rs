@@ -1,0 +1,283 @@
+//! The hub: one task owning the sans-IO [`Server`] state machine. Connection
+//! tasks send it decoded messages; it executes what the state machine asks:
+//! queue frames to connections, write batches to the store (completions come
+//! back as messages), load databases, close connections.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use syncline_core::protocol::{self, ErrorCode, Message};
+use syncline_core::sync::{PeerId, Server, ServerOutput};
+use syncline_core::{DbName, Store, StoredDatabase};
+use tokio::sync::{mpsc, oneshot};
+
+use super::metrics::Metrics;
+use crate::auth::TokenAuth;
+use crate::store::FileStore;
+
+/// What a connection's writer sends.
+#[derive(Debug)]
+pub enum Out {
+    /// One encoded frame.
+    Frame(Arc<Vec<u8>>),
+    /// Close after the frames before this.
+    Close(ErrorCode),
+}
+
+/// A connection as the hub sees it.
+#[derive(Debug)]
+pub struct ConnHandle {
+    /// Its outgoing queue.
+    pub tx: mpsc::UnboundedSender<Out>,
+    /// Bytes queued and not yet written to the socket.
+    pub queued: Arc<AtomicUsize>,
+    /// Fired when the connection must be dropped at once (slow reader).
+    pub kill: Option<oneshot::Sender<ErrorCode>>,
+}
+
+/// Messages to the hub.
+#[derive(Debug)]
+pub enum HubMsg {
+    /// A new connection.
+    Connect {
+        /// Its handle.
+        conn: ConnHandle,
+        /// Gets the peer id.
+        reply: oneshot::Sender<PeerId>,
+    },
+    /// A decoded frame from a peer.
+    Message {
+        /// Who.
+        peer: PeerId,
+        /// What.
+        msg: Message,
+    },
+    /// The connection ended.
+    Disconnect {
+        /// Who.
+        peer: PeerId,
+    },
+    /// A store write finished.
+    Persisted {
+        /// Database.
+        db: DbName,
+        /// Batch sequence number.
+        seq: u64,
+        /// Outcome.
+        result: Result<(), String>,
+    },
+    /// A database load finished.
+    Loaded {
+        /// Database.
+        db: DbName,
+        /// Outcome.
+        result: Result<StoredDatabase, String>,
+    },
+    /// Report connection and subscription counts (for `/metrics`).
+    Stats {
+        /// Gets (connections, subscriptions per database).
+        reply: oneshot::Sender<(usize, Vec<(DbName, usize)>)>,
+    },
+    /// Close every connection and wait for pending writes.
+    Shutdown {
+        /// Fired when done.
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Hub settings.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Bytes a connection may have queued before it is dropped as too slow.
+    pub max_queued_bytes: usize,
+}
+
+/// Run the hub until every sender is gone.
+pub async fn run(
+    mut server: Server<TokenAuth>,
+    store: FileStore,
+    metrics: Arc<Metrics>,
+    config: HubConfig,
+    tx: mpsc::Sender<HubMsg>,
+    mut rx: mpsc::Receiver<HubMsg>,
+) {
+    let mut hub = Hub {
+        conns: HashMap::new(),
+        store,
+        metrics,
+        config,
+        tx,
+        in_flight: 0,
+        shutdown: None,
+    };
+    while let Some(msg) = rx.recv().await {
+        hub.handle(&mut server, msg);
+        hub.execute(&mut server);
+        if hub.in_flight == 0
+            && let Some(done) = hub.shutdown.take()
+        {
+            let _ = done.send(());
+        }
+    }
+}
+
+struct Hub {
+    conns: HashMap<PeerId, ConnHandle>,
+    store: FileStore,
+    metrics: Arc<Metrics>,
+    config: HubConfig,
+    tx: mpsc::Sender<HubMsg>,
+    in_flight: usize,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl Hub {
+    fn handle(&mut self, server: &mut Server<TokenAuth>, msg: HubMsg) {
+        match msg {
+            HubMsg::Connect { conn, reply } => {
+                let peer = server.connect();
+                self.conns.insert(peer, conn);
+                self.metrics.connections.set(self.conns.len() as i64);
+                let _ = reply.send(peer);
+            }
+            HubMsg::Message { peer, msg } => {
+                if let Message::Push(p) = &msg {
+                    self.metrics.entries_in.inc_by(p.entries.len() as u64);
+                }
+                server.handle(peer, msg);
+            }
+            HubMsg::Disconnect { peer } => {
+                self.conns.remove(&peer);
+                self.metrics.connections.set(self.conns.len() as i64);
+                server.disconnect(peer);
+            }
+            HubMsg::Persisted { db, seq, result } => {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                match result {
+                    Ok(()) => server.persisted(&db, seq),
+                    Err(e) => {
+                        tracing::error!(%db, seq, "write failed: {e}");
+                        server.persist_failed(&db, seq, &e);
+                    }
+                }
+            }
+            HubMsg::Loaded { db, result } => {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                match result {
+                    Ok(stored) => server.loaded(db, stored),
+                    Err(e) => {
+                        tracing::error!(%db, "load failed: {e}");
+                        server.load_failed(&db, &e);
+                    }
+                }
+            }
+            HubMsg::Stats { reply } => {
+                let subs = server
+                    .subscriptions()
+                    .map(|(db, n)| (db.clone(), n))
+                    .collect();
+                let _ = reply.send((server.connections(), subs));
+            }
+            HubMsg::Shutdown { done } => {
+                server.shutdown();
+                self.shutdown = Some(done);
+            }
+        }
+    }
+
+    fn execute(&mut self, server: &mut Server<TokenAuth>) {
+        // Dropping a slow peer makes the server emit more (presence), so loop.
+        loop {
+            let outs = server.take_outputs();
+            if outs.is_empty() {
+                return;
+            }
+            for out in outs {
+                self.execute_one(server, out);
+            }
+        }
+    }
+
+    fn execute_one(&mut self, server: &mut Server<TokenAuth>, out: ServerOutput) {
+        {
+            match out {
+                ServerOutput::Send { peer, msg } => {
+                    match &msg {
+                        Message::Delta(d) => {
+                            self.metrics.entries_out.inc_by(d.entries.len() as u64);
+                        }
+                        Message::Error(e) => self.metrics.error(e.code().as_str()),
+                        _ => {}
+                    }
+                    let frame = Arc::new(protocol::encode(&msg));
+                    self.send(server, peer, frame);
+                }
+                ServerOutput::Broadcast {
+                    peers,
+                    frame,
+                    entries,
+                } => {
+                    self.metrics
+                        .entries_out
+                        .inc_by((entries * peers.len()) as u64);
+                    for peer in peers {
+                        self.send(server, peer, frame.clone());
+                    }
+                }
+                ServerOutput::Close { peer, code } => {
+                    if let Some(c) = self.conns.remove(&peer) {
+                        let _ = c.tx.send(Out::Close(code));
+                    }
+                    self.metrics.connections.set(self.conns.len() as i64);
+                }
+                ServerOutput::Persist { db, seq, batch } => {
+                    if batch.base.is_some() {
+                        self.metrics.compactions.inc();
+                    }
+                    // `write` enqueues on the writer thread now, in seq order;
+                    // only the wait for fsync runs in the task.
+                    let write = self.store.write(&db, &batch);
+                    let tx = self.tx.clone();
+                    self.in_flight += 1;
+                    tokio::spawn(async move {
+                        let result = write.await.map_err(|e| e.to_string());
+                        let _ = tx.send(HubMsg::Persisted { db, seq, result }).await;
+                    });
+                }
+                ServerOutput::Load { db } => {
+                    let load = self.store.load(&db);
+                    let tx = self.tx.clone();
+                    self.in_flight += 1;
+                    tokio::spawn(async move {
+                        let result = load.await.map_err(|e| e.to_string());
+                        let _ = tx.send(HubMsg::Loaded { db, result }).await;
+                    });
+                }
+            }
+        }
+    }
+
+    /// Queue a frame; a peer whose queue is over the byte limit is dropped.
+    fn send(&mut self, server: &mut Server<TokenAuth>, peer: PeerId, frame: Arc<Vec<u8>>) {
+        let Some(c) = self.conns.get_mut(&peer) else {
+            return;
+        };
+        let len = frame.len();
+        let queued = c.queued.fetch_add(len, Ordering::Relaxed) + len;
+        if queued > self.config.max_queued_bytes {
+            tracing::warn!(peer, queued, "peer reads too slowly; disconnecting");
+            self.metrics.error(ErrorCode::Overloaded.as_str());
+            if let Some(c) = self.conns.remove(&peer)
+                && let Some(kill) = c.kill
+            {
+                let _ = kill.send(ErrorCode::Overloaded);
+            }
+            self.metrics.connections.set(self.conns.len() as i64);
+            server.disconnect(peer);
+            return;
+        }
+        self.metrics.bytes_out.inc_by(len as u64);
+        let _ = c.tx.send(Out::Frame(frame));
+    }
+}

@@ -1,0 +1,120 @@
+//! Prometheus metrics, every series prefixed `syncline_`.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label: a database name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DbLabel {
+    /// The database.
+    pub db: String,
+}
+
+/// Label: an error code name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// The code.
+    pub code: String,
+}
+
+/// Every series the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// Open WebSocket connections.
+    pub connections: Gauge,
+    /// Subscribed connections per database.
+    pub subscriptions: Family<DbLabel, Gauge>,
+    /// Entries received in pushes.
+    pub entries_in: Counter,
+    /// Entries sent in deltas (counted per recipient).
+    pub entries_out: Counter,
+    /// Frame bytes received.
+    pub bytes_in: Counter,
+    /// Frame bytes sent.
+    pub bytes_out: Counter,
+    /// Latency of each fsync.
+    pub fsync_seconds: Histogram,
+    /// Compactions done.
+    pub compactions: Counter,
+    /// Errors sent to peers, by code.
+    pub errors: Family<CodeLabel, Counter>,
+}
+
+impl Metrics {
+    /// Register every series.
+    pub fn new() -> Self {
+        let m = Metrics {
+            registry: Mutex::new(Registry::with_prefix("syncline")),
+            connections: Gauge::default(),
+            subscriptions: Family::default(),
+            entries_in: Counter::default(),
+            entries_out: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            compactions: Counter::default(),
+            errors: Family::default(),
+        };
+        if let Ok(mut r) = m.registry.lock() {
+            r.register(
+                "connections",
+                "Open WebSocket connections",
+                m.connections.clone(),
+            );
+            r.register(
+                "subscriptions",
+                "Subscribed connections per database",
+                m.subscriptions.clone(),
+            );
+            r.register(
+                "entries_in",
+                "Entries received in pushes",
+                m.entries_in.clone(),
+            );
+            r.register(
+                "entries_out",
+                "Entries sent in deltas",
+                m.entries_out.clone(),
+            );
+            r.register("bytes_in", "Frame bytes received", m.bytes_in.clone());
+            r.register("bytes_out", "Frame bytes sent", m.bytes_out.clone());
+            r.register(
+                "fsync_seconds",
+                "Latency of each fsync",
+                m.fsync_seconds.clone(),
+            );
+            r.register("compactions", "Compactions done", m.compactions.clone());
+            r.register("errors", "Errors sent to peers, by code", m.errors.clone());
+        }
+        m
+    }
+
+    /// Count one error sent.
+    pub fn error(&self, code: &str) {
+        self.errors
+            .get_or_create(&CodeLabel { code: code.into() })
+            .inc();
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Ok(r) = self.registry.lock() {
+            let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,316 @@
+//! The sync server: HTTP and WebSocket on one port (axum, whose WebSocket is
+//! tokio-tungstenite), a hub task driving the core `Server`, the file store.
+//!
+//! `GET /sync` upgrades to the sync protocol, `GET /healthz` answers 200 while
+//! serving, `GET /metrics` is Prometheus text, anything else is a static file
+//! from the optional static directory (the demos).
+
+mod hub;
+mod metrics;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::{SinkExt, StreamExt};
+use syncline_core::ReplicaId;
+use syncline_core::protocol::{self, DecodeError, ErrorCode, Message};
+use syncline_core::sync::{Server, ServerConfig};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+pub use hub::HubConfig;
+pub use metrics::Metrics;
+
+use crate::auth::TokenAuth;
+use crate::store::{FileStore, StoreError};
+use hub::{ConnHandle, HubMsg, Out};
+
+/// Everything `syncline serve` can be told.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Data directory.
+    pub data: PathBuf,
+    /// HMAC secret for tokens.
+    pub secret: Vec<u8>,
+    /// Database patterns open to anonymous clients (read and write).
+    pub anonymous: Vec<String>,
+    /// Most simultaneous connections.
+    pub max_connections: usize,
+    /// Largest frame accepted.
+    pub max_frame: usize,
+    /// Most entries per push.
+    pub max_entries_per_push: usize,
+    /// Bytes queued for one connection before it is dropped as too slow.
+    pub max_queued_bytes: usize,
+    /// Directory of static files to serve (the demos), if any.
+    pub static_dir: Option<PathBuf>,
+}
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store failed to open.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Serving HTTP failed.
+    #[error("http: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+#[derive(Clone)]
+struct AppState {
+    hub: mpsc::Sender<HubMsg>,
+    metrics: Arc<Metrics>,
+    permits: Arc<Semaphore>,
+    max_frame: usize,
+}
+
+/// Serve on `listener` until `shutdown` resolves; then close every
+/// connection with `ShuttingDown` and wait for pending writes to be durable.
+pub async fn run(
+    listener: TcpListener,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let metrics = Arc::new(Metrics::new());
+    let observer_metrics = metrics.clone();
+    let store = FileStore::open_with_observer(
+        &options.data,
+        Arc::new(move |d: Duration| observer_metrics.fsync_seconds.observe(d.as_secs_f64())),
+    )?;
+    let replica = server_replica(&store).await?;
+    let server = Server::new(
+        ServerConfig {
+            replica,
+            max_frame: options.max_frame,
+            max_entries_per_push: options.max_entries_per_push,
+        },
+        TokenAuth::new(options.secret.clone(), options.anonymous.clone()),
+    );
+    let (hub_tx, hub_rx) = mpsc::channel(4096);
+    let hub_task = tokio::spawn(hub::run(
+        server,
+        store,
+        metrics.clone(),
+        HubConfig {
+            max_queued_bytes: options.max_queued_bytes,
+        },
+        hub_tx.clone(),
+        hub_rx,
+    ));
+    let state = AppState {
+        hub: hub_tx.clone(),
+        metrics,
+        permits: Arc::new(Semaphore::new(options.max_connections)),
+        max_frame: options.max_frame,
+    };
+    let mut app = Router::new()
+        .route("/sync", get(upgrade))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics_text))
+        .with_state(state);
+    if let Some(dir) = &options.static_dir {
+        app = app.fallback_service(tower_http::services::ServeDir::new(dir));
+    }
+    let hub_for_shutdown = hub_tx.clone();
+    let graceful = async move {
+        shutdown.await;
+        tracing::info!("shutting down: closing connections, flushing the store");
+        let (done, wait) = oneshot::channel();
+        if hub_for_shutdown
+            .send(HubMsg::Shutdown { done })
+            .await
+            .is_ok()
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(30), wait).await;
+        }
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(graceful)
+        .await?;
+    drop(hub_tx);
+    hub_task.abort();
+    Ok(())
+}
+
+/// The server's own replica id, created once and kept in the data dir.
+async fn server_replica(store: &FileStore) -> Result<ReplicaId, StoreError> {
+    use syncline_core::Store;
+    if let Some(bytes) = store.get_meta("replica").await?
+        && let Ok(id) = ReplicaId::from_slice(&bytes)
+    {
+        return Ok(id);
+    }
+    let id = ReplicaId::random();
+    store.put_meta("replica", &id.0).await?;
+    Ok(id)
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let (reply, rx) = oneshot::channel();
+    if state.hub.send(HubMsg::Stats { reply }).await.is_ok()
+        && let Ok((connections, subs)) = rx.await
+    {
+        state.metrics.connections.set(connections as i64);
+        state.metrics.subscriptions.clear();
+        for (db, n) in subs {
+            state
+                .metrics
+                .subscriptions
+                .get_or_create(&metrics::DbLabel { db: db.to_string() })
+                .set(n as i64);
+        }
+    }
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn upgrade(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
+    let Ok(permit) = state.permits.clone().try_acquire_owned() else {
+        state.metrics.error(ErrorCode::Overloaded.as_str());
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
+    };
+    // Let slightly oversized frames through the WebSocket layer so they get
+    // a typed TooLarge error instead of a bare protocol close.
+    let limit = state.max_frame.saturating_add(64 * 1024);
+    ws.max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| async move {
+            connection(socket, state).await;
+            drop(permit);
+        })
+}
+
+fn close_frame(code: ErrorCode) -> WsMessage {
+    // 4000 + our code: application-defined WebSocket close codes.
+    WsMessage::Close(Some(CloseFrame {
+        code: 4000 + code.to_u16(),
+        reason: code.as_str().into(),
+    }))
+}
+
+async fn connection(socket: WebSocket, state: AppState) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let (kill_tx, mut kill_rx) = oneshot::channel::<ErrorCode>();
+    let (reply, peer) = oneshot::channel();
+    let conn = ConnHandle {
+        tx: tx.clone(),
+        queued: queued.clone(),
+        kill: Some(kill_tx),
+    };
+    if state
+        .hub
+        .send(HubMsg::Connect { conn, reply })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let Ok(peer) = peer.await else { return };
+    let (mut sink, mut stream) = socket.split();
+
+    let writer = async {
+        loop {
+            tokio::select! {
+                out = rx.recv() => match out {
+                    Some(Out::Frame(frame)) => {
+                        let len = frame.len();
+                        let sent = sink.send(WsMessage::Binary(frame.as_ref().clone().into())).await;
+                        queued.fetch_sub(len, Ordering::Relaxed);
+                        if sent.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Out::Close(code)) => {
+                        let _ = sink.send(close_frame(code)).await;
+                        return;
+                    }
+                    None => return,
+                },
+                code = &mut kill_rx => {
+                    if let Ok(code) = code {
+                        let err = Message::error(code, "you read too slowly; disconnected", None);
+                        let _ = sink.send(WsMessage::Binary(protocol::encode(&err).into())).await;
+                        let _ = sink.send(close_frame(code)).await;
+                    }
+                    return;
+                }
+            }
+        }
+    };
+
+    // Returns true when it refused the peer (the writer must flush the error).
+    let reader = async {
+        while let Some(Ok(msg)) = stream.next().await {
+            let bytes = match msg {
+                WsMessage::Binary(b) => b,
+                WsMessage::Close(_) => return false,
+                WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+                WsMessage::Text(_) => {
+                    refuse(
+                        &tx,
+                        ErrorCode::BadFrame,
+                        "text frames are not part of the protocol",
+                    );
+                    return true;
+                }
+            };
+            state.metrics.bytes_in.inc_by(bytes.len() as u64);
+            match protocol::decode(&bytes, state.max_frame) {
+                Ok(msg) => {
+                    if state.hub.send(HubMsg::Message { peer, msg }).await.is_err() {
+                        return false;
+                    }
+                }
+                Err(e) => {
+                    let code = match e {
+                        DecodeError::TooLarge { .. } => ErrorCode::TooLarge,
+                        DecodeError::UnknownVersion(_) => ErrorCode::UnknownVersion,
+                        _ => ErrorCode::BadFrame,
+                    };
+                    state.metrics.error(code.as_str());
+                    refuse(&tx, code, &e.to_string());
+                    return true;
+                }
+            }
+        }
+        false
+    };
+
+    tokio::pin!(writer);
+    tokio::select! {
+        _ = &mut writer => {}
+        refused = reader => {
+            if refused {
+                // Let the writer deliver the error and the close frame.
+                let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
+            }
+        }
+    }
+    let _ = state.hub.send(HubMsg::Disconnect { peer }).await;
+}
+
+fn refuse(tx: &mpsc::UnboundedSender<Out>, code: ErrorCode, text: &str) {
+    let err = Message::error(code, text, None);
+    let _ = tx.send(Out::Frame(Arc::new(protocol::encode(&err))));
+    let _ = tx.send(Out::Close(code));
+}
+
+/// The address a listener is bound to, for logs and tests.
+pub fn local_addr(listener: &TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
+}
