@@ -8,5 +8,6 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 pub mod auth;
+pub mod client;
 pub mod server;
 pub mod store;

@@ -1,0 +1,474 @@
+//! The native client: a local replica in a data directory that works offline
+//! and syncs with a server whenever it can reach it.
+//!
+//! A driver task owns the core [`syncline_core::sync::Client`], the local
+//! [`FileStore`] and the WebSocket; the [`SyncClient`] handle talks to it over
+//! a channel. Writes apply locally and are durable before they return;
+//! they are pushed when a connection is up. The driver reconnects with
+//! jittered exponential backoff.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value as Json;
+use syncline_core::protocol::{self, ErrorCode};
+use syncline_core::sync::{Client, ClientConfig, ClientEvent, ClientOutput, Status};
+use syncline_core::{DbName, DocId, ReplicaId, Store};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::store::{FileStore, StoreError};
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The document operation was refused.
+    #[error(transparent)]
+    Local(#[from] syncline_core::sync::ClientError),
+    /// The client has been closed.
+    #[error("the client is closed")]
+    Closed,
+    /// The server refused with a typed error.
+    #[error("server refused ({code}): {message}")]
+    Server {
+        /// The code.
+        code: ErrorCode,
+        /// The server's text.
+        message: String,
+    },
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
+
+enum Cmd {
+    Open(DbName, Reply<()>),
+    Get(DbName, DocId, Reply<Option<Json>>),
+    Update(DbName, DocId, Json, Reply<bool>),
+    Delete(DbName, DocId, Reply<bool>),
+    List(DbName, Reply<Vec<DocId>>),
+    Presence(DbName, Vec<u8>, Reply<()>),
+    Status(oneshot::Sender<Status>),
+    WaitSynced(DbName, Reply<()>),
+    Close(oneshot::Sender<()>),
+}
+
+enum Net {
+    Frame(u64, Vec<u8>),
+    Closed(u64),
+    Connected(u64, mpsc::UnboundedSender<Vec<u8>>),
+}
+
+/// A handle to a running native client. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SyncClient {
+    cmd: mpsc::Sender<Cmd>,
+    events: broadcast::Sender<ClientEvent>,
+    replica: ReplicaId,
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Cmd")
+    }
+}
+
+impl SyncClient {
+    /// Start a client for `url` (e.g. `ws://127.0.0.1:7070/sync`) with a local
+    /// replica in `dir`. Returns at once; connecting happens in the background
+    /// (pass `None` as url for a purely local replica).
+    pub async fn connect(
+        url: Option<&str>,
+        token: &str,
+        dir: impl AsRef<Path>,
+    ) -> Result<Self, ClientError> {
+        let store = FileStore::open(dir)?;
+        let replica = match store.get_meta("replica").await? {
+            Some(b) => ReplicaId::from_slice(&b).unwrap_or_else(|_| ReplicaId::random()),
+            None => {
+                let id = ReplicaId::random();
+                store.put_meta("replica", &id.0).await?;
+                id
+            }
+        };
+        let (cmd, cmd_rx) = mpsc::channel(256);
+        let (events, _) = broadcast::channel(1024);
+        let driver = Driver {
+            client: Client::new(replica, token, ClientConfig::default()),
+            store,
+            url: url.map(str::to_owned),
+            events: events.clone(),
+            conn: None,
+            generation: 0,
+            attempts: 0,
+            next_attempt: Some(Instant::now()),
+            waiters: HashMap::new(),
+            last_error: None,
+        };
+        tokio::spawn(driver.run(cmd_rx));
+        Ok(SyncClient {
+            cmd,
+            events,
+            replica,
+        })
+    }
+
+    /// This replica's id (kept in the data directory).
+    pub fn replica(&self) -> ReplicaId {
+        self.replica
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(make(tx))
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Open (load and start syncing) a database.
+    pub async fn open(&self, db: &DbName) -> Result<(), ClientError> {
+        self.call(|r| Cmd::Open(db.clone(), r)).await
+    }
+
+    /// A document as JSON (`None` if absent or deleted).
+    pub async fn get(&self, db: &DbName, doc: &DocId) -> Result<Option<Json>, ClientError> {
+        self.call(|r| Cmd::Get(db.clone(), doc.clone(), r)).await
+    }
+
+    /// Make a document equal `value` (minimal changes). Durable locally on return.
+    pub async fn put(&self, db: &DbName, doc: &DocId, value: Json) -> Result<bool, ClientError> {
+        self.call(|r| Cmd::Update(db.clone(), doc.clone(), value, r))
+            .await
+    }
+
+    /// Delete a document. Durable locally on return.
+    pub async fn delete(&self, db: &DbName, doc: &DocId) -> Result<bool, ClientError> {
+        self.call(|r| Cmd::Delete(db.clone(), doc.clone(), r)).await
+    }
+
+    /// Ids of the existing documents.
+    pub async fn list(&self, db: &DbName) -> Result<Vec<DocId>, ClientError> {
+        self.call(|r| Cmd::List(db.clone(), r)).await
+    }
+
+    /// Publish this connection's presence state on a database.
+    pub async fn set_presence(&self, db: &DbName, state: Vec<u8>) -> Result<(), ClientError> {
+        self.call(|r| Cmd::Presence(db.clone(), state, r)).await
+    }
+
+    /// Connection status.
+    pub async fn status(&self) -> Status {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::Status(tx)).await.is_err() {
+            return Status::Offline;
+        }
+        rx.await.unwrap_or(Status::Offline)
+    }
+
+    /// Wait until the database is in sync: the server's reply arrived and
+    /// every local change is durable on the server. Fails on a server refusal
+    /// for this database (e.g. `Forbidden`).
+    pub async fn wait_synced(&self, db: &DbName) -> Result<(), ClientError> {
+        self.call(|r| Cmd::WaitSynced(db.clone(), r)).await
+    }
+
+    /// Every event (changes, acks, status, presence, errors).
+    pub fn events(&self) -> broadcast::Receiver<ClientEvent> {
+        self.events.subscribe()
+    }
+
+    /// Stop the driver (local data stays on disk).
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct Driver {
+    client: Client,
+    store: FileStore,
+    url: Option<String>,
+    events: broadcast::Sender<ClientEvent>,
+    conn: Option<(u64, mpsc::UnboundedSender<Vec<u8>>)>,
+    generation: u64,
+    attempts: u32,
+    next_attempt: Option<Instant>,
+    waiters: HashMap<DbName, Vec<Reply<()>>>,
+    last_error: Option<(Option<DbName>, ErrorCode, String)>,
+}
+
+fn backoff(attempts: u32) -> Duration {
+    let base = 100u64.saturating_mul(1 << attempts.min(7)).min(10_000);
+    // Jitter from fresh random bytes: 50–100 % of the base.
+    let r = ReplicaId::random().0[0] as u64;
+    Duration::from_millis(base / 2 + base * r / 512)
+}
+
+impl Driver {
+    async fn run(mut self, mut cmds: mpsc::Receiver<Cmd>) {
+        let (net_tx, mut net_rx) = mpsc::unbounded_channel::<Net>();
+        let (persist_tx, mut persist_rx) =
+            mpsc::unbounded_channel::<(DbName, u64, Result<(), String>)>();
+        loop {
+            let attempt_at = self
+                .next_attempt
+                .filter(|_| self.url.is_some() && self.conn.is_none());
+            tokio::select! {
+                cmd = cmds.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    if let Cmd::Close(done) = cmd {
+                        let _ = done.send(());
+                        return;
+                    }
+                    self.command(cmd, &persist_tx).await;
+                }
+                Some(net) = net_rx.recv() => self.network(net),
+                Some((db, seq, result)) = persist_rx.recv() => match result {
+                    Ok(()) => self.client.persisted(&db, seq),
+                    Err(e) => tracing::error!(%db, "local write failed: {e}"),
+                },
+                _ = async { tokio::time::sleep_until(attempt_at.unwrap_or_else(Instant::now)).await }, if attempt_at.is_some() => {
+                    self.next_attempt = None;
+                    self.dial(net_tx.clone());
+                }
+            }
+            self.pump(&persist_tx);
+        }
+    }
+
+    fn dial(&mut self, net: mpsc::UnboundedSender<Net>) {
+        let Some(url) = self.url.clone() else { return };
+        self.generation += 1;
+        let generation = self.generation;
+        tokio::spawn(async move {
+            let ws = match tokio_tungstenite::connect_async(url.as_str()).await {
+                Ok((ws, _)) => ws,
+                Err(e) => {
+                    tracing::debug!("connect to {url} failed: {e}");
+                    let _ = net.send(Net::Closed(generation));
+                    return;
+                }
+            };
+            let (mut sink, mut stream) = ws.split();
+            let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+            let _ = net.send(Net::Connected(generation, out_tx));
+            let writer = async {
+                while let Some(frame) = out_rx.recv().await {
+                    if sink.send(WsMessage::Binary(frame.into())).await.is_err() {
+                        return;
+                    }
+                }
+            };
+            let reader = async {
+                while let Some(Ok(msg)) = stream.next().await {
+                    match msg {
+                        WsMessage::Binary(b) => {
+                            let _ = net.send(Net::Frame(generation, b.to_vec()));
+                        }
+                        WsMessage::Close(_) => return,
+                        _ => {}
+                    }
+                }
+            };
+            tokio::select! { _ = writer => {}, _ = reader => {} }
+            let _ = net.send(Net::Closed(generation));
+        });
+    }
+
+    fn network(&mut self, net: Net) {
+        match net {
+            Net::Connected(g, out) if g == self.generation => {
+                self.conn = Some((g, out));
+                self.client.connected();
+            }
+            Net::Frame(g, frame) if self.conn.as_ref().is_some_and(|c| c.0 == g) => {
+                if self.client.handle_frame(&frame).is_err() {
+                    self.drop_connection();
+                }
+            }
+            Net::Closed(g) if g == self.generation => self.drop_connection(),
+            _ => {} // a stale connection
+        }
+    }
+
+    fn drop_connection(&mut self) {
+        if self.conn.take().is_some() {
+            self.attempts = 0;
+        }
+        self.client.disconnected();
+        self.attempts = self.attempts.saturating_add(1);
+        self.next_attempt = Some(Instant::now() + backoff(self.attempts));
+    }
+
+    async fn command(
+        &mut self,
+        cmd: Cmd,
+        persist_tx: &mpsc::UnboundedSender<(DbName, u64, Result<(), String>)>,
+    ) {
+        match cmd {
+            Cmd::Open(db, reply) => {
+                if self.client.database(&db).is_none() {
+                    match self.store.load(&db).await {
+                        Ok(stored) => self.client.open(db, stored),
+                        Err(e) => {
+                            let _ = reply.send(Err(e.into()));
+                            return;
+                        }
+                    }
+                }
+                let _ = reply.send(Ok(()));
+            }
+            Cmd::Get(db, doc, reply) => {
+                let r = self
+                    .client
+                    .database(&db)
+                    .map(|d| d.get(&doc))
+                    .ok_or_else(|| syncline_core::sync::ClientError::NotOpen(db).into());
+                let _ = reply.send(r);
+            }
+            Cmd::List(db, reply) => {
+                let r = self
+                    .client
+                    .database(&db)
+                    .map(|d| d.list())
+                    .ok_or_else(|| syncline_core::sync::ClientError::NotOpen(db).into());
+                let _ = reply.send(r);
+            }
+            Cmd::Update(db, doc, value, reply) => {
+                let r = self.client.update(&db, &doc, &value);
+                self.local_write(r, reply, persist_tx).await;
+            }
+            Cmd::Delete(db, doc, reply) => {
+                let r = self.client.delete(&db, &doc);
+                self.local_write(r, reply, persist_tx).await;
+            }
+            Cmd::Presence(db, state, reply) => {
+                let _ = reply.send(self.client.set_presence(&db, state).map_err(Into::into));
+            }
+            Cmd::Status(reply) => {
+                let _ = reply.send(self.client.status());
+            }
+            Cmd::WaitSynced(db, reply) => {
+                if self.client.is_synced(&db) {
+                    let _ = reply.send(Ok(()));
+                } else {
+                    self.waiters.entry(db).or_default().push(reply);
+                }
+            }
+            Cmd::Close(_) => {}
+        }
+    }
+
+    /// Run a local write and answer once its batch is durable on disk.
+    async fn local_write(
+        &mut self,
+        r: Result<bool, syncline_core::sync::ClientError>,
+        reply: Reply<bool>,
+        persist_tx: &mpsc::UnboundedSender<(DbName, u64, Result<(), String>)>,
+    ) {
+        let changed = match r {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        // Write synchronously here so the caller's return means durable.
+        let mut result = Ok(changed);
+        for out in self.client.take_outputs() {
+            match out {
+                ClientOutput::Persist { db, seq, batch } => {
+                    match self.store.write(&db, &batch).await {
+                        Ok(()) => self.client.persisted(&db, seq),
+                        Err(e) => result = Err(ClientError::Store(e)),
+                    }
+                }
+                other => self.output(other, persist_tx),
+            }
+        }
+        let _ = reply.send(result);
+    }
+
+    fn pump(&mut self, persist_tx: &mpsc::UnboundedSender<(DbName, u64, Result<(), String>)>) {
+        loop {
+            let outs = self.client.take_outputs();
+            if outs.is_empty() {
+                break;
+            }
+            for out in outs {
+                self.output(out, persist_tx);
+            }
+        }
+        let synced: Vec<DbName> = self
+            .waiters
+            .keys()
+            .filter(|db| self.client.is_synced(db))
+            .cloned()
+            .collect();
+        for db in synced {
+            for w in self.waiters.remove(&db).unwrap_or_default() {
+                let _ = w.send(Ok(()));
+            }
+        }
+        if let Some((db, code, message)) = self.last_error.take() {
+            // A database's refusal fails its waiters; a refused connection
+            // (bad token, unknown version) fails them all.
+            let failed: Vec<DbName> = match db {
+                Some(db) => vec![db],
+                None if code.is_fatal() && code != ErrorCode::ShuttingDown => {
+                    self.waiters.keys().cloned().collect()
+                }
+                None => Vec::new(),
+            };
+            for db in failed {
+                for w in self.waiters.remove(&db).unwrap_or_default() {
+                    let _ = w.send(Err(ClientError::Server {
+                        code,
+                        message: message.clone(),
+                    }));
+                }
+            }
+        }
+    }
+
+    fn output(
+        &mut self,
+        out: ClientOutput,
+        persist_tx: &mpsc::UnboundedSender<(DbName, u64, Result<(), String>)>,
+    ) {
+        match out {
+            ClientOutput::Send(msg) => {
+                if let Some((_, tx)) = &self.conn {
+                    let _ = tx.send(protocol::encode(&msg));
+                }
+            }
+            ClientOutput::Persist { db, seq, batch } => {
+                // Enqueued now (in order); the wait for fsync runs in a task.
+                let write = self.store.write(&db, &batch);
+                let tx = persist_tx.clone();
+                tokio::spawn(async move {
+                    let r = write.await.map_err(|e| e.to_string());
+                    let _ = tx.send((db, seq, r));
+                });
+            }
+            ClientOutput::Event(e) => {
+                if let ClientEvent::Error { db, code, message } = &e {
+                    self.last_error = Some((db.clone(), *code, message.clone()));
+                }
+                if let ClientEvent::Status(Status::Online) = e {
+                    self.attempts = 0;
+                }
+                let _ = self.events.send(e);
+            }
+        }
+    }
+}

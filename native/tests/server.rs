@@ -1,0 +1,351 @@
+//! Integration tests against the real `syncline` binary on 127.0.0.1 with an
+//! ephemeral port, driven by the native client.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value as Json, json};
+use syncline::client::{ClientError, SyncClient};
+use syncline_core::protocol::ErrorCode;
+use syncline_core::sync::ClientEvent;
+use syncline_core::{DbName, DocId};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct ServerProc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ServerProc {
+    fn start(data: &Path, listen: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_syncline"))
+            .args(["serve", "--listen", listen, "--data"])
+            .arg(data)
+            .args(["--secret", "test-secret-0123456789"])
+            .args(extra)
+            .env("SYNCLINE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start syncline");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        ServerProc { child, addr }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/sync", self.addr)
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn sigterm(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn db(s: &str) -> DbName {
+    DbName::new(s).unwrap()
+}
+
+fn doc(s: &str) -> DocId {
+    DocId::new(s).unwrap()
+}
+
+/// Wait (event-driven, bounded) until `doc` in `db` equals `want` on `c`.
+async fn until_value(c: &SyncClient, db: &DbName, d: &DocId, want: &Json) {
+    let mut events = c.events();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if c.get(db, d).await.unwrap().as_ref() == Some(want) {
+                return;
+            }
+            let _ = events.recv().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{db}/{d} never became {want}"));
+}
+
+async fn synced(c: &SyncClient, db: &DbName) {
+    tokio::time::timeout(WAIT, c.wait_synced(db))
+        .await
+        .expect("synced in time")
+        .expect("synced");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_converge_live_and_health_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &["--anonymous", "demo-*"],
+    );
+    let a = SyncClient::connect(Some(&server.url()), "", dir.path().join("a"))
+        .await
+        .unwrap();
+    let b = SyncClient::connect(Some(&server.url()), "", dir.path().join("b"))
+        .await
+        .unwrap();
+    let list = db("demo-list");
+    a.open(&list).await.unwrap();
+    b.open(&list).await.unwrap();
+    a.put(&list, &doc("t1"), json!({"title": "milk", "done": false}))
+        .await
+        .unwrap();
+    synced(&a, &list).await;
+    until_value(
+        &b,
+        &list,
+        &doc("t1"),
+        &json!({"title": "milk", "done": false}),
+    )
+    .await;
+    b.put(&list, &doc("t1"), json!({"title": "milk", "done": true}))
+        .await
+        .unwrap();
+    until_value(
+        &a,
+        &list,
+        &doc("t1"),
+        &json!({"title": "milk", "done": true}),
+    )
+    .await;
+
+    assert_eq!(http_get(server.addr, "/healthz").0, 200);
+    let (status, metrics) = http_get(server.addr, "/metrics");
+    assert_eq!(status, 200);
+    for series in [
+        "syncline_connections 2",
+        "syncline_entries_in_total",
+        "syncline_fsync_seconds_count",
+        "syncline_subscriptions{db=\"demo-list\"} 2",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "metrics lack {series}:\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_edits_merge_and_survive_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let mut server = ServerProc::start(&data, "127.0.0.1:0", &["--anonymous", "demo-*"]);
+    let addr = server.addr.to_string();
+    let a = SyncClient::connect(Some(&server.url()), "", dir.path().join("a"))
+        .await
+        .unwrap();
+    let b = SyncClient::connect(Some(&server.url()), "", dir.path().join("b"))
+        .await
+        .unwrap();
+    let list = db("demo-offline");
+    for c in [&a, &b] {
+        c.open(&list).await.unwrap();
+    }
+    a.put(&list, &doc("t"), json!({"title": "milk", "done": false}))
+        .await
+        .unwrap();
+    synced(&a, &list).await;
+    until_value(
+        &b,
+        &list,
+        &doc("t"),
+        &json!({"title": "milk", "done": false}),
+    )
+    .await;
+
+    // The server goes away; both edit offline.
+    assert!(server.sigterm().success(), "SIGTERM exits cleanly");
+    a.put(&list, &doc("t"), json!({"title": "milk", "done": true}))
+        .await
+        .unwrap();
+    b.put(
+        &list,
+        &doc("t"),
+        json!({"title": "oat milk", "done": false}),
+    )
+    .await
+    .unwrap();
+    b.put(&list, &doc("u"), json!({"title": "bread"}))
+        .await
+        .unwrap();
+
+    // It comes back on the same port with the same data; both reconnect.
+    let _server = ServerProc::start(&data, &addr, &["--anonymous", "demo-*"]);
+    let merged = json!({"title": "oat milk", "done": true});
+    until_value(&a, &list, &doc("t"), &merged).await;
+    until_value(&b, &list, &doc("t"), &merged).await;
+    until_value(&a, &list, &doc("u"), &json!({"title": "bread"})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_databases_on_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &["--anonymous", "t-*"],
+    );
+    let a = SyncClient::connect(Some(&server.url()), "", dir.path().join("a"))
+        .await
+        .unwrap();
+    let b = SyncClient::connect(Some(&server.url()), "", dir.path().join("b"))
+        .await
+        .unwrap();
+    let names: Vec<DbName> = (0..50).map(|i| db(&format!("t-{i}"))).collect();
+    for n in &names {
+        a.open(n).await.unwrap();
+        b.open(n).await.unwrap();
+        a.put(n, &doc("d"), json!({"db": n.as_str()}))
+            .await
+            .unwrap();
+    }
+    for n in &names {
+        synced(&a, n).await;
+        until_value(&b, n, &doc("d"), &json!({"db": n.as_str()})).await;
+    }
+}
+
+async fn refused(c: &SyncClient, name: &str) -> ErrorCode {
+    c.open(&db(name)).await.unwrap();
+    match tokio::time::timeout(WAIT, c.wait_synced(&db(name)))
+        .await
+        .expect("answered")
+    {
+        Err(ClientError::Server { code, .. }) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn token(data: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_syncline"))
+        .arg("token")
+        .args(args)
+        .args(["--secret", "test-secret-0123456789"])
+        .arg("--data")
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_matrix_over_the_wire() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let server = ServerProc::start(&data, "127.0.0.1:0", &[]);
+    let url = server.url();
+    let client = |name: &str, tok: String| {
+        let path = dir.path().join(name);
+        let url = url.clone();
+        async move { SyncClient::connect(Some(&url), &tok, path).await.unwrap() }
+    };
+    let none = client("none", String::new()).await;
+    assert_eq!(refused(&none, "org-1").await, ErrorCode::Unauthorized);
+    let forged = client(
+        "forged",
+        token(&data, &["--db", "org-*", "--rights", "write"]).replace("v1.e", "v1.f"),
+    )
+    .await;
+    assert_eq!(refused(&forged, "org-1").await, ErrorCode::Unauthorized);
+    let expired = client("expired", {
+        let t = token(
+            &data,
+            &["--db", "org-*", "--rights", "write", "--expires", "0s"],
+        );
+        t
+    })
+    .await;
+    assert_eq!(refused(&expired, "org-1").await, ErrorCode::Unauthorized);
+    let other = client(
+        "other",
+        token(&data, &["--db", "other-*", "--rights", "write"]),
+    )
+    .await;
+    assert_eq!(refused(&other, "org-1").await, ErrorCode::Forbidden);
+
+    let reader = client(
+        "reader",
+        token(&data, &["--db", "org-*", "--rights", "read"]),
+    )
+    .await;
+    reader.open(&db("org-1")).await.unwrap();
+    synced(&reader, &db("org-1")).await;
+    let mut events = reader.events();
+    reader
+        .put(&db("org-1"), &doc("x"), json!({"a": 1}))
+        .await
+        .unwrap();
+    let code = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(ClientEvent::Error { code, .. }) = events.recv().await {
+                return code;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, ErrorCode::Forbidden);
+
+    let writer = client(
+        "writer",
+        token(&data, &["--db", "org-*", "--rights", "write"]),
+    )
+    .await;
+    writer.open(&db("org-1")).await.unwrap();
+    synced(&writer, &db("org-1")).await;
+    assert_eq!(
+        writer.get(&db("org-1"), &doc("x")).await.unwrap(),
+        None,
+        "nothing written by the refused push"
+    );
+}
