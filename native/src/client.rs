@@ -290,10 +290,11 @@ impl Driver {
                 self.conn = Some((g, out));
                 self.client.connected();
             }
-            Net::Frame(g, frame) if self.conn.as_ref().is_some_and(|c| c.0 == g) => {
-                if self.client.handle_frame(&frame).is_err() {
-                    self.drop_connection();
-                }
+            Net::Frame(g, frame)
+                if self.conn.as_ref().is_some_and(|c| c.0 == g)
+                    && self.client.handle_frame(&frame).is_err() =>
+            {
+                self.drop_connection();
             }
             Net::Closed(g) if g == self.generation => self.drop_connection(),
             _ => {} // a stale connection
