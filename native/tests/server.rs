@@ -297,14 +297,11 @@ async fn auth_matrix_over_the_wire() {
     )
     .await;
     assert_eq!(refused(&forged, "org-1").await, ErrorCode::Unauthorized);
-    let expired = client("expired", {
-        let t = token(
-            &data,
-            &["--db", "org-*", "--rights", "write", "--expires", "0s"],
-        );
-        t
-    })
-    .await;
+    let expired_token = token(
+        &data,
+        &["--db", "org-*", "--rights", "write", "--expires", "0s"],
+    );
+    let expired = client("expired", expired_token).await;
     assert_eq!(refused(&expired, "org-1").await, ErrorCode::Unauthorized);
     let other = client(
         "other",
