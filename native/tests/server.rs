@@ -346,3 +346,123 @@ async fn auth_matrix_over_the_wire() {
         "nothing written by the refused push"
     );
 }
+
+/// Read a stopped server's log for `db` with the store's own record decoder.
+fn stored_vv(data: &Path, name: &str) -> syncline_core::VersionVector {
+    let bytes = std::fs::read(data.join("dbs").join(format!("{name}.log"))).unwrap_or_default();
+    let (records, _, _) = syncline::store::decode_records(&bytes);
+    let mut stored = syncline_core::StoredDatabase::default();
+    for r in records {
+        stored.apply(&r.into());
+    }
+    for e in &stored.entries {
+        e.parse_change().expect("stored changes verify");
+    }
+    let (log, problems) = syncline_core::Log::from_stored(stored);
+    assert!(problems.is_empty(), "stored log has gaps: {problems:?}");
+    log.vv().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_push_storm_loses_nothing_acknowledged() {
+    let rounds: usize = std::env::var("SYNCLINE_KILL_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let list = db("demo-storm");
+    let mut server = ServerProc::start(&data, "127.0.0.1:0", &["--anonymous", "demo-*"]);
+    let addr = server.addr.to_string();
+    let url = server.url();
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let c = SyncClient::connect(Some(&url), "", dir.path().join(format!("c{i}")))
+            .await
+            .unwrap();
+        c.open(&list).await.unwrap();
+        clients.push(c);
+    }
+    // Highest own counter each client has seen acknowledged.
+    let acked: std::sync::Arc<std::sync::Mutex<Vec<u64>>> =
+        std::sync::Arc::new(std::sync::Mutex::new(vec![0; clients.len()]));
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    for (i, c) in clients.iter().enumerate() {
+        let mut events = c.events();
+        let (acked, ack_tx) = (acked.clone(), ack_tx.clone());
+        tokio::spawn(async move {
+            while let Ok(e) = events.recv().await {
+                if let ClientEvent::Acked { counter, .. } = e {
+                    let mut a = acked.lock().unwrap();
+                    a[i] = a[i].max(counter);
+                    let _ = ack_tx.send(());
+                }
+            }
+        });
+    }
+    for round in 0..rounds {
+        if round > 0 {
+            server = ServerProc::start(&data, &addr, &["--anonymous", "demo-*"]);
+        }
+        // The storm: every client writes as fast as its local fsync allows.
+        let writers: Vec<_> = clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let (c, list) = (c.clone(), list.clone());
+                tokio::spawn(async move {
+                    for k in 0..2_000u32 {
+                        let d = doc(&format!("c{i}-{}", k % 25));
+                        if c.put(&list, &d, json!({"round": round, "k": k}))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        // Kill once some pushes of this round are acknowledged (event-driven).
+        let target = 3 + (round * 7) % 40;
+        let mut seen = 0;
+        tokio::time::timeout(WAIT, async {
+            while seen < target {
+                ack_rx.recv().await;
+                seen += 1;
+            }
+        })
+        .await
+        .expect("acks arrive");
+        server.kill9();
+        let acked_now = acked.lock().unwrap().clone();
+        for w in writers {
+            w.abort();
+        }
+        let vv = stored_vv(&data, list.as_str());
+        for (i, c) in clients.iter().enumerate() {
+            assert!(
+                vv.get(&c.replica()) >= acked_now[i],
+                "round {round}: client {i} had {} acknowledged, the log holds {}",
+                acked_now[i],
+                vv.get(&c.replica())
+            );
+        }
+    }
+    // Finally everyone converges on the same content.
+    let _server = ServerProc::start(&data, &addr, &["--anonymous", "demo-*"]);
+    for c in &clients {
+        synced(c, &list).await;
+    }
+    let first = clients[0].list(&list).await.unwrap();
+    for c in &clients[1..] {
+        tokio::time::timeout(WAIT, async {
+            let mut events = c.events();
+            while c.list(&list).await.unwrap().len() < first.len() {
+                let _ = events.recv().await;
+            }
+        })
+        .await
+        .expect("converged");
+    }
+}
