@@ -10,6 +10,8 @@ use syncline::auth::{Claims, mint};
 use syncline::server::{ServeOptions, run};
 use syncline_core::sync::Right;
 
+mod offline;
+
 #[derive(Parser, Debug)]
 #[command(name = "syncline", version, about = "Offline-first CRDT sync server")]
 struct Cli {
@@ -23,6 +25,53 @@ enum Command {
     Serve(ServeArgs),
     /// Mint a signed access token for databases matching a pattern.
     Token(TokenArgs),
+    /// Print a document as JSON (from a server, as a native client).
+    Get(RemoteArgs),
+    /// Replace a document with JSON (minimal changes), durably on the server.
+    Put(RemoteArgs),
+    /// Delete a document (a synced tombstone).
+    Delete(RemoteArgs),
+    /// List the documents of a database.
+    List(RemoteArgs),
+    /// Print every document of a stopped server's data dir as JSON lines.
+    Dump(OfflineArgs),
+    /// Fold a stopped server's logs into snapshots and rewrite the files.
+    Compact(OfflineArgs),
+    /// Check a stopped server's logs: records, checksums, counters, changes.
+    Verify(OfflineArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RemoteArgs {
+    /// Server WebSocket URL, e.g. ws://127.0.0.1:7070/sync.
+    #[arg(long, env = "SYNCLINE_URL", default_value = "ws://127.0.0.1:7070/sync")]
+    url: String,
+    /// Access token (empty for anonymous databases).
+    #[arg(
+        long,
+        env = "SYNCLINE_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    token: String,
+    /// Seconds to wait for the server.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+    /// Database.
+    db: String,
+    /// Document id (get, put, delete).
+    doc: Option<String>,
+    /// JSON object (put).
+    json: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct OfflineArgs {
+    /// Data directory of a stopped server.
+    #[arg(long, env = "SYNCLINE_DATA")]
+    data: PathBuf,
+    /// Only this database (default: all).
+    db: Option<String>,
 }
 
 #[derive(clap::Args, Debug, Default)]
@@ -106,7 +155,80 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Token(args) => token(args),
+        Command::Get(a) => remote("get", a),
+        Command::Put(a) => remote("put", a),
+        Command::Delete(a) => remote("delete", a),
+        Command::List(a) => remote("list", a),
+        Command::Dump(a) => offline::dump(&a.data, a.db.as_deref()),
+        Command::Compact(a) => offline::compact(&a.data, a.db.as_deref()),
+        Command::Verify(a) => offline::verify(&a.data, a.db.as_deref()),
     }
+}
+
+/// get/put/delete/list through a throw-away local replica.
+fn remote(op: &str, a: RemoteArgs) -> Result<()> {
+    use syncline::client::SyncClient;
+    use syncline_core::{DbName, DocId};
+    let db = DbName::new(a.db.clone())?;
+    let doc = match (&a.doc, op) {
+        (Some(d), _) => Some(DocId::new(d.clone())?),
+        (None, "list") => None,
+        (None, _) => bail!("{op} needs a document id"),
+    };
+    let value: Option<serde_json::Value> = match (op, &a.json) {
+        ("put", Some(j)) => Some(serde_json::from_str(j).context("parsing the JSON argument")?),
+        ("put", None) => bail!("put needs a JSON object"),
+        _ => None,
+    };
+    let local = tempfile_dir()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let result = runtime.block_on(async {
+        let timeout = std::time::Duration::from_secs(a.timeout);
+        let client = SyncClient::connect(Some(&a.url), &a.token, &local).await?;
+        client.open(&db).await?;
+        let wait = || async {
+            match tokio::time::timeout(timeout, client.wait_synced(&db)).await {
+                Ok(r) => r.map_err(anyhow::Error::from),
+                Err(_) => bail!("no answer from {} within {}s", a.url, a.timeout),
+            }
+        };
+        wait().await?;
+        match (op, doc) {
+            ("get", Some(d)) => match client.get(&db, &d).await? {
+                Some(v) => println!("{v}"),
+                None => bail!("no document {d} in {db}"),
+            },
+            ("put", Some(d)) => {
+                client.put(&db, &d, value.unwrap_or_default()).await?;
+                wait().await?;
+            }
+            ("delete", Some(d)) => {
+                client.delete(&db, &d).await?;
+                wait().await?;
+            }
+            _ => {
+                for d in client.list(&db).await? {
+                    println!("{d}");
+                }
+            }
+        }
+        client.close().await;
+        Ok(())
+    });
+    let _ = std::fs::remove_dir_all(&local);
+    result
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "syncline-cli-{}",
+        syncline_core::ReplicaId::random().to_hex()
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }
 
 fn default_data() -> PathBuf {

@@ -466,3 +466,76 @@ async fn kill_9_during_a_push_storm_loses_nothing_acknowledged() {
         .expect("converged");
     }
 }
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_syncline"))
+        .args(args)
+        .env("SYNCLINE_LOG", "error")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_get_put_delete_list_and_data_dir_tools() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let mut server = ServerProc::start(&data, "127.0.0.1:0", &["--anonymous", "demo-*"]);
+    let url = server.url();
+    let u = url.as_str();
+    let (ok, _, err) = cli(&[
+        "put",
+        "--url",
+        u,
+        "demo-cli",
+        "d1",
+        r#"{"title":"milk","n":[1,2]}"#,
+    ]);
+    assert!(ok, "{err}");
+    assert!(cli(&["put", "--url", u, "demo-cli", "d2", r#"{"x":true}"#]).0);
+    let (ok, out, _) = cli(&["get", "--url", u, "demo-cli", "d1"]);
+    assert!(ok);
+    assert_eq!(
+        serde_json::from_str::<Json>(&out).unwrap(),
+        json!({"title": "milk", "n": [1, 2]})
+    );
+    assert_eq!(cli(&["list", "--url", u, "demo-cli"]).1, "d1\nd2\n");
+    assert!(cli(&["delete", "--url", u, "demo-cli", "d2"]).0);
+    let (ok, _, err) = cli(&["get", "--url", u, "demo-cli", "d2"]);
+    assert!(!ok && err.contains("no document"), "{err}");
+    // A database without anonymous access: the typed refusal, non-zero exit.
+    let (ok, _, err) = cli(&["get", "--url", u, "private", "d1"]);
+    assert!(!ok && err.contains("Forbidden"), "{err}");
+    let (ok, _, err) = cli(&["put", "--url", u, "demo-cli", "d3", "not json"]);
+    assert!(!ok && err.contains("JSON"), "{err}");
+
+    server.kill9();
+    let d = data.to_str().unwrap();
+    let (ok, out, _) = cli(&["verify", "--data", d]);
+    assert!(ok && out.contains("demo-cli: ok"), "{out}");
+    let (_, before, _) = cli(&["dump", "--data", d]);
+    assert!(
+        before.contains(r#""doc":"d1""#) && !before.contains(r#""doc":"d2""#),
+        "{before}"
+    );
+    let (ok, out, err) = cli(&["compact", "--data", d]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        cli(&["dump", "--data", d]).1,
+        before,
+        "compaction keeps every document"
+    );
+    assert!(cli(&["verify", "--data", d]).0);
+    // Corrupt the log: verify reports it and fails.
+    let log = data.join("dbs/demo-cli.log");
+    let mut bytes = std::fs::read(&log).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xFF;
+    std::fs::write(&log, bytes).unwrap();
+    let (ok, out, _) = cli(&["verify", "--data", d]);
+    assert!(!ok && out.contains("checksum"), "{out}");
+}

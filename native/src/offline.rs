@@ -1,0 +1,130 @@
+//! `dump`, `compact` and `verify` on a stopped server's data directory.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use syncline::store::{FileStore, decode_records};
+use syncline_core::{Batch, Database, DbName, Log, ReplicaId, Store, StoredDatabase};
+
+fn databases(data: &Path, only: Option<&str>) -> Result<Vec<DbName>> {
+    if let Some(name) = only {
+        return Ok(vec![DbName::new(name)?]);
+    }
+    let dir = data.join("dbs");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = e?.file_name();
+        if let Some(n) = name.to_str().and_then(|n| n.strip_suffix(".log"))
+            && let Ok(db) = DbName::new(n)
+        {
+            out.push(db);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn read(data: &Path, db: &DbName) -> Result<(StoredDatabase, Option<String>, usize)> {
+    let path = data.join("dbs").join(format!("{db}.log"));
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let (records, good, problem) = decode_records(&bytes);
+    let n = records.len();
+    let mut stored = StoredDatabase::default();
+    for r in records {
+        stored.apply(&Batch::from(r));
+    }
+    let problem = problem.map(|p| {
+        format!(
+            "{p} ({} bytes after {good} would be truncated)",
+            bytes.len() as u64 - good
+        )
+    });
+    Ok((stored, problem, n))
+}
+
+/// Print `{"db", "doc", "value"}` JSON lines.
+pub fn dump(data: &Path, only: Option<&str>) -> Result<()> {
+    for db in databases(data, only)? {
+        let (stored, _, _) = read(data, &db)?;
+        let (database, errors) = Database::from_stored(
+            db.clone(),
+            ReplicaId::default(),
+            automerge::TextEncoding::UnicodeCodePoint,
+            stored,
+        );
+        for e in errors {
+            eprintln!("{db}: {e}");
+        }
+        for doc in database.list() {
+            let value = database.get(&doc);
+            println!(
+                "{}",
+                serde_json::json!({"db": db.as_str(), "doc": doc.as_str(), "value": value})
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Fold every entry into snapshots and rewrite each log atomically.
+pub fn compact(data: &Path, only: Option<&str>) -> Result<()> {
+    let store = FileStore::open(data)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    for db in databases(data, only)? {
+        let (stored, _, _) = read(data, &db)?;
+        let (log, _) = Log::from_stored(stored);
+        let plan = log
+            .plan_compaction(log.vv())
+            .with_context(|| format!("compacting {db}"))?;
+        let docs = plan.snapshots.len();
+        runtime.block_on(async {
+            store
+                .write(
+                    &db,
+                    &Batch {
+                        entries: Vec::new(),
+                        snapshots: plan.snapshots,
+                        base: Some(plan.base),
+                    },
+                )
+                .await?;
+            store.rewrite(&db).await
+        })?;
+        println!("{db}: {docs} documents snapshotted, log rewritten");
+    }
+    Ok(())
+}
+
+/// Check every record, counter sequence and change; fail on any problem.
+pub fn verify(data: &Path, only: Option<&str>) -> Result<()> {
+    let mut bad = 0;
+    for db in databases(data, only)? {
+        let (stored, problem, records) = read(data, &db)?;
+        let mut problems: Vec<String> = problem.into_iter().collect();
+        for e in &stored.entries {
+            if let Err(err) = e.parse_change() {
+                problems.push(err.to_string());
+            }
+        }
+        let entries = stored.entries.len();
+        let (log, gaps) = Log::from_stored(stored);
+        problems.extend(gaps.iter().map(ToString::to_string));
+        if problems.is_empty() {
+            println!(
+                "{db}: ok ({records} records, {entries} entries, {} replicas)",
+                log.vv().len()
+            );
+        } else {
+            bad += 1;
+            for p in problems {
+                println!("{db}: {p}");
+            }
+        }
+    }
+    if bad > 0 {
+        bail!("{bad} database(s) have problems");
+    }
+    Ok(())
+}
