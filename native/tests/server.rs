@@ -539,3 +539,174 @@ fn cli_get_put_delete_list_and_data_dir_tools() {
     let (ok, out, _) = cli(&["verify", "--data", d]);
     assert!(!ok && out.contains("checksum"), "{out}");
 }
+
+mod raw {
+    //! A raw WebSocket peer that speaks (or mangles) the protocol by hand.
+    use futures_util::{SinkExt, StreamExt};
+    use syncline_core::protocol::{self, Message};
+    use tokio_tungstenite::tungstenite::Message as Ws;
+
+    pub type Socket = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    pub async fn open(url: &str) -> Socket {
+        tokio_tungstenite::connect_async(url).await.unwrap().0
+    }
+
+    pub async fn send(ws: &mut Socket, frame: Vec<u8>) {
+        let _ = ws.send(Ws::Binary(frame.into())).await;
+    }
+
+    /// The next protocol message, or None when the server closed.
+    pub async fn next(ws: &mut Socket) -> Option<Message> {
+        while let Some(Ok(m)) = ws.next().await {
+            match m {
+                Ws::Binary(b) => return protocol::decode(&b, usize::MAX).ok(),
+                Ws::Close(_) => return None,
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
+async fn refused_with(url: &str, frame: raw_frame::Frame) -> syncline_core::protocol::ErrorCode {
+    use futures_util::SinkExt;
+    let mut ws = raw::open(url).await;
+    match frame {
+        raw_frame::Frame::Binary(b) => raw::send(&mut ws, b).await,
+        raw_frame::Frame::Text(t) => {
+            let _ = ws
+                .send(tokio_tungstenite::tungstenite::Message::Text(t.into()))
+                .await;
+        }
+    }
+    let first = tokio::time::timeout(WAIT, raw::next(&mut ws))
+        .await
+        .unwrap();
+    let Some(syncline_core::protocol::Message::Error(e)) = first else {
+        panic!("expected an error, got {first:?}");
+    };
+    assert!(
+        tokio::time::timeout(WAIT, raw::next(&mut ws))
+            .await
+            .unwrap()
+            .is_none(),
+        "the connection is closed after a bad frame"
+    );
+    e.code()
+}
+
+mod raw_frame {
+    pub enum Frame {
+        Binary(Vec<u8>),
+        Text(String),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_are_refused_and_slow_readers_dropped_while_others_are_served() {
+    use raw_frame::Frame;
+    use syncline_core::protocol::{self, Hello, Message, Subscribe};
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &[
+            "--anonymous",
+            "demo-*",
+            "--max-frame",
+            "65536",
+            "--max-queued-bytes",
+            "1048576",
+        ],
+    );
+    let url = server.url();
+    let good = SyncClient::connect(Some(&url), "", dir.path().join("good"))
+        .await
+        .unwrap();
+    let list = db("demo-bad");
+    good.open(&list).await.unwrap();
+    synced(&good, &list).await;
+
+    let mut junk = vec![1u8, 20, 0, 0, 0];
+    junk.extend((0..20u8).map(|i| i.wrapping_mul(37)));
+    assert_eq!(
+        refused_with(&url, Frame::Binary(junk)).await,
+        ErrorCode::BadFrame
+    );
+    assert_eq!(
+        refused_with(&url, Frame::Binary(vec![1, 2, 3])).await,
+        ErrorCode::BadFrame
+    );
+    assert_eq!(
+        refused_with(&url, Frame::Binary(vec![9; 40])).await,
+        ErrorCode::UnknownVersion
+    );
+    assert_eq!(
+        refused_with(&url, Frame::Binary(vec![1; 70_000])).await,
+        ErrorCode::TooLarge
+    );
+    assert_eq!(
+        refused_with(&url, Frame::Text("hello".into())).await,
+        ErrorCode::BadFrame
+    );
+
+    // A subscriber that never reads.
+    let mut slow = raw::open(&url).await;
+    let hello = Message::Hello(Box::new(Hello {
+        replica: syncline_core::ReplicaId([7; 16]),
+        token: String::new(),
+    }));
+    raw::send(&mut slow, protocol::encode(&hello)).await;
+    let sub = Message::Subscribe(Box::new(Subscribe {
+        db: list.clone(),
+        since: Default::default(),
+        req: 1,
+    }));
+    raw::send(&mut slow, protocol::encode(&sub)).await;
+
+    // A writer pushes ~20 MB; the good client keeps up, the slow one is dropped.
+    let writer = SyncClient::connect(Some(&url), "", dir.path().join("w"))
+        .await
+        .unwrap();
+    writer.open(&list).await.unwrap();
+    // Incompressible text: automerge deflates large changes.
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut blob = move || -> String {
+        (0..16_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b'a' + (x % 26) as u8)
+            })
+            .collect()
+    };
+    let mut last = json!(null);
+    for k in 0..2_000 {
+        last = json!({"k": k, "blob": blob()});
+        let d = doc(&format!("d{}", k % 50));
+        writer.put(&list, &d, last.clone()).await.unwrap();
+    }
+    synced(&writer, &list).await;
+    until_value(&good, &list, &doc("d49"), &last).await;
+    let (_, metrics) = http_get(server.addr, "/metrics");
+    assert!(
+        metrics.contains("syncline_errors_total{code=\"Overloaded\"}"),
+        "the slow reader was disconnected:\n{metrics}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap();
+    println!("server RSS after the storm: {} MB", rss_kb / 1024);
+    assert!(
+        rss_kb < 300 * 1024,
+        "server memory stays bounded: {rss_kb} kB"
+    );
+    drop(slow);
+}

@@ -190,6 +190,8 @@ pub struct Client {
     status: Status,
     dbs: BTreeMap<DbName, ClientDb>,
     next_req: u32,
+    /// The frame limit the server announced in `Welcome`.
+    server_max_frame: usize,
     out: Vec<ClientOutput>,
 }
 
@@ -203,6 +205,7 @@ impl Client {
             status: Status::Offline,
             dbs: BTreeMap::new(),
             next_req: 1,
+            server_max_frame: DEFAULT_MAX_FRAME,
             out: Vec::new(),
         }
     }
@@ -438,7 +441,8 @@ impl Client {
     /// A message arrived from the server.
     pub fn handle(&mut self, msg: Message) {
         match msg {
-            Message::Welcome(_) => {
+            Message::Welcome(w) => {
+                self.server_max_frame = (w.max_frame as usize).max(1024);
                 self.status = Status::Online;
                 self.event(ClientEvent::Status(Status::Online));
                 let names: Vec<DbName> = self
