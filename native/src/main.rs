@@ -103,6 +103,9 @@ struct ServeArgs {
     /// Directory of static files to serve (the built demos).
     #[arg(long = "static", env = "SYNCLINE_STATIC")]
     static_dir: Option<PathBuf>,
+    /// Compact a database in the background once its log holds this many bytes of changes [default: 67108864].
+    #[arg(long, env = "SYNCLINE_COMPACT_AFTER_BYTES")]
+    compact_after_bytes: Option<usize>,
     /// TOML file with any of the settings above (flags and environment win).
     #[arg(long, env = "SYNCLINE_CONFIG")]
     config: Option<PathBuf>,
@@ -122,6 +125,7 @@ struct FileConfig {
     max_queued_bytes: Option<usize>,
     #[serde(rename = "static")]
     static_dir: Option<PathBuf>,
+    compact_after_bytes: Option<usize>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -311,6 +315,10 @@ fn serve(args: ServeArgs) -> Result<()> {
             .or(file.max_queued_bytes)
             .unwrap_or(32 << 20),
         static_dir: args.static_dir.or(file.static_dir),
+        compact_after_bytes: args
+            .compact_after_bytes
+            .or(file.compact_after_bytes)
+            .unwrap_or(64 << 20),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -710,3 +710,87 @@ async fn bad_frames_are_refused_and_slow_readers_dropped_while_others_are_served
     );
     drop(slow);
 }
+
+/// Poll `/metrics` (bounded) until `series` reports at least `min`.
+async fn until_metric(addr: SocketAddr, series: &str, min: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, m) = tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))
+            .await
+            .unwrap();
+        let v = m
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0);
+        if v >= min {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} never reached {min}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_compaction_folds_the_log_and_new_replicas_still_get_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let mut server = ServerProc::start(
+        &data,
+        "127.0.0.1:0",
+        &["--anonymous", "demo-*", "--compact-after-bytes", "20000"],
+    );
+    let url = server.url();
+    let list = db("demo-compact");
+    let w = SyncClient::connect(Some(&url), "", dir.path().join("w"))
+        .await
+        .unwrap();
+    w.open(&list).await.unwrap();
+    for k in 0..400 {
+        let d = doc(&format!("d{}", k % 40));
+        w.put(
+            &list,
+            &d,
+            json!({"k": k, "note": format!("edit number {k} of the storm")}),
+        )
+        .await
+        .unwrap();
+    }
+    synced(&w, &list).await;
+    until_metric(server.addr, "syncline_compactions_total", 1.0).await;
+    // A replica that starts from nothing gets every document (from snapshots).
+    let fresh = SyncClient::connect(Some(&url), "", dir.path().join("fresh"))
+        .await
+        .unwrap();
+    fresh.open(&list).await.unwrap();
+    synced(&fresh, &list).await;
+    assert_eq!(fresh.list(&list).await.unwrap().len(), 40);
+    for k in 360..400 {
+        let d = doc(&format!("d{}", k % 40));
+        assert_eq!(
+            fresh.get(&list, &d).await.unwrap(),
+            w.get(&list, &d).await.unwrap()
+        );
+    }
+    server.kill9();
+    let d = data.to_str().unwrap();
+    let (ok, out, _) = cli(&["verify", "--data", d]);
+    assert!(ok, "{out}");
+    let records: usize = out
+        .split('(')
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(
+        records < 100,
+        "the log was rewritten into few records: {out}"
+    );
+    let (_, dump, _) = cli(&["dump", "--data", d]);
+    assert_eq!(dump.lines().count(), 40);
+}

@@ -79,6 +79,18 @@ pub enum HubMsg {
         /// Gets (connections, subscriptions per database).
         reply: oneshot::Sender<(usize, Vec<(DbName, usize)>)>,
     },
+    /// A background compaction plan is ready.
+    Compacted {
+        /// Database.
+        db: DbName,
+        /// The plan, or why planning failed.
+        result: Result<syncline_core::Compaction, String>,
+    },
+    /// A compaction is durable and its log rewritten.
+    CompactionDone {
+        /// Database.
+        db: DbName,
+    },
     /// Close every connection and wait for pending writes.
     Shutdown {
         /// Fired when done.
@@ -91,6 +103,9 @@ pub enum HubMsg {
 pub struct HubConfig {
     /// Bytes a connection may have queued before it is dropped as too slow.
     pub max_queued_bytes: usize,
+    /// Compact a database in the background once its log holds this many
+    /// bytes of changes above the horizon.
+    pub compact_after_bytes: usize,
 }
 
 /// Run the hub until every sender is gone.
@@ -110,6 +125,7 @@ pub async fn run(
         tx,
         in_flight: 0,
         shutdown: None,
+        compacting: std::collections::HashSet::new(),
     };
     while let Some(msg) = rx.recv().await {
         hub.handle(&mut server, msg);
@@ -130,6 +146,7 @@ struct Hub {
     tx: mpsc::Sender<HubMsg>,
     in_flight: usize,
     shutdown: Option<oneshot::Sender<()>>,
+    compacting: std::collections::HashSet<DbName>,
 }
 
 impl Hub {
@@ -155,7 +172,10 @@ impl Hub {
             HubMsg::Persisted { db, seq, result } => {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 match result {
-                    Ok(()) => server.persisted(&db, seq),
+                    Ok(()) => {
+                        server.persisted(&db, seq);
+                        self.maybe_compact(server, &db);
+                    }
                     Err(e) => {
                         tracing::error!(%db, seq, "write failed: {e}");
                         server.persist_failed(&db, seq, &e);
@@ -171,6 +191,17 @@ impl Hub {
                         server.load_failed(&db, &e);
                     }
                 }
+            }
+            HubMsg::Compacted { db, result } => match result {
+                Ok(c) => server.apply_compaction(&db, c),
+                Err(e) => {
+                    tracing::error!(%db, "compaction failed: {e}");
+                    self.compacting.remove(&db);
+                }
+            },
+            HubMsg::CompactionDone { db } => {
+                self.metrics.compactions.inc();
+                self.compacting.remove(&db);
             }
             HubMsg::Stats { reply } => {
                 let subs = server
@@ -232,17 +263,29 @@ impl Hub {
                     self.metrics.connections.set(self.conns.len() as i64);
                 }
                 ServerOutput::Persist { db, seq, batch } => {
-                    if batch.base.is_some() {
-                        self.metrics.compactions.inc();
-                    }
+                    let compaction = batch.base.is_some();
                     // `write` enqueues on the writer thread now, in seq order;
                     // only the wait for fsync runs in the task.
                     let write = self.store.write(&db, &batch);
-                    let tx = self.tx.clone();
+                    let (tx, store) = (self.tx.clone(), self.store.clone());
                     self.in_flight += 1;
                     tokio::spawn(async move {
                         let result = write.await.map_err(|e| e.to_string());
-                        let _ = tx.send(HubMsg::Persisted { db, seq, result }).await;
+                        let ok = result.is_ok();
+                        let _ = tx
+                            .send(HubMsg::Persisted {
+                                db: db.clone(),
+                                seq,
+                                result,
+                            })
+                            .await;
+                        if compaction {
+                            // Fold the file too, off the writer's path.
+                            if ok && let Err(e) = store.rewrite(&db).await {
+                                tracing::error!(%db, "log rewrite failed: {e}");
+                            }
+                            let _ = tx.send(HubMsg::CompactionDone { db }).await;
+                        }
                     });
                 }
                 ServerOutput::Load { db } => {
@@ -256,6 +299,31 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Start a background compaction when the log has grown past the limit.
+    fn maybe_compact(&mut self, server: &Server<TokenAuth>, db: &DbName) {
+        let Some(log) = server.log(db) else { return };
+        if log.entry_bytes() < self.config.compact_after_bytes || self.compacting.contains(db) {
+            return;
+        }
+        self.compacting.insert(db.clone());
+        // Plan on a copy, on a blocking thread: the hub keeps serving.
+        let log = log.clone();
+        let (tx, db) = (self.tx.clone(), db.clone());
+        tokio::spawn(async move {
+            let planned = tokio::task::spawn_blocking(move || {
+                log.plan_compaction(log.vv()).map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            let _ = tx
+                .send(HubMsg::Compacted {
+                    db,
+                    result: planned,
+                })
+                .await;
+        });
     }
 
     /// Queue a frame; a peer whose queue is over the byte limit is dropped.

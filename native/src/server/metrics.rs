@@ -41,7 +41,7 @@ pub struct Metrics {
     pub bytes_out: Counter,
     /// Latency of each fsync.
     pub fsync_seconds: Histogram,
-    /// Compactions done.
+    /// Compactions done (snapshots durable and the log file rewritten).
     pub compactions: Counter,
     /// Errors sent to peers, by code.
     pub errors: Family<CodeLabel, Counter>,

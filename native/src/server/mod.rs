@@ -54,6 +54,8 @@ pub struct ServeOptions {
     pub max_queued_bytes: usize,
     /// Directory of static files to serve (the demos), if any.
     pub static_dir: Option<PathBuf>,
+    /// Compact a database once its log holds this many bytes of changes.
+    pub compact_after_bytes: usize,
 }
 
 /// Why the server could not run.
@@ -104,6 +106,7 @@ pub async fn run(
         metrics.clone(),
         HubConfig {
             max_queued_bytes: options.max_queued_bytes,
+            compact_after_bytes: options.compact_after_bytes,
         },
         hub_tx.clone(),
         hub_rx,

@@ -53,8 +53,16 @@ pub struct StoreStats {
 
 struct WriteReq {
     db: DbName,
-    bytes: Vec<u8>,
+    kind: ReqKind,
     done: oneshot::Sender<Result<(), String>>,
+}
+
+enum ReqKind {
+    /// Append one encoded record.
+    Append(Vec<u8>),
+    /// Switch to a rewritten file: `tmp` holds the log up to `from`; copy
+    /// the records appended since, then rename it over the log.
+    Switch { tmp: PathBuf, from: u64 },
 }
 
 /// An append-only log per database in a data directory.
@@ -67,7 +75,7 @@ pub struct FileStore {
 
 impl std::fmt::Debug for WriteReq {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "WriteReq({}, {} bytes)", self.db, self.bytes.len())
+        write!(f, "WriteReq({})", self.db)
     }
 }
 
@@ -159,7 +167,7 @@ impl FileStore {
         let (done, rx) = oneshot::channel();
         let req = WriteReq {
             db: db.clone(),
-            bytes: encode_record(&Record::from(batch)),
+            kind: ReqKind::Append(encode_record(&Record::from(batch))),
             done,
         };
         // If the writer is gone, `done` is dropped and the receiver errors.
@@ -167,21 +175,50 @@ impl FileStore {
         rx
     }
 
-    /// Fold a database's log into one record in a fresh file, switched in
-    /// atomically (write, fsync, rename, fsync dir). Runs on the writer
-    /// thread, so no append can interleave with the switch.
+    /// Fold a database's log into one record in a fresh file and switch to
+    /// it atomically (write, fsync, rename, fsync dir). The fold runs on a
+    /// blocking task from the log as it is now; the writer thread then only
+    /// copies the records appended meanwhile and renames, so neither readers
+    /// nor writers wait for the fold.
     pub async fn rewrite(&self, db: &DbName) -> Result<(), StoreError> {
+        let path = Self::db_path(&self.dir, db);
+        let tmp = path.with_extension("compact");
+        let (p, t) = (path.clone(), tmp.clone());
+        let from = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+            let bytes = match fs::read(&p) {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(e),
+            };
+            let (records, good, _) = decode_records(&bytes);
+            let mut stored = StoredDatabase::default();
+            for r in records {
+                stored.apply(&Batch::from(r));
+            }
+            let record = Record {
+                entries: stored.entries,
+                snapshots: stored.snapshots,
+                base: Some(stored.base),
+            };
+            let mut f = File::create(&t)?;
+            f.write_all(&encode_record(&record))?;
+            f.sync_all()?;
+            Ok(good)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+        .map_err(io_err(format!("folding {}", path.display())))?;
         let (done, rx) = oneshot::channel();
         let req = WriteReq {
             db: db.clone(),
-            bytes: Vec::new(), // empty = rewrite request
+            kind: ReqKind::Switch { tmp, from },
             done,
         };
         self.tx.send(req).map_err(|_| StoreError::Closed)?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(StoreError::Io {
-                context: format!("rewriting {db}"),
+                context: format!("switching {}", path.display()),
                 source: io::Error::other(e),
             }),
             Err(_) => Err(StoreError::Closed),
@@ -198,7 +235,7 @@ impl FileStore {
 }
 
 /// Write `bytes` to `path` atomically and durably.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut f = File::create(&tmp)?;
@@ -243,14 +280,22 @@ impl Writer {
         let mut order = Vec::new();
         let mut answers = Vec::with_capacity(group.len());
         for req in group {
-            if req.bytes.is_empty() {
-                let r = self.rewrite(&req.db).map_err(|e| e.to_string());
-                answers.push((req.done, Answer::Now(r)));
-                continue;
-            }
+            let bytes = match req.kind {
+                ReqKind::Switch { tmp, from } => {
+                    // Appends queued before this in the group must be in the
+                    // old file's tail before it is copied.
+                    if let Some(f) = self.files.get(&req.db) {
+                        let _ = f.sync_data();
+                    }
+                    let r = self.switch(&req.db, &tmp, from).map_err(|e| e.to_string());
+                    answers.push((req.done, Answer::Now(r)));
+                    continue;
+                }
+                ReqKind::Append(bytes) => bytes,
+            };
             let r = results.entry(req.db.clone()).or_insert(Ok(()));
             if r.is_ok()
-                && let Err(e) = self.append(&req.db, &req.bytes)
+                && let Err(e) = self.append(&req.db, &bytes)
             {
                 *r = Err(e.to_string());
             }
@@ -328,23 +373,27 @@ impl Writer {
         Ok(())
     }
 
-    fn rewrite(&mut self, db: &DbName) -> io::Result<()> {
-        // Recover first so the rewrite starts from the good prefix.
-        self.file(db)?;
+    /// Copy the records appended after `from` onto the folded file, then
+    /// rename it over the log and reopen.
+    fn switch(&mut self, db: &DbName, tmp: &Path, from: u64) -> io::Result<()> {
         let path = FileStore::db_path(&self.dir, db);
-        let bytes = fs::read(&path)?;
-        let (records, _, _) = decode_records(&bytes);
-        let mut stored = StoredDatabase::default();
-        for r in records {
-            stored.apply(&Batch::from(r));
-        }
-        let record = Record {
-            entries: stored.entries,
-            snapshots: stored.snapshots,
-            base: Some(stored.base),
+        let current = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
         };
+        let tail = current.get(from as usize..).unwrap_or_default();
+        // Keep only whole, valid records of the tail.
+        let (_, good, _) = decode_records(tail);
+        let mut f = OpenOptions::new().append(true).open(tmp)?;
+        f.write_all(&tail[..good as usize])?;
+        f.sync_all()?;
+        drop(f);
         self.files.remove(db);
-        write_atomic(&path, &encode_record(&record))?;
+        fs::rename(tmp, &path)?;
+        if let Some(parent) = path.parent() {
+            File::open(parent)?.sync_all()?;
+        }
         Ok(())
     }
 }
