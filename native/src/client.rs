@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value as Json;
 use syncline_core::protocol::{self, ErrorCode};
-use syncline_core::sync::{Client, ClientConfig, ClientEvent, ClientOutput, Status};
+use syncline_core::sync::{Client, ClientConfig, ClientEvent, ClientOutput, PresenceView, Status};
 use syncline_core::{DbName, DocId, ReplicaId, Store};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
@@ -54,6 +54,7 @@ enum Cmd {
     List(DbName, Reply<Vec<DocId>>),
     Presence(DbName, Vec<u8>, Reply<()>),
     Status(oneshot::Sender<Status>),
+    PresenceView(DbName, oneshot::Sender<PresenceView>),
     WaitSynced(DbName, Reply<()>),
     Close(oneshot::Sender<()>),
 }
@@ -161,6 +162,21 @@ impl SyncClient {
     /// Publish this connection's presence state on a database.
     pub async fn set_presence(&self, db: &DbName, state: Vec<u8>) -> Result<(), ClientError> {
         self.call(|r| Cmd::Presence(db.clone(), state, r)).await
+    }
+
+    /// Who is on a database now (peers with their state, and the live
+    /// count of connections subscribed to it).
+    pub async fn presence(&self, db: &DbName) -> PresenceView {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .cmd
+            .send(Cmd::PresenceView(db.clone(), tx))
+            .await
+            .is_err()
+        {
+            return PresenceView::default();
+        }
+        rx.await.unwrap_or_default()
     }
 
     /// Connection status.
@@ -357,6 +373,9 @@ impl Driver {
             }
             Cmd::Status(reply) => {
                 let _ = reply.send(self.client.status());
+            }
+            Cmd::PresenceView(db, reply) => {
+                let _ = reply.send(self.client.presence(&db));
             }
             Cmd::WaitSynced(db, reply) => {
                 if self.client.is_synced(&db) {

@@ -154,6 +154,28 @@ async fn two_clients_converge_live_and_health_answers() {
     )
     .await;
 
+    // Presence: a publishes its state; b sees it and the live count.
+    a.set_presence(&list, br#"{"name":"ada"}"#.to_vec())
+        .await
+        .unwrap();
+    let mut events = b.events();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let p = b.presence(&list).await;
+            if p.online == 2
+                && p.peers
+                    .iter()
+                    .any(|x| x.state.as_deref() == Some(&br#"{"name":"ada"}"#[..]))
+            {
+                return;
+            }
+            let _ = events.recv().await;
+        }
+    })
+    .await
+    .expect("presence arrives");
+    assert_eq!(a.status().await, syncline_core::sync::Status::Online);
+
     assert_eq!(http_get(server.addr, "/healthz").0, 200);
     let (status, metrics) = http_get(server.addr, "/metrics");
     assert_eq!(status, 200);
