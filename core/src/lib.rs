@@ -54,6 +54,7 @@
 //!             }
 //!             ServerOutput::Persist { db, seq, .. } => server.persisted(&db, seq),
 //!             ServerOutput::Load { db } => server.loaded(db, StoredDatabase::default()),
+//!             ServerOutput::ListDatabases { peer, req } => server.databases_listed(peer, req, vec![]),
 //!             ServerOutput::Close { .. } => {}
 //!         }
 //!     }

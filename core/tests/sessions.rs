@@ -347,3 +347,42 @@ fn offline_edits_merge_on_reconnect() {
     };
     assert!(net.server.log(&db()).unwrap().get(&dot).is_some());
 }
+
+#[test]
+fn only_admin_tokens_list_databases() {
+    let mut net = Net::new(Tokens);
+    let writer = net.add(1, "writer");
+    let admin = net.add(2, "other"); // admin on other-*
+    for (i, name) in [(writer, "shared"), (admin, "other-1")] {
+        net.open(i, name);
+        net.connect(i);
+    }
+    net.run();
+    net.nodes[writer]
+        .client
+        .update(&db(), &DocId::new("x").unwrap(), &json!({"a": 1}))
+        .unwrap();
+    net.nodes[admin]
+        .client
+        .update(
+            &DbName::new("other-1").unwrap(),
+            &DocId::new("x").unwrap(),
+            &json!({"a": 1}),
+        )
+        .unwrap();
+    net.run();
+    let req = net.nodes[admin].client.list_databases();
+    let w = net.nodes[writer].client.list_databases();
+    net.run();
+    assert!(net.nodes[admin].events.contains(&ClientEvent::Databases {
+        req,
+        names: vec![DbName::new("other-1").unwrap()],
+    }));
+    assert!(
+        !net.nodes[writer]
+            .events
+            .iter()
+            .any(|e| matches!(e, ClientEvent::Databases { req, .. } if *req == w))
+    );
+    assert_eq!(errors(&net, writer), [ErrorCode::Forbidden]);
+}

@@ -234,6 +234,10 @@ impl Sim {
                     self.server_persists.push_back((db, seq, batch))
                 }
                 ServerOutput::Load { db } => self.loads.push_back(db),
+                ServerOutput::ListDatabases { peer, req } => {
+                    let names = self.server_store.list_now().unwrap();
+                    self.server.databases_listed(peer, req, names);
+                }
             }
         }
     }

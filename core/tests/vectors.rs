@@ -12,8 +12,8 @@ use syncline_core::database::Database;
 use syncline_core::entry::Snapshot;
 use syncline_core::ids::{DbName, DocId, ReplicaId};
 use syncline_core::protocol::{
-    self, Ack, Delta, ErrorCode, Hello, Message, PeerPresence, Presence, PresenceUpdate, Push,
-    Subscribe, Welcome,
+    self, Ack, Databases, Delta, ErrorCode, Hello, Message, PeerPresence, Presence, PresenceUpdate,
+    Push, Subscribe, Welcome,
 };
 
 fn dir() -> PathBuf {
@@ -121,6 +121,17 @@ fn sample_messages() -> Vec<(&'static str, Message)> {
             Message::error(ErrorCode::Forbidden, "no write right", Some(db)),
         ),
         ("ping", Message::Ping { nonce: 42 }),
+        ("list_databases", Message::ListDatabases { req: 3 }),
+        (
+            "databases",
+            Message::Databases(Box::new(Databases {
+                req: 3,
+                names: vec![
+                    DbName::new("org-42").unwrap(),
+                    DbName::new("org-7").unwrap(),
+                ],
+            })),
+        ),
         ("pong", Message::Pong { nonce: 42 }),
     ]
 }

@@ -56,6 +56,7 @@ enum Cmd {
     Status(oneshot::Sender<Status>),
     PresenceView(DbName, oneshot::Sender<PresenceView>),
     WaitSynced(DbName, Reply<()>),
+    ListDatabases(Reply<Vec<DbName>>),
     Close(oneshot::Sender<()>),
 }
 
@@ -109,6 +110,7 @@ impl SyncClient {
             attempts: 0,
             next_attempt: Some(Instant::now()),
             waiters: HashMap::new(),
+            listings: Vec::new(),
             last_error: None,
         };
         tokio::spawn(driver.run(cmd_rx));
@@ -188,6 +190,12 @@ impl SyncClient {
         rx.await.unwrap_or(Status::Offline)
     }
 
+    /// The databases on the server this client's (admin) token administers.
+    /// Fails with `Forbidden` for other tokens; needs a connection.
+    pub async fn list_databases(&self) -> Result<Vec<DbName>, ClientError> {
+        self.call(Cmd::ListDatabases).await
+    }
+
     /// Wait until the database is in sync: the server's reply arrived and
     /// every local change is durable on the server. Fails on a server refusal
     /// for this database (e.g. `Forbidden`).
@@ -219,6 +227,8 @@ struct Driver {
     attempts: u32,
     next_attempt: Option<Instant>,
     waiters: HashMap<DbName, Vec<Reply<()>>>,
+    /// `ListDatabases` requests waiting for their answer (or asked offline).
+    listings: Vec<(Option<u32>, Reply<Vec<DbName>>)>,
     last_error: Option<(Option<DbName>, ErrorCode, String)>,
 }
 
@@ -384,6 +394,11 @@ impl Driver {
                     self.waiters.entry(db).or_default().push(reply);
                 }
             }
+            Cmd::ListDatabases(reply) => {
+                let req =
+                    (self.client.status() == Status::Online).then(|| self.client.list_databases());
+                self.listings.push((req, reply));
+            }
             Cmd::Close(_) => {}
         }
     }
@@ -483,6 +498,27 @@ impl Driver {
             ClientOutput::Event(e) => {
                 if let ClientEvent::Error { db, code, message } = &e {
                     self.last_error = Some((db.clone(), *code, message.clone()));
+                    if db.is_none() {
+                        // A refused listing (or a refused connection) fails
+                        // the listings already sent.
+                        for (_, reply) in self.listings.extract_if(.., |(r, _)| r.is_some()) {
+                            let _ = reply.send(Err(ClientError::Server {
+                                code: *code,
+                                message: message.clone(),
+                            }));
+                        }
+                    }
+                }
+                if let ClientEvent::Databases { req, names } = &e
+                    && let Some(i) = self.listings.iter().position(|(r, _)| *r == Some(*req))
+                {
+                    let (_, reply) = self.listings.remove(i);
+                    let _ = reply.send(Ok(names.clone()));
+                }
+                if let ClientEvent::Status(Status::Online) = e {
+                    for (r, _) in self.listings.iter_mut().filter(|(r, _)| r.is_none()) {
+                        *r = Some(self.client.list_databases());
+                    }
                 }
                 if let ClientEvent::Status(Status::Online) = e {
                     self.attempts = 0;

@@ -57,8 +57,12 @@ struct RemoteArgs {
     /// Seconds to wait for the server.
     #[arg(long, default_value_t = 10)]
     timeout: u64,
+    /// List the databases (admin token) instead of a database's documents.
+    #[arg(long)]
+    databases: bool,
     /// Database.
-    db: String,
+    #[arg(required_unless_present = "databases")]
+    db: Option<String>,
     /// Document id (get, put, delete).
     doc: Option<String>,
     /// JSON object (put).
@@ -173,7 +177,10 @@ fn main() -> Result<()> {
 fn remote(op: &str, a: RemoteArgs) -> Result<()> {
     use syncline::client::SyncClient;
     use syncline_core::{DbName, DocId};
-    let db = DbName::new(a.db.clone())?;
+    if a.databases {
+        return list_databases(&a);
+    }
+    let db = DbName::new(a.db.clone().unwrap_or_default())?;
     let doc = match (&a.doc, op) {
         (Some(d), _) => Some(DocId::new(d.clone())?),
         (None, "list") => None,
@@ -218,6 +225,30 @@ fn remote(op: &str, a: RemoteArgs) -> Result<()> {
                     println!("{d}");
                 }
             }
+        }
+        client.close().await;
+        Ok(())
+    });
+    let _ = std::fs::remove_dir_all(&local);
+    result
+}
+
+fn list_databases(a: &RemoteArgs) -> Result<()> {
+    use syncline::client::SyncClient;
+    let local = tempfile_dir()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let result = runtime.block_on(async {
+        let client = SyncClient::connect(Some(&a.url), &a.token, &local).await?;
+        let timeout = std::time::Duration::from_secs(a.timeout);
+        let names = match tokio::time::timeout(timeout, client.list_databases()).await {
+            Ok(r) => r?,
+            Err(_) => bail!("no answer from {} within {}s", a.url, a.timeout),
+        };
+        for n in names {
+            println!("{n}");
         }
         client.close().await;
         Ok(())

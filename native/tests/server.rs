@@ -355,11 +355,8 @@ async fn auth_matrix_over_the_wire() {
     .unwrap();
     assert_eq!(code, ErrorCode::Forbidden);
 
-    let writer = client(
-        "writer",
-        token(&data, &["--db", "org-*", "--rights", "write"]),
-    )
-    .await;
+    let writer_token = token(&data, &["--db", "org-*", "--rights", "write"]);
+    let writer = client("writer", writer_token.clone()).await;
     writer.open(&db("org-1")).await.unwrap();
     synced(&writer, &db("org-1")).await;
     assert_eq!(
@@ -367,6 +364,38 @@ async fn auth_matrix_over_the_wire() {
         None,
         "nothing written by the refused push"
     );
+
+    // Only admin tokens list databases (those their pattern covers).
+    writer
+        .put(&db("org-1"), &doc("y"), json!({"b": 1}))
+        .await
+        .unwrap();
+    synced(&writer, &db("org-1")).await;
+    match writer.list_databases().await {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::Forbidden),
+        other => panic!("expected Forbidden, got {other:?}"),
+    }
+    let admin_token = token(&data, &["--db", "org-*", "--rights", "admin"]);
+    let admin = client("admin", admin_token.clone()).await;
+    assert_eq!(admin.list_databases().await.unwrap(), vec![db("org-1")]);
+    let (ok, out, err) = cli(&[
+        "list",
+        "--databases",
+        "--url",
+        &url,
+        "--token",
+        &admin_token,
+    ]);
+    assert!(ok && out == "org-1\n", "{out}{err}");
+    let (ok, _, err) = cli(&[
+        "list",
+        "--databases",
+        "--url",
+        &url,
+        "--token",
+        &writer_token,
+    ]);
+    assert!(!ok && err.contains("Forbidden"), "{err}");
 }
 
 /// Read a stopped server's log for `db` with the store's own record decoder.

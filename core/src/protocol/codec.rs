@@ -150,7 +150,15 @@ fn validate(msg: &mut Message) -> Result<(), DecodeError> {
                 return Err(invalid("token too long"));
             }
         }
-        Message::Welcome(_) | Message::Ping { .. } | Message::Pong { .. } => {}
+        Message::Welcome(_)
+        | Message::Ping { .. }
+        | Message::Pong { .. }
+        | Message::ListDatabases { .. } => {}
+        Message::Databases(d) => {
+            for db in &d.names {
+                check_db(db)?;
+            }
+        }
         Message::Subscribe(s) => {
             check_db(&s.db)?;
             check_vv(&mut s.since);

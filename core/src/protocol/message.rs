@@ -142,6 +142,15 @@ impl ErrorMsg {
     }
 }
 
+/// Server → admin client: the databases it may administer.
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct Databases {
+    /// The `ListDatabases` this answers.
+    pub req: u32,
+    /// Database names, sorted.
+    pub names: Vec<DbName>,
+}
+
 /// Every message of the protocol. Struct payloads are boxed so the archived
 /// enum stays small (16 bytes) and each message costs only its own fields.
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
@@ -179,6 +188,13 @@ pub enum Message {
         /// From the `Ping`.
         nonce: u64,
     },
+    /// Client → server (admin): which databases exist?
+    ListDatabases {
+        /// Echoed by `Databases`.
+        req: u32,
+    },
+    /// Server → client: answer to `ListDatabases`.
+    Databases(Box<Databases>),
 }
 
 impl Message {
@@ -197,6 +213,8 @@ impl Message {
             Message::Error(_) => "error",
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",
+            Message::ListDatabases { .. } => "list_databases",
+            Message::Databases(_) => "databases",
         }
     }
 

@@ -11,8 +11,8 @@ mod message;
 pub use codec::{DecodeError, HEADER_LEN, decode, encode, encoded_len};
 pub use error_code::ErrorCode;
 pub use message::{
-    Ack, Delta, ErrorMsg, Hello, Message, PeerPresence, Presence, PresenceUpdate, Push, Subscribe,
-    Welcome,
+    Ack, Databases, Delta, ErrorMsg, Hello, Message, PeerPresence, Presence, PresenceUpdate, Push,
+    Subscribe, Welcome,
 };
 
 /// The protocol version this build speaks; the first byte of every frame.

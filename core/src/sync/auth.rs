@@ -70,6 +70,11 @@ impl Grants {
         self.0.push(grant);
     }
 
+    /// Whether `right` is granted on some pattern.
+    pub fn any(&self, right: Right) -> bool {
+        self.0.iter().any(|g| g.right >= right)
+    }
+
     /// Whether `right` is granted on `db`.
     pub fn allows(&self, db: &str, right: Right) -> bool {
         self.0

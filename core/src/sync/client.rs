@@ -86,6 +86,13 @@ pub enum ClientEvent {
         /// The database.
         db: DbName,
     },
+    /// The answer to [`Client::list_databases`].
+    Databases {
+        /// The request number it returned.
+        req: u32,
+        /// The databases this token administers.
+        names: Vec<DbName>,
+    },
     /// The server refused something, or remote data was unusable.
     Error {
         /// The database concerned.
@@ -397,6 +404,15 @@ impl Client {
         Ok(true)
     }
 
+    /// Ask the server which databases exist (needs an admin token); the
+    /// answer comes as [`ClientEvent::Databases`] with the returned number.
+    pub fn list_databases(&mut self) -> u32 {
+        let req = self.next_req;
+        self.next_req = self.next_req.wrapping_add(1).max(1);
+        self.send(Message::ListDatabases { req });
+        req
+    }
+
     // ---- connection ----
 
     /// The transport connected: start the handshake.
@@ -461,6 +477,10 @@ impl Client {
             Message::Error(e) => self.server_error(*e),
             Message::Ping { nonce } => self.send(Message::Pong { nonce }),
             Message::Pong { .. } => {}
+            Message::Databases(d) => self.event(ClientEvent::Databases {
+                req: d.req,
+                names: d.names,
+            }),
             other => self.event(ClientEvent::Error {
                 db: None,
                 code: ErrorCode::ProtocolViolation,

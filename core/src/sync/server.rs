@@ -91,6 +91,13 @@ pub enum ServerOutput {
         /// The database.
         db: DbName,
     },
+    /// List the databases in the store, then call [`Server::databases_listed`].
+    ListDatabases {
+        /// Who asked.
+        peer: PeerId,
+        /// Their request number.
+        req: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -254,6 +261,19 @@ impl<A: Authenticator> Server<A> {
             }
             Message::Push(p) => self.with_db(peer, p.db.clone(), Message::Push(p)),
             Message::Presence(p) => self.with_db(peer, p.db.clone(), Message::Presence(p)),
+            Message::ListDatabases { req } => {
+                let admin = self.grants(peer).is_some_and(|(_, g)| g.any(Right::Admin));
+                if admin {
+                    self.out.push(ServerOutput::ListDatabases { peer, req });
+                } else {
+                    self.fail(
+                        peer,
+                        ErrorCode::Forbidden,
+                        "listing databases needs an admin token",
+                        None,
+                    );
+                }
+            }
             other => self.fail(
                 peer,
                 ErrorCode::ProtocolViolation,
@@ -295,6 +315,24 @@ impl<A: Authenticator> Server<A> {
                 ),
             );
         }
+    }
+
+    /// The store's database names for a [`ServerOutput::ListDatabases`]:
+    /// answer with those (plus loaded ones) the peer administers.
+    pub fn databases_listed(&mut self, peer: PeerId, req: u32, stored: Vec<DbName>) {
+        let Some((_, grants)) = self.grants(peer) else {
+            return;
+        };
+        let mut names: BTreeSet<DbName> = stored.into_iter().collect();
+        names.extend(self.dbs.keys().cloned());
+        let names = names
+            .into_iter()
+            .filter(|n| grants.allows(n.as_str(), Right::Admin))
+            .collect();
+        self.send(
+            peer,
+            Message::Databases(Box::new(protocol::Databases { req, names })),
+        );
     }
 
     /// Batches of `db` up to `seq` are durable: acknowledge and fan out.

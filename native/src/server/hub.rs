@@ -79,6 +79,15 @@ pub enum HubMsg {
         /// Gets (connections, subscriptions per database).
         reply: oneshot::Sender<(usize, Vec<(DbName, usize)>)>,
     },
+    /// The store's database names, for an admin's `ListDatabases`.
+    Listed {
+        /// Who asked.
+        peer: PeerId,
+        /// Their request.
+        req: u32,
+        /// Names on disk (empty if listing failed).
+        names: Vec<DbName>,
+    },
     /// A background compaction plan is ready.
     Compacted {
         /// Database.
@@ -192,6 +201,7 @@ impl Hub {
                     }
                 }
             }
+            HubMsg::Listed { peer, req, names } => server.databases_listed(peer, req, names),
             HubMsg::Compacted { db, result } => match result {
                 Ok(c) => server.apply_compaction(&db, c),
                 Err(e) => {
@@ -286,6 +296,17 @@ impl Hub {
                             }
                             let _ = tx.send(HubMsg::CompactionDone { db }).await;
                         }
+                    });
+                }
+                ServerOutput::ListDatabases { peer, req } => {
+                    let list = self.store.list_databases();
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        let names = list.await.unwrap_or_else(|e| {
+                            tracing::error!("listing databases failed: {e}");
+                            Vec::new()
+                        });
+                        let _ = tx.send(HubMsg::Listed { peer, req, names }).await;
                     });
                 }
                 ServerOutput::Load { db } => {
