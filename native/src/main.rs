@@ -175,7 +175,6 @@ fn main() -> Result<()> {
 
 /// get/put/delete/list through a throw-away local replica.
 fn remote(op: &str, a: RemoteArgs) -> Result<()> {
-    use syncline::client::SyncClient;
     use syncline_core::{DbName, DocId};
     if a.databases {
         return list_databases(&a);
@@ -191,14 +190,9 @@ fn remote(op: &str, a: RemoteArgs) -> Result<()> {
         ("put", None) => bail!("put needs a JSON object"),
         _ => None,
     };
-    let local = tempfile_dir()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    let result = runtime.block_on(async {
+    let a = &a;
+    with_client(a, |client| async move {
         let timeout = std::time::Duration::from_secs(a.timeout);
-        let client = SyncClient::connect(Some(&a.url), &a.token, &local).await?;
         client.open(&db).await?;
         let wait = || async {
             match tokio::time::timeout(timeout, client.wait_synced(&db)).await {
@@ -226,22 +220,12 @@ fn remote(op: &str, a: RemoteArgs) -> Result<()> {
                 }
             }
         }
-        client.close().await;
         Ok(())
-    });
-    let _ = std::fs::remove_dir_all(&local);
-    result
+    })
 }
 
 fn list_databases(a: &RemoteArgs) -> Result<()> {
-    use syncline::client::SyncClient;
-    let local = tempfile_dir()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    let result = runtime.block_on(async {
-        let client = SyncClient::connect(Some(&a.url), &a.token, &local).await?;
+    with_client(a, |client| async move {
         let timeout = std::time::Duration::from_secs(a.timeout);
         let names = match tokio::time::timeout(timeout, client.list_databases()).await {
             Ok(r) => r?,
@@ -250,8 +234,26 @@ fn list_databases(a: &RemoteArgs) -> Result<()> {
         for n in names {
             println!("{n}");
         }
-        client.close().await;
         Ok(())
+    })
+}
+
+/// Run `f` with a native client on a throw-away local replica, then clean up.
+fn with_client<F, Fut>(a: &RemoteArgs, f: F) -> Result<()>
+where
+    F: FnOnce(syncline::client::SyncClient) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let local = tempfile_dir()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let result = runtime.block_on(async {
+        let client = syncline::client::SyncClient::connect(Some(&a.url), &a.token, &local).await?;
+        let r = f(client.clone()).await;
+        client.close().await;
+        r
     });
     let _ = std::fs::remove_dir_all(&local);
     result

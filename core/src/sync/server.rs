@@ -625,18 +625,13 @@ impl<A: Authenticator> Server<A> {
         }
         self.send(peer, Message::PresenceUpdate(Box::new(full)));
         if newly {
-            let update = PresenceUpdate {
-                db: s.db.clone(),
-                full: false,
-                online,
-                peers: vec![PeerPresence {
-                    peer,
-                    replica,
-                    left: false,
-                    state: None,
-                }],
+            let join = PeerPresence {
+                peer,
+                replica,
+                left: false,
+                state: None,
             };
-            self.broadcast(&others, &Message::PresenceUpdate(Box::new(update)));
+            self.presence_change(&others, &s.db, online, join);
         }
     }
 
@@ -650,18 +645,13 @@ impl<A: Authenticator> Server<A> {
         let replica = d.presence.remove(&peer).map(|(r, _)| r).unwrap_or_default();
         let online = d.subscribers.len() as u32;
         let others: Vec<PeerId> = d.subscribers.iter().copied().collect();
-        let update = PresenceUpdate {
-            db: db.clone(),
-            full: false,
-            online,
-            peers: vec![PeerPresence {
-                peer,
-                replica,
-                left: true,
-                state: None,
-            }],
+        let leave = PeerPresence {
+            peer,
+            replica,
+            left: true,
+            state: None,
         };
-        self.broadcast(&others, &Message::PresenceUpdate(Box::new(update)));
+        self.presence_change(&others, db, online, leave);
     }
 
     fn push(&mut self, peer: PeerId, p: Push) {
@@ -778,18 +768,24 @@ impl<A: Authenticator> Server<A> {
         d.presence.insert(peer, (replica, state.clone()));
         let online = d.subscribers.len() as u32;
         let all: Vec<PeerId> = d.subscribers.iter().copied().collect();
+        let change = PeerPresence {
+            peer,
+            replica,
+            left: false,
+            state,
+        };
+        self.presence_change(&all, &p.db, online, change);
+    }
+
+    /// Tell `peers` that one peer joined, changed its state or left.
+    fn presence_change(&mut self, peers: &[PeerId], db: &DbName, online: u32, who: PeerPresence) {
         let update = PresenceUpdate {
-            db: p.db,
+            db: db.clone(),
             full: false,
             online,
-            peers: vec![PeerPresence {
-                peer,
-                replica,
-                left: false,
-                state,
-            }],
+            peers: vec![who],
         };
-        self.broadcast(&all, &Message::PresenceUpdate(Box::new(update)));
+        self.broadcast(peers, &Message::PresenceUpdate(Box::new(update)));
     }
 
     fn broadcast(&mut self, peers: &[PeerId], msg: &Message) {
