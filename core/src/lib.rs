@@ -85,4 +85,6 @@ pub use doc::{DocError, Document, PathSeg};
 pub use entry::{Entry, Snapshot};
 pub use ids::{DbName, DocId, IdError, ReplicaId};
 pub use log::{Compaction, Log};
-pub use store::{Batch, MemoryStore, Store, StoredDatabase};
+pub use store::{
+    Batch, CorruptRecord, MemoryStore, Store, StoredDatabase, decode_batch, encode_batch,
+};

@@ -1,8 +1,19 @@
-//! WebAssembly bindings of Syncline for the browser package.
+//! # syncline-wasm
 //!
-//! A thin layer over `syncline-core`: today it exposes only the protocol
-//! version; the database, IndexedDB store and WebSocket transport bindings
-//! are the browser piece of work (see `ARCHITECTURE.md`, "Status").
+//! The browser build of Syncline: a thin adapter that drives the sans-IO
+//! core [`syncline_core::sync::Client`] with browser parts: an IndexedDB
+//! store ([`store`]), a `web-sys` WebSocket with jittered reconnection
+//! ([`socket`]), and `wasm-bindgen` exports ([`client`]) that the npm package
+//! in `js/` wraps in its TypeScript API. Values cross the boundary with
+//! `serde-wasm-bindgen`; failures reach JS as `Error` objects with a stable
+//! `code` ([`error`]).
+
+#![warn(missing_debug_implementations)]
+
+pub mod client;
+pub mod error;
+pub mod socket;
+pub mod store;
 
 use wasm_bindgen::prelude::*;
 

@@ -1,0 +1,235 @@
+// End-to-end: headless Chromium pages using the npm package against the
+// real `syncline serve` binary on 127.0.0.1.
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { newUser, Server, startStatic, until } from './harness.mjs';
+
+/** Connect the page's client and open a database as `window.db`. */
+function connect(page, url, { db = 'e2e', ...opts } = {}) {
+  return page.evaluate(
+    async ({ url, db, opts }) => {
+      window.errors = [];
+      window.client = await Syncline.connect(url, { maxBackoffMs: 250, ...opts });
+      window.client.onError((e) => window.errors.push(e.code));
+      window.db = await window.client.open(db);
+      window.db.onError((e) => window.errors.push(e.code));
+      return window.client.replica;
+    },
+    { url, db, opts },
+  );
+}
+
+const offline = () => window.client.status !== 'online';
+const synced = () => window.db.status === 'synced';
+
+// Each test is bounded; a hang fails that test, not the whole run.
+const T = { timeout: 60_000 };
+
+describe('browser package against the real server', () => {
+  let web;
+  const cleanup = [];
+  before(async () => {
+    web = await startStatic();
+  });
+  after(async () => {
+    for (const f of cleanup.reverse()) await f();
+    await web.close();
+  });
+  async function server(args = ['--anonymous', 'e2e*']) {
+    const s = await new Server(args).start();
+    cleanup.push(() => s.dispose());
+    return s;
+  }
+  async function user() {
+    const u = await newUser();
+    cleanup.push(() => u.close());
+    return u;
+  }
+
+  it('two browser profiles converge live, with presence and status', T, async () => {
+    const s = await server();
+    const [a, b] = [await user(), await user()];
+    const [pa, pb] = [await a.page(web.url), await b.page(web.url)];
+    const ra = await connect(pa, s.url, { db: 'e2e-live' });
+    const rb = await connect(pb, s.url, { db: 'e2e-live' });
+    assert.notEqual(ra, rb);
+
+    await pa.evaluate(() => db.put('todo:1', { title: 'milk', done: false }));
+    await until(pb, () => db.get('todo:1')?.title === 'milk');
+    await pb.evaluate(() => db.update('todo:1', (d) => void (d.done = true)));
+    await until(pa, () => db.get('todo:1')?.done === true);
+
+    // Concurrent text edits merge.
+    await pa.evaluate(() => db.text('note', ['body']).insert(0, 'hello'));
+    await until(pb, () => db.text('note', ['body']).toString() === 'hello');
+    await Promise.all([
+      pa.evaluate(() => db.text('note', ['body']).insert(0, '>> ')),
+      pb.evaluate(() => db.text('note', ['body']).insert(5, ' world')),
+    ]);
+    for (const p of [pa, pb]) await until(p, () => db.text('note', ['body']).toString() === '>> hello world');
+
+    await pa.evaluate(() => db.presence.set({ name: 'ann' }));
+    await until(pb, () => db.presence.online === 2 && db.presence.peers.some((p) => p.state?.name === 'ann'));
+    for (const p of [pa, pb]) await until(p, synced);
+    assert.equal(await pa.evaluate(() => db.pending), 0);
+    assert.deepEqual(await pa.evaluate(() => db.all()), await pb.evaluate(() => db.all()));
+    assert.deepEqual(a.errors.concat(b.errors), []);
+  });
+
+  it('a page reloaded while the server is down shows its data from IndexedDB', T, async () => {
+    const s = await server();
+    const a = await user();
+    const page = await a.page(web.url);
+    const replica = await connect(page, s.url, { db: 'e2e-reload' });
+    await page.evaluate(async () => {
+      for (let i = 0; i < 20; i++) await db.put(`doc${i}`, { i });
+      await db.whenSynced();
+    });
+    await s.stop();
+    await page.reload();
+    await until(page, () => window.ready === true);
+    assert.equal(await connect(page, s.url, { db: 'e2e-reload' }), replica, 'same replica after reload');
+    assert.equal(await page.evaluate(() => db.list().length), 20);
+    assert.deepEqual(await page.evaluate(() => db.get('doc7')), { i: 7 });
+    assert.notEqual(await page.evaluate(() => db.status), 'synced');
+
+    // A write made offline is durable locally when it resolves: it survives
+    // another reload and reaches the server once it is back.
+    await page.evaluate(() => db.put('offline', { x: 1 }));
+    await page.reload();
+    await until(page, () => window.ready === true);
+    await connect(page, s.url, { db: 'e2e-reload' });
+    assert.deepEqual(await page.evaluate(() => db.get('offline')), { x: 1 });
+    await s.start();
+    await until(page, synced);
+    const b = await user();
+    const pb = await b.page(web.url);
+    await connect(pb, s.url, { db: 'e2e-reload' });
+    await until(pb, () => db.list().length === 21);
+  });
+
+  it('edits made offline in two profiles merge when the server returns', T, async () => {
+    const s = await server();
+    const [a, b] = [await user(), await user()];
+    const [pa, pb] = [await a.page(web.url), await b.page(web.url)];
+    await connect(pa, s.url, { db: 'e2e-offline' });
+    await connect(pb, s.url, { db: 'e2e-offline' });
+    await pa.evaluate(async () => {
+      await db.put('shared', { title: 'plan', items: ['a'] });
+      // A counter must exist before concurrent increments can add up
+      // (two replicas creating it concurrently is a conflict: one wins).
+      await db.increment('shared', ['votes'], 1);
+    });
+    await until(pb, () => db.get('shared')?.votes === 1);
+    for (const p of [pa, pb]) await until(p, synced);
+
+    await s.stop();
+    for (const p of [pa, pb]) await until(p, offline);
+    await pa.evaluate(async () => {
+      await db.update('shared', (d) => void (d.byA = 1));
+      await db.put('onlyA', { v: 'a' });
+      await db.increment('shared', ['votes'], 2);
+    });
+    await pb.evaluate(async () => {
+      await db.update('shared', (d) => void (d.byB = 2));
+      await db.put('onlyB', { v: 'b' });
+      await db.increment('shared', ['votes'], 3);
+    });
+    assert.equal(await pa.evaluate(() => db.pending), 3);
+
+    await s.start();
+    for (const p of [pa, pb]) {
+      await until(p, () => db.list().length === 3 && db.get('shared')?.byA === 1 && db.get('shared')?.byB === 2);
+      await until(p, synced);
+    }
+    const [va, vb] = [await pa.evaluate(() => db.all()), await pb.evaluate(() => db.all())];
+    assert.deepEqual(va, vb);
+    assert.equal(va.shared.votes, 6);
+    assert.deepEqual(va.shared.items, ['a']);
+  });
+
+  it('a server crash mid-session loses nothing acknowledged', T, async () => {
+    const s = await server();
+    const a = await user();
+    const pa = await a.page(web.url);
+    await connect(pa, s.url, { db: 'e2e-crash' });
+    await pa.evaluate(async () => {
+      const writes = [];
+      for (let i = 0; i < 50; i++) writes.push(db.put(`n${i}`, { i }));
+      await Promise.all(writes);
+      await db.whenSynced();
+    });
+    assert.equal(await pa.evaluate(() => db.pending), 0);
+    await s.restart('SIGKILL');
+    // Writes keep working across the crash and sync after it.
+    await pa.evaluate(() => db.put('after', { ok: true }));
+    await until(pa, synced);
+    const b = await user();
+    const pb = await b.page(web.url);
+    await connect(pb, s.url, { db: 'e2e-crash' });
+    await until(pb, () => db.list().length === 51);
+    assert.deepEqual(await pb.evaluate(() => db.get('n49')), { i: 49 });
+  });
+
+  it('a bad token gives a clear, typed error and local data stays usable', T, async () => {
+    const secret = 'e2e-secret-0123456789abcdef';
+    const s = await server(['--secret', secret]);
+    const a = await user();
+    const pa = await a.page(web.url);
+    await connect(pa, s.url, { db: 'e2e-auth', token: 'not-a-token' });
+    await until(pa, () => window.errors.includes('Unauthorized'));
+    const code = await pa.evaluate(() => db.whenSynced().then(() => 'synced', (e) => e.code));
+    assert.equal(code, 'Unauthorized');
+    assert.equal(await pa.evaluate(() => client.status), 'offline');
+    assert.equal(await pa.evaluate(() => db.put('local', { ok: 1 })), true);
+
+    // A minted token for another database is refused for this one.
+    const other = await s.cli(['token', '--secret', secret, '--db', 'elsewhere', '--rights', 'write']);
+    const pb = await a.page(web.url);
+    await connect(pb, s.url, { db: 'e2e-auth', token: other, name: 'other' });
+    const codeB = await pb.evaluate(() => db.whenSynced().then(() => 'synced', (e) => e.code));
+    assert.equal(codeB, 'Forbidden');
+
+    // A good token syncs.
+    const good = await s.cli(['token', '--secret', secret, '--db', 'e2e-*', '--rights', 'write']);
+    const pc = await a.page(web.url);
+    await connect(pc, s.url, { db: 'e2e-auth', token: good, name: 'good' });
+    await pc.evaluate(() => db.put('x', { y: 1 }));
+    await until(pc, synced);
+  });
+
+  it('two tabs of one profile use separate replicas; a reopened tab gets its replica back', T, async () => {
+    const s = await server();
+    const a = await user();
+    const t1 = await a.page(web.url);
+    const t2 = await a.page(web.url);
+    const r1 = await connect(t1, s.url, { db: 'e2e-tabs' });
+    const r2 = await connect(t2, s.url, { db: 'e2e-tabs' });
+    assert.notEqual(r1, r2);
+    await t1.evaluate(() => db.put('from1', { v: 1 }));
+    await t2.evaluate(() => db.put('from2', { v: 2 }));
+    for (const t of [t1, t2]) await until(t, () => db.list().length === 2);
+    await t1.close();
+    await s.stop();
+    const t3 = await a.page(web.url);
+    assert.equal(await connect(t3, s.url, { db: 'e2e-tabs' }), r1);
+    assert.deepEqual((await t3.evaluate(() => db.list())).sort(), ['from1', 'from2']);
+  });
+
+  it('running out of storage quota is a typed error, not a silent loss', T, async () => {
+    const a = await user();
+    const page = await a.page(web.url);
+    const cdp = await a.context.newCDPSession(page);
+    await cdp.send('Storage.overrideQuotaForOrigin', { origin: new URL(web.url).origin, quotaSize: 200_000 });
+    await connect(page, null, { db: 'e2e-quota', name: 'quota' });
+    const code = await page.evaluate(() => {
+      // Incompressible (IndexedDB compresses values).
+      const bytes = crypto.getRandomValues(new Uint8Array(60_000));
+      const blob = Array.from({ length: 10 }, () => btoa(String.fromCharCode(...bytes))).join('');
+      crypto.getRandomValues(bytes);
+      return db.put('big', { blob: blob + btoa(String.fromCharCode(...bytes)) }).then(() => 'stored', (e) => (e.code === 'QuotaExceeded' ? e.code : e.code + ': ' + e.message));
+    });
+    assert.equal(code, 'QuotaExceeded');
+    await until(page, () => window.errors.includes('QuotaExceeded'));
+  });
+});

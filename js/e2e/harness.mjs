@@ -1,0 +1,141 @@
+// Test harness: the real `syncline serve` binary, a static server for the
+// test page, and headless Chromium through playwright-core.
+import { spawn } from 'node:child_process';
+import { createReadStream, existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { createServer } from 'node:http';
+import { tmpdir } from 'node:os';
+import { extname, join, normalize, resolve } from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const here = fileURLToPath(new URL('.', import.meta.url));
+const pkg = resolve(here, '..');
+export const BIN = process.env.SYNCLINE_BIN ?? resolve(pkg, '../target/debug/syncline');
+
+/** A running `syncline serve`; `restart()` brings it back on the same port and data. */
+export class Server {
+  constructor(args = []) {
+    this.data = mkdtempSync(join(tmpdir(), 'syncline-e2e-data-'));
+    this.args = args;
+    this.port = 0;
+    this.proc = null;
+  }
+
+  async start() {
+    const proc = spawn(
+      BIN,
+      ['serve', '--listen', `127.0.0.1:${this.port}`, '--data', this.data, ...this.args],
+      { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' } },
+    );
+    this.proc = proc;
+    const lines = createInterface({ input: proc.stdout });
+    const addr = await new Promise((ok, fail) => {
+      const timer = setTimeout(() => fail(new Error('server did not start in 20 s')), 20_000);
+      proc.once('exit', (code) => fail(new Error(`server exited with ${code}`)));
+      lines.on('line', (line) => {
+        const m = /^listening on http:\/\/(.+)$/.exec(line.trim());
+        if (m) {
+          clearTimeout(timer);
+          ok(m[1]);
+        }
+      });
+    });
+    this.port = Number(addr.split(':').pop());
+    this.url = `ws://127.0.0.1:${this.port}/sync`;
+    return this;
+  }
+
+  /** Stop: SIGTERM (graceful) or SIGKILL (a crash). */
+  async stop(signal = 'SIGTERM') {
+    const proc = this.proc;
+    if (!proc || proc.exitCode !== null) return;
+    const exited = new Promise((ok) => proc.once('exit', ok));
+    proc.kill(signal);
+    await exited;
+    this.proc = null;
+  }
+
+  async restart(signal = 'SIGTERM') {
+    await this.stop(signal);
+    return this.start();
+  }
+
+  async dispose() {
+    await this.stop('SIGKILL');
+    rmSync(this.data, { recursive: true, force: true });
+  }
+
+  /** Run a CLI subcommand against this server's data or secret. */
+  cli(args) {
+    return new Promise((ok, fail) => {
+      const p = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+      let out = '';
+      p.stdout.on('data', (d) => (out += d));
+      p.on('exit', (code) => (code === 0 ? ok(out.trim()) : fail(new Error(`${args.join(' ')}: exit ${code}`))));
+    });
+  }
+}
+
+const TYPES = { '.html': 'text/html', '.js': 'text/javascript', '.wasm': 'application/wasm', '.map': 'application/json' };
+
+/** Serve the package directory (dist/, wasm/, e2e/page.html) on 127.0.0.1. */
+export async function startStatic() {
+  const server = createServer((req, res) => {
+    const path = normalize(decodeURIComponent(new URL(req.url, 'http://x').pathname));
+    const file = join(pkg, path === '/' ? 'e2e/page.html' : path);
+    if (!file.startsWith(pkg) || !existsSync(file) || !statSync(file).isFile()) {
+      res.writeHead(404).end();
+      return;
+    }
+    res.writeHead(200, { 'content-type': TYPES[extname(file)] ?? 'application/octet-stream' });
+    createReadStream(file).pipe(res);
+  });
+  await new Promise((ok) => server.listen(0, '127.0.0.1', ok));
+  return { url: `http://127.0.0.1:${server.address().port}/`, close: () => new Promise((ok) => server.close(ok)) };
+}
+
+const ARGS = [
+  '--headless',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+];
+
+/** A browser profile of its own (its own IndexedDB): one "user". */
+export async function newUser() {
+  const dir = mkdtempSync(join(tmpdir(), 'syncline-e2e-profile-'));
+  const context = await chromium.launchPersistentContext(dir, {
+    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+    headless: true,
+    args: ARGS,
+  });
+  const errors = [];
+  context.on('weberror', (e) => errors.push(String(e.error())));
+  return {
+    context,
+    errors,
+    async page(url) {
+      const page = await context.newPage();
+      page.on('pageerror', (e) => errors.push(String(e)));
+      if (process.env.E2E_CONSOLE) page.on('console', (m) => console.log('[page]', m.text()));
+      page.on('crash', () => errors.push('page crashed'));
+      await page.goto(url);
+      await page.waitForFunction(() => window.ready === true, null, { timeout: 20_000 });
+      return page;
+    },
+    async close() {
+      await context.close();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Wait until `fn(arg)` is truthy in the page. */
+export function until(page, fn, arg, timeout = 20_000) {
+  return page.waitForFunction(fn, arg, { timeout, polling: 50 });
+}

@@ -1,0 +1,15 @@
+// The public surface shared by the browser and Node entry points.
+export {
+  Syncline,
+  SynclineDb,
+  Presence,
+  type ChangeEvent,
+  type ConnectOptions,
+  type ConnectionStatus,
+  type DbStatus,
+  type Doc,
+  type Path,
+  type Peer,
+  type TextField,
+} from './client.js';
+export { isSynclineError, type SynclineError, type SynclineErrorCode } from './errors.js';

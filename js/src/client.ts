@@ -1,0 +1,436 @@
+/**
+ * The TypeScript API over the WebAssembly client.
+ *
+ * `Syncline.connect()` opens a replica (IndexedDB in browsers, memory in
+ * Node), `client.open(name)` loads a database from it and starts syncing,
+ * and a `SynclineDb` reads and writes documents. Reads are synchronous (the
+ * replica lives in memory); writes apply at once and resolve when durable
+ * locally; nothing waits for the network.
+ */
+
+import { createClient, type WasmClient } from '../wasm/syncline_wasm.js';
+import { deepFreeze } from './equal.js';
+import { isSynclineError, synclineError, type SynclineError } from './errors.js';
+import { acquireSlot, type Slot } from './slots.js';
+
+/** A JSON-like document: the root is always an object. */
+export type Doc = Record<string, unknown>;
+
+/** A path into a document: keys and list indexes. */
+export type Path = ReadonlyArray<string | number>;
+
+/** The connection's state. */
+export type ConnectionStatus = 'offline' | 'connecting' | 'online';
+
+/** A database's state: `synced` once the server has everything of ours and we have its reply. */
+export type DbStatus = ConnectionStatus | 'synced';
+
+/** Options of {@link Syncline.connect}. */
+export interface ConnectOptions {
+  /** Token presented to the server (see `syncline token`). */
+  token?: string;
+  /** `indexeddb` (browser default) or `memory` (Node default; nothing survives a reload). */
+  storage?: 'indexeddb' | 'memory';
+  /** Namespace of the local replica (one per app and user, say); default `"default"`. */
+  name?: string;
+  /** Longest wait between reconnection attempts, in ms (default 10,000). */
+  maxBackoffMs?: number;
+}
+
+/** What `db.subscribe` callbacks receive. */
+export interface ChangeEvent {
+  /** Documents that changed. */
+  ids: string[];
+  /** Whether the change came from another replica. */
+  remote: boolean;
+}
+
+/** One replica present on a database. */
+export interface Peer<S = unknown> {
+  /** Connection number on the server. */
+  peer: number;
+  /** Replica id (hex). */
+  replica: string;
+  /** Its published presence state, or `null`. */
+  state: S | null;
+}
+
+type WasmEvent =
+  | { type: 'status'; status: ConnectionStatus }
+  | { type: 'changed'; db: string; docs: string[]; remote: boolean }
+  | { type: 'acked'; db: string; counter: number }
+  | { type: 'synced'; db: string }
+  | { type: 'presence'; db: string }
+  | { type: 'error'; db: string | null; code: string; message: string };
+
+let loader: (() => Promise<void>) | null = null;
+let loaded: Promise<void> | null = null;
+
+/** @internal The entry points (browser, Node) say how to load the wasm. */
+export function setWasmLoader(load: () => Promise<void>): void {
+  loader = load;
+}
+
+function ensureWasm(): Promise<void> {
+  if (!loaded) {
+    if (!loader) throw synclineError('Unsupported', 'syncline: no WebAssembly loader (import "syncline")');
+    loaded = loader();
+  }
+  return loaded;
+}
+
+function toWsUrl(url: string): string {
+  let u: URL;
+  try {
+    u = new URL(url, (globalThis as { location?: { href: string } }).location?.href);
+  } catch {
+    throw synclineError('InvalidUrl', `not a URL: ${JSON.stringify(url)}`);
+  }
+  if (u.protocol === 'http:') u.protocol = 'ws:';
+  if (u.protocol === 'https:') u.protocol = 'wss:';
+  if (u.protocol !== 'ws:' && u.protocol !== 'wss:') {
+    throw synclineError('InvalidUrl', `use a ws://, wss://, http:// or https:// URL, not ${JSON.stringify(url)}`);
+  }
+  if (u.pathname === '/' || u.pathname === '') u.pathname = '/sync';
+  return u.toString();
+}
+
+/** A client: one local replica, optionally synced with a server. */
+export class Syncline {
+  #wasm: WasmClient;
+  #slot: Slot;
+  #dbs = new Map<string, SynclineDb>();
+  #statusListeners = new Set<(s: ConnectionStatus) => void>();
+  #errorListeners = new Set<(e: SynclineError) => void>();
+  #closed = false;
+  #onOnline = () => this.#wasm.reconnectNow();
+
+  private constructor(wasm: WasmClient, slot: Slot) {
+    this.#wasm = wasm;
+    this.#slot = slot;
+    globalThis.addEventListener?.('online', this.#onOnline);
+  }
+
+  /**
+   * Open the local replica and, with a `url`, keep it synced with that
+   * server (`ws://host:7070/sync`; `http://host:7070` works too). With no
+   * url the replica is purely local. Resolves once local data is readable;
+   * connecting happens in the background.
+   */
+  static async connect(url?: string | null, options: ConnectOptions = {}): Promise<Syncline> {
+    await ensureWasm();
+    const wsUrl = url ? toWsUrl(url) : undefined;
+    if (wsUrl && typeof (globalThis as { WebSocket?: unknown }).WebSocket !== 'function') {
+      throw synclineError(
+        'Unsupported',
+        'this runtime has no WebSocket (Node 20): connect() without a url for a local replica, or use Node 22+',
+      );
+    }
+    const hasIdb = typeof (globalThis as { indexedDB?: unknown }).indexedDB !== 'undefined';
+    const storage = options.storage ?? (hasIdb ? 'indexeddb' : 'memory');
+    const name = options.name ?? 'default';
+    const slot = storage === 'indexeddb' ? await acquireSlot(name) : { index: 0, release() {} };
+    let client: Syncline | null = null;
+    const pending: WasmEvent[] = [];
+    try {
+      const wasm = await createClient(
+        {
+          url: wsUrl,
+          token: options.token,
+          storage,
+          idbName: `syncline:${name}:${slot.index}`,
+          maxBackoffMs: options.maxBackoffMs,
+        },
+        (e: WasmEvent) => (client ? client.#event(e) : pending.push(e)),
+      );
+      client = new Syncline(wasm, slot);
+    } catch (e) {
+      slot.release();
+      throw e;
+    }
+    for (const e of pending) client.#event(e);
+    return client;
+  }
+
+  /** This replica's id (hex), stable for a browser profile's slot. */
+  get replica(): string {
+    return this.#wasm.replica;
+  }
+
+  /** The connection's state. */
+  get status(): ConnectionStatus {
+    return this.#wasm.status as ConnectionStatus;
+  }
+
+  /** Call `cb` when the connection's state changes; returns an unsubscribe function. */
+  onStatus(cb: (s: ConnectionStatus) => void): () => void {
+    this.#statusListeners.add(cb);
+    return () => this.#statusListeners.delete(cb);
+  }
+
+  /** Errors not tied to a call (a refused token, a failed background write). */
+  onError(cb: (e: SynclineError) => void): () => void {
+    this.#errorListeners.add(cb);
+    return () => this.#errorListeners.delete(cb);
+  }
+
+  /** Load a database and start syncing it (idempotent). */
+  async open(name: string): Promise<SynclineDb> {
+    if (this.#closed) throw synclineError('Closed', 'the client is closed');
+    const known = this.#dbs.get(name);
+    if (known) return known;
+    await this.#wasm.open(name);
+    let db = this.#dbs.get(name);
+    if (!db) {
+      db = new SynclineDb(this.#wasm, name, this);
+      this.#dbs.set(name, db);
+    }
+    return db;
+  }
+
+  /** Stop syncing, finish local writes and release local storage. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    globalThis.removeEventListener?.('online', this.#onOnline);
+    try {
+      await this.#wasm.close();
+    } finally {
+      this.#slot.release();
+    }
+  }
+
+  #event(e: WasmEvent): void {
+    switch (e.type) {
+      case 'status':
+        for (const cb of this.#statusListeners) cb(e.status);
+        for (const db of this.#dbs.values()) {
+          db._statusMaybeChanged();
+          db.presence._changed();
+        }
+        break;
+      case 'changed':
+        this.#dbs.get(e.db)?._changed(e.docs, e.remote);
+        break;
+      case 'acked':
+      case 'synced':
+        this.#dbs.get(e.db)?._statusMaybeChanged();
+        break;
+      case 'presence':
+        this.#dbs.get(e.db)?.presence._changed();
+        break;
+      case 'error': {
+        const err = synclineError(e.code as SynclineError['code'], e.message, e.db ?? undefined);
+        const db = e.db ? this.#dbs.get(e.db) : undefined;
+        if (db && db._error(err)) break;
+        for (const cb of this.#errorListeners) cb(err);
+        break;
+      }
+    }
+  }
+}
+
+/** Splice helpers for a collaborative text field. */
+export interface TextField {
+  /** The current text. */
+  toString(): string;
+  /** Replace `del` UTF-16 code units at `pos` with `insert`. */
+  splice(pos: number, del: number, insert?: string): Promise<boolean>;
+  /** Insert at `pos`. */
+  insert(pos: number, text: string): Promise<boolean>;
+  /** Delete `count` code units at `pos`. */
+  remove(pos: number, count: number): Promise<boolean>;
+}
+
+/** A database: a set of documents by id. */
+export class SynclineDb {
+  readonly name: string;
+  readonly presence: Presence;
+  #wasm: WasmClient;
+  #client: Syncline;
+  #cache = new Map<string, Doc | undefined>();
+  #listeners = new Set<(e: ChangeEvent) => void>();
+  #statusListeners = new Set<(s: DbStatus) => void>();
+  #errorListeners = new Set<(e: SynclineError) => void>();
+  #lastStatus: DbStatus;
+
+  /** @internal */
+  constructor(wasm: WasmClient, name: string, client: Syncline) {
+    this.#wasm = wasm;
+    this.name = name;
+    this.#client = client;
+    this.presence = new Presence(wasm, name);
+    this.#lastStatus = this.status;
+  }
+
+  /** A document (a frozen snapshot), or `undefined` when absent or deleted. */
+  get<T extends Doc = Doc>(id: string): T | undefined {
+    if (!this.#cache.has(id)) {
+      this.#cache.set(id, deepFreeze(this.#wasm.get(this.name, id) as Doc | undefined));
+    }
+    return this.#cache.get(id) as T | undefined;
+  }
+
+  /** Ids of the documents that exist. */
+  list(): string[] {
+    return this.#wasm.list(this.name);
+  }
+
+  /** Every document, by id. */
+  all<T extends Doc = Doc>(): Record<string, T> {
+    const out: Record<string, T> = {};
+    for (const id of this.list()) {
+      const v = this.get<T>(id);
+      if (v !== undefined) out[id] = v;
+    }
+    return out;
+  }
+
+  /**
+   * Make a document equal `value`, recording only what differs. Resolves
+   * to whether anything changed, once the change is durable locally.
+   */
+  put(id: string, value: Doc): Promise<boolean> {
+    return this.#wasm.put(this.name, id, value) as Promise<boolean>;
+  }
+
+  /** Change a document through a draft: mutate it, or return a new value. */
+  update<T extends Doc = Doc>(id: string, fn: (draft: T) => T | void): Promise<boolean> {
+    const current = this.get<T>(id);
+    const draft = (current === undefined ? {} : structuredClone(current)) as T;
+    const result = fn(draft);
+    return this.put(id, (result ?? draft) as Doc);
+  }
+
+  /** Delete a document (the deletion syncs; a later put revives it). */
+  delete(id: string): Promise<boolean> {
+    return this.#wasm.delete(this.name, id) as Promise<boolean>;
+  }
+
+  /** Add `by` to the counter at `path` (a counter merges concurrent additions). */
+  increment(id: string, path: Path, by = 1): Promise<boolean> {
+    return this.#wasm.increment(this.name, id, path, by) as Promise<boolean>;
+  }
+
+  /** Collaborative text at `path` (created on first splice). */
+  text(id: string, path: Path): TextField {
+    const read = () => {
+      let v: unknown = this.get(id);
+      for (const seg of path) v = (v as Record<string | number, unknown> | undefined)?.[seg];
+      return typeof v === 'string' ? v : '';
+    };
+    const splice = (pos: number, del: number, insert = '') =>
+      this.#wasm.splice(this.name, id, path, pos, del, insert) as Promise<boolean>;
+    return {
+      toString: read,
+      splice,
+      insert: (pos, text) => splice(pos, 0, text),
+      remove: (pos, count) => splice(pos, count, ''),
+    };
+  }
+
+  /** Call `cb` with the ids of changed documents; returns an unsubscribe function. */
+  subscribe(cb: (e: ChangeEvent) => void): () => void {
+    this.#listeners.add(cb);
+    return () => this.#listeners.delete(cb);
+  }
+
+  /** `offline`, `connecting`, `online` (catching up or with unacknowledged changes) or `synced`. */
+  get status(): DbStatus {
+    const s = this.#client.status;
+    if (s !== 'online') return s;
+    return this.#wasm.isSynced(this.name) ? 'synced' : 'online';
+  }
+
+  /** Call `cb` when {@link status} changes. */
+  onStatus(cb: (s: DbStatus) => void): () => void {
+    this.#statusListeners.add(cb);
+    return () => this.#statusListeners.delete(cb);
+  }
+
+  /** Local changes the server has not yet acknowledged as durable. */
+  get pending(): number {
+    return this.#wasm.pending(this.name);
+  }
+
+  /** Resolves when synced; rejects if the server refuses this database. */
+  whenSynced(): Promise<void> {
+    return this.#wasm.whenSynced(this.name) as Promise<void>;
+  }
+
+  /** Errors concerning this database (e.g. `Forbidden`). */
+  onError(cb: (e: SynclineError) => void): () => void {
+    this.#errorListeners.add(cb);
+    return () => this.#errorListeners.delete(cb);
+  }
+
+  /** @internal */
+  _changed(ids: string[], remote: boolean): void {
+    for (const id of ids) this.#cache.delete(id);
+    const e = { ids, remote };
+    for (const cb of this.#listeners) cb(e);
+    this._statusMaybeChanged();
+  }
+
+  /** @internal */
+  _statusMaybeChanged(): void {
+    const s = this.status;
+    if (s === this.#lastStatus) return;
+    this.#lastStatus = s;
+    for (const cb of this.#statusListeners) cb(s);
+  }
+
+  /** @internal Returns whether a listener took it. */
+  _error(e: SynclineError): boolean {
+    for (const cb of this.#errorListeners) cb(e);
+    return this.#errorListeners.size > 0;
+  }
+}
+
+/** Who is on a database right now (ephemeral, never stored). */
+export class Presence<S = unknown> {
+  #wasm: WasmClient;
+  #db: string;
+  #listeners = new Set<() => void>();
+  #view: { online: number; peers: Peer<S>[] } | null = null;
+
+  /** @internal */
+  constructor(wasm: WasmClient, db: string) {
+    this.#wasm = wasm;
+    this.#db = db;
+  }
+
+  /** Publish this client's state (any JSON; `null` clears it). Sent while online. */
+  set(state: S | null): void {
+    this.#wasm.setPresence(this.#db, state);
+  }
+
+  /** Replicas on this database with their states (this one included). */
+  get peers(): Peer<S>[] {
+    return this.#current().peers;
+  }
+
+  /** Connections subscribed to this database right now, this one included. */
+  get online(): number {
+    return this.#current().online;
+  }
+
+  /** Call `cb` when presence changes. */
+  subscribe(cb: () => void): () => void {
+    this.#listeners.add(cb);
+    return () => this.#listeners.delete(cb);
+  }
+
+  #current(): { online: number; peers: Peer<S>[] } {
+    this.#view ??= deepFreeze(this.#wasm.presence(this.#db) as { online: number; peers: Peer<S>[] });
+    return this.#view;
+  }
+
+  /** @internal */
+  _changed(): void {
+    this.#view = null;
+    for (const cb of this.#listeners) cb();
+  }
+}
+
+export { isSynclineError, synclineError };

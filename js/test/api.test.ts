@@ -1,0 +1,108 @@
+import { describe, expect, it } from 'vitest';
+import { Syncline, isSynclineError } from '../src/node.js';
+
+async function local() {
+  return Syncline.connect(null, { storage: 'memory' });
+}
+
+describe('local API (Node, memory store)', () => {
+  it('put, get, update, list, delete', async () => {
+    const client = await local();
+    const db = await client.open('org-42');
+    expect(db.get('a')).toBeUndefined();
+    expect(await db.put('a', { title: 'milk', done: false, n: 3, tags: ['x'] })).toBe(true);
+    expect(db.get('a')).toEqual({ title: 'milk', done: false, n: 3, tags: ['x'] });
+    expect(await db.put('a', { title: 'milk', done: false, n: 3, tags: ['x'] })).toBe(false);
+    await db.update('a', (d) => {
+      d.done = true;
+      (d.tags as string[]).push('y');
+    });
+    expect(db.get('a')).toEqual({ title: 'milk', done: true, n: 3, tags: ['x', 'y'] });
+    await db.put('b', { title: 'eggs' });
+    expect(db.list().sort()).toEqual(['a', 'b']);
+    expect(Object.keys(db.all()).sort()).toEqual(['a', 'b']);
+    expect(await db.delete('a')).toBe(true);
+    expect(db.get('a')).toBeUndefined();
+    expect(db.list()).toEqual(['b']);
+    await client.close();
+  });
+
+  it('snapshots are frozen and stable until changed', async () => {
+    const client = await local();
+    const db = await client.open('db');
+    await db.put('a', { list: [1] });
+    const first = db.get('a');
+    expect(db.get('a')).toBe(first);
+    expect(Object.isFrozen(first)).toBe(true);
+    await db.update('a', (d) => {
+      (d.list as number[]).push(2);
+    });
+    expect(db.get('a')).not.toBe(first);
+    expect(first).toEqual({ list: [1] });
+    await client.close();
+  });
+
+  it('subscribe reports changed ids', async () => {
+    const client = await local();
+    const db = await client.open('db');
+    const seen: string[][] = [];
+    const off = db.subscribe((e) => {
+      expect(e.remote).toBe(false);
+      seen.push(e.ids);
+    });
+    await db.put('x', { a: 1 });
+    await db.put('y', { a: 1 });
+    off();
+    await db.put('z', { a: 1 });
+    expect(seen).toEqual([['x'], ['y']]);
+    await client.close();
+  });
+
+  it('text splices and counters', async () => {
+    const client = await local();
+    const db = await client.open('db');
+    const t = db.text('note', ['body']);
+    await t.insert(0, 'hello');
+    await t.insert(5, ' world');
+    await t.remove(0, 1);
+    await t.insert(0, 'H');
+    expect(t.toString()).toBe('Hello world');
+    // UTF-16 positions, as JS strings count them.
+    await t.insert(0, '😀');
+    await t.insert(2, '!');
+    expect(t.toString()).toBe('😀!Hello world');
+    await db.increment('note', ['views']);
+    await db.increment('note', ['views'], 41);
+    expect(db.get('note')?.views).toBe(42);
+    await client.close();
+  });
+
+  it('errors carry a code', async () => {
+    const client = await local();
+    await expect(client.open('bad name!')).rejects.toSatisfy((e) => isSynclineError(e, 'InvalidDatabaseName'));
+    const db = await client.open('db');
+    await expect(db.put('a', [1, 2] as never)).rejects.toSatisfy((e) => isSynclineError(e, 'InvalidValue'));
+    await expect(db.put('', { a: 1 })).rejects.toSatisfy((e) => isSynclineError(e, 'InvalidDocumentId'));
+    await client.close();
+    await expect(db.put('a', { a: 1 })).rejects.toSatisfy((e) => isSynclineError(e, 'Closed'));
+    await expect(client.open('db2')).rejects.toSatisfy((e) => isSynclineError(e, 'Closed'));
+  });
+
+  it('refuses a server url where there is no WebSocket, with a clear error', async () => {
+    if (typeof (globalThis as { WebSocket?: unknown }).WebSocket === 'function') return;
+    await expect(Syncline.connect('ws://127.0.0.1:9/sync')).rejects.toSatisfy((e) =>
+      isSynclineError(e, 'Unsupported'),
+    );
+  });
+
+  it('status is offline without a server', async () => {
+    const client = await local();
+    const db = await client.open('db');
+    expect(client.status).toBe('offline');
+    expect(db.status).toBe('offline');
+    await db.put('a', { x: 1 });
+    expect(db.pending).toBe(1);
+    expect(db.presence.online).toBe(0);
+    await client.close();
+  });
+});

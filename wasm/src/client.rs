@@ -1,0 +1,786 @@
+//! The exported client: the core sans-IO [`Client`] driven by browser events.
+//!
+//! One [`Driver`] per client holds the core state machine, the store, the
+//! socket and the timers, behind `Rc<RefCell<_>>`. Every input (a call from
+//! JS, a socket event, a finished write, a timer) runs under one short
+//! borrow, then the outputs are carried out: frames go to the socket,
+//! batches to the write queue, events to the JS callback. The callback is
+//! invoked only after the borrow is released, so it may call back into the
+//! client.
+//!
+//! Writes never wait for the network: a local change is applied at once,
+//! queued for IndexedDB (many queued batches share one transaction) and
+//! pushed by the core client once it is durable locally.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use js_sys::{Function, Promise};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+use syncline_core::protocol::ErrorCode;
+use syncline_core::sync::{Client, ClientConfig, ClientEvent, ClientOutput, Status};
+use syncline_core::{Batch, DbName, DocId, MemoryStore, PathSeg, ReplicaId};
+use wasm_bindgen::prelude::*;
+
+use crate::error::{WasmError, js_error, server_code};
+use crate::socket::{Socket, SocketEvent, Timer, defer_drop, jittered_backoff};
+use crate::store::{BrowserStore, IdbStore};
+
+/// Options of [`create_client`] (camelCase in JS).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct Options {
+    /// `ws://` or `wss://` URL of the server's `/sync` endpoint; none: local only.
+    url: Option<String>,
+    /// The token presented in `Hello`.
+    token: Option<String>,
+    /// `"indexeddb"` (default in browsers) or `"memory"`.
+    storage: Option<String>,
+    /// IndexedDB database name (one per replica).
+    idb_name: Option<String>,
+    /// Longest wait between reconnection attempts.
+    max_backoff_ms: Option<u32>,
+}
+
+/// What JS receives in its event callback.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+enum JsEvent {
+    Status {
+        status: &'static str,
+    },
+    Changed {
+        db: String,
+        docs: Vec<String>,
+        remote: bool,
+    },
+    Acked {
+        db: String,
+        counter: u64,
+    },
+    Synced {
+        db: String,
+    },
+    Presence {
+        db: String,
+    },
+    Error {
+        db: Option<String>,
+        code: &'static str,
+        message: String,
+    },
+}
+
+fn status_name(s: Status) -> &'static str {
+    match s {
+        Status::Offline => "offline",
+        Status::Connecting => "connecting",
+        Status::Online => "online",
+    }
+}
+
+fn to_js<T: Serialize + ?Sized>(v: &T) -> JsValue {
+    v.serialize(&serde_wasm_bindgen::Serializer::json_compatible())
+        .unwrap_or(JsValue::UNDEFINED)
+}
+
+type Resolvers = (Function, Function);
+
+/// A promise plus its resolve/reject functions.
+fn deferred() -> (Promise, Resolvers) {
+    let mut slot = None;
+    let promise = Promise::new(&mut |resolve, reject| slot = Some((resolve, reject)));
+    // The executor runs synchronously inside `new Promise`.
+    let resolvers = slot.unwrap_or_else(|| (Function::new_no_args(""), Function::new_no_args("")));
+    (promise, resolvers)
+}
+
+fn settle(r: &Resolvers, result: Result<JsValue, JsValue>) {
+    let _ = match result {
+        Ok(v) => r.0.call1(&JsValue::NULL, &v),
+        Err(e) => r.1.call1(&JsValue::NULL, &e),
+    };
+}
+
+struct Driver {
+    client: Client,
+    store: BrowserStore,
+    url: Option<String>,
+    on_event: Function,
+    socket: Option<Socket>,
+    generation: u64,
+    attempts: u32,
+    max_backoff_ms: u32,
+    reconnect: Option<Timer>,
+    /// A fatal refusal (bad token, unknown version): reconnecting cannot help.
+    refused: Option<WasmError>,
+    /// Batches waiting for the store, in order.
+    queue: VecDeque<(DbName, u64, Batch)>,
+    writing: bool,
+    write_retry: Option<Timer>,
+    /// Local writes waiting until their batch is durable: (db, seq, promise).
+    write_waiters: Vec<(DbName, u64, Resolvers)>,
+    /// `whenSynced` callers.
+    sync_waiters: Vec<(DbName, Resolvers)>,
+    /// `close` callers waiting for the queue to drain.
+    close_waiters: Vec<Resolvers>,
+    closed: bool,
+    events: Vec<JsValue>,
+}
+
+type Shared = Rc<RefCell<Driver>>;
+
+impl std::fmt::Debug for WasmClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmClient")
+            .field("replica", &self.replica)
+            .finish()
+    }
+}
+
+/// The client class JS holds. Methods never throw for runtime conditions:
+/// async ones reject with a `SynclineError` (`err.code`), sync ones throw one.
+#[wasm_bindgen]
+pub struct WasmClient {
+    shared: Shared,
+    replica: ReplicaId,
+}
+
+/// Create a client (`options`: `{url?, token?, storage?, idbName?, maxBackoffMs?}`);
+/// `onEvent` receives `{type: 'status'|'changed'|'acked'|'synced'|'presence'|'error', …}`.
+#[wasm_bindgen(js_name = createClient)]
+pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmClient, JsValue> {
+    let options: Options = if options.is_undefined() || options.is_null() {
+        Options::default()
+    } else {
+        serde_wasm_bindgen::from_value(options)
+            .map_err(|e| js_error("InvalidOptions", &e.to_string()))?
+    };
+    let store = match options.storage.as_deref() {
+        None | Some("indexeddb") => {
+            let name = options.idb_name.as_deref().unwrap_or("syncline");
+            BrowserStore::Idb(Rc::new(IdbStore::open(name).await?))
+        }
+        Some("memory") => BrowserStore::Memory(MemoryStore::new()),
+        Some(other) => {
+            return Err(js_error(
+                "InvalidOptions",
+                &format!("unknown storage {other:?}: use \"indexeddb\" or \"memory\""),
+            ));
+        }
+    };
+    let replica = match store.get_meta("replica").await? {
+        Some(b) => match ReplicaId::from_slice(&b) {
+            Ok(id) => id,
+            Err(_) => new_replica(&store).await?,
+        },
+        None => new_replica(&store).await?,
+    };
+    let config = ClientConfig {
+        encoding: automerge::TextEncoding::Utf16CodeUnit,
+        ..ClientConfig::default()
+    };
+    let driver = Driver {
+        client: Client::new(replica, options.token.unwrap_or_default(), config),
+        store,
+        url: options.url,
+        on_event,
+        socket: None,
+        generation: 0,
+        attempts: 0,
+        max_backoff_ms: options.max_backoff_ms.unwrap_or(10_000).max(50),
+        reconnect: None,
+        refused: None,
+        queue: VecDeque::new(),
+        writing: false,
+        write_retry: None,
+        write_waiters: Vec::new(),
+        sync_waiters: Vec::new(),
+        close_waiters: Vec::new(),
+        closed: false,
+        events: Vec::new(),
+    };
+    let shared = Rc::new(RefCell::new(driver));
+    dial(&shared);
+    Ok(WasmClient { shared, replica })
+}
+
+async fn new_replica(store: &BrowserStore) -> Result<ReplicaId, WasmError> {
+    let id = ReplicaId::random();
+    store.put_meta("replica", &id.0).await?;
+    Ok(id)
+}
+
+/// Run `f` on the driver, carry out the outputs, then tell JS.
+fn run<R>(shared: &Shared, f: impl FnOnce(&mut Driver) -> R) -> R {
+    let r = {
+        let mut d = shared.borrow_mut();
+        let r = f(&mut d);
+        d.pump();
+        r
+    };
+    after(shared);
+    r
+}
+
+/// Start the writer if needed and deliver queued events (no borrow held).
+fn after(shared: &Shared) {
+    kick_writer(shared);
+    let (events, callback) = {
+        let mut d = shared.borrow_mut();
+        (std::mem::take(&mut d.events), d.on_event.clone())
+    };
+    for e in events {
+        let _ = callback.call1(&JsValue::NULL, &e);
+    }
+}
+
+impl Driver {
+    fn pump(&mut self) {
+        loop {
+            let outs = self.client.take_outputs();
+            if outs.is_empty() {
+                break;
+            }
+            for out in outs {
+                match out {
+                    ClientOutput::Send(msg) => {
+                        if let Some(s) = &self.socket {
+                            s.send(&syncline_core::protocol::encode(&msg));
+                        }
+                    }
+                    ClientOutput::Persist { db, seq, batch } => {
+                        self.queue.push_back((db, seq, batch));
+                    }
+                    ClientOutput::Event(e) => self.event(e),
+                }
+            }
+        }
+        let client = &self.client;
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.sync_waiters)
+            .into_iter()
+            .partition(|(db, _)| client.is_synced(db));
+        self.sync_waiters = waiting;
+        for (_, r) in done {
+            settle(&r, Ok(JsValue::UNDEFINED));
+        }
+    }
+
+    fn event(&mut self, e: ClientEvent) {
+        let js = match e {
+            ClientEvent::Status(s) => {
+                if s == Status::Online {
+                    self.attempts = 0;
+                }
+                JsEvent::Status {
+                    status: status_name(s),
+                }
+            }
+            ClientEvent::Changed { db, docs, remote } => JsEvent::Changed {
+                db: db.as_str().to_owned(),
+                docs: docs.iter().map(|d| d.as_str().to_owned()).collect(),
+                remote,
+            },
+            ClientEvent::Acked { db, counter } => JsEvent::Acked {
+                db: db.as_str().to_owned(),
+                counter,
+            },
+            ClientEvent::Synced { db } => JsEvent::Synced {
+                db: db.as_str().to_owned(),
+            },
+            ClientEvent::Presence { db } => JsEvent::Presence {
+                db: db.as_str().to_owned(),
+            },
+            ClientEvent::Databases { .. } => return,
+            ClientEvent::Error { db, code, message } => {
+                self.server_error(db.as_ref(), code, &message);
+                JsEvent::Error {
+                    db: db.map(|d| d.as_str().to_owned()),
+                    code: server_code(code),
+                    message,
+                }
+            }
+        };
+        self.events.push(to_js(&js));
+    }
+
+    /// A refusal fails the `whenSynced` callers it concerns; a fatal one
+    /// (bad token, unknown version) stops reconnecting.
+    fn server_error(&mut self, db: Option<&DbName>, code: ErrorCode, message: &str) {
+        let fatal = db.is_none()
+            && code.is_fatal()
+            && !matches!(code, ErrorCode::ShuttingDown | ErrorCode::Overloaded);
+        if fatal {
+            self.refused = Some(WasmError::Server {
+                code,
+                message: message.to_owned(),
+            });
+        }
+        let (failed, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.sync_waiters)
+            .into_iter()
+            .partition(|(w, _)| fatal || Some(w) == db);
+        self.sync_waiters = keep;
+        for (_, r) in failed {
+            let err = WasmError::Server {
+                code,
+                message: message.to_owned(),
+            };
+            settle(&r, Err(err.into()));
+        }
+    }
+
+    fn emit_error(&mut self, db: Option<&DbName>, e: &WasmError) {
+        self.events.push(to_js(&JsEvent::Error {
+            db: db.map(|d| d.as_str().to_owned()),
+            code: e.code(),
+            message: e.to_string(),
+        }));
+    }
+
+    fn drop_connection(&mut self, shared: &Shared) {
+        // Possibly called from the socket's own callback.
+        if let Some(s) = self.socket.take() {
+            defer_drop(s);
+        }
+        self.client.disconnected();
+        if self.closed || self.refused.is_some() {
+            return;
+        }
+        self.attempts = self.attempts.saturating_add(1);
+        let delay = jittered_backoff(self.attempts, self.max_backoff_ms);
+        let weak = Rc::downgrade(shared);
+        self.reconnect = Some(Timer::new(delay, move || {
+            if let Some(shared) = weak.upgrade() {
+                if let Some(t) = shared.borrow_mut().reconnect.take() {
+                    defer_drop(t);
+                }
+                dial(&shared);
+            }
+        }));
+    }
+}
+
+/// Open a socket if there is a server to talk to and none is open.
+fn dial(shared: &Shared) {
+    let mut d = shared.borrow_mut();
+    if d.closed || d.refused.is_some() || d.socket.is_some() {
+        return;
+    }
+    let Some(url) = d.url.clone() else { return };
+    d.generation += 1;
+    let generation = d.generation;
+    let weak = Rc::downgrade(shared);
+    let socket = Socket::open(&url, move |ev| {
+        let Some(shared) = weak.upgrade() else { return };
+        if shared.borrow().generation != generation {
+            return; // a stale socket
+        }
+        on_socket(&shared, ev);
+    });
+    match socket {
+        Ok(s) => d.socket = Some(s),
+        Err(message) => {
+            // A malformed URL will not get better by retrying.
+            d.refused = Some(WasmError::InvalidUrl(message.clone()));
+            d.events.push(to_js(&JsEvent::Error {
+                db: None,
+                code: "InvalidUrl",
+                message,
+            }));
+            drop(d);
+            after(shared);
+        }
+    }
+}
+
+fn on_socket(shared: &Shared, ev: SocketEvent) {
+    run(shared, |d| match ev {
+        SocketEvent::Open => d.client.connected(),
+        SocketEvent::Frame(bytes) => {
+            if d.client.handle_frame(&bytes).is_err() {
+                // A frame we cannot read: this connection is unusable.
+                d.drop_connection(shared);
+            }
+        }
+        SocketEvent::Closed => d.drop_connection(shared),
+    });
+}
+
+/// Write queued batches (all of them, in one transaction) unless a write is
+/// already running; on completion tell the core client and the waiters.
+fn kick_writer(shared: &Shared) {
+    let (items, store) = {
+        let mut d = shared.borrow_mut();
+        if d.writing || d.queue.is_empty() || d.write_retry.is_some() {
+            if !d.writing && d.queue.is_empty() {
+                for r in std::mem::take(&mut d.close_waiters) {
+                    settle(&r, Ok(JsValue::UNDEFINED));
+                }
+            }
+            return;
+        }
+        d.writing = true;
+        let items: Vec<_> = d.queue.drain(..).collect();
+        (items, d.store.clone())
+    };
+    let shared = shared.clone();
+    wasm_bindgen_futures::spawn_local(async move {
+        let batches: Vec<(DbName, Batch)> = items
+            .iter()
+            .map(|(db, _, b)| (db.clone(), b.clone()))
+            .collect();
+        let result = store.write_many(&batches).await;
+        run(&shared, |d| {
+            d.writing = false;
+            match result {
+                Ok(()) => {
+                    for (db, seq, _) in &items {
+                        d.client.persisted(db, *seq);
+                    }
+                    let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut d.write_waiters)
+                        .into_iter()
+                        .partition(|(db, seq, _)| {
+                            items
+                                .iter()
+                                .any(|(i_db, i_seq, _)| i_db == db && i_seq >= seq)
+                        });
+                    d.write_waiters = waiting;
+                    for (_, _, r) in done {
+                        settle(&r, Ok(JsValue::TRUE));
+                    }
+                }
+                Err(e) => {
+                    // Nothing of these batches is durable. They stay applied in
+                    // memory and queued (in order) for another attempt; the
+                    // callers waiting on them learn now.
+                    let e = WasmError::Store(e);
+                    d.emit_error(None, &e);
+                    let (failed, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut d.write_waiters)
+                        .into_iter()
+                        .partition(|(db, seq, _)| {
+                            items
+                                .iter()
+                                .any(|(i_db, i_seq, _)| i_db == db && i_seq >= seq)
+                        });
+                    d.write_waiters = waiting;
+                    for (_, _, r) in failed {
+                        settle(&r, Err(js_error(e.code(), &e.to_string())));
+                    }
+                    for item in items.into_iter().rev() {
+                        d.queue.push_front(item);
+                    }
+                    let weak = Rc::downgrade(&shared);
+                    d.write_retry = Some(Timer::new(1_000, move || {
+                        if let Some(shared) = weak.upgrade() {
+                            if let Some(t) = shared.borrow_mut().write_retry.take() {
+                                defer_drop(t);
+                            }
+                            after(&shared);
+                        }
+                    }));
+                }
+            }
+        });
+    });
+}
+
+fn db_name(name: &str) -> Result<DbName, WasmError> {
+    Ok(DbName::new(name)?)
+}
+
+fn doc_id(id: &str) -> Result<DocId, WasmError> {
+    Ok(DocId::new(id)?)
+}
+
+fn path(path: JsValue) -> Result<Vec<PathSeg>, WasmError> {
+    if path.is_undefined() || path.is_null() {
+        return Ok(Vec::new());
+    }
+    let segs: Vec<Json> = serde_wasm_bindgen::from_value(path)
+        .map_err(|e| WasmError::InvalidValue(format!("path: {e}")))?;
+    segs.into_iter()
+        .map(|s| match s {
+            Json::String(k) => Ok(PathSeg::Key(k)),
+            Json::Number(n) => n
+                .as_u64()
+                .map(|i| PathSeg::Index(i as usize))
+                .ok_or_else(|| WasmError::InvalidValue(format!("path index {n}"))),
+            other => Err(WasmError::InvalidValue(format!("path segment {other}"))),
+        })
+        .collect()
+}
+
+fn json(value: JsValue) -> Result<Json, WasmError> {
+    serde_wasm_bindgen::from_value(value).map_err(|e| WasmError::InvalidValue(e.to_string()))
+}
+
+#[wasm_bindgen]
+impl WasmClient {
+    /// This replica's id (32 hex digits), stable across reloads.
+    #[wasm_bindgen(getter)]
+    pub fn replica(&self) -> String {
+        self.replica.to_hex()
+    }
+
+    /// `"offline"`, `"connecting"` or `"online"`.
+    #[wasm_bindgen(getter)]
+    pub fn status(&self) -> String {
+        status_name(self.shared.borrow().client.status()).to_owned()
+    }
+
+    fn check_open(&self) -> Result<(), WasmError> {
+        if self.shared.borrow().closed {
+            Err(WasmError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Load a database from the local store and start syncing it.
+    pub async fn open(&self, name: String) -> Result<(), JsValue> {
+        self.check_open()?;
+        let db = db_name(&name)?;
+        if self.shared.borrow().client.database(&db).is_some() {
+            return Ok(());
+        }
+        let store = self.shared.borrow().store.clone();
+        let stored = store.load(&db).await?;
+        run(&self.shared, |d| {
+            if d.client.database(&db).is_none() {
+                d.client.open(db, stored);
+            }
+        });
+        Ok(())
+    }
+
+    /// Stop syncing a database (its data stays stored).
+    pub fn release(&self, name: &str) -> Result<(), JsValue> {
+        let db = db_name(name)?;
+        run(&self.shared, |d| d.client.close(&db));
+        Ok(())
+    }
+
+    /// A document as a plain object, or `undefined` when absent or deleted.
+    pub fn get(&self, db: &str, id: &str) -> Result<JsValue, JsValue> {
+        let (db, id) = (db_name(db)?, doc_id(id)?);
+        let d = self.shared.borrow();
+        let database = d
+            .client
+            .database(&db)
+            .ok_or_else(|| WasmError::NotOpen(db.as_str().to_owned()))?;
+        Ok(database.get(&id).map_or(JsValue::UNDEFINED, |v| to_js(&v)))
+    }
+
+    /// Ids of the documents that exist.
+    pub fn list(&self, db: &str) -> Result<Vec<String>, JsValue> {
+        let db = db_name(db)?;
+        let d = self.shared.borrow();
+        let database = d
+            .client
+            .database(&db)
+            .ok_or_else(|| WasmError::NotOpen(db.as_str().to_owned()))?;
+        Ok(database
+            .list()
+            .into_iter()
+            .map(|d| d.as_str().to_owned())
+            .collect())
+    }
+
+    /// Every document at once: `{id: value}`.
+    pub fn all(&self, db: &str) -> Result<JsValue, JsValue> {
+        let db = db_name(db)?;
+        let d = self.shared.borrow();
+        let database = d
+            .client
+            .database(&db)
+            .ok_or_else(|| WasmError::NotOpen(db.as_str().to_owned()))?;
+        let map: serde_json::Map<String, Json> = database
+            .documents()
+            .filter_map(|(id, doc)| Some((id.as_str().to_owned(), doc.to_json()?)))
+            .collect();
+        Ok(to_js(&map))
+    }
+
+    /// Make a document equal `value` with the fewest changes. Resolves to
+    /// whether anything changed once the change is durable locally.
+    pub fn put(&self, db: &str, id: &str, value: JsValue) -> Promise {
+        self.local_write(db, id, |c, db, id| {
+            let value = json(value)?;
+            Ok(c.update(db, id, &value)?)
+        })
+    }
+
+    /// Delete a document (a synced tombstone).
+    pub fn delete(&self, db: &str, id: &str) -> Promise {
+        self.local_write(db, id, |c, db, id| Ok(c.delete(db, id)?))
+    }
+
+    /// Splice collaborative text at `path` (positions in UTF-16 code units).
+    pub fn splice(
+        &self,
+        db: &str,
+        id: &str,
+        path_: JsValue,
+        pos: u32,
+        del: u32,
+        insert: &str,
+    ) -> Promise {
+        self.local_write(db, id, |c, db, id| {
+            let p = path(path_)?;
+            Ok(c.splice_text(db, id, &p, pos as usize, del as usize, insert)?)
+        })
+    }
+
+    /// Add to a counter at `path` (creating it at 0).
+    pub fn increment(&self, db: &str, id: &str, path_: JsValue, by: f64) -> Promise {
+        self.local_write(db, id, |c, db, id| {
+            let p = path(path_)?;
+            Ok(c.increment(db, id, &p, by as i64)?)
+        })
+    }
+
+    fn local_write(
+        &self,
+        db: &str,
+        id: &str,
+        op: impl FnOnce(&mut Client, &DbName, &DocId) -> Result<bool, WasmError>,
+    ) -> Promise {
+        let (promise, resolvers) = deferred();
+        let started = (|| -> Result<bool, WasmError> {
+            self.check_open()?;
+            let (db, id) = (db_name(db)?, doc_id(id)?);
+            let mut d = self.shared.borrow_mut();
+            let changed = op(&mut d.client, &db, &id)?;
+            d.pump();
+            // The change's batch is the newest queued one of `db`: resolve
+            // when it is durable.
+            match d.queue.iter().rev().find(|(q, _, _)| *q == db).map(|q| q.1) {
+                Some(seq) if changed => d.write_waiters.push((db, seq, resolvers.clone())),
+                _ => settle(&resolvers, Ok(JsValue::from_bool(changed))),
+            }
+            Ok(changed)
+        })();
+        if let Err(e) = started {
+            settle(&resolvers, Err(e.into()));
+        }
+        after(&self.shared);
+        promise
+    }
+
+    /// Publish this client's presence on a database (any JSON; `null` clears).
+    #[wasm_bindgen(js_name = setPresence)]
+    pub fn set_presence(&self, db: &str, state: JsValue) -> Result<(), JsValue> {
+        let db = db_name(db)?;
+        let state = json(state)?;
+        let bytes = if state.is_null() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(&state).map_err(|e| WasmError::InvalidValue(e.to_string()))?
+        };
+        run(&self.shared, |d| d.client.set_presence(&db, bytes)).map_err(WasmError::from)?;
+        Ok(())
+    }
+
+    /// `{online, peers: [{peer, replica, state}]}` for a database.
+    pub fn presence(&self, db: &str) -> Result<JsValue, JsValue> {
+        #[derive(Serialize)]
+        struct Peer {
+            peer: u64,
+            replica: String,
+            state: Json,
+        }
+        #[derive(Serialize)]
+        struct View {
+            online: u32,
+            peers: Vec<Peer>,
+        }
+        let db = db_name(db)?;
+        let view = self.shared.borrow().client.presence(&db);
+        let peers = view
+            .peers
+            .into_iter()
+            .map(|p| Peer {
+                peer: p.peer,
+                replica: p.replica.to_hex(),
+                state: p
+                    .state
+                    .and_then(|s| serde_json::from_slice(&s).ok())
+                    .unwrap_or(Json::Null),
+            })
+            .collect();
+        Ok(to_js(&View {
+            online: view.online,
+            peers,
+        }))
+    }
+
+    /// Whether the server's reply arrived and every local change of `db` is durable there.
+    #[wasm_bindgen(js_name = isSynced)]
+    pub fn is_synced(&self, db: &str) -> Result<bool, JsValue> {
+        Ok(self.shared.borrow().client.is_synced(&db_name(db)?))
+    }
+
+    /// Own changes to `db` not yet acknowledged as durable by the server.
+    pub fn pending(&self, db: &str) -> Result<f64, JsValue> {
+        let db = db_name(db)?;
+        let d = self.shared.borrow();
+        let own = d.client.database(&db).map_or(0, |x| x.own_counter());
+        Ok(own.saturating_sub(d.client.acked(&db)) as f64)
+    }
+
+    /// Resolves when `db` is synced (see `isSynced`); rejects on the server's refusal.
+    #[wasm_bindgen(js_name = whenSynced)]
+    pub fn when_synced(&self, db: &str) -> Promise {
+        let (promise, resolvers) = deferred();
+        match db_name(db) {
+            Err(e) => settle(&resolvers, Err(e.into())),
+            Ok(db) => {
+                let mut d = self.shared.borrow_mut();
+                if d.client.is_synced(&db) {
+                    settle(&resolvers, Ok(JsValue::UNDEFINED));
+                } else if let Some(e) = &d.refused {
+                    settle(&resolvers, Err(js_error(e.code(), &e.to_string())));
+                } else {
+                    d.sync_waiters.push((db, resolvers));
+                }
+            }
+        }
+        promise
+    }
+
+    /// Try to connect now instead of waiting for the backoff (e.g. on the
+    /// browser's `online` event).
+    #[wasm_bindgen(js_name = reconnectNow)]
+    pub fn reconnect_now(&self) {
+        {
+            let mut d = self.shared.borrow_mut();
+            d.reconnect = None;
+            d.attempts = 0;
+        }
+        dial(&self.shared);
+    }
+
+    /// Stop: close the socket, let queued writes finish, release IndexedDB.
+    pub fn close(&self) -> Promise {
+        let (drained, resolvers) = deferred();
+        {
+            let mut d = self.shared.borrow_mut();
+            if !d.closed {
+                d.closed = true;
+                d.reconnect = None;
+                d.socket = None;
+                d.client.disconnected();
+            }
+            d.close_waiters.push(resolvers);
+        }
+        after(&self.shared);
+        let shared = self.shared.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            wasm_bindgen_futures::JsFuture::from(drained).await?;
+            shared.borrow().store.close();
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+}

@@ -1,0 +1,100 @@
+//! Errors as JS sees them: an `Error` whose `code` property is a stable
+//! string a program can switch on (`err.code === 'QuotaExceeded'`), and whose
+//! `message` is for people.
+
+use syncline_core::IdError;
+use syncline_core::protocol::ErrorCode;
+use syncline_core::sync::ClientError as CoreClientError;
+use wasm_bindgen::JsValue;
+
+use crate::store::StoreError;
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WasmError {
+    /// A database name or document id does not follow the rules.
+    #[error(transparent)]
+    InvalidId(#[from] IdError),
+    /// The database was not opened on this client.
+    #[error("database {0} is not open: call open() first")]
+    NotOpen(String),
+    /// The value cannot become a document (not an object, reserved key, bad path…).
+    #[error("{0}")]
+    InvalidValue(String),
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The server refused.
+    #[error("server refused ({code:?}): {message}")]
+    Server {
+        /// Its code.
+        code: ErrorCode,
+        /// Its text.
+        message: String,
+    },
+    /// The server URL is unusable.
+    #[error("{0}")]
+    InvalidUrl(String),
+    /// The client was closed.
+    #[error("the client is closed")]
+    Closed,
+}
+
+impl From<CoreClientError> for WasmError {
+    fn from(e: CoreClientError) -> Self {
+        match e {
+            CoreClientError::NotOpen(db) => WasmError::NotOpen(db.as_str().to_owned()),
+            CoreClientError::Doc(d) => WasmError::InvalidValue(d.to_string()),
+        }
+    }
+}
+
+/// The stable name of a protocol error code.
+pub fn server_code(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Unauthorized => "Unauthorized",
+        ErrorCode::Forbidden => "Forbidden",
+        ErrorCode::BadFrame => "BadFrame",
+        ErrorCode::TooLarge => "TooLarge",
+        ErrorCode::UnknownVersion => "UnknownVersion",
+        ErrorCode::InvalidChange => "InvalidChange",
+        ErrorCode::Overloaded => "Overloaded",
+        ErrorCode::NotSubscribed => "NotSubscribed",
+        ErrorCode::OutOfOrder => "OutOfOrder",
+        ErrorCode::ProtocolViolation => "ProtocolViolation",
+        ErrorCode::Internal => "Internal",
+        ErrorCode::ShuttingDown => "ShuttingDown",
+        _ => "Unknown",
+    }
+}
+
+impl WasmError {
+    /// The stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            WasmError::InvalidId(IdError::DbName(_)) => "InvalidDatabaseName",
+            WasmError::InvalidId(_) => "InvalidDocumentId",
+            WasmError::NotOpen(_) => "NotOpen",
+            WasmError::InvalidValue(_) => "InvalidValue",
+            WasmError::Store(s) => s.code(),
+            WasmError::Server { code, .. } => server_code(*code),
+            WasmError::InvalidUrl(_) => "InvalidUrl",
+            WasmError::Closed => "Closed",
+        }
+    }
+}
+
+/// A JS `Error` with a `code` property.
+pub fn js_error(code: &str, message: &str) -> JsValue {
+    let err = js_sys::Error::new(message);
+    err.set_name("SynclineError");
+    // Setting a property on a fresh Error cannot fail.
+    let _ = js_sys::Reflect::set(&err, &"code".into(), &code.into());
+    err.into()
+}
+
+impl From<WasmError> for JsValue {
+    fn from(e: WasmError) -> Self {
+        js_error(e.code(), &e.to_string())
+    }
+}
