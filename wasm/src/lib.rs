@@ -22,3 +22,6 @@ use wasm_bindgen::prelude::*;
 pub fn protocol_version() -> u8 {
     syncline_core::protocol::PROTOCOL_VERSION
 }
+
+#[cfg(all(test, target_arch = "wasm32"))]
+mod tests;

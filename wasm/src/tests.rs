@@ -1,0 +1,291 @@
+//! Browser tests (`wasm-bindgen-test` in headless Chromium): the IndexedDB
+//! store and the WebSocket transport. The transport tests talk to a real
+//! `syncline serve` whose URL `scripts/test` passes at build time in
+//! `SYNCLINE_TEST_SERVER`.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use js_sys::{Function, Promise};
+use syncline_core::{Batch, DbName, DocId, Dot, Entry, ReplicaId, Snapshot, Store, VersionVector};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
+use wasm_bindgen_test::*;
+
+use crate::client::create_client;
+use crate::socket::{Socket, SocketEvent};
+use crate::store::{IdbStore, StoreError};
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", ReplicaId::random().to_hex())
+}
+
+fn entry(replica: ReplicaId, counter: u64, doc: &str) -> Entry {
+    Entry {
+        dot: Dot { replica, counter },
+        doc: DocId::new(doc).expect("valid id"),
+        change: vec![counter as u8; 10],
+    }
+}
+
+#[wasm_bindgen_test]
+async fn batches_survive_reopening_in_order() {
+    let name = unique("store");
+    let db = DbName::new("org-1").expect("valid");
+    let other = DbName::new("org-2").expect("valid");
+    let r = ReplicaId([1; 16]);
+    let store = IdbStore::open(&name).await.expect("open");
+    store
+        .write(
+            &db,
+            &Batch::entries(vec![entry(r, 1, "a"), entry(r, 2, "b")]),
+        )
+        .await
+        .expect("write");
+    store
+        .write_many(&[
+            (db.clone(), Batch::entries(vec![entry(r, 3, "a")])),
+            (other.clone(), Batch::entries(vec![entry(r, 1, "z")])),
+        ])
+        .await
+        .expect("write many");
+    store.put_meta("replica", &r.0).await.expect("meta");
+    store.close();
+
+    let store = IdbStore::open(&name).await.expect("reopen");
+    let loaded = store.load(&db).await.expect("load");
+    let counters: Vec<u64> = loaded.entries.iter().map(|e| e.dot.counter).collect();
+    assert_eq!(counters, [1, 2, 3]);
+    assert_eq!(loaded.entries[2], entry(r, 3, "a"));
+    assert_eq!(store.load(&other).await.expect("load").entries.len(), 1);
+    let mut since = VersionVector::new();
+    since.set(r, 2);
+    assert_eq!(
+        store.read_since(&db, &since).await.expect("since"),
+        vec![entry(r, 3, "a")]
+    );
+    assert_eq!(
+        store.get_meta("replica").await.expect("meta"),
+        Some(r.0.to_vec())
+    );
+    assert_eq!(store.get_meta("nothing").await.expect("meta"), None);
+    let mut names = store.list_databases().await.expect("list");
+    names.sort();
+    assert_eq!(names, vec![db.clone(), other]);
+    // Appending after a reopen continues the record sequence.
+    store
+        .write(&db, &Batch::entries(vec![entry(r, 4, "c")]))
+        .await
+        .expect("write");
+    assert_eq!(store.load(&db).await.expect("load").entries.len(), 4);
+}
+
+#[wasm_bindgen_test]
+async fn snapshots_and_horizon_prune_entries() {
+    let store = IdbStore::open(&unique("snap")).await.expect("open");
+    let db = DbName::new("db").expect("valid");
+    let r = ReplicaId([2; 16]);
+    store
+        .write(
+            &db,
+            &Batch::entries((1..=5).map(|c| entry(r, c, "a")).collect()),
+        )
+        .await
+        .expect("write");
+    let mut base = VersionVector::new();
+    base.set(r, 3);
+    let snapshot = Snapshot {
+        doc: DocId::new("a").expect("valid"),
+        clock: base.clone(),
+        bytes: vec![7; 32],
+    };
+    store
+        .write(
+            &db,
+            &Batch {
+                entries: vec![],
+                snapshots: vec![snapshot.clone()],
+                base: Some(base.clone()),
+            },
+        )
+        .await
+        .expect("write");
+    let loaded = store.load(&db).await.expect("load");
+    assert_eq!(loaded.base, base);
+    assert_eq!(loaded.snapshots, vec![snapshot]);
+    let counters: Vec<u64> = loaded.entries.iter().map(|e| e.dot.counter).collect();
+    assert_eq!(counters, [4, 5]);
+}
+
+#[wasm_bindgen_test]
+async fn many_records_fold_into_one_without_loss() {
+    let name = unique("fold");
+    let store = IdbStore::open(&name).await.expect("open");
+    let db = DbName::new("db").expect("valid");
+    let r = ReplicaId([3; 16]);
+    for c in 1..=600u64 {
+        store
+            .write(&db, &Batch::entries(vec![entry(r, c, "a")]))
+            .await
+            .expect("write");
+    }
+    store.close();
+    let store = IdbStore::open(&name).await.expect("reopen");
+    let loaded = store.load(&db).await.expect("load");
+    assert_eq!(loaded.entries.len(), 600);
+    assert!(
+        loaded
+            .entries
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.dot.counter == i as u64 + 1)
+    );
+}
+
+#[wasm_bindgen_test]
+async fn corrupt_records_are_typed_errors() {
+    use indexed_db_futures::prelude::*;
+    use indexed_db_futures::transaction::TransactionMode;
+    use indexed_db_futures::typed_array::Uint8Array;
+    let name = unique("corrupt");
+    IdbStore::open(&name).await.expect("create").close();
+    // Damage the log behind the store's back.
+    let raw = indexed_db_futures::database::Database::open(name.as_str())
+        .await
+        .expect("raw open");
+    let tx = raw
+        .transaction("log")
+        .with_mode(TransactionMode::Readwrite)
+        .build()
+        .expect("tx");
+    tx.object_store("log")
+        .expect("store")
+        .put(Uint8Array::from(vec![0xde, 0xad, 0xbe, 0xef]))
+        .with_key("db\u{0}0000000000000000".to_owned())
+        .primitive()
+        .expect("put");
+    tx.commit().await.expect("commit");
+    raw.close();
+    let store = IdbStore::open(&name).await.expect("open");
+    let err = store
+        .load(&DbName::new("db").expect("valid"))
+        .await
+        .expect_err("corrupt");
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+    assert_eq!(err.code(), "StorageCorrupt");
+}
+
+#[wasm_bindgen_test]
+async fn a_blocked_upgrade_is_a_typed_error() {
+    let name = unique("blocked");
+    let _holder = IdbStore::open(&name).await.expect("open v1");
+    // A newer schema cannot open while this (older) connection is held.
+    let err = IdbStore::open_version(&name, 2).await.expect_err("blocked");
+    assert!(matches!(err, StoreError::Blocked), "{err:?}");
+}
+
+/// A promise resolved by the first event `pick` accepts.
+fn waiter(pick: impl Fn(&JsValue) -> bool + 'static) -> (Function, Promise) {
+    let resolve: Rc<RefCell<Option<Function>>> = Rc::default();
+    let slot = resolve.clone();
+    let promise = Promise::new(&mut |res, _| *slot.borrow_mut() = Some(res));
+    let callback = Closure::<dyn FnMut(JsValue)>::new(move |ev: JsValue| {
+        if pick(&ev)
+            && let Some(r) = resolve.borrow_mut().take()
+        {
+            let _ = r.call1(&JsValue::NULL, &ev);
+        }
+    });
+    (callback.into_js_value().unchecked_into(), promise)
+}
+
+fn field(ev: &JsValue, name: &str) -> Option<String> {
+    js_sys::Reflect::get(ev, &name.into()).ok()?.as_string()
+}
+
+fn options(url: &str) -> JsValue {
+    let o = js_sys::Object::new();
+    let _ = js_sys::Reflect::set(&o, &"url".into(), &url.into());
+    let _ = js_sys::Reflect::set(&o, &"storage".into(), &"memory".into());
+    let _ = js_sys::Reflect::set(&o, &"maxBackoffMs".into(), &200.into());
+    o.into()
+}
+
+fn server() -> &'static str {
+    option_env!("SYNCLINE_TEST_SERVER")
+        .expect("SYNCLINE_TEST_SERVER (a ws:// URL of a running server) must be set at build time; scripts/test does")
+}
+
+#[wasm_bindgen_test]
+async fn socket_reports_an_unreachable_server_as_closed() {
+    let (cb, closed) = waiter(|_| true);
+    let _socket = Socket::open("ws://127.0.0.1:9/sync", move |ev| {
+        let name = match ev {
+            SocketEvent::Open => "open",
+            SocketEvent::Frame(_) => "frame",
+            SocketEvent::Closed => "closed",
+        };
+        let _ = cb.call1(&JsValue::NULL, &name.into());
+    })
+    .expect("valid url");
+    let first = JsFuture::from(closed).await.expect("event");
+    assert_eq!(first.as_string().as_deref(), Some("closed"));
+    // Relative URLs resolve against the page; a foreign scheme cannot.
+    assert!(Socket::open("ftp://example.invalid/", |_| {}).is_err());
+}
+
+#[wasm_bindgen_test]
+async fn writes_never_wait_for_the_network() {
+    let (cb, _) = waiter(|_| false);
+    let client = create_client(options("ws://127.0.0.1:9/sync"), cb)
+        .await
+        .expect("client");
+    client.open("offline-db".to_owned()).await.expect("open");
+    let put = client.put(
+        "offline-db",
+        "a",
+        serde_wasm_bindgen::to_value(&serde_json::json!({"x": 1})).expect("js"),
+    );
+    assert_eq!(
+        JsFuture::from(put).await.expect("durable locally"),
+        JsValue::TRUE
+    );
+    assert_eq!(client.status(), "offline");
+    assert_eq!(client.pending("offline-db").expect("pending"), 1.0);
+    JsFuture::from(client.close()).await.expect("close");
+}
+
+#[wasm_bindgen_test]
+async fn two_clients_sync_through_the_server_with_acks() {
+    let url = server();
+    let db = unique("wasm");
+    let (cb_a, a_synced) = waiter(|ev| field(ev, "type").as_deref() == Some("synced"));
+    let a = create_client(options(url), cb_a).await.expect("client a");
+    a.open(db.to_owned()).await.expect("open");
+    let value = serde_wasm_bindgen::to_value(&serde_json::json!({"title": "milk"})).expect("js");
+    JsFuture::from(a.put(&db, "todo", value))
+        .await
+        .expect("put");
+    JsFuture::from(a.when_synced(&db))
+        .await
+        .expect("acknowledged by the server");
+    JsFuture::from(a_synced).await.expect("synced event");
+    assert_eq!(a.pending(&db).expect("pending"), 0.0);
+    assert_eq!(a.status(), "online");
+
+    let want = db.clone();
+    let (cb_b, b_changed) = waiter(move |ev| {
+        field(ev, "type").as_deref() == Some("changed")
+            && field(ev, "db").as_deref() == Some(want.as_str())
+    });
+    let b = create_client(options(url), cb_b).await.expect("client b");
+    b.open(db.to_owned()).await.expect("open");
+    JsFuture::from(b_changed).await.expect("remote change");
+    let got: serde_json::Value =
+        serde_wasm_bindgen::from_value(b.get(&db, "todo").expect("get")).expect("json");
+    assert_eq!(got, serde_json::json!({"title": "milk"}));
+    JsFuture::from(a.close()).await.expect("close");
+    JsFuture::from(b.close()).await.expect("close");
+}
