@@ -59,12 +59,16 @@ describe('browser package against the real server', () => {
     await pb.evaluate(() => db.update('todo:1', (d) => void (d.done = true)));
     await until(pa, () => db.get('todo:1')?.done === true);
 
-    // Concurrent text edits merge.
+    // Concurrent text edits merge (B appends at its current end, so the
+    // result is the same whether or not A's insert reached B first).
     await pa.evaluate(() => db.text('note', ['body']).insert(0, 'hello'));
     await until(pb, () => db.text('note', ['body']).toString() === 'hello');
     await Promise.all([
       pa.evaluate(() => db.text('note', ['body']).insert(0, '>> ')),
-      pb.evaluate(() => db.text('note', ['body']).insert(5, ' world')),
+      pb.evaluate(() => {
+        const t = db.text('note', ['body']);
+        return t.insert(t.toString().length, ' world');
+      }),
     ]);
     for (const p of [pa, pb]) await until(p, () => db.text('note', ['body']).toString() === '>> hello world');
 
@@ -187,6 +191,8 @@ describe('browser package against the real server', () => {
     const other = await s.cli(['token', '--secret', secret, '--db', 'elsewhere', '--rights', 'write']);
     const pb = await a.page(web.url);
     await connect(pb, s.url, { db: 'e2e-auth', token: other, name: 'other' });
+    // Asked after the refusal arrived: still rejects (it does not wait forever).
+    await until(pb, () => window.errors.includes('Forbidden'));
     const codeB = await pb.evaluate(() => db.whenSynced().then(() => 'synced', (e) => e.code));
     assert.equal(codeB, 'Forbidden');
 

@@ -116,6 +116,8 @@ struct Driver {
     reconnect: Option<Timer>,
     /// A fatal refusal (bad token, unknown version): reconnecting cannot help.
     refused: Option<WasmError>,
+    /// Databases the server refused on this connection (`Forbidden`, …).
+    db_refused: Vec<(DbName, WasmError)>,
     /// Batches waiting for the store, in order.
     queue: VecDeque<(DbName, u64, Batch)>,
     writing: bool,
@@ -193,6 +195,7 @@ pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmC
         max_backoff_ms: options.max_backoff_ms.unwrap_or(10_000).max(50),
         reconnect: None,
         refused: None,
+        db_refused: Vec::new(),
         queue: VecDeque::new(),
         writing: false,
         write_retry: None,
@@ -274,6 +277,10 @@ impl Driver {
                 if s == Status::Online {
                     self.attempts = 0;
                 }
+                if s == Status::Connecting {
+                    // A new connection asks again.
+                    self.db_refused.clear();
+                }
                 JsEvent::Status {
                     status: status_name(s),
                 }
@@ -317,6 +324,18 @@ impl Driver {
                 code,
                 message: message.to_owned(),
             });
+        }
+        if let Some(db) = db
+            && matches!(code, ErrorCode::Forbidden | ErrorCode::Unauthorized)
+        {
+            self.db_refused.retain(|(d, _)| d != db);
+            self.db_refused.push((
+                db.clone(),
+                WasmError::Server {
+                    code,
+                    message: message.to_owned(),
+                },
+            ));
         }
         let (failed, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.sync_waiters)
             .into_iter()
@@ -740,7 +759,11 @@ impl WasmClient {
                 let mut d = self.shared.borrow_mut();
                 if d.client.is_synced(&db) {
                     settle(&resolvers, Ok(JsValue::UNDEFINED));
-                } else if let Some(e) = &d.refused {
+                } else if let Some(e) = d
+                    .refused
+                    .as_ref()
+                    .or_else(|| d.db_refused.iter().find(|(x, _)| *x == db).map(|(_, e)| e))
+                {
                     settle(&resolvers, Err(js_error(e.code(), &e.to_string())));
                 } else {
                     d.sync_waiters.push((db, resolvers));
