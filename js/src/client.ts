@@ -63,6 +63,25 @@ type WasmEvent =
   | { type: 'presence'; db: string }
   | { type: 'error'; db: string | null; code: string; message: string };
 
+/**
+ * Call every listener; one that throws neither stops the others nor the
+ * client: its error is reported asynchronously (like an event handler's).
+ */
+function emit<A>(listeners: Iterable<(a: A) => void>, arg: A): void {
+  for (const cb of listeners) {
+    try {
+      cb(arg);
+    } catch (e) {
+      const report = (globalThis as { reportError?: (e: unknown) => void }).reportError;
+      if (report) report(e);
+      else
+        queueMicrotask(() => {
+          throw e;
+        });
+    }
+  }
+}
+
 let loader: (() => Promise<void>) | null = null;
 let loaded: Promise<void> | null = null;
 
@@ -203,7 +222,7 @@ export class Syncline {
   #event(e: WasmEvent): void {
     switch (e.type) {
       case 'status':
-        for (const cb of this.#statusListeners) cb(e.status);
+        emit(this.#statusListeners, e.status);
         for (const db of this.#dbs.values()) {
           db._statusMaybeChanged();
           db.presence._changed();
@@ -223,7 +242,7 @@ export class Syncline {
         const err = synclineError(e.code as SynclineError['code'], e.message, e.db ?? undefined);
         const db = e.db ? this.#dbs.get(e.db) : undefined;
         if (db && db._error(err)) break;
-        for (const cb of this.#errorListeners) cb(err);
+        emit(this.#errorListeners, err);
         break;
       }
     }
@@ -368,7 +387,7 @@ export class SynclineDb {
   _changed(ids: string[], remote: boolean): void {
     for (const id of ids) this.#cache.delete(id);
     const e = { ids, remote };
-    for (const cb of this.#listeners) cb(e);
+    emit(this.#listeners, e);
     this._statusMaybeChanged();
   }
 
@@ -377,12 +396,12 @@ export class SynclineDb {
     const s = this.status;
     if (s === this.#lastStatus) return;
     this.#lastStatus = s;
-    for (const cb of this.#statusListeners) cb(s);
+    emit(this.#statusListeners, s);
   }
 
   /** @internal Returns whether a listener took it. */
   _error(e: SynclineError): boolean {
-    for (const cb of this.#errorListeners) cb(e);
+    emit(this.#errorListeners, e);
     return this.#errorListeners.size > 0;
   }
 }
@@ -391,7 +410,7 @@ export class SynclineDb {
 export class Presence<S = unknown> {
   #wasm: WasmClient;
   #db: string;
-  #listeners = new Set<() => void>();
+  #listeners = new Set<(_: undefined) => void>();
   #view: { online: number; peers: Peer<S>[] } | null = null;
 
   /** @internal */
@@ -429,7 +448,7 @@ export class Presence<S = unknown> {
   /** @internal */
   _changed(): void {
     this.#view = null;
-    for (const cb of this.#listeners) cb();
+    emit(this.#listeners, undefined);
   }
 }
 

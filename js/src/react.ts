@@ -4,9 +4,9 @@
  * How it works. Each hook subscribes to the database's events and reads a
  * snapshot that stays the same object until what it shows changes:
  * `db.get(id)` is cached by the database until that document changes, the
- * record of `useDocs` is rebuilt only after a change event, presence views
- * are cached per presence view, and the status is a string. So a component
- * re-renders only when its data changed.
+ * record of `useDocs` is rebuilt only after a change event, the presence
+ * view only when the client replaces its peer list, and the status is a
+ * string. So a component re-renders only when what it reads changed.
  *
  * Why there are no echo loops. Nothing here writes on its own: the database
  * is the only state, and writes happen only when you call `put`, `update` or

@@ -106,3 +106,27 @@ describe('local API (Node, memory store)', () => {
     await client.close();
   });
 });
+
+describe('listeners', () => {
+  it('a throwing subscriber neither stops the others nor the write', async () => {
+    const client = await local();
+    const db = await client.open('db');
+    const reported: unknown[] = [];
+    const g = globalThis as { reportError?: (e: unknown) => void };
+    const saved = g.reportError;
+    g.reportError = (e) => reported.push(e);
+    try {
+      const seen: string[] = [];
+      db.subscribe(() => {
+        throw new Error('app bug');
+      });
+      db.subscribe((e) => seen.push(...e.ids));
+      expect(await db.put('a', { x: 1 })).toBe(true);
+      expect(seen).toEqual(['a']);
+      expect(reported).toHaveLength(1);
+    } finally {
+      g.reportError = saved;
+      await client.close();
+    }
+  });
+});
