@@ -237,5 +237,8 @@ describe('browser package against the real server', () => {
     });
     assert.equal(code, 'QuotaExceeded');
     await until(page, () => window.errors.includes('QuotaExceeded'));
+    // Closing does not hang on the write that cannot be stored: it says so.
+    const closed = await page.evaluate(() => client.close().then(() => 'closed', (e) => e.code));
+    assert.equal(closed, 'QuotaExceeded');
   });
 });

@@ -490,6 +490,13 @@ fn kick_writer(shared: &Shared) {
                     for item in items.into_iter().rev() {
                         d.queue.push_front(item);
                     }
+                    if d.closed {
+                        // Closing: report instead of retrying forever.
+                        for r in std::mem::take(&mut d.close_waiters) {
+                            settle(&r, Err(js_error(e.code(), &e.to_string())));
+                        }
+                        return;
+                    }
                     let weak = Rc::downgrade(&shared);
                     d.write_retry = Some(Timer::new(1_000, move || {
                         if let Some(shared) = weak.upgrade() {
@@ -796,14 +803,16 @@ impl WasmClient {
                 d.socket = None;
                 d.client.disconnected();
             }
+            // Writes waiting to be retried get one last attempt now.
+            d.write_retry = None;
             d.close_waiters.push(resolvers);
         }
         after(&self.shared);
         let shared = self.shared.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            wasm_bindgen_futures::JsFuture::from(drained).await?;
+            let drained = wasm_bindgen_futures::JsFuture::from(drained).await;
             shared.borrow().store.close();
-            Ok(JsValue::UNDEFINED)
+            drained.map(|_| JsValue::UNDEFINED)
         })
     }
 }
