@@ -176,6 +176,17 @@ impl Database {
         self.local(doc, |d| d.update(value))
     }
 
+    /// [`Database::update`] with root keys holding collaborative text
+    /// (see [`Document::update_with_text`]).
+    pub fn update_with_text(
+        &mut self,
+        doc: &DocId,
+        value: &Json,
+        text_keys: &[String],
+    ) -> Result<Option<Entry>, DocError> {
+        self.local(doc, |d| d.update_with_text(value, text_keys))
+    }
+
     /// Delete a document (a tombstone change that syncs).
     pub fn delete(&mut self, doc: &DocId) -> Result<Option<Entry>, DocError> {
         if !self.docs.contains_key(doc) {

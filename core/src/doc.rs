@@ -243,6 +243,18 @@ impl Document {
     /// Replace the document's content by `value` (a JSON object), recording
     /// only what differs. Returns the change, or `None` when nothing changed.
     pub fn update(&mut self, value: &Json) -> Result<Option<Change>, DocError> {
+        self.update_with_text(value, &[])
+    }
+
+    /// [`Document::update`], where the root keys in `text_keys` hold
+    /// collaborative text: a string there is created as a text object (not a
+    /// scalar), so later updates merge character by character with
+    /// concurrent edits instead of replacing the whole string.
+    pub fn update_with_text(
+        &mut self,
+        value: &Json,
+        text_keys: &[String],
+    ) -> Result<Option<Change>, DocError> {
         let Json::Object(map) = value else {
             return Err(DocError::NotAnObject(json_kind(value)));
         };
@@ -253,7 +265,13 @@ impl Document {
             if tx.get(automerge::ROOT, DELETED_KEY)?.is_some() {
                 tx.delete(automerge::ROOT, DELETED_KEY)?;
             }
-            update_map(tx, &automerge::ROOT, map, true)
+            update_map(tx, &automerge::ROOT, map, true)?;
+            for k in text_keys {
+                if let Some(Json::String(text)) = map.get(k) {
+                    ensure_text_value(tx, k, text)?;
+                }
+            }
+            Ok(())
         })
     }
 
@@ -482,6 +500,16 @@ fn update_value(
     }
 }
 
+/// Make root key `k` a text object holding `text` (converting a scalar string).
+fn ensure_text_value(tx: &mut Transaction<'_>, k: &str, text: &str) -> Result<(), DocError> {
+    if let Some((Value::Object(ObjType::Text), _)) = tx.get(automerge::ROOT, k)? {
+        return Ok(()); // `update_map` already diffed it
+    }
+    let id = tx.put_object(automerge::ROOT, k, ObjType::Text)?;
+    tx.splice_text(&id, 0, 0, text)?;
+    Ok(())
+}
+
 fn update_map(
     tx: &mut Transaction<'_>,
     obj: &ObjId,
@@ -704,6 +732,35 @@ mod tests {
             a.splice_text(&["nope".into(), "x".into()], 0, 0, "x")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn text_keys_merge_concurrent_whole_value_updates() {
+        let keys = ["title".to_owned()];
+        let mut a = doc(1);
+        a.update_with_text(&json!({"title": "buy milk", "done": false}), &keys)
+            .unwrap();
+        let mut b = doc(2);
+        merge(&mut b, &a);
+        // Both replace the whole value, as a form or a Redux reducer does.
+        a.update_with_text(&json!({"title": "buy oat milk", "done": false}), &keys)
+            .unwrap();
+        b.update_with_text(&json!({"title": "buy milk today", "done": true}), &keys)
+            .unwrap();
+        merge(&mut a, &b);
+        merge(&mut b, &a);
+        let want = json!({"title": "buy oat milk today", "done": true});
+        assert_eq!(a.to_json(), Some(want.clone()));
+        assert_eq!(b.to_json(), Some(want));
+        // A scalar string written earlier becomes text on the first such update.
+        let mut c = doc(3);
+        c.update(&json!({"title": "x"})).unwrap();
+        c.update_with_text(&json!({"title": "xy"}), &keys).unwrap();
+        assert!(matches!(
+            c.am.get(automerge::ROOT, "title").unwrap(),
+            Some((Value::Object(ObjType::Text), _))
+        ));
+        assert_eq!(c.to_json(), Some(json!({"title": "xy"})));
     }
 
     #[test]

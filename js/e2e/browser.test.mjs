@@ -120,6 +120,7 @@ describe('browser package against the real server', () => {
     await connect(pb, s.url, { db: 'e2e-offline' });
     await pa.evaluate(async () => {
       await db.put('shared', { title: 'plan', items: ['a'] });
+      await db.put('note', { title: 'buy milk' }, { text: ['title'] });
       // A counter must exist before concurrent increments can add up
       // (two replicas creating it concurrently is a conflict: one wins).
       await db.increment('shared', ['votes'], 1);
@@ -133,23 +134,27 @@ describe('browser package against the real server', () => {
       await db.update('shared', (d) => void (d.byA = 1));
       await db.put('onlyA', { v: 'a' });
       await db.increment('shared', ['votes'], 2);
+      await db.update('note', (d) => void (d.title = 'buy oat milk'), { text: ['title'] });
     });
     await pb.evaluate(async () => {
       await db.update('shared', (d) => void (d.byB = 2));
       await db.put('onlyB', { v: 'b' });
       await db.increment('shared', ['votes'], 3);
+      await db.update('note', (d) => void (d.title = 'buy milk today'), { text: ['title'] });
     });
-    assert.equal(await pa.evaluate(() => db.pending), 3);
+    assert.equal(await pa.evaluate(() => db.pending), 4);
 
     await s.start();
     for (const p of [pa, pb]) {
-      await until(p, () => db.list().length === 3 && db.get('shared')?.byA === 1 && db.get('shared')?.byB === 2);
+      await until(p, () => db.list().length === 4 && db.get('shared')?.byA === 1 && db.get('shared')?.byB === 2);
       await until(p, synced);
     }
     const [va, vb] = [await pa.evaluate(() => db.all()), await pb.evaluate(() => db.all())];
     assert.deepEqual(va, vb);
     assert.equal(va.shared.votes, 6);
     assert.deepEqual(va.shared.items, ['a']);
+    // Both offline edits of one collaborative text survive.
+    assert.equal(va.note.title, 'buy oat milk today');
   });
 
   it('a server crash mid-session loses nothing acknowledged', T, async () => {

@@ -11,5 +11,6 @@ export {
   type Path,
   type Peer,
   type TextField,
+  type WriteOptions,
 } from './client.js';
 export { isSynclineError, type SynclineError, type SynclineErrorCode } from './errors.js';

@@ -37,6 +37,16 @@ export interface ConnectOptions {
   maxBackoffMs?: number;
 }
 
+/** Options of `put` and `update`. */
+export interface WriteOptions {
+  /**
+   * Top-level keys whose strings are collaborative text: concurrent edits
+   * of the same string merge character by character (a diff is recorded)
+   * instead of one whole value winning.
+   */
+  text?: string[];
+}
+
 /** What `db.subscribe` callbacks receive. */
 export interface ChangeEvent {
   /** Documents that changed. */
@@ -309,16 +319,16 @@ export class SynclineDb {
    * Make a document equal `value`, recording only what differs. Resolves
    * to whether anything changed, once the change is durable locally.
    */
-  put(id: string, value: Doc): Promise<boolean> {
-    return this.#wasm.put(this.name, id, value) as Promise<boolean>;
+  put(id: string, value: Doc, options?: WriteOptions): Promise<boolean> {
+    return this.#wasm.put(this.name, id, value, options?.text) as Promise<boolean>;
   }
 
   /** Change a document through a draft: mutate it, or return a new value. */
-  update<T extends Doc = Doc>(id: string, fn: (draft: T) => T | void): Promise<boolean> {
+  update<T extends Doc = Doc>(id: string, fn: (draft: T) => T | void, options?: WriteOptions): Promise<boolean> {
     const current = this.get<T>(id);
     const draft = (current === undefined ? {} : structuredClone(current)) as T;
     const result = fn(draft);
-    return this.put(id, (result ?? draft) as Doc);
+    return this.put(id, (result ?? draft) as Doc, options);
   }
 
   /** Delete a document (the deletion syncs; a later put revives it). */

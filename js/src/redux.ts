@@ -42,6 +42,11 @@ export interface SynclineMiddlewareOptions {
   slice: string;
   /** Called when a write fails (default: `console.error`). */
   onError?: (error: unknown, info: { id: string; op: 'put' | 'delete' }) => void;
+  /**
+   * Top-level keys of each document that hold collaborative text (e.g.
+   * `['title']`): concurrent edits of them merge instead of one winning.
+   */
+  text?: string[];
 }
 
 /** Make a {@link SynclineChangedAction} (the middleware does this for you). */
@@ -101,7 +106,7 @@ export function synclineMiddleware(db: SynclineDb, options: SynclineMiddlewareOp
         const doc = current[id];
         if (doc === previous[id]) continue;
         if (doc == null) write('delete', id, () => db.delete(id));
-        else write('put', id, () => db.put(id, doc));
+        else write('put', id, () => db.put(id, doc, { text: options.text }));
       }
     };
 

@@ -631,10 +631,11 @@ impl WasmClient {
 
     /// Make a document equal `value` with the fewest changes. Resolves to
     /// whether anything changed once the change is durable locally.
-    pub fn put(&self, db: &str, id: &str, value: JsValue) -> Promise {
+    /// `text`: root keys whose strings are collaborative text.
+    pub fn put(&self, db: &str, id: &str, value: JsValue, text: Option<Vec<String>>) -> Promise {
         self.local_write(db, id, |c, db, id| {
             let value = json(value)?;
-            Ok(c.update(db, id, &value)?)
+            Ok(c.update_with_text(db, id, &value, &text.unwrap_or_default())?)
         })
     }
 

@@ -268,7 +268,7 @@ async fn two_clients_sync_through_the_server_with_acks() {
     let a = create_client(options(url), cb_a).await.expect("client a");
     a.open(db.to_owned()).await.expect("open");
     let value = serde_wasm_bindgen::to_value(&serde_json::json!({"title": "milk"})).expect("js");
-    JsFuture::from(a.put(&db, "todo", value))
+    JsFuture::from(a.put(&db, "todo", value, None))
         .await
         .expect("put");
     JsFuture::from(a.when_synced(&db))

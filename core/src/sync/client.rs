@@ -317,6 +317,17 @@ impl Client {
         self.local(db, doc, |d| d.update(doc, value))
     }
 
+    /// [`Client::update`] with root keys holding collaborative text.
+    pub fn update_with_text(
+        &mut self,
+        db: &DbName,
+        doc: &DocId,
+        value: &Json,
+        text_keys: &[String],
+    ) -> Result<bool, ClientError> {
+        self.local(db, doc, |d| d.update_with_text(doc, value, text_keys))
+    }
+
     /// Delete a document.
     pub fn delete(&mut self, db: &DbName, doc: &DocId) -> Result<bool, ClientError> {
         self.local(db, doc, |d| d.delete(doc))
