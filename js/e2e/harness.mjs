@@ -107,25 +107,27 @@ const ARGS = [
 ];
 
 /** A browser profile of its own (its own IndexedDB): one "user". */
-export async function newUser() {
+export async function newUser({ viewport } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'syncline-e2e-profile-'));
   const context = await chromium.launchPersistentContext(dir, {
     executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
     headless: true,
     args: ARGS,
+    ...(viewport ? { viewport } : {}),
   });
   const errors = [];
   context.on('weberror', (e) => errors.push(String(e.error())));
   return {
     context,
     errors,
-    async page(url) {
+    /** Open `url`; resolves once `ready()` holds in the page. */
+    async page(url, ready = () => window.ready === true) {
       const page = await context.newPage();
       page.on('pageerror', (e) => errors.push(String(e)));
       if (process.env.E2E_CONSOLE) page.on('console', (m) => console.log('[page]', m.text()));
       page.on('crash', () => errors.push('page crashed'));
       await page.goto(url);
-      await page.waitForFunction(() => window.ready === true, null, { timeout: 20_000 });
+      await page.waitForFunction(ready, null, { timeout: 20_000 });
       return page;
     },
     async close() {
