@@ -7,5 +7,6 @@ export default defineConfig({
   esbuild: { jsx: 'automatic' },
   // One copy of React and Redux, even though `syncline` is linked from ../js.
   resolve: { dedupe: ['react', 'react-dom', 'redux'] },
-  build: { target: 'es2022', outDir: '../site/todo', emptyOutDir: true },
+  // The manifest lists the build's files for the service worker (public/sw.js).
+  build: { target: 'es2022', outDir: '../site/todo', emptyOutDir: true, manifest: 'manifest.json' },
 });

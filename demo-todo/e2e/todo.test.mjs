@@ -88,6 +88,32 @@ describe('TodoMVC demo', () => {
     assert.deepEqual(user.errors, []);
   });
 
+  it('works offline: reloads with the server down, and offline edits merge when it returns', T, async () => {
+    const a = await open('offline-e2e');
+    const b = await open('offline-e2e');
+    await addTodos(a.page, 'water the plants');
+    await until(b.page, () => document.querySelectorAll('.todo-list li').length === 1);
+    // The service worker has cached the app (page, scripts, wasm).
+    await until(a.page, () => navigator.serviceWorker.controller !== null);
+    for (const p of [a.page, b.page]) await until(p, () => document.querySelector('[data-testid=status]')?.dataset.status === 'synced');
+
+    await server.stop();
+    await addTodos(a.page, 'added offline by A');
+    await until(b.page, () => document.querySelector('[data-testid=status]')?.dataset.status !== 'synced');
+    await b.page.locator('.todo-list li').first().locator('.toggle').check();
+    await a.page.reload();
+    await until(a.page, loaded);
+    assert.deepEqual(await titles(a.page), ['water the plants', 'added offline by A']);
+    assert.equal(await a.page.locator('[data-testid=status]').getAttribute('data-status').then((s) => s === 'synced'), false);
+
+    await server.start();
+    for (const p of [a.page, b.page]) {
+      await until(p, () => document.querySelectorAll('.todo-list li').length === 2 && document.querySelector('.todo-list li')?.classList.contains('completed'));
+      await until(p, () => document.querySelector('[data-testid=status]')?.dataset.status === 'synced');
+    }
+    assert.deepEqual(await titles(b.page), ['water the plants', 'added offline by A']);
+  });
+
   it('two people on one list see each other live; concurrent title edits keep both', T, async () => {
     const viewport = { width: 640, height: 560 };
     const a = await open('shared-e2e', { viewport });

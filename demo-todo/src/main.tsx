@@ -45,5 +45,10 @@ createRoot(document.getElementById('root')!).render(
   </Provider>,
 );
 
+// Keep the app itself available offline (the data already is, in IndexedDB).
+if ('serviceWorker' in navigator) {
+  navigator.serviceWorker.register(`${import.meta.env.BASE_URL}sw.js`).catch((e) => console.warn('no offline app shell:', e));
+}
+
 // For the end-to-end tests and the curious: `syncline.db.get(id)` in the console.
 Object.assign(globalThis, { syncline: { client, db, store } });
