@@ -287,6 +287,14 @@ fn presence_is_broadcast_and_cleared_on_leave() {
     assert_eq!(ada.state.as_deref(), Some(&br#"{"name":"ada"}"#[..]));
     // Presence is never stored.
     assert!(net.server_store.load_now(&db()).unwrap().entries.is_empty());
+    // A state over the limit is refused locally; the connection lives on.
+    let huge = vec![b'x'; syncline_core::protocol::MAX_PRESENCE_LEN + 1];
+    assert!(matches!(
+        net.nodes[a].client.set_presence(&db(), huge),
+        Err(syncline_core::sync::ClientError::PresenceTooLarge { .. })
+    ));
+    net.run();
+    assert_eq!(net.nodes[a].client.status(), Status::Online);
 
     net.disconnect(a);
     net.run();

@@ -130,3 +130,13 @@ describe('listeners', () => {
     }
   });
 });
+
+describe('presence limits', () => {
+  it('refuses a presence state over the protocol limit with TooLarge (instead of losing the connection)', async () => {
+    const client = await local();
+    const db = await client.open('db');
+    expect(() => db.presence.set({ blob: 'x'.repeat(20_000) })).toThrow(expect.objectContaining({ code: 'TooLarge' }));
+    db.presence.set({ name: 'ok' });
+    await client.close();
+  });
+});

@@ -32,6 +32,9 @@ pub enum WasmError {
         /// Its text.
         message: String,
     },
+    /// A value over a protocol limit.
+    #[error("{0}")]
+    TooLarge(String),
     /// The server URL is unusable.
     #[error("{0}")]
     InvalidUrl(String),
@@ -45,6 +48,7 @@ impl From<CoreClientError> for WasmError {
         match e {
             CoreClientError::NotOpen(db) => WasmError::NotOpen(db.as_str().to_owned()),
             CoreClientError::Doc(d) => WasmError::InvalidValue(d.to_string()),
+            e @ CoreClientError::PresenceTooLarge { .. } => WasmError::TooLarge(e.to_string()),
         }
     }
 }
@@ -79,6 +83,7 @@ impl WasmError {
             WasmError::Store(s) => s.code(),
             WasmError::Server { code, .. } => server_code(*code),
             WasmError::InvalidUrl(_) => "InvalidUrl",
+            WasmError::TooLarge(_) => "TooLarge",
             WasmError::Closed => "Closed",
         }
     }

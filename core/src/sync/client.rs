@@ -151,6 +151,15 @@ pub enum ClientError {
     /// The document operation failed.
     #[error(transparent)]
     Doc(#[from] DocError),
+    /// A presence state over the protocol's limit (the server would drop
+    /// the connection for it).
+    #[error("presence state of {len} bytes is over the {max}-byte limit")]
+    PresenceTooLarge {
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -359,6 +368,12 @@ impl Client {
 
     /// Publish this connection's presence state on `db` (empty clears it).
     pub fn set_presence(&mut self, db: &DbName, state: Vec<u8>) -> Result<(), ClientError> {
+        if state.len() > protocol::MAX_PRESENCE_LEN {
+            return Err(ClientError::PresenceTooLarge {
+                len: state.len(),
+                max: protocol::MAX_PRESENCE_LEN,
+            });
+        }
         let c = self
             .dbs
             .get_mut(db)
