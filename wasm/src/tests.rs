@@ -250,6 +250,7 @@ async fn writes_never_wait_for_the_network() {
         "offline-db",
         "a",
         serde_wasm_bindgen::to_value(&serde_json::json!({"x": 1})).expect("js"),
+        None,
     );
     assert_eq!(
         JsFuture::from(put).await.expect("durable locally"),
