@@ -92,6 +92,29 @@ function emit<A>(listeners: Iterable<(a: A) => void>, arg: A): void {
   }
 }
 
+/** Deepest nesting a written value may have. */
+const MAX_DEPTH = 100;
+
+/**
+ * Refuse values the wasm side could not convert safely: cycles, and nesting
+ * deeper than {@link MAX_DEPTH} (its converter recurses).
+ */
+function checkValue(value: unknown): void {
+  // `open` holds the objects on the current path (a repeat there is a
+  // cycle; a shared, acyclic sub-object is fine). Depth is bounded first,
+  // so this recursion is too.
+  const open = new Set<unknown>();
+  const walk = (v: unknown, depth: number): void => {
+    if (typeof v !== 'object' || v === null) return;
+    if (depth > MAX_DEPTH) throw synclineError('InvalidValue', `value nested deeper than ${MAX_DEPTH} levels`);
+    if (open.has(v)) throw synclineError('InvalidValue', 'value contains a cycle');
+    open.add(v);
+    for (const child of Object.values(v)) walk(child, depth + 1);
+    open.delete(v);
+  };
+  walk(value, 0);
+}
+
 let loader: (() => Promise<void>) | null = null;
 let loaded: Promise<void> | null = null;
 
@@ -320,6 +343,11 @@ export class SynclineDb {
    * to whether anything changed, once the change is durable locally.
    */
   put(id: string, value: Doc, options?: WriteOptions): Promise<boolean> {
+    try {
+      checkValue(value);
+    } catch (e) {
+      return Promise.reject(e);
+    }
     return this.#wasm.put(this.name, id, value, options?.text) as Promise<boolean>;
   }
 

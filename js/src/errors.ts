@@ -14,6 +14,7 @@ export type SynclineErrorCode =
   | 'Closed'
   | 'Unsupported'
   | 'TooManyTabs'
+  | 'NoServer'
   // Local storage (IndexedDB)
   | 'QuotaExceeded'
   | 'StorageBlocked'

@@ -31,11 +31,7 @@ interface LockManagerLike {
 /** Take the lowest free slot of `name`. */
 export async function acquireSlot(name: string): Promise<Slot> {
   const locks = (globalThis.navigator as { locks?: LockManagerLike } | undefined)?.locks;
-  if (!locks) {
-    // No Web Locks (very old browsers, insecure origins): one replica,
-    // as if this were the only tab.
-    return { index: 0, release() {} };
-  }
+  if (!locks) return tabSlot(name);
   for (let index = 0; index < MAX_SLOTS; index++) {
     let release = () => {};
     const held = new Promise<void>((resolve) => (release = resolve));
@@ -45,9 +41,27 @@ export async function acquireSlot(name: string): Promise<Slot> {
           resolve(lock !== null);
           if (lock !== null) await held;
         })
-        .catch(reject);
+        .catch((e: unknown) => reject(synclineError('StorageUnavailable', `Web Locks refused: ${String(e)}`)));
     });
     if (got) return { index, release };
   }
   throw synclineError('TooManyTabs', `more than ${MAX_SLOTS} clients of "${name}" are open in this browser`);
+}
+
+/**
+ * Without Web Locks (insecure origins such as `http://192.168.…`, where
+ * browsers hide `navigator.locks`), tabs cannot agree on slots. Each tab then
+ * keeps a random slot of its own in `sessionStorage` (it survives reloads of
+ * that tab), so no two tabs ever share a replica; a new tab starts with an
+ * empty local replica and catches up from the server.
+ */
+function tabSlot(name: string): Slot {
+  const key = `syncline-slot:${name}`;
+  const storage = (globalThis as { sessionStorage?: Storage }).sessionStorage;
+  let index = Number(storage?.getItem(key));
+  if (!Number.isInteger(index) || index < MAX_SLOTS) {
+    index = MAX_SLOTS + Math.floor(Math.random() * 1e9);
+    storage?.setItem(key, String(index));
+  }
+  return { index, release() {} };
 }

@@ -140,3 +140,41 @@ describe('presence limits', () => {
     await client.close();
   });
 });
+
+describe('hostile or odd input', () => {
+  it('refuses cycles and absurd nesting with InvalidValue, and keeps working', async () => {
+    const client = await local();
+    const db = await client.open('db');
+    const cyclic: Record<string, unknown> = { a: 1 };
+    cyclic.self = cyclic;
+    await expect(db.put('c', cyclic)).rejects.toSatisfy((e) => isSynclineError(e, 'InvalidValue'));
+    let deep: Record<string, unknown> = {};
+    for (let i = 0; i < 500; i++) deep = { d: deep };
+    await expect(db.put('d', deep)).rejects.toSatisfy((e) => isSynclineError(e, 'InvalidValue'));
+    const shared = { x: 1 };
+    expect(await db.put('ok', { a: shared, b: shared })).toBe(true);
+    expect(db.get('ok')).toEqual({ a: { x: 1 }, b: { x: 1 } });
+    await expect(db.increment('ok', ['n'], 1.5)).rejects.toSatisfy((e) => isSynclineError(e, 'InvalidValue'));
+    await expect(db.increment('ok', ['n'], Number.NaN)).rejects.toSatisfy((e) => isSynclineError(e, 'InvalidValue'));
+    await client.close();
+  });
+
+  it('a "__proto__" key stays data: no prototype injection on read', async () => {
+    const client = await local();
+    const db = await client.open('db');
+    await db.put('p', JSON.parse('{"__proto__": {"admin": true}, "x": 1}'));
+    const got = db.get('p') as Record<string, unknown>;
+    expect((got as { admin?: unknown }).admin).toBeUndefined();
+    expect(Object.getPrototypeOf(got)).toBe(Object.prototype);
+    expect(Object.hasOwn(got, '__proto__')).toBe(true);
+    await client.close();
+  });
+
+  it('whenSynced rejects for a local-only client and after close', async () => {
+    const client = await local();
+    const db = await client.open('db');
+    await expect(db.whenSynced()).rejects.toSatisfy((e) => isSynclineError(e, 'NoServer'));
+    await client.close();
+    await expect(db.whenSynced()).rejects.toSatisfy((e) => isSynclineError(e, 'Closed'));
+  });
+});

@@ -86,6 +86,16 @@ fn to_js<T: Serialize + ?Sized>(v: &T) -> JsValue {
         .unwrap_or(JsValue::UNDEFINED)
 }
 
+/// User data goes out through `JSON.parse`, which makes every key an own
+/// property: a document key `"__proto__"` stays data instead of becoming the
+/// object's prototype (as a plain assignment would make it).
+fn data_to_js<T: Serialize + ?Sized>(v: &T) -> JsValue {
+    serde_json::to_string(v)
+        .ok()
+        .and_then(|s| js_sys::JSON::parse(&s).ok())
+        .unwrap_or(JsValue::UNDEFINED)
+}
+
 type Resolvers = (Function, Function);
 
 /// A promise plus its resolve/reject functions.
@@ -316,9 +326,10 @@ impl Driver {
     /// A refusal fails the `whenSynced` callers it concerns; a fatal one
     /// (bad token, unknown version) stops reconnecting.
     fn server_error(&mut self, db: Option<&DbName>, code: ErrorCode, message: &str) {
-        let fatal = db.is_none()
-            && code.is_fatal()
-            && !matches!(code, ErrorCode::ShuttingDown | ErrorCode::Overloaded);
+        // Only a refused identity is final; a bad frame or an overloaded
+        // server is worth another connection.
+        let fatal =
+            db.is_none() && matches!(code, ErrorCode::Unauthorized | ErrorCode::UnknownVersion);
         if fatal {
             self.refused = Some(WasmError::Server {
                 code,
@@ -531,7 +542,8 @@ fn path(path: JsValue) -> Result<Vec<PathSeg>, WasmError> {
             Json::String(k) => Ok(PathSeg::Key(k)),
             Json::Number(n) => n
                 .as_u64()
-                .map(|i| PathSeg::Index(i as usize))
+                .and_then(|i| usize::try_from(i).ok())
+                .map(PathSeg::Index)
                 .ok_or_else(|| WasmError::InvalidValue(format!("path index {n}"))),
             other => Err(WasmError::InvalidValue(format!("path segment {other}"))),
         })
@@ -581,13 +593,6 @@ impl WasmClient {
         Ok(())
     }
 
-    /// Stop syncing a database (its data stays stored).
-    pub fn release(&self, name: &str) -> Result<(), JsValue> {
-        let db = db_name(name)?;
-        run(&self.shared, |d| d.client.close(&db));
-        Ok(())
-    }
-
     /// A document as a plain object, or `undefined` when absent or deleted.
     pub fn get(&self, db: &str, id: &str) -> Result<JsValue, JsValue> {
         let (db, id) = (db_name(db)?, doc_id(id)?);
@@ -596,7 +601,9 @@ impl WasmClient {
             .client
             .database(&db)
             .ok_or_else(|| WasmError::NotOpen(db.as_str().to_owned()))?;
-        Ok(database.get(&id).map_or(JsValue::UNDEFINED, |v| to_js(&v)))
+        Ok(database
+            .get(&id)
+            .map_or(JsValue::UNDEFINED, |v| data_to_js(&v)))
     }
 
     /// Ids of the documents that exist.
@@ -626,15 +633,20 @@ impl WasmClient {
             .documents()
             .filter_map(|(id, doc)| Some((id.as_str().to_owned(), doc.to_json()?)))
             .collect();
-        Ok(to_js(&map))
+        Ok(data_to_js(&map))
     }
 
     /// Make a document equal `value` with the fewest changes. Resolves to
     /// whether anything changed once the change is durable locally.
     /// `text`: root keys whose strings are collaborative text.
     pub fn put(&self, db: &str, id: &str, value: JsValue, text: Option<Vec<String>>) -> Promise {
+        // Converted before any borrow: a hostile value (deep, cyclic) fails
+        // here without leaving the client borrowed.
+        let value = match json(value) {
+            Ok(v) => v,
+            Err(e) => return Promise::reject(&e.into()),
+        };
         self.local_write(db, id, |c, db, id| {
-            let value = json(value)?;
             Ok(c.update_with_text(db, id, &value, &text.unwrap_or_default())?)
         })
     }
@@ -654,18 +666,32 @@ impl WasmClient {
         del: u32,
         insert: &str,
     ) -> Promise {
+        let p = match path(path_) {
+            Ok(p) => p,
+            Err(e) => return Promise::reject(&e.into()),
+        };
         self.local_write(db, id, |c, db, id| {
-            let p = path(path_)?;
             Ok(c.splice_text(db, id, &p, pos as usize, del as usize, insert)?)
         })
     }
 
     /// Add to a counter at `path` (creating it at 0).
     pub fn increment(&self, db: &str, id: &str, path_: JsValue, by: f64) -> Promise {
-        self.local_write(db, id, |c, db, id| {
-            let p = path(path_)?;
-            Ok(c.increment(db, id, &p, by as i64)?)
-        })
+        let input = path(path_).and_then(|p| {
+            // Counters are integers; refuse what `as` would silently bend.
+            if by.is_finite() && by.fract() == 0.0 && by.abs() <= 9_007_199_254_740_991.0 {
+                Ok((p, by as i64))
+            } else {
+                Err(WasmError::InvalidValue(format!(
+                    "increment by {by}: use a safe integer"
+                )))
+            }
+        });
+        let (p, by) = match input {
+            Ok(x) => x,
+            Err(e) => return Promise::reject(&e.into()),
+        };
+        self.local_write(db, id, |c, db, id| Ok(c.increment(db, id, &p, by)?))
     }
 
     fn local_write(
@@ -737,7 +763,7 @@ impl WasmClient {
                     .unwrap_or(Json::Null),
             })
             .collect();
-        Ok(to_js(&View {
+        Ok(data_to_js(&View {
             online: view.online,
             peers,
         }))
@@ -765,7 +791,12 @@ impl WasmClient {
             Err(e) => settle(&resolvers, Err(e.into())),
             Ok(db) => {
                 let mut d = self.shared.borrow_mut();
-                if d.client.is_synced(&db) {
+                if d.closed {
+                    settle(&resolvers, Err(WasmError::Closed.into()));
+                } else if d.url.is_none() {
+                    let e = WasmError::NoServer;
+                    settle(&resolvers, Err(e.into()));
+                } else if d.client.is_synced(&db) {
                     settle(&resolvers, Ok(JsValue::UNDEFINED));
                 } else if let Some(e) = d
                     .refused
@@ -806,6 +837,9 @@ impl WasmClient {
             }
             // Writes waiting to be retried get one last attempt now.
             d.write_retry = None;
+            for (_, r) in std::mem::take(&mut d.sync_waiters) {
+                settle(&r, Err(WasmError::Closed.into()));
+            }
             d.close_waiters.push(resolvers);
         }
         after(&self.shared);

@@ -38,6 +38,9 @@ pub enum WasmError {
     /// The server URL is unusable.
     #[error("{0}")]
     InvalidUrl(String),
+    /// A local-only client (no server URL) is never synced.
+    #[error("this client has no server: it is a local replica and never syncs")]
+    NoServer,
     /// The client was closed.
     #[error("the client is closed")]
     Closed,
@@ -84,6 +87,7 @@ impl WasmError {
             WasmError::Server { code, .. } => server_code(*code),
             WasmError::InvalidUrl(_) => "InvalidUrl",
             WasmError::TooLarge(_) => "TooLarge",
+            WasmError::NoServer => "NoServer",
             WasmError::Closed => "Closed",
         }
     }

@@ -208,8 +208,10 @@ impl IdbStore {
         for (db, batch) in batches {
             let slot = planned.entry(db.clone()).or_insert((0, 0));
             let bytes = encode_batch(batch);
+            // `add`: a key that exists (another writer of this replica)
+            // fails the transaction instead of overwriting a durable batch.
             store
-                .put(Uint8Array::from(bytes))
+                .add(Uint8Array::from(bytes))
                 .with_key(key(db, slot.0))
                 .primitive()?;
             slot.0 += 1;
@@ -226,7 +228,11 @@ impl IdbStore {
             .map(|(db, _)| db.clone())
             .collect();
         for db in full {
-            self.fold(&db).await?;
+            // The batches are durable already; a failed fold only leaves
+            // more records to read (it is retried after the next write).
+            if let Err(e) = self.fold(&db).await {
+                tracing::warn!(%db, "folding the local log failed: {e}");
+            }
         }
         Ok(())
     }
