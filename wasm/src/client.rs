@@ -24,7 +24,7 @@ use syncline_core::sync::{Client, ClientConfig, ClientEvent, ClientOutput, Statu
 use syncline_core::{Batch, DbName, DocId, MemoryStore, PathSeg, ReplicaId};
 use wasm_bindgen::prelude::*;
 
-use crate::error::{WasmError, js_error, server_code};
+use crate::error::{WasmError, js_error};
 use crate::socket::{Socket, SocketEvent, Timer, defer_drop, jittered_backoff};
 use crate::store::{BrowserStore, IdbStore};
 
@@ -315,7 +315,7 @@ impl Driver {
                 self.server_error(db.as_ref(), code, &message);
                 JsEvent::Error {
                     db: db.map(|d| d.as_str().to_owned()),
-                    code: server_code(code),
+                    code: code.as_str(),
                     message,
                 }
             }
@@ -359,6 +359,22 @@ impl Driver {
             };
             settle(&r, Err(err.into()));
         }
+    }
+
+    /// Remove and return the local writes whose batch is among `items`.
+    fn take_write_waiters(
+        &mut self,
+        items: &[(DbName, u64, Batch)],
+    ) -> Vec<(DbName, u64, Resolvers)> {
+        let (hit, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.write_waiters)
+            .into_iter()
+            .partition(|(db, seq, _)| {
+                items
+                    .iter()
+                    .any(|(i_db, i_seq, _)| i_db == db && i_seq >= seq)
+            });
+        self.write_waiters = keep;
+        hit
     }
 
     fn emit_error(&mut self, db: Option<&DbName>, e: &WasmError) {
@@ -469,14 +485,7 @@ fn kick_writer(shared: &Shared) {
                     for (db, seq, _) in &items {
                         d.client.persisted(db, *seq);
                     }
-                    let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut d.write_waiters)
-                        .into_iter()
-                        .partition(|(db, seq, _)| {
-                            items
-                                .iter()
-                                .any(|(i_db, i_seq, _)| i_db == db && i_seq >= seq)
-                        });
-                    d.write_waiters = waiting;
+                    let done = d.take_write_waiters(&items);
                     for (_, _, r) in done {
                         settle(&r, Ok(JsValue::TRUE));
                     }
@@ -487,14 +496,7 @@ fn kick_writer(shared: &Shared) {
                     // callers waiting on them learn now.
                     let e = WasmError::Store(e);
                     d.emit_error(None, &e);
-                    let (failed, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut d.write_waiters)
-                        .into_iter()
-                        .partition(|(db, seq, _)| {
-                            items
-                                .iter()
-                                .any(|(i_db, i_seq, _)| i_db == db && i_seq >= seq)
-                        });
-                    d.write_waiters = waiting;
+                    let failed = d.take_write_waiters(&items);
                     for (_, _, r) in failed {
                         settle(&r, Err(js_error(e.code(), &e.to_string())));
                     }

@@ -56,25 +56,6 @@ impl From<CoreClientError> for WasmError {
     }
 }
 
-/// The stable name of a protocol error code.
-pub fn server_code(code: ErrorCode) -> &'static str {
-    match code {
-        ErrorCode::Unauthorized => "Unauthorized",
-        ErrorCode::Forbidden => "Forbidden",
-        ErrorCode::BadFrame => "BadFrame",
-        ErrorCode::TooLarge => "TooLarge",
-        ErrorCode::UnknownVersion => "UnknownVersion",
-        ErrorCode::InvalidChange => "InvalidChange",
-        ErrorCode::Overloaded => "Overloaded",
-        ErrorCode::NotSubscribed => "NotSubscribed",
-        ErrorCode::OutOfOrder => "OutOfOrder",
-        ErrorCode::ProtocolViolation => "ProtocolViolation",
-        ErrorCode::Internal => "Internal",
-        ErrorCode::ShuttingDown => "ShuttingDown",
-        _ => "Unknown",
-    }
-}
-
 impl WasmError {
     /// The stable code.
     pub fn code(&self) -> &'static str {
@@ -84,7 +65,7 @@ impl WasmError {
             WasmError::NotOpen(_) => "NotOpen",
             WasmError::InvalidValue(_) => "InvalidValue",
             WasmError::Store(s) => s.code(),
-            WasmError::Server { code, .. } => server_code(*code),
+            WasmError::Server { code, .. } => code.as_str(),
             WasmError::InvalidUrl(_) => "InvalidUrl",
             WasmError::TooLarge(_) => "TooLarge",
             WasmError::NoServer => "NoServer",
