@@ -80,6 +80,38 @@ fn invalid_names_inside_a_valid_archive_are_refused() {
     ));
 }
 
+/// A frame whose deflated body is tiny but inflates past the frame limit.
+#[test]
+fn a_deflate_bomb_is_refused_by_the_limit() {
+    use std::io::Write;
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(&vec![0u8; 8 << 20]).unwrap();
+    let body = z.finish().unwrap();
+    assert!(body.len() < 64 * 1024);
+    let mut frame = vec![PROTOCOL_VERSION, 1];
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    assert!(matches!(
+        protocol::decode(&frame, 1 << 20),
+        Err(DecodeError::TooLarge { max: 1_048_576, .. })
+    ));
+    // Within the limit it inflates, and the zeros are not a valid archive.
+    assert!(matches!(
+        protocol::decode(&frame, 64 << 20),
+        Err(DecodeError::Malformed(_))
+    ));
+}
+
+#[test]
+fn unknown_frame_flags_are_refused() {
+    let mut frame = protocol::encode(&Message::Ping { nonce: 7 });
+    frame[1] = 0x82;
+    assert!(matches!(
+        protocol::decode(&frame, usize::MAX),
+        Err(DecodeError::Malformed(_))
+    ));
+}
+
 #[test]
 fn fuzz_crashers_decode_to_errors() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-crashers");
@@ -104,10 +136,12 @@ proptest! {
     #[test]
     fn random_frames_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
         let _ = protocol::decode(&body, 1 << 20);
-        let mut framed = vec![PROTOCOL_VERSION];
-        framed.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        framed.extend_from_slice(&body);
-        let _ = protocol::decode(&framed, 1 << 20);
+        for flags in [0u8, 1] {
+            let mut framed = vec![PROTOCOL_VERSION, flags];
+            framed.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            framed.extend_from_slice(&body);
+            let _ = protocol::decode(&framed, 1 << 20);
+        }
     }
 
     #[test]

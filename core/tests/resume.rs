@@ -55,6 +55,11 @@ fn resume_receives_exactly_the_missing_entries_in_one_round_trip() {
     // Reconnect and count.
     net.reset_traffic();
     net.connect(reader);
+    assert_eq!(
+        net.nodes[reader].to_server.len(),
+        2,
+        "Subscribe leaves with Hello, before any reply: one round trip"
+    );
     net.run();
     let up = &net.nodes[reader].up;
     let down = &net.nodes[reader].down;

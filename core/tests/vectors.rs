@@ -36,6 +36,20 @@ fn sample_messages() -> Vec<(&'static str, Message)> {
         .update(&doc, &json!({"title": "milk", "done": true}))
         .unwrap()
         .unwrap();
+    // A catch-up's worth of small entries: a body over the compression
+    // threshold, so the delta vector covers the deflated frame path.
+    let mut more = Vec::new();
+    for k in 0..12 {
+        more.push(
+            replica
+                .update(
+                    &doc,
+                    &json!({"title": format!("milk {k}"), "done": k % 2 == 0}),
+                )
+                .unwrap()
+                .unwrap(),
+        );
+    }
     let snapshot = Snapshot {
         doc: doc.clone(),
         clock: [(a, 2)].into_iter().collect(),
@@ -75,7 +89,7 @@ fn sample_messages() -> Vec<(&'static str, Message)> {
                 last: true,
                 base: [(a, 1)].into_iter().collect(),
                 snapshots: vec![snapshot],
-                entries: vec![e2.clone()],
+                entries: [e2.clone()].into_iter().chain(more).collect(),
                 vv: vv.clone(),
             })),
         ),

@@ -80,6 +80,29 @@ describe('browser package against the real server', () => {
     assert.deepEqual(a.errors.concat(b.errors), []);
   });
 
+  it('goOffline() stays offline until goOnline(), which catches up both ways', T, async () => {
+    const s = await server();
+    const [a, b] = [await user(), await user()];
+    const [pa, pb] = [await a.page(web.url), await b.page(web.url)];
+    await connect(pa, s.url, { db: 'e2e-pause' });
+    await connect(pb, s.url, { db: 'e2e-pause' });
+    await until(pa, synced);
+    await pa.evaluate(() => client.goOffline());
+    assert.equal(await pa.evaluate(() => client.status), 'offline');
+    await pa.evaluate(() => db.put('n', { from: 'a' }));
+    await pb.evaluate(() => db.put('m', { from: 'b' }));
+    await until(pb, synced);
+    // A's backoff is 250 ms here: had it reconnected on its own, its
+    // status would show it by the time B's write is acknowledged and
+    // read back below.
+    await until(pb, () => db.get('m')?.from === 'b');
+    assert.equal(await pa.evaluate(() => client.status), 'offline');
+    assert.equal(await pa.evaluate(() => db.get('m')), undefined);
+    await pa.evaluate(() => client.goOnline());
+    await until(pa, () => db.get('m')?.from === 'b' && db.status === 'synced');
+    await until(pb, () => db.get('n')?.from === 'a');
+  });
+
   it('a page reloaded while the server is down shows its data from IndexedDB', T, async () => {
     const s = await server();
     const a = await user();

@@ -240,6 +240,19 @@ export class Syncline {
     return db;
   }
 
+  /**
+   * Disconnect on purpose and stay offline until `goOnline()` (no reconnect
+   * attempts). Reads and writes keep working locally and sync when back.
+   */
+  goOffline(): void {
+    if (!this.#closed) this.#wasm.goOffline();
+  }
+
+  /** Undo `goOffline()`: connect now and catch up in one round trip. */
+  goOnline(): void {
+    if (!this.#closed) this.#wasm.goOnline();
+  }
+
   /** Stop syncing, finish local writes and release local storage. */
   async close(): Promise<void> {
     if (this.#closed) return;

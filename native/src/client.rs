@@ -276,7 +276,10 @@ impl Driver {
         self.generation += 1;
         let generation = self.generation;
         tokio::spawn(async move {
-            let ws = match tokio_tungstenite::connect_async(url.as_str()).await {
+            // disable_nagle: small pushes leave at once (see the server).
+            let ws = match tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
+                .await
+            {
                 Ok((ws, _)) => ws,
                 Err(e) => {
                     tracing::debug!("connect to {url} failed: {e}");

@@ -681,14 +681,15 @@ async fn bad_frames_are_refused_and_slow_readers_dropped_while_others_are_served
     good.open(&list).await.unwrap();
     synced(&good, &list).await;
 
-    let mut junk = vec![1u8, 20, 0, 0, 0];
+    let v = protocol::PROTOCOL_VERSION;
+    let mut junk = vec![v, 0, 20, 0, 0, 0];
     junk.extend((0..20u8).map(|i| i.wrapping_mul(37)));
     assert_eq!(
         refused_with(&url, Frame::Binary(junk)).await,
         ErrorCode::BadFrame
     );
     assert_eq!(
-        refused_with(&url, Frame::Binary(vec![1, 2, 3])).await,
+        refused_with(&url, Frame::Binary(vec![v, 2, 3])).await,
         ErrorCode::BadFrame
     );
     assert_eq!(

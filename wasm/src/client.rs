@@ -139,6 +139,8 @@ struct Driver {
     /// `close` callers waiting for the queue to drain.
     close_waiters: Vec<Resolvers>,
     closed: bool,
+    /// `goOffline()` was called: stay disconnected until `goOnline()`.
+    paused: bool,
     events: Vec<JsValue>,
 }
 
@@ -213,6 +215,7 @@ pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmC
         sync_waiters: Vec::new(),
         close_waiters: Vec::new(),
         closed: false,
+        paused: false,
         events: Vec::new(),
     };
     let shared = Rc::new(RefCell::new(driver));
@@ -366,13 +369,18 @@ impl Driver {
         &mut self,
         items: &[(DbName, u64, Batch)],
     ) -> Vec<(DbName, u64, Resolvers)> {
+        // The highest sequence number written per database (a handful of
+        // databases; thousands of waiters and items in a bulk write).
+        let mut upto: Vec<(&DbName, u64)> = Vec::new();
+        for (db, seq, _) in items {
+            match upto.iter_mut().find(|(d, _)| *d == db) {
+                Some((_, s)) => *s = (*s).max(*seq),
+                None => upto.push((db, *seq)),
+            }
+        }
         let (hit, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.write_waiters)
             .into_iter()
-            .partition(|(db, seq, _)| {
-                items
-                    .iter()
-                    .any(|(i_db, i_seq, _)| i_db == db && i_seq >= seq)
-            });
+            .partition(|(db, seq, _)| upto.iter().any(|(d, s)| *d == db && s >= seq));
         self.write_waiters = keep;
         hit
     }
@@ -391,7 +399,7 @@ impl Driver {
             defer_drop(s);
         }
         self.client.disconnected();
-        if self.closed || self.refused.is_some() {
+        if self.closed || self.paused || self.refused.is_some() {
             return;
         }
         self.attempts = self.attempts.saturating_add(1);
@@ -411,7 +419,7 @@ impl Driver {
 /// Open a socket if there is a server to talk to and none is open.
 fn dial(shared: &Shared) {
     let mut d = shared.borrow_mut();
-    if d.closed || d.refused.is_some() || d.socket.is_some() {
+    if d.closed || d.paused || d.refused.is_some() || d.socket.is_some() {
         return;
     }
     let Some(url) = d.url.clone() else { return };
@@ -820,6 +828,29 @@ impl WasmClient {
     pub fn reconnect_now(&self) {
         {
             let mut d = self.shared.borrow_mut();
+            d.reconnect = None;
+            d.attempts = 0;
+        }
+        dial(&self.shared);
+    }
+
+    /// Disconnect on purpose and stay offline (no reconnect attempts) until
+    /// `goOnline()`. Reads and writes keep working locally.
+    #[wasm_bindgen(js_name = goOffline)]
+    pub fn go_offline(&self) {
+        run(&self.shared, |d| {
+            d.paused = true;
+            d.drop_connection(&self.shared);
+            d.reconnect = None;
+        });
+    }
+
+    /// Undo `goOffline()`: connect now and resume syncing.
+    #[wasm_bindgen(js_name = goOnline)]
+    pub fn go_online(&self) {
+        {
+            let mut d = self.shared.borrow_mut();
+            d.paused = false;
             d.reconnect = None;
             d.attempts = 0;
         }

@@ -15,6 +15,12 @@ pub mod error;
 pub mod socket;
 pub mod store;
 
+/// Talc instead of the default dlmalloc: malloc in a churned dlmalloc heap
+/// was the largest single cost of syncing 1,000 documents (BENCHMARKS.md).
+#[cfg(all(target_family = "wasm", not(target_feature = "atomics")))]
+#[global_allocator]
+static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
+
 use wasm_bindgen::prelude::*;
 
 /// The wire protocol version this build speaks.

@@ -269,14 +269,14 @@ impl Client {
                 synced: false,
             },
         );
-        if self.status == Status::Online {
+        if self.status != Status::Offline {
             self.send_subscribe(&name);
         }
     }
 
     /// Stop syncing a database and forget it in memory (the store keeps it).
     pub fn close(&mut self, name: &DbName) {
-        if self.dbs.remove(name).is_some() && self.status == Status::Online {
+        if self.dbs.remove(name).is_some() && self.status != Status::Offline {
             self.send(Message::Unsubscribe { db: name.clone() });
         }
     }
@@ -441,7 +441,10 @@ impl Client {
 
     // ---- connection ----
 
-    /// The transport connected: start the handshake.
+    /// The transport connected: start the handshake. Subscriptions follow
+    /// `Hello` at once instead of waiting for `Welcome`, so catching up takes
+    /// one round trip; the server handles a connection's messages in order,
+    /// and after a refused `Hello` it ignores them.
     pub fn connected(&mut self) {
         self.status = Status::Connecting;
         self.send(Message::Hello(Box::new(Hello {
@@ -449,6 +452,15 @@ impl Client {
             token: self.token.clone(),
         })));
         self.event(ClientEvent::Status(Status::Connecting));
+        let names: Vec<DbName> = self
+            .dbs
+            .iter()
+            .filter(|(_, c)| c.wanted)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in names {
+            self.send_subscribe(&n);
+        }
     }
 
     /// The transport closed.
@@ -487,15 +499,6 @@ impl Client {
                 self.server_max_frame = (w.max_frame as usize).max(1024);
                 self.status = Status::Online;
                 self.event(ClientEvent::Status(Status::Online));
-                let names: Vec<DbName> = self
-                    .dbs
-                    .iter()
-                    .filter(|(_, c)| c.wanted)
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                for n in names {
-                    self.send_subscribe(&n);
-                }
             }
             Message::Delta(d) => self.delta(*d),
             Message::Ack(a) => self.ack(&a.db, a.vv.get(&self.replica)),

@@ -27,7 +27,7 @@ pub struct Node {
     pub up: Traffic,
     pub down: Traffic,
     pub events: Vec<ClientEvent>,
-    to_server: VecDeque<Vec<u8>>,
+    pub to_server: VecDeque<Vec<u8>>,
     to_client: VecDeque<Vec<u8>>,
     persists: VecDeque<(DbName, u64, Batch)>,
     pub closed: bool,

@@ -21,6 +21,7 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUp
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use futures_util::{SinkExt, StreamExt};
 use syncline_core::ReplicaId;
 use syncline_core::protocol::{self, DecodeError, ErrorCode, Message};
@@ -138,6 +139,14 @@ pub async fn run(
             let _ = tokio::time::timeout(Duration::from_secs(30), wait).await;
         }
     };
+    // Live deltas are small frames: without TCP_NODELAY, Nagle's algorithm
+    // meeting the peer's delayed ACK holds some of them back ~40 ms (seen as
+    // the p99 of the fan-out benchmark, BENCHMARKS.md).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY not set: {e}");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(graceful)
         .await?;
@@ -189,8 +198,13 @@ async fn upgrade(ws: WebSocketUpgrade, State(state): State<AppState>) -> Respons
     // Let slightly oversized frames through the WebSocket layer so they get
     // a typed TooLarge error instead of a bare protocol close.
     let limit = state.max_frame.saturating_add(64 * 1024);
+    // tungstenite reserves 128 KiB per connection for each of its read and
+    // write buffers by default: most of an idle connection's memory (W5 in
+    // BENCHMARKS.md). Small buffers grow when a large frame needs them.
     ws.max_message_size(limit)
         .max_frame_size(limit)
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
             connection(socket, state).await;
             drop(permit);

@@ -1,0 +1,322 @@
+// The side-by-side benchmark: Syncline vs automerge-repo vs Yjs, every figure
+// from this one run on this machine. Run through ../scripts/bench, which
+// builds what it needs; see ../BENCHMARKS.md for the method.
+//
+//   node --experimental-websocket run.mjs [--full] [--only w1,w3] [--systems syncline,yjs]
+import { execFileSync, fork, spawn } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import os, { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { gzipSync } from 'node:zlib';
+import { dataset, resumePatches } from './lib/data.mjs';
+import { CountingProxy } from './lib/proxy.mjs';
+import { cpuSeconds, deadline, median, memory, now, percentile } from './lib/util.mjs';
+import { browserLoad } from './lib/browser.mjs';
+import { writeReport } from './lib/report.mjs';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const root = resolve(here, '..');
+const args = process.argv.slice(2);
+const flag = (name) => args.includes(name);
+const option = (name, dflt) => {
+  const i = args.indexOf(name);
+  return i >= 0 ? args[i + 1] : dflt;
+};
+const FULL = flag('--full');
+const ONLY = option('--only', 'w1,w2,w3,w4,w5,w6').split(',');
+const SYSTEMS = option('--systems', 'syncline,automerge-repo,yjs').split(',');
+const RUNS = 3;
+const systems = {};
+for (const s of SYSTEMS) systems[s] = await import(`./systems/${s}.mjs`);
+
+const results = {
+  mode: FULL ? 'full' : 'quick',
+  date: new Date().toISOString(),
+  machine: machine(),
+  w1: {},
+  w2: {},
+  held: {},
+  w3: {},
+  w4: null,
+  w5: {},
+  w6: null,
+};
+
+function machine() {
+  const pkg = (p) => JSON.parse(readFileSync(join(here, 'node_modules', p, 'package.json'), 'utf8')).version;
+  const git = (a) => {
+    try {
+      return execFileSync('git', a, { cwd: root, encoding: 'utf8' }).trim();
+    } catch {
+      return '?';
+    }
+  };
+  return {
+    cpus: os.cpus().length,
+    cpu: os.cpus()[0]?.model ?? '?',
+    memoryGiB: Math.round(os.totalmem() / 2 ** 30),
+    kernel: os.release(),
+    node: process.version,
+    syncline: git(['rev-parse', '--short', 'HEAD']),
+    automergeRepo: pkg('@automerge/automerge-repo'),
+    automerge: pkg('@automerge/automerge'),
+    yjs: pkg('yjs'),
+    yWebsocket: pkg('y-websocket'),
+    yWebsocketServer: pkg('@y/websocket-server'),
+  };
+}
+
+const log = (...a) => console.error('[bench]', ...a);
+
+// ---- W1 cold sync and W2 resume (one seeded server per system) ----
+
+async function w1w2(name, sys) {
+  const docs = dataset(1000);
+  log(`${name}: seeding 1,000 documents × 11 changes`);
+  const server = await sys.startServer({ docs });
+  const proxy = await new CountingProxy(server.port).listen();
+  const writer = await sys.client(server.url, server.ctx);
+  await writer.prepare?.();
+  const cold = [];
+  const resume = [];
+  try {
+    for (let run = 0; run < RUNS; run++) {
+      proxy.reset();
+      const cpu0 = process.cpuUsage();
+      const t0 = now();
+      const c = await sys.client(server.urlVia(proxy.port), server.ctx);
+      await c.loadAll(docs);
+      const ms = now() - t0;
+      const cpu = process.cpuUsage(cpu0);
+      cold.push({ ms, clientCpuS: (cpu.user + cpu.system) / 1e6, ...proxy.stats });
+      log(`${name}: W1 run ${run + 1}: ${ms.toFixed(0)} ms, ${(proxy.stats.down / 1024).toFixed(0)} KB down`);
+
+      c.goOffline();
+      const patches = resumePatches(10, 100 + run);
+      await writer.write(patches);
+      proxy.reset();
+      const t1 = now();
+      c.goOnline();
+      try {
+        await c.waitFor(patches);
+        resume.push({ ms: now() - t1, ...proxy.stats });
+        log(`${name}: W2 run ${run + 1}: ${resume.at(-1).ms.toFixed(0)} ms, ${proxy.stats.up} B up`);
+      } catch (e) {
+        // Reported in the table as a failed run, not silently dropped.
+        resume.push({ ms: Infinity, failed: String(e.message), ...proxy.stats });
+        log(`${name}: W2 run ${run + 1} FAILED: ${e.message}`);
+      }
+      await c.close();
+    }
+    results.held[name] = memory(server.pid);
+  } finally {
+    await writer.close();
+    await proxy.close();
+    await server.stop();
+  }
+  results.w1[name] = summarize(cold);
+  results.w2[name] = summarize(resume);
+}
+
+/** The median run by time among the runs that finished; failures are counted. */
+function summarize(runs) {
+  const ok = runs.filter((r) => !r.failed);
+  const sorted = [...(ok.length ? ok : runs)].sort((a, b) => a.ms - b.ms);
+  const failed = runs.filter((r) => r.failed).length;
+  return { ...sorted[Math.floor(sorted.length / 2)], runs: runs.map((r) => r.ms), failedRuns: failed };
+}
+
+// ---- W3 fan-out ----
+
+async function spawnWorkers(name, server, count, changes, workers) {
+  const procs = [];
+  const per = Math.ceil(count / workers);
+  for (let w = 0; w < workers && w * per < count; w++) {
+    const p = fork(join(here, 'lib/worker.mjs'), {
+      execArgv: ['--experimental-websocket', '--no-warnings', '--max-old-space-size=8192'],
+      serialization: 'advanced',
+    });
+    const n = Math.min(per, count - w * per);
+    const state = { proc: p, ready: null, done: null, n };
+    state.ready = new Promise((ok, fail) => {
+      state.done = new Promise((okDone) => {
+        p.on('message', (m) => {
+          if (m.ready) ok();
+          if (m.done) okDone();
+          if (m.error) fail(new Error(`${name} worker: ${m.error}`));
+          if (m.arrivals) state.arrivals = m.arrivals;
+        });
+      });
+      p.once('exit', (code) => code && fail(new Error(`${name} worker exited with ${code}`)));
+    });
+    p.send({ system: name, url: server.url, ctx: server.ctx, count: n, changes });
+    procs.push(state);
+  }
+  await deadline(Promise.all(procs.map((p) => p.ready)), 300_000, `${name}: ${count} subscribers`);
+  return procs;
+}
+
+async function collect(procs) {
+  const all = [];
+  for (const p of procs) {
+    const got = new Promise((ok) => p.proc.once('exit', ok));
+    p.proc.send({ finish: true });
+    await deadline(got, 60_000, 'collecting arrivals');
+    all.push(...p.arrivals);
+  }
+  return all;
+}
+
+async function w3(name, sys, subscribers, changes, rate) {
+  const server = await sys.startServer({});
+  try {
+    const procs = await spawnWorkers(name, server, subscribers, changes, 2);
+    const writer = await sys.client(server.url, server.ctx);
+    await writer.subscribe(() => {});
+    const cpu0 = cpuSeconds(server.pid);
+    const sent = new Array(changes);
+    const t0 = now();
+    const period = 1000 / rate;
+    for (let i = 0; i < changes; i++) {
+      const due = t0 + i * period;
+      const wait = due - now();
+      if (wait > 0) await new Promise((ok) => setTimeout(ok, wait)); // pacing the writer, not synchronisation
+      sent[i] = now();
+      await writer.tick(i);
+    }
+    const allDone = Promise.all(procs.map((p) => p.done));
+    let complete = true;
+    await deadline(allDone, 60_000, 'deliveries').catch(() => (complete = false));
+    const cpu = cpuSeconds(server.pid) - cpu0;
+    const mem = memory(server.pid);
+    await writer.close();
+    const arrivals = await collect(procs);
+    const lat = [];
+    const worst = new Array(changes).fill(0);
+    let missing = 0;
+    for (const a of arrivals) {
+      for (let i = 0; i < changes; i++) {
+        if (Number.isNaN(a[i])) {
+          missing++;
+          worst[i] = Infinity;
+          continue;
+        }
+        const l = a[i] - sent[i];
+        lat.push(l);
+        worst[i] = Math.max(worst[i], l);
+      }
+    }
+    lat.sort((a, b) => a - b);
+    worst.sort((a, b) => a - b);
+    const delivered = lat.length;
+    results.w3[`${name}@${subscribers}`] = {
+      subscribers,
+      changes,
+      rate,
+      complete,
+      delivered,
+      missing,
+      p50: percentile(lat, 50),
+      p99: percentile(lat, 99),
+      allP50: percentile(worst, 50),
+      allP99: percentile(worst, 99),
+      serverCpuS: cpu,
+      cpuPerDeliveryUs: (cpu / Math.max(1, delivered)) * 1e6,
+      peakRss: mem.peak,
+      cdf: [1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9].map((p) => [p, percentile(lat, p)]),
+    };
+    log(`${name}: W3 N=${subscribers}: p50 ${percentile(lat, 50).toFixed(1)} ms, p99 ${percentile(lat, 99).toFixed(1)} ms`);
+  } finally {
+    await server.stop();
+  }
+}
+
+// ---- W4 durable ingest (Syncline; the peers acknowledge nothing) ----
+
+async function w4() {
+  const seconds = FULL ? 20 : 8;
+  const out = await new Promise((ok, fail) => {
+    const p = spawn(
+      join(root, 'target/release/examples/ingest'),
+      ['--binary', join(root, 'target/release/syncline'), '--writers', '10', '--seconds', String(seconds)],
+      { stdio: ['ignore', 'pipe', 'inherit'] },
+    );
+    let s = '';
+    p.stdout.on('data', (d) => (s += d));
+    p.on('exit', (code) => (code === 0 ? ok(s) : fail(new Error(`ingest exited with ${code}`))));
+  });
+  const rows = {};
+  for (const line of out.split('\n')) {
+    const m = /^\| (.+?) \| (.+?) \|$/.exec(line.trim());
+    if (m && m[1] !== 'figure' && m[1] !== '---') rows[m[1]] = m[2];
+  }
+  results.w4 = { seconds, rows, raw: out };
+  log(`syncline: W4 ${rows['changes/s']} changes/s`);
+}
+
+// ---- W5 idle connections ----
+
+async function w5(name, sys, count) {
+  const server = await sys.startServer({});
+  try {
+    // A first client so the database/document exists, then settle the baseline.
+    const first = await sys.client(server.url, server.ctx);
+    await first.subscribe(() => {});
+    await first.tick(0);
+    const before = memory(server.pid).rss;
+    const procs = await spawnWorkers(name, server, count, 1, 4);
+    const after = memory(server.pid);
+    results.w5[name] = { connections: count, before, after: after.rss, peak: after.peak, perConnection: (after.rss - before) / count };
+    log(`${name}: W5 ${count} connections: ${((after.rss - before) / count / 1024).toFixed(1)} KB each`);
+    for (const p of procs) p.proc.kill('SIGKILL');
+    await first.close();
+  } finally {
+    await server.stop();
+  }
+}
+
+// ---- W6 browser ----
+
+async function w6() {
+  const ours = readFileSync(join(root, 'js/wasm/syncline_wasm_bg.wasm'));
+  const am = readFileSync(
+    join(here, 'node_modules/@automerge/automerge/dist/mjs/wasm_bindgen_output/web/automerge_wasm_bg.wasm'),
+  );
+  const size = (b) => ({ raw: b.length, gzip: gzipSync(b, { level: 9 }).length });
+  results.w6 = { wasm: { syncline: size(ours), automerge: size(am) } };
+  if (!systems.syncline) return;
+  const docs = dataset(1000);
+  const server = await systems.syncline.startServer({ docs });
+  try {
+    results.w6.load = await browserLoad({ root, syncUrl: server.url, count: docs.length, runs: RUNS });
+    log(`syncline: W6 first visit ${results.w6.load.server.toFixed(0)} ms, reload ${results.w6.load.idb.toFixed(0)} ms`);
+  } finally {
+    await server.stop();
+  }
+}
+
+// ---- main ----
+
+const started = Date.now();
+if (ONLY.includes('w1') || ONLY.includes('w2')) for (const [n, s] of Object.entries(systems)) await w1w2(n, s);
+if (ONLY.includes('w3')) {
+  for (const n of option('--subscribers', FULL ? '100,1000' : '100').split(',').map(Number)) {
+    for (const [name, s] of Object.entries(systems)) await w3(name, s, n, Number(option('--changes', 1000)), n >= 1000 ? 20 : 100);
+  }
+}
+if (ONLY.includes('w4') && systems.syncline) await w4();
+if (ONLY.includes('w5')) for (const [n, s] of Object.entries(systems)) await w5(n, s, FULL ? 10_000 : 1_000);
+if (ONLY.includes('w6')) await w6();
+results.seconds = (Date.now() - started) / 1000;
+
+// Only a complete run replaces the published figures (every figure on the
+// page comes from one run); a partial run (--only/--systems/...) just prints.
+const complete = !args.some((a) => ['--only', '--systems', '--subscribers', '--changes'].includes(a));
+const outDir = complete ? join(root, 'docs/bench') : mkdtempSync(join(tmpdir(), 'bench-partial-'));
+mkdirSync(outDir, { recursive: true });
+writeFileSync(join(outDir, `results-${results.mode}.json`), JSON.stringify(results, null, 1));
+const table = await writeReport(results, { root, outDir, publish: complete });
+console.log(table);
+if (!complete) log(`partial run: BENCHMARKS.md left as it was; charts and JSON in ${outDir}`);
+process.exit(0);
