@@ -279,6 +279,8 @@ fn presence_is_broadcast_and_cleared_on_leave() {
     net.run();
     let seen = net.nodes[b].client.presence(&db());
     assert_eq!(seen.online, 2);
+    // b published no state: it is counted, not listed.
+    assert_eq!(seen.peers.len(), 1);
     let ada = seen
         .peers
         .iter()
@@ -304,6 +306,11 @@ fn presence_is_broadcast_and_cleared_on_leave() {
     assert_eq!(net.nodes[a].client.status(), Status::Offline);
 
     // A late joiner sees the current state in full.
+    net.nodes[b]
+        .client
+        .set_presence(&db(), br#"{"name":"bob"}"#.to_vec())
+        .unwrap();
+    net.run();
     net.connect(a);
     net.run();
     let seen = net.nodes[a].client.presence(&db());

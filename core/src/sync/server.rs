@@ -129,6 +129,11 @@ struct ServerDb {
     next_seq: u64,
     subscribers: BTreeSet<PeerId>,
     presence: BTreeMap<PeerId, (ReplicaId, Option<Vec<u8>>)>,
+    /// Presence changes not yet announced (the latest per peer).
+    presence_pending: Vec<PeerPresence>,
+    /// Peers sent the full presence since the last announcement, with the
+    /// count it carried: they need no count-only update.
+    presence_fresh: Vec<(PeerId, u32)>,
 }
 
 /// The server state machine.
@@ -142,6 +147,8 @@ pub struct Server<A> {
     loading: HashMap<DbName, Vec<(PeerId, Message)>>,
     next_peer: PeerId,
     out: Vec<ServerOutput>,
+    /// Databases with presence changes to announce.
+    presence_dirty: BTreeSet<DbName>,
 }
 
 impl<A: Authenticator> Server<A> {
@@ -155,6 +162,7 @@ impl<A: Authenticator> Server<A> {
             loading: HashMap::new(),
             next_peer: 1,
             out: Vec::new(),
+            presence_dirty: BTreeSet::new(),
         }
     }
 
@@ -163,9 +171,38 @@ impl<A: Authenticator> Server<A> {
         &self.config
     }
 
-    /// Drain the outbox.
+    /// Drain the outbox. Presence changes made since the last call go out
+    /// here as one update per database: an adapter that handles a burst of
+    /// messages before draining (1,000 clients joining) sends each
+    /// subscriber one update instead of one per join, which would be
+    /// O(subscribers²) messages.
     pub fn take_outputs(&mut self) -> Vec<ServerOutput> {
+        self.flush_presence();
         std::mem::take(&mut self.out)
+    }
+
+    fn flush_presence(&mut self) {
+        for db in std::mem::take(&mut self.presence_dirty) {
+            let Some(d) = self.dbs.get_mut(&db) else {
+                continue;
+            };
+            let peers = std::mem::take(&mut d.presence_pending);
+            let fresh = std::mem::take(&mut d.presence_fresh);
+            let online = d.subscribers.len() as u32;
+            let to: Vec<PeerId> = d
+                .subscribers
+                .iter()
+                .filter(|p| !(peers.is_empty() && fresh.contains(&(**p, online))))
+                .copied()
+                .collect();
+            let update = PresenceUpdate {
+                db,
+                full: false,
+                online,
+                peers,
+            };
+            self.broadcast(&to, &Message::PresenceUpdate(Box::new(update)));
+        }
     }
 
     /// A new connection.
@@ -600,23 +637,21 @@ impl<A: Authenticator> Server<A> {
             db: s.db.clone(),
             full: true,
             online,
+            // Peers that published a state; the rest are only counted, so a
+            // join costs O(peers with state), not O(subscribers).
             peers: d
                 .presence
                 .iter()
-                .map(|(&p, (r, st))| PeerPresence {
-                    peer: p,
-                    replica: *r,
-                    left: false,
-                    state: st.clone(),
+                .filter_map(|(&p, (r, st))| {
+                    st.as_ref().map(|st| PeerPresence {
+                        peer: p,
+                        replica: *r,
+                        left: false,
+                        state: Some(st.clone()),
+                    })
                 })
                 .collect(),
         };
-        let others: Vec<PeerId> = d
-            .subscribers
-            .iter()
-            .filter(|&&p| p != peer)
-            .copied()
-            .collect();
         if let Some(p) = self.peers.get_mut(&peer) {
             p.subs.insert(s.db.clone());
         }
@@ -625,13 +660,11 @@ impl<A: Authenticator> Server<A> {
         }
         self.send(peer, Message::PresenceUpdate(Box::new(full)));
         if newly {
-            let join = PeerPresence {
-                peer,
-                replica,
-                left: false,
-                state: None,
-            };
-            self.presence_change(&others, &s.db, online, join);
+            if let Some(d) = self.dbs.get_mut(&s.db) {
+                d.presence_fresh.push((peer, online));
+            }
+            // A peer without a state yet changes only the online count.
+            self.presence_change(&s.db, None);
         }
     }
 
@@ -642,16 +675,16 @@ impl<A: Authenticator> Server<A> {
         if !d.subscribers.remove(&peer) {
             return;
         }
-        let replica = d.presence.remove(&peer).map(|(r, _)| r).unwrap_or_default();
-        let online = d.subscribers.len() as u32;
-        let others: Vec<PeerId> = d.subscribers.iter().copied().collect();
-        let leave = PeerPresence {
-            peer,
-            replica,
-            left: true,
-            state: None,
-        };
-        self.presence_change(&others, db, online, leave);
+        let had = d.presence.remove(&peer);
+        let leave = had.and_then(|(replica, state)| {
+            state.map(|_| PeerPresence {
+                peer,
+                replica,
+                left: true,
+                state: None,
+            })
+        });
+        self.presence_change(db, leave);
     }
 
     fn push(&mut self, peer: PeerId, p: Push) {
@@ -766,26 +799,28 @@ impl<A: Authenticator> Server<A> {
         }
         let state = (!p.state.is_empty()).then_some(p.state);
         d.presence.insert(peer, (replica, state.clone()));
-        let online = d.subscribers.len() as u32;
-        let all: Vec<PeerId> = d.subscribers.iter().copied().collect();
         let change = PeerPresence {
             peer,
             replica,
-            left: false,
+            // A cleared state takes the peer off the list (it stays counted).
+            left: state.is_none(),
             state,
         };
-        self.presence_change(&all, &p.db, online, change);
+        self.presence_change(&p.db, Some(change));
     }
 
-    /// Tell `peers` that one peer joined, changed its state or left.
-    fn presence_change(&mut self, peers: &[PeerId], db: &DbName, online: u32, who: PeerPresence) {
-        let update = PresenceUpdate {
-            db: db.clone(),
-            full: false,
-            online,
-            peers: vec![who],
+    /// Queue the news that a peer published or cleared its state, or left
+    /// (`None`: only the online count changed); every subscriber hears it at
+    /// the next `take_outputs`.
+    fn presence_change(&mut self, db: &DbName, who: Option<PeerPresence>) {
+        let Some(d) = self.dbs.get_mut(db) else {
+            return;
         };
-        self.broadcast(peers, &Message::PresenceUpdate(Box::new(update)));
+        if let Some(who) = who {
+            d.presence_pending.retain(|p| p.peer != who.peer);
+            d.presence_pending.push(who);
+        }
+        self.presence_dirty.insert(db.clone());
     }
 
     fn broadcast(&mut self, peers: &[PeerId], msg: &Message) {

@@ -138,6 +138,15 @@ pub async fn run(
     };
     while let Some(msg) = rx.recv().await {
         hub.handle(&mut server, msg);
+        // Take in what else is already queued (bounded) before carrying out
+        // the outputs: a burst (a thousand joins, many pushes) then costs
+        // one presence update per subscriber and fewer store requests.
+        for _ in 0..255 {
+            match rx.try_recv() {
+                Ok(msg) => hub.handle(&mut server, msg),
+                Err(_) => break,
+            }
+        }
         hub.execute(&mut server);
         if hub.in_flight == 0
             && let Some(done) = hub.shutdown.take()
