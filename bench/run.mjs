@@ -298,6 +298,14 @@ async function w6() {
 
 // ---- main ----
 
+// --report FILE: redraw the tables and charts from a saved results file.
+if (option('--report')) {
+  const saved = JSON.parse(readFileSync(option('--report'), 'utf8'));
+  const outDir = join(root, 'docs/bench');
+  console.log(await writeReport(saved, { root, outDir, publish: true }));
+  process.exit(0);
+}
+
 const started = Date.now();
 if (ONLY.includes('w1') || ONLY.includes('w2')) for (const [n, s] of Object.entries(systems)) await w1w2(n, s);
 if (ONLY.includes('w3')) {

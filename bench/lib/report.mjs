@@ -18,6 +18,7 @@ const ms = (x) => (Number.isFinite(x) ? x.toFixed(x < 10 ? 1 : 0) : '—');
 function ratio(ours, peer) {
   if (!Number.isFinite(ours) || !Number.isFinite(peer) || ours <= 0) return '—';
   const r = peer / ours;
+  if (r < 0.1) return `1/${(1 / r).toFixed(0)}×`;
   return `${r >= 10 ? r.toFixed(0) : r.toFixed(1)}×`;
 }
 
