@@ -401,3 +401,82 @@ fn only_admin_tokens_list_databases() {
     );
     assert_eq!(errors(&net, writer), [ErrorCode::Forbidden]);
 }
+
+/// Text that automerge cannot compress, `len` characters from `seed`.
+fn noise(seed: u64, len: usize) -> String {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
+#[test]
+fn offline_backlog_is_pushed_in_frames_under_the_servers_limit() {
+    use syncline_core::sync::ServerConfig;
+    let max_frame = 64 * 1024;
+    let mut net = Net::with_config(
+        OpenAccess,
+        ServerConfig {
+            replica: ReplicaId([0xEE; 16]),
+            max_frame,
+            ..ServerConfig::default()
+        },
+    );
+    let a = net.add(1, "");
+    net.open(a, "shared");
+    // 40 changes of ~8 KB written offline: 320 KB, five times the limit.
+    for k in 0..40u64 {
+        let doc = DocId::new(format!("d{k}")).unwrap();
+        net.nodes[a]
+            .client
+            .update(&db(), &doc, &json!({"blob": noise(k + 1, 8_000)}))
+            .unwrap();
+    }
+    net.run();
+    net.connect(a);
+    net.run();
+    assert_eq!(errors(&net, a), vec![], "no push was refused");
+    let pushes: Vec<usize> = net.nodes[a]
+        .up
+        .frames
+        .iter()
+        .filter_map(|m| match m {
+            Message::Push(_) => Some(protocol::encode(m).len()),
+            _ => None,
+        })
+        .collect();
+    assert!(pushes.len() >= 5, "cut into several pushes: {pushes:?}");
+    assert!(pushes.iter().all(|&len| len <= max_frame), "{pushes:?}");
+    assert_eq!(net.nodes[a].client.acked(&db()), 40);
+    assert!(net.nodes[a].client.is_synced(&db()));
+
+    // A change no frame can carry is reported once, stays local, and does
+    // not cost the connection; the backlog before it is acknowledged.
+    let big = DocId::new("big").unwrap();
+    net.nodes[a]
+        .client
+        .update(&db(), &big, &json!({"blob": noise(99, 200_000)}))
+        .unwrap();
+    net.nodes[a]
+        .client
+        .update(&db(), &DocId::new("after").unwrap(), &json!({"n": 1}))
+        .unwrap();
+    net.run();
+    let too_large: Vec<_> = net.nodes[a]
+        .events
+        .iter()
+        .filter(|e| {
+            matches!(e, ClientEvent::Error { db: Some(d), code: ErrorCode::TooLarge, .. } if *d == db())
+        })
+        .collect();
+    assert_eq!(too_large.len(), 1, "{:?}", net.nodes[a].events);
+    assert_eq!(net.nodes[a].client.acked(&db()), 40);
+    assert!(!net.nodes[a].client.is_synced(&db()));
+    assert_eq!(net.nodes[a].client.status(), Status::Online);
+    assert_eq!(errors(&net, a), vec![]);
+}

@@ -354,6 +354,21 @@ impl Sim {
             }
             return;
         }
+        if !to_server && mode >= 10 && pick % 3 == 0 {
+            // Several queued frames at once, as a transport hands them over
+            // (live deltas of one database are then applied as one batch).
+            let k = (1 + (pick >> 8) % 6).min(q.len());
+            let frames: Vec<Vec<u8>> = q.drain(..k).collect();
+            if self.replicas[i]
+                .client
+                .handle_frames(frames.iter().map(Vec::as_slice))
+                .is_err()
+            {
+                self.cut(i);
+            }
+            self.route_client(i);
+            return;
+        }
         let frame = match mode {
             0..=2 => {
                 q.pop_front(); // dropped

@@ -111,7 +111,8 @@ impl SyncClient {
             next_attempt: Some(Instant::now()),
             waiters: HashMap::new(),
             listings: Vec::new(),
-            last_error: None,
+            refused: HashMap::new(),
+            fatal: None,
         };
         tokio::spawn(driver.run(cmd_rx));
         Ok(SyncClient {
@@ -229,7 +230,12 @@ struct Driver {
     waiters: HashMap<DbName, Vec<Reply<()>>>,
     /// `ListDatabases` requests waiting for their answer (or asked offline).
     listings: Vec<(Option<u32>, Reply<Vec<DbName>>)>,
-    last_error: Option<(Option<DbName>, ErrorCode, String)>,
+    /// Databases the server refused on this connection (or that cannot be
+    /// pushed): their waiters fail at once, also those who ask later.
+    refused: HashMap<DbName, (ErrorCode, String)>,
+    /// A refused identity (bad token, unknown version): reconnecting cannot
+    /// help, so the driver stops dialling and every waiter fails.
+    fatal: Option<(ErrorCode, String)>,
 }
 
 fn backoff(attempts: u32) -> Duration {
@@ -257,7 +263,18 @@ impl Driver {
                     }
                     self.command(cmd, &persist_tx).await;
                 }
-                Some(net) = net_rx.recv() => self.network(net),
+                Some(net) = net_rx.recv() => {
+                    // Take what else has arrived: frames received together
+                    // are handled as one batch (Client::handle_frames).
+                    let mut batch = vec![net];
+                    while batch.len() < 256 {
+                        match net_rx.try_recv() {
+                            Ok(n) => batch.push(n),
+                            Err(_) => break,
+                        }
+                    }
+                    self.network(batch);
+                }
                 Some((db, seq, result)) = persist_rx.recv() => match result {
                     Ok(()) => self.client.persisted(&db, seq),
                     Err(e) => tracing::error!(%db, "local write failed: {e}"),
@@ -313,20 +330,40 @@ impl Driver {
         });
     }
 
-    fn network(&mut self, net: Net) {
-        match net {
-            Net::Connected(g, out) if g == self.generation => {
-                self.conn = Some((g, out));
-                self.client.connected();
+    fn network(&mut self, batch: Vec<Net>) {
+        let mut frames: Vec<Vec<u8>> = Vec::new();
+        for net in batch {
+            match net {
+                Net::Frame(g, frame) if self.conn.as_ref().is_some_and(|c| c.0 == g) => {
+                    frames.push(frame);
+                }
+                Net::Frame(..) => {} // a stale connection's
+                other => {
+                    self.frames(std::mem::take(&mut frames));
+                    match other {
+                        Net::Connected(g, out) if g == self.generation => {
+                            self.conn = Some((g, out));
+                            self.client.connected();
+                        }
+                        Net::Closed(g) if g == self.generation => self.drop_connection(),
+                        _ => {} // a stale connection
+                    }
+                }
             }
-            Net::Frame(g, frame)
-                if self.conn.as_ref().is_some_and(|c| c.0 == g)
-                    && self.client.handle_frame(&frame).is_err() =>
-            {
-                self.drop_connection();
-            }
-            Net::Closed(g) if g == self.generation => self.drop_connection(),
-            _ => {} // a stale connection
+        }
+        self.frames(frames);
+    }
+
+    /// Handle frames of the current connection; one it cannot read ends it.
+    fn frames(&mut self, frames: Vec<Vec<u8>>) {
+        if !frames.is_empty()
+            && self.conn.is_some()
+            && self
+                .client
+                .handle_frames(frames.iter().map(Vec::as_slice))
+                .is_err()
+        {
+            self.drop_connection();
         }
     }
 
@@ -336,7 +373,33 @@ impl Driver {
         }
         self.client.disconnected();
         self.attempts = self.attempts.saturating_add(1);
-        self.next_attempt = Some(Instant::now() + backoff(self.attempts));
+        // After a refused identity the same token would be refused again.
+        self.next_attempt = self
+            .fatal
+            .is_none()
+            .then(|| Instant::now() + backoff(self.attempts));
+    }
+
+    /// Remember a refusal that settles `wait_synced` for its database (or,
+    /// for a refused identity, for all of them).
+    fn refusal(&mut self, db: Option<&DbName>, code: ErrorCode, message: &str) {
+        match db {
+            None if matches!(code, ErrorCode::Unauthorized | ErrorCode::UnknownVersion) => {
+                tracing::warn!(
+                    "the server refused this client ({code}): {message}; not reconnecting"
+                );
+                self.fatal = Some((code, message.to_owned()));
+            }
+            Some(db)
+                if matches!(
+                    code,
+                    ErrorCode::Forbidden | ErrorCode::Unauthorized | ErrorCode::TooLarge
+                ) =>
+            {
+                self.refused.insert(db.clone(), (code, message.to_owned()));
+            }
+            _ => {}
+        }
     }
 
     async fn command(
@@ -391,7 +454,12 @@ impl Driver {
                 let _ = reply.send(self.client.presence(&db));
             }
             Cmd::WaitSynced(db, reply) => {
-                if self.client.is_synced(&db) {
+                if let Some((code, message)) = self.fatal.as_ref().or(self.refused.get(&db)) {
+                    let _ = reply.send(Err(ClientError::Server {
+                        code: *code,
+                        message: message.clone(),
+                    }));
+                } else if self.client.is_synced(&db) {
                     let _ = reply.send(Ok(()));
                 } else {
                     self.waiters.entry(db).or_default().push(reply);
@@ -457,23 +525,23 @@ impl Driver {
                 let _ = w.send(Ok(()));
             }
         }
-        if let Some((db, code, message)) = self.last_error.take() {
-            // A database's refusal fails its waiters; a refused connection
-            // (bad token, unknown version) fails them all.
-            let failed: Vec<DbName> = match db {
-                Some(db) => vec![db],
-                None if code.is_fatal() && code != ErrorCode::ShuttingDown => {
-                    self.waiters.keys().cloned().collect()
-                }
-                None => Vec::new(),
+        // Refusals fail their waiters (all of them for a refused identity).
+        let failed: Vec<DbName> = self
+            .waiters
+            .keys()
+            .filter(|db| self.fatal.is_some() || self.refused.contains_key(*db))
+            .cloned()
+            .collect();
+        for db in failed {
+            let Some((code, message)) = self.fatal.as_ref().or(self.refused.get(&db)).cloned()
+            else {
+                continue;
             };
-            for db in failed {
-                for w in self.waiters.remove(&db).unwrap_or_default() {
-                    let _ = w.send(Err(ClientError::Server {
-                        code,
-                        message: message.clone(),
-                    }));
-                }
+            for w in self.waiters.remove(&db).unwrap_or_default() {
+                let _ = w.send(Err(ClientError::Server {
+                    code,
+                    message: message.clone(),
+                }));
             }
         }
     }
@@ -500,7 +568,7 @@ impl Driver {
             }
             ClientOutput::Event(e) => {
                 if let ClientEvent::Error { db, code, message } = &e {
-                    self.last_error = Some((db.clone(), *code, message.clone()));
+                    self.refusal(db.as_ref(), *code, message);
                     if db.is_none() {
                         // A refused listing (or a refused connection) fails
                         // the listings already sent.
@@ -525,6 +593,10 @@ impl Driver {
                 }
                 if let ClientEvent::Status(Status::Online) = e {
                     self.attempts = 0;
+                }
+                if let ClientEvent::Status(Status::Connecting) = e {
+                    // A new connection asks again.
+                    self.refused.clear();
                 }
                 let _ = self.events.send(e);
             }

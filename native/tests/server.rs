@@ -331,6 +331,17 @@ async fn auth_matrix_over_the_wire() {
     )
     .await;
     assert_eq!(refused(&other, "org-1").await, ErrorCode::Forbidden);
+    // Asked after the refusal arrived, wait_synced still fails at once
+    // (it used to wait forever when the refusal beat the call).
+    match tokio::time::timeout(WAIT, other.wait_synced(&db("org-1"))).await {
+        Ok(Err(ClientError::Server { code, .. })) => assert_eq!(code, ErrorCode::Forbidden),
+        r => panic!("expected Forbidden at once, got {r:?}"),
+    }
+    // A refused token is final: the client stops dialling and says so.
+    match tokio::time::timeout(WAIT, none.wait_synced(&db("org-2"))).await {
+        Ok(Err(ClientError::Server { code, .. })) => assert_eq!(code, ErrorCode::Unauthorized),
+        r => panic!("expected Unauthorized at once, got {r:?}"),
+    }
 
     let reader = client(
         "reader",

@@ -138,6 +138,10 @@ struct Driver {
     sync_waiters: Vec<(DbName, Resolvers)>,
     /// `close` callers waiting for the queue to drain.
     close_waiters: Vec<Resolvers>,
+    /// Frames received and not yet handled: handled together in a
+    /// microtask, so frames the socket delivers in one go are applied as
+    /// one batch (see `Client::handle_frames`).
+    inbox: Vec<Vec<u8>>,
     closed: bool,
     /// `goOffline()` was called: stay disconnected until `goOnline()`.
     paused: bool,
@@ -214,6 +218,7 @@ pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmC
         write_waiters: Vec::new(),
         sync_waiters: Vec::new(),
         close_waiters: Vec::new(),
+        inbox: Vec::new(),
         closed: false,
         paused: false,
         events: Vec::new(),
@@ -340,7 +345,10 @@ impl Driver {
             });
         }
         if let Some(db) = db
-            && matches!(code, ErrorCode::Forbidden | ErrorCode::Unauthorized)
+            && matches!(
+                code,
+                ErrorCode::Forbidden | ErrorCode::Unauthorized | ErrorCode::TooLarge
+            )
         {
             self.db_refused.retain(|(d, _)| d != db);
             self.db_refused.push((
@@ -393,7 +401,25 @@ impl Driver {
         }));
     }
 
+    /// Handle the frames received so far, in one batch.
+    fn handle_inbox(&mut self, shared: &Shared) {
+        let frames = std::mem::take(&mut self.inbox);
+        if frames.is_empty() || self.socket.is_none() {
+            return;
+        }
+        if self
+            .client
+            .handle_frames(frames.iter().map(Vec::as_slice))
+            .is_err()
+        {
+            // A frame we cannot read: this connection is unusable.
+            self.drop_connection(shared);
+        }
+    }
+
     fn drop_connection(&mut self, shared: &Shared) {
+        // Frames not yet handled belong to the connection going away.
+        self.inbox.clear();
         // Possibly called from the socket's own callback.
         if let Some(s) = self.socket.take() {
             defer_drop(s);
@@ -450,16 +476,28 @@ fn dial(shared: &Shared) {
 }
 
 fn on_socket(shared: &Shared, ev: SocketEvent) {
-    run(shared, |d| match ev {
-        SocketEvent::Open => d.client.connected(),
+    match ev {
         SocketEvent::Frame(bytes) => {
-            if d.client.handle_frame(&bytes).is_err() {
-                // A frame we cannot read: this connection is unusable.
-                d.drop_connection(shared);
+            let mut d = shared.borrow_mut();
+            d.inbox.push(bytes);
+            if d.inbox.len() == 1 {
+                // The first frame of a burst: handle the burst once the
+                // socket has delivered what it holds.
+                let weak = Rc::downgrade(shared);
+                wasm_bindgen_futures::spawn_local(async move {
+                    if let Some(shared) = weak.upgrade() {
+                        run(&shared, |d| d.handle_inbox(&shared));
+                    }
+                });
             }
         }
-        SocketEvent::Closed => d.drop_connection(shared),
-    });
+        SocketEvent::Open => run(shared, |d| d.client.connected()),
+        SocketEvent::Closed => run(shared, |d| {
+            // Frames that arrived before the close come first.
+            d.handle_inbox(shared);
+            d.drop_connection(shared);
+        }),
+    }
 }
 
 /// Write queued batches (all of them, in one transaction) unless a write is

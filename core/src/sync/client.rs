@@ -195,7 +195,18 @@ struct ClientDb {
     peers: BTreeMap<u64, (ReplicaId, Option<Vec<u8>>)>,
     online: u32,
     synced: bool,
+    /// Own counter of an entry too large for the server's frame limit,
+    /// once reported (so it is reported once per connection).
+    too_large: Option<u64>,
 }
+
+/// A live update (not part of a reply): safe to merge with its neighbours.
+fn is_live(d: &Delta) -> bool {
+    d.req == 0 && d.snapshots.is_empty() && d.base.is_empty()
+}
+
+/// Room a push frame needs besides its one entry (header, names, archive).
+const PUSH_OVERHEAD: usize = 1024;
 
 /// A replica's sans-IO client.
 #[derive(Debug)]
@@ -267,6 +278,7 @@ impl Client {
                 peers: BTreeMap::new(),
                 online: 0,
                 synced: false,
+                too_large: None,
             },
         );
         if self.status != Status::Offline {
@@ -474,6 +486,7 @@ impl Client {
             c.peers.clear();
             c.online = 0;
             c.synced = false;
+            c.too_large = None;
         }
         self.event(ClientEvent::Status(Status::Offline));
     }
@@ -481,14 +494,60 @@ impl Client {
     /// A frame arrived. A frame that does not decode is reported and
     /// returned as an error: the adapter should close the connection.
     pub fn handle_frame(&mut self, frame: &[u8]) -> Result<(), protocol::DecodeError> {
-        let msg = protocol::decode(frame, self.config.max_frame).inspect_err(|e| {
-            self.event(ClientEvent::Error {
-                db: None,
-                code: ErrorCode::BadFrame,
-                message: format!("server sent a bad frame: {e}"),
-            });
-        })?;
-        self.handle(msg);
+        self.handle_frames(std::iter::once(frame))
+    }
+
+    /// Several frames that arrived together, in order. Equivalent to
+    /// [`Client::handle_frame`] on each, except that live deltas of one
+    /// database arriving back to back are applied as one batch: automerge
+    /// costs about as much to apply one change to a document as many, so a
+    /// subscriber that falls behind a busy document catches up in fewer,
+    /// larger applies instead of falling further behind. Adapters pass
+    /// everything their transport has queued. On a frame that does not
+    /// decode, what came before it is handled and the error returned.
+    pub fn handle_frames<'a>(
+        &mut self,
+        frames: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<(), protocol::DecodeError> {
+        let mut run: Option<Delta> = None;
+        for frame in frames {
+            let msg = match protocol::decode(frame, self.config.max_frame) {
+                Ok(msg) => msg,
+                Err(e) => {
+                    if let Some(d) = run.take() {
+                        self.delta(d);
+                    }
+                    self.event(ClientEvent::Error {
+                        db: None,
+                        code: ErrorCode::BadFrame,
+                        message: format!("server sent a bad frame: {e}"),
+                    });
+                    return Err(e);
+                }
+            };
+            match msg {
+                Message::Delta(d) if is_live(&d) => match &mut run {
+                    Some(r) if r.db == d.db => {
+                        r.entries.extend(d.entries);
+                        r.vv.merge(&d.vv);
+                    }
+                    _ => {
+                        if let Some(r) = run.replace(*d) {
+                            self.delta(r);
+                        }
+                    }
+                },
+                other => {
+                    if let Some(r) = run.take() {
+                        self.delta(r);
+                    }
+                    self.handle(other);
+                }
+            }
+        }
+        if let Some(r) = run {
+            self.delta(r);
+        }
         Ok(())
     }
 
@@ -750,13 +809,55 @@ impl Client {
                 .into_iter()
                 .cloned()
                 .collect();
-        *pushed = c.local_durable;
-        for chunk in entries.chunks(max) {
+        // Cut pushes by size as well as count: entries that piled up offline
+        // must not make one frame over the server's limit, which it would
+        // refuse on every reconnect. Half the limit leaves room for framing,
+        // as the server does for its deltas.
+        let budget = self.server_max_frame / 2;
+        let alone_max = self.server_max_frame.saturating_sub(PUSH_OVERHEAD);
+        let mut pushes: Vec<Vec<Entry>> = Vec::new();
+        let mut used = 0usize;
+        let mut too_large = None;
+        for e in entries {
+            let len = e.encoded_len();
+            if len > alone_max {
+                // Never sendable to this server: stop before it (the server
+                // needs a replica's entries in order) and say so once.
+                too_large = Some((e.dot.counter, len));
+                break;
+            }
+            *pushed = e.dot.counter;
+            match pushes.last_mut() {
+                Some(p) if used + len <= budget && p.len() < max => p.push(e),
+                _ => {
+                    used = 0;
+                    pushes.push(vec![e]);
+                }
+            }
+            used += len;
+        }
+        let report = too_large.filter(|(counter, _)| c.too_large != Some(*counter));
+        if let Some((counter, _)) = report {
+            c.too_large = Some(counter);
+        }
+        for entries in pushes {
             self.out
                 .push(ClientOutput::Send(Message::Push(Box::new(Push {
                     db: name.clone(),
-                    entries: chunk.to_vec(),
+                    entries,
                 }))));
+        }
+        if let Some((counter, len)) = report {
+            let message = format!(
+                "change {counter} is {len} bytes, over the server's {}-byte frame limit; \
+                 it and later changes stay local",
+                self.server_max_frame
+            );
+            self.event(ClientEvent::Error {
+                db: Some(name.clone()),
+                code: ErrorCode::TooLarge,
+                message,
+            });
         }
     }
 

@@ -44,10 +44,16 @@ pub struct Net<A> {
 
 impl<A: Authenticator> Net<A> {
     pub fn new(auth: A) -> Self {
-        let config = ServerConfig {
-            replica: ReplicaId([0xEE; 16]),
-            ..ServerConfig::default()
-        };
+        Self::with_config(
+            auth,
+            ServerConfig {
+                replica: ReplicaId([0xEE; 16]),
+                ..ServerConfig::default()
+            },
+        )
+    }
+
+    pub fn with_config(auth: A, config: ServerConfig) -> Self {
         Net {
             server: Server::new(config, auth),
             server_store: MemoryStore::new(),
