@@ -235,11 +235,13 @@ async function w3(name, sys, subscribers, changes, rate) {
 // ---- W4 durable ingest (Syncline; the peers acknowledge nothing) ----
 
 async function w4() {
+  // A cap, not the duration: the run ends once every prepared change is acknowledged.
   const seconds = FULL ? 20 : 8;
+  const changes = FULL ? 100_000 : 30_000; // per writer, made before the clock starts
   const out = await new Promise((ok, fail) => {
     const p = spawn(
       join(root, 'target/release/examples/ingest'),
-      ['--binary', join(root, 'target/release/syncline'), '--writers', '10', '--seconds', String(seconds)],
+      ['--binary', join(root, 'target/release/syncline'), '--writers', '10', '--seconds', String(seconds), '--changes', String(changes)],
       { stdio: ['ignore', 'pipe', 'inherit'] },
     );
     let s = '';

@@ -181,7 +181,8 @@ export async function writeReport(results, { root, outDir, publish }) {
   if (results.w4) {
     const lines = Object.entries(results.w4.rows).map(([k, v]) => `| ${k} | ${v} |`);
     sections.push(
-      `### W4 durable ingest (Syncline only: neither peer acknowledges durable writes; ${results.w4.seconds} s)\n\n` +
+      `### W4 durable ingest (Syncline only: neither peer acknowledges durable writes; 10 writers on one database, ` +
+        `changes made before the clock starts, pushes of up to 128 with 512 unacknowledged per writer, at most ${results.w4.seconds} s)\n\n` +
         ['| figure | value |', '| --- | --- |', ...lines].join('\n'),
     );
   }

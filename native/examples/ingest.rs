@@ -1,9 +1,18 @@
 //! Durable ingest benchmark (not a test): N writers push changes to a real
 //! `syncline serve` as fast as durable acks allow; prints changes/s, ack
 //! latency, and the server's fsyncs/s next to this disk's raw fsync rate
-//! measured in the same run.
+//! measured in the same run, and the server's CPU per change.
 //!
-//! `./scripts/bench-ingest [--writers 10] [--seconds 10]`
+//! The writers share the machine with the server, so they are a cheap load
+//! generator: each prepares its changes (real automerge changes made by a
+//! core `Database` for its own replica) before the clock starts, speaks the
+//! protocol directly, and drops the other writers' live deltas unread
+//! instead of applying them. The server does all its usual work: it
+//! validates every change, logs it with fsync before acknowledging, and fans
+//! it out to the other nine writers subscribed to the same database.
+//!
+//! `./scripts/bench-ingest [--writers 10] [--changes 30000] [--seconds 10]`
+//! (`--changes` per writer; `--seconds` caps the run).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -12,10 +21,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use syncline_core::protocol;
-use syncline_core::sync::{Client, ClientConfig, ClientEvent, ClientOutput};
-use syncline_core::{DbName, DocId, ReplicaId, StoredDatabase};
+use syncline_core::protocol::{self, Hello, Message, Push, Subscribe};
+use syncline_core::{Database, DbName, DocId, Entry, ReplicaId, VersionVector};
 use tokio_tungstenite::tungstenite::Message as Ws;
+
+const DB: &str = "bench-ingest";
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -62,6 +72,19 @@ fn raw_disk(dir: &Path) -> (f64, Duration, f64) {
     (single, percentile(&lat, 0.5), grouped)
 }
 
+/// User + system CPU seconds of a process, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let after = stat.rsplit_once(')').map_or("", |x| x.1);
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    let ticks = f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0);
+    ticks / 100.0
+}
+
 fn metric(addr: &str, name: &str) -> f64 {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
@@ -76,71 +99,114 @@ fn metric(addr: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn writer(url: String, id: u8, until: Instant) -> (u64, Vec<Duration>) {
-    let db = DbName::new("bench-ingest").unwrap();
+/// Entries (one automerge change each) for writer `id`, made before the
+/// clock starts: the load generator shares the server's two cores, so it
+/// must not spend them making changes (or applying the other writers'
+/// fan-out) while the server is measured.
+fn make_entries(id: u8, count: u64) -> (ReplicaId, Vec<Entry>) {
+    let db = DbName::new(DB).unwrap();
     let mut replica = [id; 16];
     replica[15] = 0xB0;
-    let mut client = Client::new(ReplicaId(replica), "", ClientConfig::default());
-    client.open(db.clone(), StoredDatabase::default());
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+    let replica = ReplicaId(replica);
+    let mut local = Database::new(db, replica, automerge::TextEncoding::UnicodeCodePoint);
+    let entries = (0..count)
+        .filter_map(|n| {
+            let doc = DocId::new(format!("w{id}-{}", n % 100)).unwrap();
+            local
+                .update(&doc, &json!({"n": n, "pad": "x".repeat(64)}))
+                .unwrap()
+        })
+        .collect();
+    (replica, entries)
+}
+
+/// One writer speaking the protocol directly: Hello and Subscribe, then
+/// pushes of up to `PUSH` entries with up to `WINDOW` unacknowledged,
+/// as fast as the server's durable acks allow. Live deltas from the other
+/// writers are read and dropped (decoded, not applied).
+async fn writer(
+    url: String,
+    replica: ReplicaId,
+    entries: Vec<Entry>,
+    until: Instant,
+) -> (u64, Vec<Duration>) {
+    const WINDOW: u64 = 512;
+    const PUSH: usize = 128;
+    let db = DbName::new(DB).unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
         .await
         .unwrap();
-    client.connected();
-    let mut sent_at: Vec<Instant> = Vec::new(); // index = own counter - 1
-    let mut latencies = Vec::new();
-    let mut acked = 0u64;
-    let mut counter = 0u64;
-    let mut online = false;
+    let hello = Message::Hello(Box::new(Hello {
+        replica,
+        token: String::new(),
+    }));
+    let sub = Message::Subscribe(Box::new(Subscribe {
+        db: db.clone(),
+        since: VersionVector::new(),
+        req: 1,
+    }));
+    for m in [hello, sub] {
+        ws.send(Ws::Binary(protocol::encode(&m).into()))
+            .await
+            .unwrap();
+    }
+    // Wait for the reply to Subscribe (pushing before it is refused).
     loop {
-        // Keep up to 256 changes in flight once online.
-        while online && counter - acked < 256 && Instant::now() < until {
-            let doc = DocId::new(format!("w{id}-{}", counter % 100)).unwrap();
-            client
-                .update(&db, &doc, &json!({"n": counter, "pad": "x".repeat(64)}))
-                .unwrap();
-            counter += 1;
-            sent_at.push(Instant::now());
-        }
-        loop {
-            let outs = client.take_outputs();
-            if outs.is_empty() {
-                break;
-            }
-            for out in outs {
-                match out {
-                    ClientOutput::Send(m) => ws
-                        .send(Ws::Binary(protocol::encode(&m).into()))
-                        .await
-                        .unwrap(),
-                    // In-memory local replica: durable at once (we measure the server).
-                    ClientOutput::Persist { db, seq, .. } => client.persisted(&db, seq),
-                    ClientOutput::Event(ClientEvent::Acked { counter: c, .. }) => {
-                        let now = Instant::now();
-                        for k in acked..c {
-                            if let Some(t) = sent_at.get(k as usize) {
-                                latencies.push(now - *t);
-                            }
-                        }
-                        acked = c;
-                    }
-                    ClientOutput::Event(ClientEvent::Synced { .. }) => online = true,
-                    ClientOutput::Event(_) => {}
+        match ws.next().await {
+            Some(Ok(Ws::Binary(b))) => {
+                if let Ok(Message::Delta(d)) = protocol::decode(&b, usize::MAX)
+                    && d.req == 1
+                    && d.last
+                {
+                    break;
                 }
             }
-        }
-        if Instant::now() >= until && acked >= counter {
-            return (acked, latencies);
-        }
-        if !(online && counter - acked < 256 && Instant::now() < until) {
-            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-                Ok(Some(Ok(Ws::Binary(b)))) => {
-                    client.handle(protocol::decode(&b, usize::MAX).unwrap())
-                }
-                Ok(Some(Ok(_))) => {}
-                _ => return (acked, latencies),
-            }
+            Some(Ok(_)) => {}
+            _ => return (0, Vec::new()),
         }
     }
+    let total = entries.len() as u64;
+    let mut sent_at: Vec<Instant> = Vec::with_capacity(entries.len());
+    let mut latencies = Vec::with_capacity(entries.len());
+    let (mut acked, mut sent) = (0u64, 0u64);
+    let mut pending = entries.into_iter();
+    while acked < total {
+        let now = Instant::now();
+        if now < until {
+            while sent < total && sent - acked < WINDOW {
+                let batch: Vec<Entry> = pending.by_ref().take(PUSH).collect();
+                sent += batch.len() as u64;
+                sent_at.extend(std::iter::repeat_n(now, batch.len()));
+                let push = Message::Push(Box::new(Push {
+                    db: db.clone(),
+                    entries: batch,
+                }));
+                ws.feed(Ws::Binary(protocol::encode(&push).into()))
+                    .await
+                    .unwrap();
+            }
+            ws.flush().await.unwrap();
+        } else if acked >= sent {
+            break;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Ws::Binary(b)))) => match protocol::decode(&b, usize::MAX) {
+                Ok(Message::Ack(a)) => {
+                    let c = a.vv.get(&replica);
+                    let now = Instant::now();
+                    for k in acked..c.min(sent) {
+                        latencies.push(now - sent_at[k as usize]);
+                    }
+                    acked = acked.max(c);
+                }
+                Ok(Message::Error(e)) => panic!("writer refused: {e:?}"),
+                _ => {} // other writers' changes
+            },
+            Ok(Some(Ok(_))) => {}
+            _ => break,
+        }
+    }
+    (acked, latencies)
 }
 
 #[tokio::main]
@@ -181,11 +247,26 @@ async fn main() {
         .to_owned();
     let url = format!("ws://{addr}/sync");
 
+    let per_writer = arg("--changes", 30_000);
+    let made: Vec<(ReplicaId, Vec<Entry>)> = std::thread::scope(|s| {
+        let jobs: Vec<_> = (0..writers)
+            .map(|i| s.spawn(move || make_entries(i + 1, per_writer)))
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    let bytes: usize = made
+        .iter()
+        .flat_map(|(_, e)| e.iter().map(|e| e.change.len()))
+        .sum();
+    let mean_change = bytes as f64 / (writers as u64 * per_writer).max(1) as f64;
+
     let fsyncs_before = metric(&addr, "syncline_fsync_seconds_count");
+    let cpu_before = cpu_seconds(server.id());
     let start = Instant::now();
     let until = start + Duration::from_secs(seconds);
-    let tasks: Vec<_> = (0..writers)
-        .map(|i| tokio::spawn(writer(url.clone(), i + 1, until)))
+    let tasks: Vec<_> = made
+        .into_iter()
+        .map(|(replica, entries)| tokio::spawn(writer(url.clone(), replica, entries, until)))
         .collect();
     let mut total = 0;
     let mut lat = Vec::new();
@@ -196,12 +277,16 @@ async fn main() {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let fsyncs = metric(&addr, "syncline_fsync_seconds_count") - fsyncs_before;
+    let server_cpu = cpu_seconds(server.id()) - cpu_before;
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&data);
     lat.sort();
 
-    println!("durable ingest, {writers} writers, {elapsed:.1} s, 1 change per entry (~110 B)");
+    println!(
+        "durable ingest, {writers} writers on one database, {elapsed:.1} s, \
+         1 change per entry ({mean_change:.0} B of change each)"
+    );
     println!("| figure | value |");
     println!("| --- | --- |");
     println!("| changes acknowledged durable | {total} |");
@@ -221,6 +306,10 @@ async fn main() {
         raw_p50.as_secs_f64() * 1e3
     );
     println!("| raw disk: 100 × 1 KB per fdatasync | {raw_grouped:.0} records/s |");
+    println!(
+        "| server CPU per change (µs) | {:.1} |",
+        server_cpu / (total as f64).max(1.0) * 1e6
+    );
     println!(
         "| ratio: our changes/s ÷ raw grouped records/s | {:.2} |",
         total as f64 / elapsed / raw_grouped
