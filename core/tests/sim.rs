@@ -354,7 +354,7 @@ impl Sim {
             }
             return;
         }
-        if !to_server && mode >= 10 && pick % 3 == 0 {
+        if !to_server && mode >= 10 && pick.is_multiple_of(3) {
             // Several queued frames at once, as a transport hands them over
             // (live deltas of one database are then applied as one batch).
             let k = (1 + (pick >> 8) % 6).min(q.len());

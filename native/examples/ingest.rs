@@ -27,6 +27,18 @@ use tokio_tungstenite::tungstenite::Message as Ws;
 
 const DB: &str = "bench-ingest";
 
+/// The server under test and its data dir: stopped and removed however the
+/// run ends (a writer that panics included).
+struct Server(std::process::Child, PathBuf);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -223,22 +235,25 @@ async fn main() {
 
     let (raw_single, raw_p50, raw_grouped) = raw_disk(&data);
 
-    let mut server = Command::new(&binary)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--anonymous",
-            "bench-*",
-            "--data",
-        ])
-        .arg(&data)
-        .env("SYNCLINE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the server (build it with cargo build --release -p syncline)");
+    let mut server = Server(
+        Command::new(&binary)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--anonymous",
+                "bench-*",
+                "--data",
+            ])
+            .arg(&data)
+            .env("SYNCLINE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the server (build it with cargo build --release -p syncline)"),
+        data.clone(),
+    );
     let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
+    BufReader::new(server.0.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     let addr = line
@@ -258,10 +273,11 @@ async fn main() {
         .iter()
         .flat_map(|(_, e)| e.iter().map(|e| e.change.len()))
         .sum();
-    let mean_change = bytes as f64 / (writers as u64 * per_writer).max(1) as f64;
+    let made_count: usize = made.iter().map(|(_, e)| e.len()).sum();
+    let mean_change = bytes as f64 / made_count.max(1) as f64;
 
     let fsyncs_before = metric(&addr, "syncline_fsync_seconds_count");
-    let cpu_before = cpu_seconds(server.id());
+    let cpu_before = cpu_seconds(server.0.id());
     let start = Instant::now();
     let until = start + Duration::from_secs(seconds);
     let tasks: Vec<_> = made
@@ -277,10 +293,8 @@ async fn main() {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let fsyncs = metric(&addr, "syncline_fsync_seconds_count") - fsyncs_before;
-    let server_cpu = cpu_seconds(server.id()) - cpu_before;
-    let _ = server.kill();
-    let _ = server.wait();
-    let _ = std::fs::remove_dir_all(&data);
+    let server_cpu = cpu_seconds(server.0.id()) - cpu_before;
+    drop(server);
     lat.sort();
 
     println!(

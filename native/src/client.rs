@@ -251,9 +251,10 @@ impl Driver {
         let (persist_tx, mut persist_rx) =
             mpsc::unbounded_channel::<(DbName, u64, Result<(), String>)>();
         loop {
+            // No redialling after a refused identity: it would be refused again.
             let attempt_at = self
                 .next_attempt
-                .filter(|_| self.url.is_some() && self.conn.is_none());
+                .filter(|_| self.url.is_some() && self.conn.is_none() && self.fatal.is_none());
             tokio::select! {
                 cmd = cmds.recv() => {
                     let Some(cmd) = cmd else { return };
@@ -389,6 +390,14 @@ impl Driver {
                     "the server refused this client ({code}): {message}; not reconnecting"
                 );
                 self.fatal = Some((code, message.to_owned()));
+                self.next_attempt = None;
+                // Listings waiting to be sent would wait for ever.
+                for (_, reply) in self.listings.drain(..) {
+                    let _ = reply.send(Err(ClientError::Server {
+                        code,
+                        message: message.to_owned(),
+                    }));
+                }
             }
             Some(db)
                 if matches!(
@@ -466,6 +475,13 @@ impl Driver {
                 }
             }
             Cmd::ListDatabases(reply) => {
+                if let Some((code, message)) = &self.fatal {
+                    let _ = reply.send(Err(ClientError::Server {
+                        code: *code,
+                        message: message.clone(),
+                    }));
+                    return;
+                }
                 let req =
                     (self.client.status() == Status::Online).then(|| self.client.list_databases());
                 self.listings.push((req, reply));
@@ -593,6 +609,8 @@ impl Driver {
                 }
                 if let ClientEvent::Status(Status::Online) = e {
                     self.attempts = 0;
+                    // Accepted after all (a connection already under way).
+                    self.fatal = None;
                 }
                 if let ClientEvent::Status(Status::Connecting) = e {
                     // A new connection asks again.

@@ -139,8 +139,10 @@ struct Driver {
     /// `close` callers waiting for the queue to drain.
     close_waiters: Vec<Resolvers>,
     /// Frames received and not yet handled: handled together in a
-    /// microtask, so frames the socket delivers in one go are applied as
-    /// one batch (see `Client::handle_frames`).
+    /// microtask, so frames the socket delivers in one task are applied as
+    /// one batch (see `Client::handle_frames`). Node's WebSocket delivers
+    /// every frame of one socket read in one task; browsers give each
+    /// message its own task, so there frames are still handled one by one.
     inbox: Vec<Vec<u8>>,
     closed: bool,
     /// `goOffline()` was called: stay disconnected until `goOnline()`.
@@ -493,9 +495,12 @@ fn on_socket(shared: &Shared, ev: SocketEvent) {
         }
         SocketEvent::Open => run(shared, |d| d.client.connected()),
         SocketEvent::Closed => run(shared, |d| {
-            // Frames that arrived before the close come first.
+            // Frames that arrived before the close come first (a bad one
+            // among them has already dropped the connection).
             d.handle_inbox(shared);
-            d.drop_connection(shared);
+            if d.socket.is_some() {
+                d.drop_connection(shared);
+            }
         }),
     }
 }

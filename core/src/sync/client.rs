@@ -530,6 +530,7 @@ impl Client {
                     Some(r) if r.db == d.db => {
                         r.entries.extend(d.entries);
                         r.vv.merge(&d.vv);
+                        r.last = d.last;
                     }
                     _ => {
                         if let Some(r) = run.replace(*d) {
@@ -664,6 +665,7 @@ impl Client {
 
     fn delta(&mut self, d: Delta) {
         let name = d.db.clone();
+        let final_part = d.last;
         let Some(c) = self.dbs.get_mut(&name) else {
             return;
         };
@@ -721,8 +723,11 @@ impl Client {
             // missing (or arrived out of order and is still pending).
             resubscribe = !c.db.vv().dominates(&vv);
         } else if matches!(c.sync, Sync::Live { .. })
+            && final_part
             && !c.db.vv().dominates(&without(&server_vv, self.replica))
         {
+            // (Every part of a live delta carries the vector after its last
+            // part, so only the last part can tell that something is missing.)
             resubscribe = true;
         }
         self.absorb(&name, applied);
@@ -800,15 +805,11 @@ impl Client {
             return;
         };
         let from = (*pushed).max(c.acked) + 1;
-        if from > c.local_durable {
+        if from > c.local_durable || c.too_large == Some(from) {
+            // Nothing new, or stuck behind a change no frame can carry.
             return;
         }
-        let entries: Vec<Entry> =
-            c.db.log()
-                .entries_of(&me, from, c.local_durable)
-                .into_iter()
-                .cloned()
-                .collect();
+        let entries = c.db.log().entries_of(&me, from, c.local_durable);
         // Cut pushes by size as well as count: entries that piled up offline
         // must not make one frame over the server's limit, which it would
         // refuse on every reconnect. Half the limit leaves room for framing,
@@ -828,10 +829,10 @@ impl Client {
             }
             *pushed = e.dot.counter;
             match pushes.last_mut() {
-                Some(p) if used + len <= budget && p.len() < max => p.push(e),
+                Some(p) if used + len <= budget && p.len() < max => p.push(e.clone()),
                 _ => {
                     used = 0;
-                    pushes.push(vec![e]);
+                    pushes.push(vec![e.clone()]);
                 }
             }
             used += len;
