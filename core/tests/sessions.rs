@@ -480,3 +480,57 @@ fn offline_backlog_is_pushed_in_frames_under_the_servers_limit() {
     assert_eq!(net.nodes[a].client.status(), Status::Online);
     assert_eq!(errors(&net, a), vec![]);
 }
+
+#[test]
+fn a_live_delta_in_several_parts_does_not_look_like_a_gap() {
+    use syncline_core::sync::ServerConfig;
+    let mut net = Net::with_config(
+        OpenAccess,
+        ServerConfig {
+            replica: ReplicaId([0xEE; 16]),
+            max_frame: 64 * 1024,
+            ..ServerConfig::default()
+        },
+    );
+    let a = net.add(1, "");
+    let b = net.add(2, "");
+    for i in [a, b] {
+        net.open(i, "shared");
+        net.connect(i);
+    }
+    net.run();
+    // Several pushes made durable in one group commit: their fan-out is one
+    // live delta cut into parts, each carrying the vector after the last.
+    net.hold_server_persists = true;
+    for k in 0..20u64 {
+        let doc = DocId::new(format!("d{k}")).unwrap();
+        net.nodes[a]
+            .client
+            .update(&db(), &doc, &json!({"blob": noise(k + 7, 8_000)}))
+            .unwrap();
+        net.run();
+    }
+    net.reset_traffic();
+    net.flush_server_together();
+    net.hold_server_persists = false;
+    net.run();
+    let parts = net.nodes[b]
+        .down
+        .frames
+        .iter()
+        .filter(|m| matches!(m, Message::Delta(d) if d.req == 0))
+        .count();
+    assert!(parts > 1, "the fan-out came in {parts} part(s)");
+    let resubscribes = net.nodes[b]
+        .up
+        .frames
+        .iter()
+        .filter(|m| matches!(m, Message::Subscribe(_)))
+        .count();
+    assert_eq!(
+        resubscribes, 0,
+        "parts handled one by one caused a resubscribe"
+    );
+    let d = net.nodes[b].client.database(&db()).unwrap();
+    assert_eq!(d.list().len(), 20);
+}

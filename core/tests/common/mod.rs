@@ -178,6 +178,20 @@ impl<A: Authenticator> Net<A> {
         }
     }
 
+    /// Make every held batch durable in one group commit (one `persisted`
+    /// for the last of them, as a store that fsyncs them together reports).
+    pub fn flush_server_together(&mut self) {
+        let mut last = None;
+        while let Some((db, seq, batch)) = self.server_persists.pop_front() {
+            self.server_store.write_now(&db, &batch).unwrap();
+            last = Some((db, seq));
+        }
+        if let Some((db, seq)) = last {
+            self.server.persisted(&db, seq);
+            self.route_server();
+        }
+    }
+
     /// The disk lost the held batches (the adapter reports `persist_failed`).
     pub fn drop_server_persists(&mut self) {
         self.server_persists.clear();
