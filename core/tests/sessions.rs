@@ -402,6 +402,18 @@ fn only_admin_tokens_list_databases() {
     assert_eq!(errors(&net, writer), [ErrorCode::Forbidden]);
 }
 
+/// An open-access network whose server announces `max_frame`.
+fn net_with_max_frame(max_frame: usize) -> Net<OpenAccess> {
+    Net::with_config(
+        OpenAccess,
+        syncline_core::sync::ServerConfig {
+            replica: ReplicaId([0xEE; 16]),
+            max_frame,
+            ..Default::default()
+        },
+    )
+}
+
 /// Text that automerge cannot compress, `len` characters from `seed`.
 fn noise(seed: u64, len: usize) -> String {
     let mut x = seed | 1;
@@ -417,16 +429,8 @@ fn noise(seed: u64, len: usize) -> String {
 
 #[test]
 fn offline_backlog_is_pushed_in_frames_under_the_servers_limit() {
-    use syncline_core::sync::ServerConfig;
     let max_frame = 64 * 1024;
-    let mut net = Net::with_config(
-        OpenAccess,
-        ServerConfig {
-            replica: ReplicaId([0xEE; 16]),
-            max_frame,
-            ..ServerConfig::default()
-        },
-    );
+    let mut net = net_with_max_frame(max_frame);
     let a = net.add(1, "");
     net.open(a, "shared");
     // 40 changes of ~8 KB written offline: 320 KB, five times the limit.
@@ -483,15 +487,7 @@ fn offline_backlog_is_pushed_in_frames_under_the_servers_limit() {
 
 #[test]
 fn a_live_delta_in_several_parts_does_not_look_like_a_gap() {
-    use syncline_core::sync::ServerConfig;
-    let mut net = Net::with_config(
-        OpenAccess,
-        ServerConfig {
-            replica: ReplicaId([0xEE; 16]),
-            max_frame: 64 * 1024,
-            ..ServerConfig::default()
-        },
-    );
+    let mut net = net_with_max_frame(64 * 1024);
     let a = net.add(1, "");
     let b = net.add(2, "");
     for i in [a, b] {

@@ -238,6 +238,14 @@ struct Driver {
     fatal: Option<(ErrorCode, String)>,
 }
 
+/// The error a refusal settles callers with.
+fn server_error((code, message): &(ErrorCode, String)) -> ClientError {
+    ClientError::Server {
+        code: *code,
+        message: message.clone(),
+    }
+}
+
 fn backoff(attempts: u32) -> Duration {
     let base = 100u64.saturating_mul(1 << attempts.min(7)).min(10_000);
     // Jitter from fresh random bytes: 50–100 % of the base.
@@ -381,31 +389,29 @@ impl Driver {
             .then(|| Instant::now() + backoff(self.attempts));
     }
 
+    /// Why `db` will not sync on this connection, if the server said so.
+    fn refusal_of(&self, db: &DbName) -> Option<&(ErrorCode, String)> {
+        self.fatal.as_ref().or(self.refused.get(db))
+    }
+
     /// Remember a refusal that settles `wait_synced` for its database (or,
     /// for a refused identity, for all of them).
     fn refusal(&mut self, db: Option<&DbName>, code: ErrorCode, message: &str) {
+        let refusal = (code, message.to_owned());
         match db {
-            None if matches!(code, ErrorCode::Unauthorized | ErrorCode::UnknownVersion) => {
+            None if code.refuses_identity() => {
                 tracing::warn!(
                     "the server refused this client ({code}): {message}; not reconnecting"
                 );
-                self.fatal = Some((code, message.to_owned()));
                 self.next_attempt = None;
                 // Listings waiting to be sent would wait for ever.
                 for (_, reply) in self.listings.drain(..) {
-                    let _ = reply.send(Err(ClientError::Server {
-                        code,
-                        message: message.to_owned(),
-                    }));
+                    let _ = reply.send(Err(server_error(&refusal)));
                 }
+                self.fatal = Some(refusal);
             }
-            Some(db)
-                if matches!(
-                    code,
-                    ErrorCode::Forbidden | ErrorCode::Unauthorized | ErrorCode::TooLarge
-                ) =>
-            {
-                self.refused.insert(db.clone(), (code, message.to_owned()));
+            Some(db) if code.refuses_database() => {
+                self.refused.insert(db.clone(), refusal);
             }
             _ => {}
         }
@@ -463,11 +469,8 @@ impl Driver {
                 let _ = reply.send(self.client.presence(&db));
             }
             Cmd::WaitSynced(db, reply) => {
-                if let Some((code, message)) = self.fatal.as_ref().or(self.refused.get(&db)) {
-                    let _ = reply.send(Err(ClientError::Server {
-                        code: *code,
-                        message: message.clone(),
-                    }));
+                if let Some(r) = self.refusal_of(&db) {
+                    let _ = reply.send(Err(server_error(r)));
                 } else if self.client.is_synced(&db) {
                     let _ = reply.send(Ok(()));
                 } else {
@@ -475,11 +478,8 @@ impl Driver {
                 }
             }
             Cmd::ListDatabases(reply) => {
-                if let Some((code, message)) = &self.fatal {
-                    let _ = reply.send(Err(ClientError::Server {
-                        code: *code,
-                        message: message.clone(),
-                    }));
+                if let Some(r) = &self.fatal {
+                    let _ = reply.send(Err(server_error(r)));
                     return;
                 }
                 let req =
@@ -542,22 +542,14 @@ impl Driver {
             }
         }
         // Refusals fail their waiters (all of them for a refused identity).
-        let failed: Vec<DbName> = self
+        let failed: Vec<(DbName, (ErrorCode, String))> = self
             .waiters
             .keys()
-            .filter(|db| self.fatal.is_some() || self.refused.contains_key(*db))
-            .cloned()
+            .filter_map(|db| Some((db.clone(), self.refusal_of(db)?.clone())))
             .collect();
-        for db in failed {
-            let Some((code, message)) = self.fatal.as_ref().or(self.refused.get(&db)).cloned()
-            else {
-                continue;
-            };
+        for (db, refusal) in failed {
             for w in self.waiters.remove(&db).unwrap_or_default() {
-                let _ = w.send(Err(ClientError::Server {
-                    code,
-                    message: message.clone(),
-                }));
+                let _ = w.send(Err(server_error(&refusal)));
             }
         }
     }

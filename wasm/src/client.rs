@@ -338,8 +338,7 @@ impl Driver {
     fn server_error(&mut self, db: Option<&DbName>, code: ErrorCode, message: &str) {
         // Only a refused identity is final; a bad frame or an overloaded
         // server is worth another connection.
-        let fatal =
-            db.is_none() && matches!(code, ErrorCode::Unauthorized | ErrorCode::UnknownVersion);
+        let fatal = db.is_none() && code.refuses_identity();
         if fatal {
             self.refused = Some(WasmError::Server {
                 code,
@@ -347,10 +346,7 @@ impl Driver {
             });
         }
         if let Some(db) = db
-            && matches!(
-                code,
-                ErrorCode::Forbidden | ErrorCode::Unauthorized | ErrorCode::TooLarge
-            )
+            && code.refuses_database()
         {
             self.db_refused.retain(|(d, _)| d != db);
             self.db_refused.push((

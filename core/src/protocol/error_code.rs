@@ -91,6 +91,23 @@ impl ErrorCode {
         }
     }
 
+    /// Whether a connection-level error refuses the replica itself (its
+    /// token or protocol version): connecting again the same way would be
+    /// refused again, so clients stop reconnecting.
+    pub fn refuses_identity(self) -> bool {
+        matches!(self, ErrorCode::Unauthorized | ErrorCode::UnknownVersion)
+    }
+
+    /// Whether an error about one database means it will not sync on this
+    /// connection (no right to it, or a change no frame can carry), so
+    /// callers waiting for it to sync are told instead of waiting.
+    pub fn refuses_database(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Forbidden | ErrorCode::Unauthorized | ErrorCode::TooLarge
+        )
+    }
+
     /// Whether the connection is closed after this error.
     pub fn is_fatal(self) -> bool {
         matches!(
