@@ -1,7 +1,13 @@
 //! A replica's copy of one database: the entry log plus the materialised
 //! documents, with JSON reads and writes that produce entries.
+//!
+//! Documents opened from cached views ([`crate::view`]) start as their JSON
+//! only and are loaded into automerge from the log the first time something
+//! needs the automerge document (a write, a remote change, a snapshot, a
+//! compaction, [`Database::document`]).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
 
 use automerge::TextEncoding;
 use serde_json::Value as Json;
@@ -12,6 +18,7 @@ use crate::entry::{Entry, InvalidChange, Snapshot};
 use crate::ids::{DbName, DocId, ReplicaId};
 use crate::log::{Appended, Compaction, Log, LogError};
 use crate::store::StoredDatabase;
+use crate::view::DocView;
 
 /// Most out-of-order entries held while waiting for a gap to fill.
 pub const MAX_PENDING: usize = 1 << 20;
@@ -48,6 +55,20 @@ pub struct Applied {
     pub errors: Vec<ApplyError>,
 }
 
+/// A document as a replica holds it.
+#[derive(Debug, Clone)]
+enum Slot {
+    /// Loaded into automerge.
+    Loaded(Document),
+    /// Opened from a cached view: its JSON text (`None`: deleted or empty),
+    /// and the automerge document once a read needed it (a write turns the
+    /// slot into `Loaded`).
+    Cached {
+        json: Option<String>,
+        loaded: OnceLock<Document>,
+    },
+}
+
 /// One database as a replica holds it.
 #[derive(Debug, Clone)]
 pub struct Database {
@@ -55,7 +76,7 @@ pub struct Database {
     replica: ReplicaId,
     encoding: TextEncoding,
     log: Log,
-    docs: BTreeMap<DocId, Document>,
+    docs: BTreeMap<DocId, Slot>,
     /// Remote entries that arrived before an earlier counter of their replica.
     pending: BTreeMap<Dot, Entry>,
 }
@@ -81,22 +102,50 @@ impl Database {
         encoding: TextEncoding,
         stored: StoredDatabase,
     ) -> (Self, Vec<ApplyError>) {
+        Self::from_stored_with_views(name, replica, encoding, stored, Vec::new())
+    }
+
+    /// [`Database::from_stored`], showing documents from cached `views`
+    /// where a view's clock equals the document's clock in the log: those
+    /// documents are not loaded into automerge until something needs them.
+    /// Views that do not match (stale, newer than the log, unknown
+    /// documents) are ignored.
+    pub fn from_stored_with_views(
+        name: DbName,
+        replica: ReplicaId,
+        encoding: TextEncoding,
+        stored: StoredDatabase,
+        views: Vec<DocView>,
+    ) -> (Self, Vec<ApplyError>) {
         let mut errors = Vec::new();
+        let snapshots = stored.snapshots.clone();
+        let (log, problems) = Log::from_stored(stored);
+        for p in problems {
+            tracing::warn!(db = %name, "stored log: {p}");
+        }
         let mut docs = BTreeMap::new();
-        for s in &stored.snapshots {
+        for v in views {
+            if log.doc_clock(&v.doc) == Some(&v.clock) {
+                let slot = Slot::Cached {
+                    json: v.json,
+                    loaded: OnceLock::new(),
+                };
+                docs.insert(v.doc, slot);
+            }
+        }
+        for s in &snapshots {
+            if docs.contains_key(&s.doc) {
+                continue;
+            }
             match Document::load(&s.bytes, replica, encoding) {
                 Ok(d) => {
-                    docs.insert(s.doc.clone(), d);
+                    docs.insert(s.doc.clone(), Slot::Loaded(d));
                 }
                 Err(source) => errors.push(ApplyError::Doc {
                     doc: s.doc.clone(),
                     source,
                 }),
             }
-        }
-        let (log, problems) = Log::from_stored(stored);
-        for p in problems {
-            tracing::warn!(db = %name, "stored log: {p}");
         }
         let mut db = Database {
             name,
@@ -108,6 +157,9 @@ impl Database {
         };
         let mut batches: BTreeMap<DocId, Vec<automerge::Change>> = BTreeMap::new();
         for e in db.log.entries() {
+            if matches!(db.docs.get(&e.doc), Some(Slot::Cached { .. })) {
+                continue;
+            }
             match e.parse_change() {
                 Ok(c) => batches.entry(e.doc.clone()).or_default().push(c),
                 Err(err) => errors.push(err.into()),
@@ -144,31 +196,93 @@ impl Database {
 
     /// A document's JSON value (`None` when absent or deleted).
     pub fn get(&self, doc: &DocId) -> Option<Json> {
-        self.docs.get(doc).and_then(Document::to_json)
+        match self.docs.get(doc)? {
+            Slot::Cached { json, loaded } if loaded.get().is_none() => {
+                match serde_json::from_str(json.as_deref()?) {
+                    Ok(v) => Some(v),
+                    // A damaged view: read the document itself.
+                    Err(_) => self.document(doc).and_then(Document::to_json),
+                }
+            }
+            _ => self.document(doc).and_then(Document::to_json),
+        }
+    }
+
+    /// The JSON text of a document shown from its cached view and not yet
+    /// loaded into automerge (`None` otherwise: use [`Database::get`]).
+    /// Lets an adapter hand the text on without parsing it.
+    pub fn cached_json(&self, doc: &DocId) -> Option<&str> {
+        match self.docs.get(doc)? {
+            Slot::Cached { json, loaded } if loaded.get().is_none() => json.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// How many documents are shown from cached views, not loaded into automerge.
+    pub fn cached_documents(&self) -> usize {
+        self.docs
+            .values()
+            .filter(|s| matches!(s, Slot::Cached { loaded, .. } if loaded.get().is_none()))
+            .count()
     }
 
     /// The value at `path` inside a document.
     pub fn get_path(&self, doc: &DocId, path: &[PathSeg]) -> Option<Json> {
-        self.docs.get(doc).and_then(|d| d.get_path(path))
+        self.document(doc).and_then(|d| d.get_path(path))
     }
 
-    /// A document, deleted or not.
+    /// A document, deleted or not (loaded into automerge if it was shown
+    /// from a cached view).
     pub fn document(&self, doc: &DocId) -> Option<&Document> {
-        self.docs.get(doc)
+        match self.docs.get(doc)? {
+            Slot::Loaded(d) => Some(d),
+            Slot::Cached { loaded, .. } => Some(
+                loaded.get_or_init(|| load_from_log(&self.log, doc, self.replica, self.encoding)),
+            ),
+        }
     }
 
     /// Ids of the documents that exist (not deleted), in order.
     pub fn list(&self) -> Vec<DocId> {
         self.docs
             .iter()
-            .filter(|(_, d)| !d.is_deleted() && d.to_json().is_some())
+            .filter(|(id, s)| match s {
+                Slot::Cached { json, loaded } if loaded.get().is_none() => json.is_some(),
+                _ => self
+                    .document(id)
+                    .is_some_and(|d| !d.is_deleted() && d.to_json().is_some()),
+            })
             .map(|(id, _)| id.clone())
             .collect()
     }
 
-    /// Every document, deleted ones included.
+    /// Every document's JSON value (deleted and empty ones as `None`), read
+    /// from cached views where they are not loaded.
+    pub fn values(&self) -> impl Iterator<Item = (&DocId, Option<Json>)> {
+        self.docs.keys().map(|id| (id, self.get(id)))
+    }
+
+    /// Every document, deleted ones included (loading into automerge those
+    /// shown from cached views).
     pub fn documents(&self) -> impl Iterator<Item = (&DocId, &Document)> {
-        self.docs.iter()
+        self.docs
+            .keys()
+            .filter_map(|id| Some((id, self.document(id)?)))
+    }
+
+    /// The cached view of a document as it is now, for a store to keep
+    /// beside the log (`None` when the document is unknown).
+    pub fn view(&self, doc: &DocId) -> Option<DocView> {
+        let clock = self.log.doc_clock(doc)?.clone();
+        let json = match self.docs.get(doc)? {
+            Slot::Cached { json, .. } => json.clone(),
+            Slot::Loaded(d) => d.to_json().map(|v| v.to_string()),
+        };
+        Some(DocView {
+            doc: doc.clone(),
+            clock,
+            json,
+        })
     }
 
     /// Make a document equal `value` with minimal changes (creating it when missing).
@@ -222,13 +336,9 @@ impl Database {
         doc: &DocId,
         f: impl FnOnce(&mut Document) -> Result<Option<automerge::Change>, DocError>,
     ) -> Result<Option<Entry>, DocError> {
-        let (replica, encoding) = (self.replica, self.encoding);
+        let replica = self.replica;
         let created = !self.docs.contains_key(doc);
-        let document = self
-            .docs
-            .entry(doc.clone())
-            .or_insert_with(|| Document::new(replica, encoding));
-        let result = f(document);
+        let result = f(self.doc_mut(doc).0);
         let change = match result {
             Ok(Some(c)) => c,
             other => {
@@ -339,11 +449,7 @@ impl Database {
         let mut out = Applied::default();
         let mut clocks = BTreeMap::new();
         for s in snapshots {
-            let (replica, encoding) = (self.replica, self.encoding);
-            let doc = self
-                .docs
-                .entry(s.doc.clone())
-                .or_insert_with(|| Document::new(replica, encoding));
+            let (doc, _) = self.doc_mut(&s.doc);
             if let Err(source) = doc.merge_snapshot(&s.bytes) {
                 out.errors.push(ApplyError::Doc {
                     doc: s.doc.clone(),
@@ -394,7 +500,7 @@ impl Database {
         let snapshots = extra
             .into_iter()
             .filter_map(|doc| {
-                let d = self.docs.get(&doc)?;
+                let d = self.document(&doc)?;
                 Some(Snapshot {
                     clock: self.log.doc_clock(&doc).cloned().unwrap_or_default(),
                     bytes: d.save(),
@@ -408,6 +514,32 @@ impl Database {
         }
     }
 
+    /// A document to change, created when missing and loaded into automerge
+    /// when it was shown from a cached view. The flag says it was loaded
+    /// from the log just now (so it holds every change appended so far).
+    fn doc_mut(&mut self, doc: &DocId) -> (&mut Document, bool) {
+        let (replica, encoding) = (self.replica, self.encoding);
+        let slot = self
+            .docs
+            .entry(doc.clone())
+            .or_insert_with(|| Slot::Loaded(Document::new(replica, encoding)));
+        let mut from_log = false;
+        if let Slot::Cached { loaded, .. } = slot {
+            // A document a read loaded earlier lacks what was appended
+            // since; one loaded now holds all of it.
+            let d = loaded.take().unwrap_or_else(|| {
+                from_log = true;
+                load_from_log(&self.log, doc, replica, encoding)
+            });
+            *slot = Slot::Loaded(d);
+        }
+        match slot {
+            Slot::Loaded(d) => (d, from_log),
+            // Just replaced by `Loaded` above.
+            Slot::Cached { .. } => unreachable!("slot was loaded above"),
+        }
+    }
+
     /// Apply parsed changes, one automerge batch per document. A batch that
     /// fails is retried change by change so one bad change costs only itself.
     fn materialise(
@@ -415,12 +547,11 @@ impl Database {
         batches: BTreeMap<DocId, Vec<automerge::Change>>,
         errors: &mut Vec<ApplyError>,
     ) {
-        let (replica, encoding) = (self.replica, self.encoding);
         for (doc, changes) in batches {
-            let d = self
-                .docs
-                .entry(doc.clone())
-                .or_insert_with(|| Document::new(replica, encoding));
+            let (d, from_log) = self.doc_mut(&doc);
+            if from_log {
+                continue; // loaded from the log, which holds these changes already
+            }
             if d.apply_batch(changes.clone()).is_ok() {
                 continue;
             }
@@ -432,6 +563,235 @@ impl Database {
                     });
                 }
             }
+        }
+    }
+}
+
+/// Build one document from what the log holds for it: its snapshot, then its
+/// entries. The log's content was validated when it was appended or stored,
+/// so a failure here means damaged storage; it is logged and the document
+/// keeps whatever did load.
+fn load_from_log(log: &Log, doc: &DocId, replica: ReplicaId, encoding: TextEncoding) -> Document {
+    let mut d = match log.snapshot(doc) {
+        Some(s) => Document::load(&s.bytes, replica, encoding).unwrap_or_else(|e| {
+            tracing::warn!(%doc, "stored snapshot does not load: {e}");
+            Document::new(replica, encoding)
+        }),
+        None => Document::new(replica, encoding),
+    };
+    let changes: Vec<automerge::Change> = log
+        .entries()
+        .iter()
+        .filter(|e| &e.doc == doc)
+        .filter_map(|e| {
+            e.parse_change()
+                .map_err(|err| tracing::warn!(%doc, "stored entry: {err}"))
+                .ok()
+        })
+        .collect();
+    if d.apply_batch(changes.clone()).is_err() {
+        for c in changes {
+            if let Err(e) = d.apply(c) {
+                tracing::warn!(%doc, "stored change does not apply: {e}");
+            }
+        }
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn id(s: &str) -> DocId {
+        DocId::new(s).expect("valid id")
+    }
+
+    /// A database of four documents (one deleted, one with text) and what
+    /// its store holds.
+    fn sample() -> (Database, StoredDatabase) {
+        let name = DbName::new("views").expect("valid name");
+        let mut db = Database::new(name, ReplicaId([1; 16]), TextEncoding::UnicodeCodePoint);
+        let mut entries = Vec::new();
+        for round in 0..5 {
+            for (doc, value) in [
+                (
+                    "a",
+                    json!({"title": "milk", "n": round, "tags": ["x", round]}),
+                ),
+                ("b", json!({"done": round % 2 == 0})),
+                ("gone", json!({"x": round})),
+            ] {
+                entries.extend(db.update(&id(doc), &value).expect("update"));
+            }
+        }
+        let text = json!({"body": "hello world"});
+        entries.extend(
+            db.update_with_text(&id("t"), &text, &["body".into()])
+                .expect("text"),
+        );
+        entries.extend(db.delete(&id("gone")).expect("delete"));
+        let stored = StoredDatabase {
+            entries,
+            ..StoredDatabase::default()
+        };
+        (db, stored)
+    }
+
+    fn views_of(db: &Database) -> Vec<DocView> {
+        db.documents()
+            .filter_map(|(d, _)| db.view(d))
+            .collect::<Vec<_>>()
+    }
+
+    fn reopen(db: &Database, stored: StoredDatabase, views: Vec<DocView>) -> Database {
+        let (copy, errors) = Database::from_stored_with_views(
+            db.name().clone(),
+            db.replica(),
+            TextEncoding::UnicodeCodePoint,
+            stored,
+            views,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        copy
+    }
+
+    fn values(db: &Database) -> Vec<(DocId, Option<Json>)> {
+        db.values().map(|(d, v)| (d.clone(), v)).collect()
+    }
+
+    #[test]
+    fn a_reopen_from_views_shows_documents_without_loading_them() {
+        let (db, stored) = sample();
+        let copy = reopen(&db, stored, views_of(&db));
+        assert_eq!(copy.cached_documents(), 4);
+        assert_eq!(values(&copy), values(&db));
+        assert_eq!(copy.list(), db.list());
+        assert_eq!(copy.get(&id("gone")), None);
+        assert_eq!(copy.cached_json(&id("b")), Some(r#"{"done":true}"#));
+        assert_eq!(copy.cached_documents(), 4, "reads do not load documents");
+        // Asking for the automerge document loads it, identical to the original.
+        let doc = copy.document(&id("t")).expect("t");
+        assert_eq!(
+            doc.canonical_save(),
+            db.document(&id("t")).expect("t").canonical_save()
+        );
+        assert_eq!(copy.cached_documents(), 3);
+        assert_eq!(copy.cached_json(&id("t")), None);
+        assert_eq!(copy.get(&id("t")), db.get(&id("t")));
+    }
+
+    #[test]
+    fn writes_and_remote_changes_load_a_cached_document_first() {
+        let (mut db, stored) = sample();
+        let mut copy = reopen(&db, stored.clone(), views_of(&db));
+        // A local write on the copy continues the document's history.
+        let value = json!({"title": "oat milk", "n": 9, "tags": ["x"]});
+        let entry = copy
+            .update(&id("a"), &value)
+            .expect("update")
+            .expect("a change");
+        assert_eq!(copy.get(&id("a")), Some(value.clone()));
+        assert_eq!(copy.cached_documents(), 3);
+        let applied = db.apply_entries([entry.clone()]);
+        assert!(applied.errors.is_empty(), "{:?}", applied.errors);
+        assert_eq!(db.get(&id("a")), Some(value));
+        // A change from another replica to a cached document.
+        let mut other = reopen(&db, stored, Vec::new());
+        other.apply_entries([entry]);
+        let mut remote = Database::new(
+            db.name().clone(),
+            ReplicaId([2; 16]),
+            TextEncoding::UnicodeCodePoint,
+        );
+        remote.apply_entries(other.log().entries().to_vec());
+        let change = remote
+            .update(&id("b"), &json!({"done": false, "by": "two"}))
+            .expect("update")
+            .expect("a change");
+        let applied = copy.apply_entries([change.clone()]);
+        assert!(applied.errors.is_empty(), "{:?}", applied.errors);
+        assert!(applied.changed.contains(&id("b")));
+        db.apply_entries([change]);
+        assert_eq!(copy.get(&id("b")), db.get(&id("b")));
+        assert_eq!(copy.get(&id("b")), remote.get(&id("b")));
+        assert_eq!(copy.cached_documents(), 2);
+        // Everything converges byte for byte.
+        for (d, doc) in db.documents() {
+            let mine = copy.document(d).expect("held");
+            assert_eq!(mine.canonical_save(), doc.canonical_save(), "{d}");
+        }
+    }
+
+    #[test]
+    fn a_document_loaded_by_a_read_still_takes_later_changes() {
+        let (db, stored) = sample();
+        let mut copy = reopen(&db, stored.clone(), views_of(&db));
+        assert!(copy.document(&id("a")).is_some()); // loads `a` for a read
+        let mut remote = reopen(&db, stored, Vec::new());
+        let value = json!({"title": "tea"});
+        let entry = remote
+            .update(&id("a"), &value)
+            .expect("update")
+            .expect("a change");
+        copy.apply_entries([entry]);
+        assert_eq!(copy.get(&id("a")), Some(value));
+    }
+
+    #[test]
+    fn stale_and_damaged_views_are_not_trusted() {
+        let (mut db, mut stored) = sample();
+        let old = views_of(&db);
+        // A change after the views were taken makes `a`'s view stale.
+        let newer = json!({"title": "bread"});
+        stored
+            .entries
+            .extend(db.update(&id("a"), &newer).expect("update"));
+        let mut views = old;
+        for v in &mut views {
+            if v.doc == id("b") {
+                v.json = Some("{not json".into());
+            }
+        }
+        // A view of a document the log does not know is dropped too.
+        views.push(DocView {
+            doc: id("ghost"),
+            clock: VersionVector::new(),
+            json: Some("{}".into()),
+        });
+        let copy = reopen(&db, stored, views);
+        assert_eq!(copy.cached_documents(), 3, "a's view is stale");
+        assert_eq!(copy.get(&id("a")), Some(newer));
+        assert_eq!(copy.get(&id("b")), db.get(&id("b")));
+        assert_eq!(copy.get(&id("ghost")), None);
+        assert_eq!(values(&copy), values(&db));
+        assert_eq!(copy.list(), db.list());
+    }
+
+    #[test]
+    fn compacting_cached_documents_keeps_their_content() {
+        let (db, stored) = sample();
+        let mut copy = reopen(&db, stored, views_of(&db));
+        let vv = copy.vv().clone();
+        let compaction = copy.compact(&vv);
+        assert_eq!(compaction.snapshots.len(), 4);
+        let folded = StoredDatabase {
+            base: compaction.base,
+            snapshots: compaction.snapshots,
+            entries: Vec::new(),
+        };
+        let views = views_of(&copy);
+        for (v, cached) in [(Vec::new(), 0), (views, 4)] {
+            let again = reopen(&db, folded.clone(), v);
+            assert_eq!(
+                again.cached_documents(),
+                cached,
+                "views still match after compaction"
+            );
+            assert_eq!(values(&again), values(&db));
+            assert_eq!(again.vv(), db.vv());
         }
     }
 }

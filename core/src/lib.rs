@@ -78,6 +78,7 @@ pub mod log;
 pub mod protocol;
 pub mod store;
 pub mod sync;
+pub mod view;
 
 pub use clock::{Dot, VersionVector};
 pub use database::Database;
@@ -88,3 +89,4 @@ pub use log::{Compaction, Log};
 pub use store::{
     Batch, CorruptRecord, MemoryStore, Store, StoredDatabase, decode_batch, encode_batch,
 };
+pub use view::{DocView, decode_view, encode_view};

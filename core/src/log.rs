@@ -130,6 +130,11 @@ impl Log {
         self.snapshots.values()
     }
 
+    /// The snapshot of one document, if it has one below the horizon.
+    pub fn snapshot(&self, doc: &DocId) -> Option<&Snapshot> {
+        self.snapshots.get(doc)
+    }
+
     /// Bytes of change data held in entries (a compaction trigger).
     pub fn entry_bytes(&self) -> usize {
         self.entry_bytes

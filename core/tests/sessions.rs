@@ -319,6 +319,56 @@ fn presence_is_broadcast_and_cleared_on_leave() {
 }
 
 #[test]
+fn synced_waits_until_the_reply_is_durable_locally() {
+    let mut net = Net::new(OpenAccess);
+    let a = net.add(1, "");
+    let b = net.add(2, "");
+    net.open(a, "shared");
+    net.connect(a);
+    let doc = DocId::new("todo").unwrap();
+    net.nodes[a]
+        .client
+        .update(&db(), &doc, &json!({"title": "milk"}))
+        .unwrap();
+    net.run();
+    assert!(net.nodes[a].client.is_synced(&db()));
+    // b catches up, but its store has not written the reply yet.
+    net.hold_client_persists = true;
+    net.open(b, "shared");
+    net.connect(b);
+    net.run();
+    let synced = |net: &Net<OpenAccess>| {
+        net.nodes[b]
+            .events
+            .iter()
+            .filter(|e| matches!(e, ClientEvent::Synced { .. }))
+            .count()
+    };
+    assert_eq!(
+        net.nodes[b].client.database(&db()).unwrap().get(&doc),
+        Some(json!({"title": "milk"}))
+    );
+    assert!(!net.nodes[b].client.is_synced(&db()));
+    assert_eq!(synced(&net), 0);
+    net.flush_client(b);
+    assert!(net.nodes[b].client.is_synced(&db()));
+    assert_eq!(synced(&net), 1);
+    // Once synced, a live update that is not yet durable does not un-sync.
+    net.nodes[a]
+        .client
+        .update(&db(), &doc, &json!({"title": "oat milk"}))
+        .unwrap();
+    net.flush_client(a);
+    net.run();
+    assert_eq!(
+        net.nodes[b].client.database(&db()).unwrap().get(&doc),
+        Some(json!({"title": "oat milk"}))
+    );
+    assert!(net.nodes[b].client.is_synced(&db()));
+    assert_eq!(synced(&net), 1);
+}
+
+#[test]
 fn offline_edits_merge_on_reconnect() {
     let mut net = Net::new(OpenAccess);
     let a = net.add(1, "");

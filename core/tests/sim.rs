@@ -25,6 +25,7 @@ use syncline_core::store::{Batch, MemoryStore, StoredDatabase};
 use syncline_core::sync::{
     Client, ClientConfig, ClientOutput, OpenAccess, PeerId, Server, ServerConfig, ServerOutput,
 };
+use syncline_core::view::DocView;
 
 /// xorshift64*: small, seeded, reproducible.
 struct Rng(u64);
@@ -60,8 +61,17 @@ struct Replica {
     id: ReplicaId,
     client: Client,
     store: MemoryStore,
-    persists: VecDeque<(DbName, u64, Batch)>,
+    /// Cached document views, written with their batch (replicas with an
+    /// even first id byte keep them, like a browser store does).
+    views: Views,
+    persists: VecDeque<(DbName, u64, Batch, Vec<DocView>)>,
     conn: Option<Conn>,
+}
+
+type Views = BTreeMap<(DbName, DocId), DocView>;
+
+fn keeps_views(id: ReplicaId) -> bool {
+    id.0[0].is_multiple_of(2)
 }
 
 struct Sim {
@@ -115,11 +125,13 @@ impl Sim {
                 id[1..9].copy_from_slice(&rng.next().to_le_bytes());
                 let id = ReplicaId(id);
                 let store = MemoryStore::new();
-                let client = Self::boot_client(id, &store, &dbs);
+                let views = Views::new();
+                let client = Self::boot_client(id, &store, &views, &dbs);
                 Replica {
                     id,
                     client,
                     store,
+                    views,
                     persists: VecDeque::new(),
                     conn: None,
                 }
@@ -150,15 +162,21 @@ impl Sim {
         Server::new(config, OpenAccess)
     }
 
-    fn boot_client(id: ReplicaId, store: &MemoryStore, dbs: &[DbName]) -> Client {
+    fn boot_client(id: ReplicaId, store: &MemoryStore, views: &Views, dbs: &[DbName]) -> Client {
         let config = ClientConfig {
             max_frame: 4096,
             max_entries_per_push: 8,
+            keep_views: keeps_views(id),
             ..ClientConfig::default()
         };
         let mut c = Client::new(id, "", config);
         for db in dbs {
-            c.open(db.clone(), store.load_now(db).unwrap());
+            let v = views
+                .iter()
+                .filter(|((d, _), _)| d == db)
+                .map(|(_, v)| v.clone())
+                .collect();
+            c.open_with_views(db.clone(), store.load_now(db).unwrap(), v);
         }
         c
     }
@@ -179,9 +197,12 @@ impl Sim {
                         c.to_server.push_back(frame);
                     }
                 }
-                ClientOutput::Persist { db, seq, batch } => {
-                    self.replicas[i].persists.push_back((db, seq, batch))
-                }
+                ClientOutput::Persist {
+                    db,
+                    seq,
+                    batch,
+                    views,
+                } => self.replicas[i].persists.push_back((db, seq, batch, views)),
                 ClientOutput::Event(_) => {}
             }
         }
@@ -282,8 +303,13 @@ impl Sim {
     }
 
     fn flush_client(&mut self, i: usize, all: bool) {
-        while let Some((db, seq, batch)) = self.replicas[i].persists.pop_front() {
+        while let Some((db, seq, batch, views)) = self.replicas[i].persists.pop_front() {
             self.replicas[i].store.write_now(&db, &batch).unwrap();
+            for v in views {
+                self.replicas[i]
+                    .views
+                    .insert((db.clone(), v.doc.clone()), v);
+            }
             self.replicas[i].client.persisted(&db, seq);
             self.route_client(i);
             if !all {
@@ -399,7 +425,7 @@ impl Sim {
         self.cut(i);
         let r = &mut self.replicas[i];
         r.persists.clear(); // not durable: lost in the crash
-        r.client = Self::boot_client(r.id, &r.store, &self.dbs);
+        r.client = Self::boot_client(r.id, &r.store, &r.views, &self.dbs);
         let _ = r.client.take_outputs();
         self.note(format!("restart client {i}"));
     }
@@ -557,6 +583,18 @@ impl Sim {
                     "replica {i} misses acked entries of {db}"
                 );
                 assert_eq!(d.vv(), server_db.vv(), "replica {i} vector differs on {db}");
+                // Values as shown (from cached views where not loaded) first,
+                // then the automerge documents themselves.
+                let shown: BTreeMap<String, Option<Json>> =
+                    d.values().map(|(id, v)| (id.to_string(), v)).collect();
+                let expect_shown: BTreeMap<String, Option<Json>> = expect
+                    .iter()
+                    .map(|(k, (_, v))| (k.clone(), v.clone()))
+                    .collect();
+                assert_eq!(
+                    shown, expect_shown,
+                    "replica {i} shows other values on {db}"
+                );
                 let got: BTreeMap<String, (Vec<u8>, Option<Json>)> = d
                     .documents()
                     .map(|(id, d)| (id.to_string(), (d.canonical_save(), d.to_json())))
@@ -602,6 +640,18 @@ fn run(seed: u64) {
         sim.restart_server();
         for i in 0..n {
             sim.restart_client(i);
+            // A replica keeping views shows every document from them.
+            let r = &sim.replicas[i];
+            if keeps_views(r.id) {
+                for db in &sim.dbs {
+                    let d = r.client.database(db).expect("open");
+                    assert_eq!(
+                        d.cached_documents(),
+                        d.log().doc_clocks().len(),
+                        "replica {i} loaded documents of {db} its views cover"
+                    );
+                }
+            }
         }
         sim.heal();
         sim.check();

@@ -22,7 +22,7 @@ export type Path = ReadonlyArray<string | number>;
 /** The connection's state. */
 export type ConnectionStatus = 'offline' | 'connecting' | 'online';
 
-/** A database's state: `synced` once the server has everything of ours and we have its reply. */
+/** A database's state: `synced` once the server has everything of ours and we hold its reply durably. */
 export type DbStatus = ConnectionStatus | 'synced';
 
 /** Options of {@link Syncline.connect}. */

@@ -508,7 +508,7 @@ impl Driver {
         let mut result = Ok(changed);
         for out in self.client.take_outputs() {
             match out {
-                ClientOutput::Persist { db, seq, batch } => {
+                ClientOutput::Persist { db, seq, batch, .. } => {
                     match self.store.write(&db, &batch).await {
                         Ok(()) => self.client.persisted(&db, seq),
                         Err(e) => result = Err(ClientError::Store(e)),
@@ -565,7 +565,7 @@ impl Driver {
                     let _ = tx.send(protocol::encode(&msg));
                 }
             }
-            ClientOutput::Persist { db, seq, batch } => {
+            ClientOutput::Persist { db, seq, batch, .. } => {
                 // Enqueued now (in order); the wait for fsync runs in a task.
                 let write = self.store.write(&db, &batch);
                 let tx = persist_tx.clone();

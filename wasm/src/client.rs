@@ -21,12 +21,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use syncline_core::protocol::ErrorCode;
 use syncline_core::sync::{Client, ClientConfig, ClientEvent, ClientOutput, Status};
-use syncline_core::{Batch, DbName, DocId, MemoryStore, PathSeg, ReplicaId};
+use syncline_core::{Batch, DbName, DocId, DocView, MemoryStore, PathSeg, ReplicaId};
 use wasm_bindgen::prelude::*;
 
 use crate::error::{WasmError, js_error};
 use crate::socket::{Socket, SocketEvent, Timer, defer_drop, jittered_backoff};
-use crate::store::{BrowserStore, IdbStore};
+use crate::store::{BrowserStore, IdbStore, Write};
 
 /// Options of [`create_client`] (camelCase in JS).
 #[derive(Debug, Default, Deserialize)]
@@ -114,6 +114,10 @@ fn settle(r: &Resolvers, result: Result<JsValue, JsValue>) {
     };
 }
 
+/// A batch waiting for IndexedDB: (database, seq, batch, views of the
+/// documents it touches).
+type Queued = (DbName, u64, Batch, Vec<DocView>);
+
 struct Driver {
     client: Client,
     store: BrowserStore,
@@ -129,7 +133,7 @@ struct Driver {
     /// Databases the server refused on this connection (`Forbidden`, …).
     db_refused: Vec<(DbName, WasmError)>,
     /// Batches waiting for the store, in order.
-    queue: VecDeque<(DbName, u64, Batch)>,
+    queue: VecDeque<Queued>,
     writing: bool,
     write_retry: Option<Timer>,
     /// Local writes waiting until their batch is durable: (db, seq, promise).
@@ -200,6 +204,7 @@ pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmC
     };
     let config = ClientConfig {
         encoding: automerge::TextEncoding::Utf16CodeUnit,
+        keep_views: store.keeps_views(),
         ..ClientConfig::default()
     };
     let driver = Driver {
@@ -274,8 +279,13 @@ impl Driver {
                             s.send(&syncline_core::protocol::encode(&msg));
                         }
                     }
-                    ClientOutput::Persist { db, seq, batch } => {
-                        self.queue.push_back((db, seq, batch));
+                    ClientOutput::Persist {
+                        db,
+                        seq,
+                        batch,
+                        views,
+                    } => {
+                        self.queue.push_back((db, seq, batch, views));
                     }
                     ClientOutput::Event(e) => self.event(e),
                 }
@@ -371,14 +381,11 @@ impl Driver {
     }
 
     /// Remove and return the local writes whose batch is among `items`.
-    fn take_write_waiters(
-        &mut self,
-        items: &[(DbName, u64, Batch)],
-    ) -> Vec<(DbName, u64, Resolvers)> {
+    fn take_write_waiters(&mut self, items: &[Queued]) -> Vec<(DbName, u64, Resolvers)> {
         // The highest sequence number written per database (a handful of
         // databases; thousands of waiters and items in a bulk write).
         let mut upto: Vec<(&DbName, u64)> = Vec::new();
-        for (db, seq, _) in items {
+        for (db, seq, _, _) in items {
             match upto.iter_mut().find(|(d, _)| *d == db) {
                 Some((_, s)) => *s = (*s).max(*seq),
                 None => upto.push((db, *seq)),
@@ -520,16 +527,17 @@ fn kick_writer(shared: &Shared) {
     };
     let shared = shared.clone();
     wasm_bindgen_futures::spawn_local(async move {
-        let batches: Vec<(DbName, Batch)> = items
+        let writes: Vec<Write<'_>> = items
             .iter()
-            .map(|(db, _, b)| (db.clone(), b.clone()))
+            .map(|(db, _, b, v)| (db, b, v.as_slice()))
             .collect();
-        let result = store.write_many(&batches).await;
+        let result = store.write_many(&writes).await;
+        drop(writes);
         run(&shared, |d| {
             d.writing = false;
             match result {
                 Ok(()) => {
-                    for (db, seq, _) in &items {
+                    for (db, seq, _, _) in &items {
                         d.client.persisted(db, *seq);
                     }
                     let done = d.take_write_waiters(&items);
@@ -634,9 +642,14 @@ impl WasmClient {
         }
         let store = self.shared.borrow().store.clone();
         let stored = store.load(&db).await?;
+        // Views are a cache: one that cannot be read costs only time.
+        let views = store.load_views(&db).await.unwrap_or_else(|e| {
+            tracing::warn!(%db, "cached views not read: {e}");
+            Vec::new()
+        });
         run(&self.shared, |d| {
             if d.client.database(&db).is_none() {
-                d.client.open(db, stored);
+                d.client.open_with_views(db, stored, views);
             }
         });
         Ok(())
@@ -650,6 +663,13 @@ impl WasmClient {
             .client
             .database(&db)
             .ok_or_else(|| WasmError::NotOpen(db.as_str().to_owned()))?;
+        // A document shown from its cached view is handed to JSON.parse as
+        // stored, without a round trip through serde.
+        if let Some(text) = database.cached_json(&id)
+            && let Ok(v) = js_sys::JSON::parse(text)
+        {
+            return Ok(v);
+        }
         Ok(database
             .get(&id)
             .map_or(JsValue::UNDEFINED, |v| data_to_js(&v)))
@@ -679,8 +699,8 @@ impl WasmClient {
             .database(&db)
             .ok_or_else(|| WasmError::NotOpen(db.as_str().to_owned()))?;
         let map: serde_json::Map<String, Json> = database
-            .documents()
-            .filter_map(|(id, doc)| Some((id.as_str().to_owned(), doc.to_json()?)))
+            .values()
+            .filter_map(|(id, v)| Some((id.as_str().to_owned(), v?)))
             .collect();
         Ok(data_to_js(&map))
     }
@@ -758,7 +778,7 @@ impl WasmClient {
             d.pump();
             // The change's batch is the newest queued one of `db`: resolve
             // when it is durable.
-            match d.queue.iter().rev().find(|(q, _, _)| *q == db).map(|q| q.1) {
+            match d.queue.iter().rev().find(|q| q.0 == db).map(|q| q.1) {
                 Some(seq) if changed => d.write_waiters.push((db, seq, resolvers.clone())),
                 _ => settle(&resolvers, Ok(JsValue::from_bool(changed))),
             }

@@ -6,6 +6,12 @@
 //!   `"<db>\u{0}<seq as 16 hex digits>"`, value the batch as
 //!   [`encode_batch`] bytes. A database's state is the fold of its records in
 //!   key order, exactly like the native append-only log.
+//! - object store `views`: the cached JSON view of each document
+//!   ([`syncline_core::view`]), key `"<db>\u{0}<doc id>"`, value
+//!   [`encode_view`] bytes, written in the same transaction as the batch
+//!   that changed the document. Opening a database shows documents from
+//!   them without loading each into automerge; a view that does not match
+//!   the log is ignored, so losing or damaging one costs only time.
 //! - object store `meta`: small values (the replica id).
 //!
 //! Every batch is written in one `readwrite` transaction with `strict`
@@ -26,14 +32,16 @@ use indexed_db_futures::prelude::*;
 use indexed_db_futures::transaction::{TransactionDurability, TransactionMode, TransactionOptions};
 use indexed_db_futures::typed_array::Uint8Array;
 use syncline_core::{
-    Batch, DbName, Entry, MemoryStore, Store, StoredDatabase, VersionVector, decode_batch,
-    encode_batch,
+    Batch, DbName, DocView, Entry, MemoryStore, Store, StoredDatabase, VersionVector, decode_batch,
+    decode_view, encode_batch, encode_view,
 };
 use wasm_bindgen::JsValue;
 
 const LOG: &str = "log";
 const META: &str = "meta";
-const SCHEMA_VERSION: u8 = 1;
+const VIEWS: &str = "views";
+/// 2 added `views`.
+pub(crate) const SCHEMA_VERSION: u8 = 2;
 /// Records of one database after which they are folded into one.
 const FOLD_AFTER: u64 = 512;
 
@@ -106,6 +114,13 @@ fn range(db: &DbName) -> KeyRange<String> {
     )
 }
 
+fn view_key(db: &DbName, doc: &str) -> String {
+    format!("{}\u{0}{doc}", db.as_str())
+}
+
+/// One write: a batch of `db` and the views of the documents it touches.
+pub type Write<'a> = (&'a DbName, &'a Batch, &'a [DocView]);
+
 fn parse_key(k: &str) -> Option<(DbName, u64)> {
     let (db, seq) = k.split_once('\u{0}')?;
     Some((DbName::new(db).ok()?, u64::from_str_radix(seq, 16).ok()?))
@@ -138,7 +153,7 @@ impl IdbStore {
             })
             .with_on_upgrade_needed(|_, db| {
                 let names: Vec<String> = db.object_store_names().collect();
-                for store in [LOG, META] {
+                for store in [LOG, META, VIEWS] {
                     if !names.iter().any(|n| n == store) {
                         db.create_object_store(store).build()?;
                     }
@@ -189,24 +204,47 @@ impl IdbStore {
         Ok(out)
     }
 
-    /// Write many batches (of any databases) in one transaction: all or none.
-    pub async fn write_many(&self, batches: &[(DbName, Batch)]) -> Result<(), StoreError> {
-        if batches.is_empty() {
+    /// The cached views kept for `db`. A record that does not decode is
+    /// skipped (its document loads from the log instead).
+    pub async fn load_views(&self, db: &DbName) -> Result<Vec<DocView>, StoreError> {
+        let tx = self.db.transaction(VIEWS).build()?;
+        let values: Vec<Uint8Array> = tx
+            .object_store(VIEWS)?
+            .get_all::<Uint8Array>()
+            .with_query::<String, _>(range(db))
+            .primitive()?
+            .await?
+            .collect::<Result<_, _>>()?;
+        let mut views = Vec::with_capacity(values.len());
+        for v in values {
+            match decode_view(v.as_ref()) {
+                Ok(view) => views.push(view),
+                Err(e) => tracing::warn!(%db, "skipping a cached view: {e}"),
+            }
+        }
+        Ok(views)
+    }
+
+    /// Write many batches (of any databases) and their views in one
+    /// transaction: all or none.
+    pub async fn write_many(&self, writes: &[Write<'_>]) -> Result<(), StoreError> {
+        if writes.is_empty() {
             return Ok(());
         }
-        for (db, _) in batches {
+        for (db, _, _) in writes {
             self.ensure_seq(db).await?;
         }
         let tx = self
             .db
-            .transaction(LOG)
+            .transaction([LOG, VIEWS])
             .with_mode(TransactionMode::Readwrite)
             .with_options(Self::options())
             .build()?;
         let store = tx.object_store(LOG)?;
+        let views = tx.object_store(VIEWS)?;
         let mut planned: HashMap<DbName, (u64, u64)> = self.seqs.borrow().clone();
-        for (db, batch) in batches {
-            let slot = planned.entry(db.clone()).or_insert((0, 0));
+        for (db, batch, batch_views) in writes {
+            let slot = planned.entry((*db).clone()).or_insert((0, 0));
             let bytes = encode_batch(batch);
             // `add`: a key that exists (another writer of this replica)
             // fails the transaction instead of overwriting a durable batch.
@@ -216,8 +254,14 @@ impl IdbStore {
                 .primitive()?;
             slot.0 += 1;
             slot.1 += 1;
+            for v in *batch_views {
+                views
+                    .put(Uint8Array::from(encode_view(v)))
+                    .with_key(view_key(db, v.doc.as_str()))
+                    .primitive()?;
+            }
         }
-        drop(store);
+        drop((store, views));
         commit(tx).await?;
         *self.seqs.borrow_mut() = planned;
         let full: Vec<DbName> = self
@@ -361,7 +405,7 @@ impl Store for IdbStore {
     }
 
     async fn write(&self, db: &DbName, batch: &Batch) -> Result<(), StoreError> {
-        self.write_many(&[(db.clone(), batch.clone())]).await
+        self.write_many(&[(db, batch, &[])]).await
     }
 
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -408,12 +452,26 @@ impl BrowserStore {
         }
     }
 
-    /// Write batches atomically.
-    pub async fn write_many(&self, batches: &[(DbName, Batch)]) -> Result<(), StoreError> {
+    /// Whether this store keeps cached document views (IndexedDB does; a
+    /// memory store has no reopen to speed up).
+    pub fn keeps_views(&self) -> bool {
+        matches!(self, BrowserStore::Idb(_))
+    }
+
+    /// The cached views kept for `db` (none in memory).
+    pub async fn load_views(&self, db: &DbName) -> Result<Vec<DocView>, StoreError> {
         match self {
-            BrowserStore::Idb(s) => s.write_many(batches).await,
+            BrowserStore::Idb(s) => s.load_views(db).await,
+            BrowserStore::Memory(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Write batches (and their views, where kept) atomically.
+    pub async fn write_many(&self, writes: &[Write<'_>]) -> Result<(), StoreError> {
+        match self {
+            BrowserStore::Idb(s) => s.write_many(writes).await,
             BrowserStore::Memory(m) => {
-                for (db, b) in batches {
+                for (db, b, _) in writes {
                     m.write_now(db, b)
                         .map_err(|e| StoreError::Idb(e.to_string()))?;
                 }

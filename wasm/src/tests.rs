@@ -7,7 +7,9 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use js_sys::{Function, Promise};
-use syncline_core::{Batch, DbName, DocId, Dot, Entry, ReplicaId, Snapshot, Store, VersionVector};
+use syncline_core::{
+    Batch, DbName, DocId, DocView, Dot, Entry, ReplicaId, Snapshot, Store, VersionVector,
+};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use wasm_bindgen_test::*;
@@ -46,8 +48,8 @@ async fn batches_survive_reopening_in_order() {
         .expect("write");
     store
         .write_many(&[
-            (db.clone(), Batch::entries(vec![entry(r, 3, "a")])),
-            (other.clone(), Batch::entries(vec![entry(r, 1, "z")])),
+            (&db, &Batch::entries(vec![entry(r, 3, "a")]), &[]),
+            (&other, &Batch::entries(vec![entry(r, 1, "z")]), &[]),
         ])
         .await
         .expect("write many");
@@ -144,6 +146,167 @@ async fn many_records_fold_into_one_without_loss() {
     );
 }
 
+fn view(doc: &str, counter: u64, json: &str) -> DocView {
+    let mut clock = VersionVector::new();
+    clock.set(ReplicaId([4; 16]), counter);
+    DocView {
+        doc: DocId::new(doc).expect("valid id"),
+        clock,
+        json: Some(json.to_owned()),
+    }
+}
+
+#[wasm_bindgen_test]
+async fn views_are_written_with_their_batch_and_replaced_per_document() {
+    use indexed_db_futures::prelude::*;
+    use indexed_db_futures::transaction::TransactionMode;
+    use indexed_db_futures::typed_array::Uint8Array;
+    let name = unique("views");
+    let store = IdbStore::open(&name).await.expect("open");
+    let (db, other) = (
+        DbName::new("db").expect("valid"),
+        DbName::new("db2").expect("valid"),
+    );
+    let r = ReplicaId([4; 16]);
+    let a1 = view("a", 1, r#"{"n":1}"#);
+    let b1 = view("b", 2, r#"{"n":2}"#);
+    store
+        .write_many(&[
+            (
+                &db,
+                &Batch::entries(vec![entry(r, 1, "a"), entry(r, 2, "b")]),
+                &[a1, b1.clone()],
+            ),
+            (
+                &other,
+                &Batch::entries(vec![entry(r, 1, "z")]),
+                &[view("z", 1, "{}")],
+            ),
+        ])
+        .await
+        .expect("write");
+    let a3 = view("a", 3, r#"{"n":3}"#);
+    store
+        .write_many(&[(
+            &db,
+            &Batch::entries(vec![entry(r, 3, "a")]),
+            std::slice::from_ref(&a3),
+        )])
+        .await
+        .expect("write");
+    store.close();
+    // Damage one more view behind the store's back: it is skipped, not fatal.
+    let raw = indexed_db_futures::database::Database::open(name.as_str())
+        .await
+        .expect("raw open");
+    let tx = raw
+        .transaction("views")
+        .with_mode(TransactionMode::Readwrite)
+        .build()
+        .expect("tx");
+    tx.object_store("views")
+        .expect("store")
+        .put(Uint8Array::from(vec![0xde, 0xad]))
+        .with_key("db\u{0}c".to_owned())
+        .primitive()
+        .expect("put");
+    tx.commit().await.expect("commit");
+    raw.close();
+    let store = IdbStore::open(&name).await.expect("reopen");
+    let mut views = store.load_views(&db).await.expect("views");
+    views.sort_by(|x, y| x.doc.as_str().cmp(y.doc.as_str()));
+    assert_eq!(views, vec![a3, b1]);
+    assert_eq!(store.load_views(&other).await.expect("views").len(), 1);
+    assert_eq!(store.load(&db).await.expect("load").entries.len(), 3);
+}
+
+#[wasm_bindgen_test]
+async fn a_reopened_client_shows_and_edits_what_it_stored() {
+    let (cb, _) = waiter(|_| false);
+    let idb = unique("reopen");
+    let opts = options("ws://127.0.0.1:9/sync");
+    let _ = js_sys::Reflect::set(&opts, &"storage".into(), &"indexeddb".into());
+    let _ = js_sys::Reflect::set(&opts, &"idbName".into(), &idb.as_str().into());
+    let js = |v: serde_json::Value| serde_wasm_bindgen::to_value(&v).expect("js");
+    let read = |c: &crate::client::WasmClient, id: &str| -> Option<serde_json::Value> {
+        let v = c.get("notes", id).expect("get");
+        (!v.is_undefined()).then(|| serde_wasm_bindgen::from_value(v).expect("json"))
+    };
+    let client = create_client(opts.clone(), cb.clone())
+        .await
+        .expect("client");
+    client.open("notes".to_owned()).await.expect("open");
+    for i in 0..20 {
+        let v = serde_json::json!({"title": format!("note {i}"), "n": i, "tags": ["a", i]});
+        JsFuture::from(client.put("notes", &format!("n{}", i % 5), js(v), None))
+            .await
+            .expect("put");
+    }
+    let text = serde_json::json!({"body": "hello"});
+    JsFuture::from(client.put("notes", "t", js(text), Some(vec!["body".into()])))
+        .await
+        .expect("put");
+    JsFuture::from(client.delete("notes", "n4"))
+        .await
+        .expect("delete");
+    let before: Vec<_> = ["n0", "n1", "n2", "n3", "n4", "t"]
+        .iter()
+        .map(|id| read(&client, id))
+        .collect();
+    let all_before: serde_json::Value =
+        serde_wasm_bindgen::from_value(client.all("notes").expect("all")).expect("json");
+    JsFuture::from(client.close()).await.expect("close");
+
+    let client = create_client(opts.clone(), cb.clone())
+        .await
+        .expect("reopen");
+    client.open("notes".to_owned()).await.expect("open");
+    let after: Vec<_> = ["n0", "n1", "n2", "n3", "n4", "t"]
+        .iter()
+        .map(|id| read(&client, id))
+        .collect();
+    assert_eq!(after, before);
+    assert_eq!(after[4], None, "deleted stays deleted");
+    let all_after: serde_json::Value =
+        serde_wasm_bindgen::from_value(client.all("notes").expect("all")).expect("json");
+    assert_eq!(all_after, all_before);
+    assert_eq!(
+        client.list("notes").expect("list"),
+        vec!["n0", "n1", "n2", "n3", "t"]
+    );
+    // Editing after the reopen continues each document's history.
+    JsFuture::from(client.splice(
+        "notes",
+        "t",
+        js(serde_json::json!(["body"])),
+        5,
+        0,
+        " world",
+    ))
+    .await
+    .expect("splice");
+    let v = serde_json::json!({"title": "note 1", "n": 100});
+    JsFuture::from(client.put("notes", "n1", js(v.clone()), None))
+        .await
+        .expect("put");
+    assert_eq!(
+        read(&client, "t"),
+        Some(serde_json::json!({"body": "hello world"}))
+    );
+    assert_eq!(read(&client, "n1"), Some(v.clone()));
+    JsFuture::from(client.close()).await.expect("close");
+    // And those edits are there after one more reopen.
+    let client = create_client(opts, cb).await.expect("reopen again");
+    client.open("notes".to_owned()).await.expect("open");
+    assert_eq!(
+        read(&client, "t"),
+        Some(serde_json::json!({"body": "hello world"}))
+    );
+    assert_eq!(read(&client, "n1"), Some(v));
+    assert_eq!(read(&client, "n2"), before[2]);
+    JsFuture::from(client.close()).await.expect("close");
+}
+
 #[wasm_bindgen_test]
 async fn corrupt_records_are_typed_errors() {
     use indexed_db_futures::prelude::*;
@@ -180,9 +343,11 @@ async fn corrupt_records_are_typed_errors() {
 #[wasm_bindgen_test]
 async fn a_blocked_upgrade_is_a_typed_error() {
     let name = unique("blocked");
-    let _holder = IdbStore::open(&name).await.expect("open v1");
+    let _holder = IdbStore::open(&name).await.expect("open");
     // A newer schema cannot open while this (older) connection is held.
-    let err = IdbStore::open_version(&name, 2).await.expect_err("blocked");
+    let err = IdbStore::open_version(&name, crate::store::SCHEMA_VERSION + 1)
+        .await
+        .expect_err("blocked");
     assert!(matches!(err, StoreError::Blocked), "{err:?}");
 }
 

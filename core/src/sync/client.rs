@@ -21,6 +21,7 @@ use crate::protocol::{
     Push, Subscribe,
 };
 use crate::store::{Batch, StoredDatabase};
+use crate::view::DocView;
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -31,6 +32,10 @@ pub struct ClientConfig {
     pub max_entries_per_push: usize,
     /// How text positions are counted (`Utf16CodeUnit` in browsers).
     pub encoding: TextEncoding,
+    /// Attach to every [`ClientOutput::Persist`] the cached JSON views of
+    /// the documents its batch touches ([`crate::view`]), for stores that
+    /// keep them so a reopen need not load every document into automerge.
+    pub keep_views: bool,
 }
 
 impl Default for ClientConfig {
@@ -39,6 +44,7 @@ impl Default for ClientConfig {
             max_frame: DEFAULT_MAX_FRAME,
             max_entries_per_push: 10_000,
             encoding: TextEncoding::UnicodeCodePoint,
+            keep_views: false,
         }
     }
 }
@@ -75,8 +81,9 @@ pub enum ClientEvent {
         /// Own counter acknowledged.
         counter: u64,
     },
-    /// The database is in sync: the reply arrived and every local change is
-    /// durable on the server.
+    /// The database is in sync: the reply arrived and is durable locally,
+    /// and every local change is durable on the server (so a reload, or
+    /// going offline, shows everything the server had).
     Synced {
         /// The database.
         db: DbName,
@@ -117,6 +124,10 @@ pub enum ClientOutput {
         seq: u64,
         /// What to write.
         batch: Batch,
+        /// Cached views of the documents the batch touches, to keep beside
+        /// it (in the same atomic write where the store can); empty unless
+        /// [`ClientConfig::keep_views`]. Losing them loses nothing.
+        views: Vec<DocView>,
     },
     /// Tell the application.
     Event(ClientEvent),
@@ -255,11 +266,22 @@ impl Client {
     /// Open a database from what the store holds (an empty
     /// [`StoredDatabase`] for a new one) and subscribe to it.
     pub fn open(&mut self, name: DbName, stored: StoredDatabase) {
+        self.open_with_views(name, stored, Vec::new());
+    }
+
+    /// [`Client::open`] with the cached views the store kept
+    /// ([`Database::from_stored_with_views`]).
+    pub fn open_with_views(&mut self, name: DbName, stored: StoredDatabase, views: Vec<DocView>) {
         if self.dbs.contains_key(&name) {
             return;
         }
-        let (db, errors) =
-            Database::from_stored(name.clone(), self.replica, self.config.encoding, stored);
+        let (db, errors) = Database::from_stored_with_views(
+            name.clone(),
+            self.replica,
+            self.config.encoding,
+            stored,
+            views,
+        );
         for e in errors {
             self.apply_error(&name, e);
         }
@@ -589,6 +611,7 @@ impl Client {
             }
         }
         self.push(db);
+        self.check_synced(db);
     }
 
     // ---- internals ----
@@ -619,10 +642,22 @@ impl Client {
         let seq = c.next_seq;
         c.next_seq += 1;
         c.unpersisted.push_back((seq, own));
+        let views = if self.config.keep_views {
+            let docs: BTreeSet<&DocId> = batch
+                .entries
+                .iter()
+                .map(|e| &e.doc)
+                .chain(batch.snapshots.iter().map(|s| &s.doc))
+                .collect();
+            docs.into_iter().filter_map(|d| c.db.view(d)).collect()
+        } else {
+            Vec::new()
+        };
         self.out.push(ClientOutput::Persist {
             db: db.clone(),
             seq,
             batch,
+            views,
         });
     }
 
@@ -785,7 +820,11 @@ impl Client {
         let Some(c) = self.dbs.get_mut(name) else {
             return;
         };
-        let now = matches!(c.sync, Sync::Live { .. }) && c.acked >= c.db.own_counter();
+        // Becoming synced also waits for what was received to be durable
+        // locally; live updates arriving afterwards do not un-sync.
+        let now = matches!(c.sync, Sync::Live { .. })
+            && c.acked >= c.db.own_counter()
+            && (c.synced || c.unpersisted.is_empty());
         if now && !c.synced {
             c.synced = true;
             self.event(ClientEvent::Synced { db: name.clone() });

@@ -39,6 +39,8 @@ pub struct Net<A> {
     pub nodes: Vec<Node>,
     /// Hold server persists until `flush_server` (to observe ack-after-durable).
     pub hold_server_persists: bool,
+    /// Hold client persists until `flush_client` (to observe local durability).
+    pub hold_client_persists: bool,
     server_persists: VecDeque<(DbName, u64, Batch)>,
 }
 
@@ -59,6 +61,7 @@ impl<A: Authenticator> Net<A> {
             server_store: MemoryStore::new(),
             nodes: Vec::new(),
             hold_server_persists: false,
+            hold_client_persists: false,
             server_persists: VecDeque::new(),
         }
     }
@@ -122,7 +125,7 @@ impl<A: Authenticator> Net<A> {
                         self.nodes[i].to_server.push_back(f);
                     }
                 }
-                ClientOutput::Persist { db, seq, batch } => {
+                ClientOutput::Persist { db, seq, batch, .. } => {
                     self.nodes[i].persists.push_back((db, seq, batch))
                 }
                 ClientOutput::Event(e) => self.nodes[i].events.push(e),
@@ -197,6 +200,19 @@ impl<A: Authenticator> Net<A> {
         self.server_persists.clear();
     }
 
+    /// Make client `i`'s pending writes durable; whether there were any.
+    pub fn flush_client(&mut self, i: usize) -> bool {
+        self.route_client(i);
+        let mut any = false;
+        while let Some((db, seq, batch)) = self.nodes[i].persists.pop_front() {
+            self.nodes[i].store.write_now(&db, &batch).unwrap();
+            self.nodes[i].client.persisted(&db, seq);
+            self.route_client(i);
+            any = true;
+        }
+        any
+    }
+
     pub fn pending_server_persists(&self) -> usize {
         self.server_persists.len()
     }
@@ -207,10 +223,7 @@ impl<A: Authenticator> Net<A> {
             let mut moved = false;
             for i in 0..self.nodes.len() {
                 self.route_client(i);
-                while let Some((db, seq, batch)) = self.nodes[i].persists.pop_front() {
-                    self.nodes[i].store.write_now(&db, &batch).unwrap();
-                    self.nodes[i].client.persisted(&db, seq);
-                    self.route_client(i);
+                if !self.hold_client_persists && self.flush_client(i) {
                     moved = true;
                 }
                 while let Some(f) = self.nodes[i].to_server.pop_front() {
