@@ -341,6 +341,54 @@ async fn corrupt_records_are_typed_errors() {
 }
 
 #[wasm_bindgen_test]
+async fn data_of_the_first_schema_opens_after_the_upgrade() {
+    use indexed_db_futures::prelude::*;
+    use indexed_db_futures::transaction::TransactionMode;
+    use indexed_db_futures::typed_array::Uint8Array;
+    let name = unique("upgrade");
+    let db = DbName::new("db").expect("valid");
+    let r = ReplicaId([5; 16]);
+    // Schema 1: `log` and `meta` only, one batch record.
+    let raw = indexed_db_futures::database::Database::open(name.as_str())
+        .with_version(1u8)
+        .with_on_upgrade_needed(|_, db| {
+            db.create_object_store("log").build()?;
+            db.create_object_store("meta").build()?;
+            Ok(())
+        })
+        .await
+        .expect("create v1");
+    let tx = raw
+        .transaction("log")
+        .with_mode(TransactionMode::Readwrite)
+        .build()
+        .expect("tx");
+    let batch = Batch::entries(vec![entry(r, 1, "a")]);
+    tx.object_store("log")
+        .expect("store")
+        .put(Uint8Array::from(syncline_core::encode_batch(&batch)))
+        .with_key("db\u{0}0000000000000000".to_owned())
+        .primitive()
+        .expect("put");
+    tx.commit().await.expect("commit");
+    raw.close();
+    let store = IdbStore::open(&name).await.expect("upgrade");
+    assert_eq!(store.load(&db).await.expect("load").entries, batch.entries);
+    assert_eq!(store.load_views(&db).await.expect("views"), vec![]);
+    let v = view("a", 2, "{}");
+    store
+        .write_many(&[(
+            &db,
+            &Batch::entries(vec![entry(r, 2, "a")]),
+            std::slice::from_ref(&v),
+        )])
+        .await
+        .expect("write");
+    assert_eq!(store.load(&db).await.expect("load").entries.len(), 2);
+    assert_eq!(store.load_views(&db).await.expect("views"), vec![v]);
+}
+
+#[wasm_bindgen_test]
 async fn a_blocked_upgrade_is_a_typed_error() {
     let name = unique("blocked");
     let _holder = IdbStore::open(&name).await.expect("open");
