@@ -657,6 +657,7 @@ impl WasmClient {
 
     /// A document as a plain object, or `undefined` when absent or deleted.
     pub fn get(&self, db: &str, id: &str) -> Result<JsValue, JsValue> {
+        self.check_open()?;
         let (db, id) = (db_name(db)?, doc_id(id)?);
         let d = self.shared.borrow();
         let database = d
@@ -677,6 +678,7 @@ impl WasmClient {
 
     /// Ids of the documents that exist.
     pub fn list(&self, db: &str) -> Result<Vec<String>, JsValue> {
+        self.check_open()?;
         let db = db_name(db)?;
         let d = self.shared.borrow();
         let database = d
@@ -692,6 +694,7 @@ impl WasmClient {
 
     /// Every document at once: `{id: value}`.
     pub fn all(&self, db: &str) -> Result<JsValue, JsValue> {
+        self.check_open()?;
         let db = db_name(db)?;
         let d = self.shared.borrow();
         let database = d
@@ -938,7 +941,19 @@ impl WasmClient {
         let shared = self.shared.clone();
         wasm_bindgen_futures::future_to_promise(async move {
             let drained = wasm_bindgen_futures::JsFuture::from(drained).await;
-            shared.borrow().store.close();
+            {
+                let mut d = shared.borrow_mut();
+                d.store.close();
+                // Release the replicas now rather than whenever the JS
+                // garbage collector finalizes this object: wasm memory does
+                // not press on the JS heap, so that may be never.
+                let names: Vec<DbName> = d.client.databases().cloned().collect();
+                for name in names {
+                    d.client.close(&name);
+                }
+                let _ = d.client.take_outputs();
+                d.inbox = Vec::new();
+            }
             drained.map(|_| JsValue::UNDEFINED)
         })
     }

@@ -256,6 +256,11 @@ async fn a_reopened_client_shows_and_edits_what_it_stored() {
     let all_before: serde_json::Value =
         serde_wasm_bindgen::from_value(client.all("notes").expect("all")).expect("json");
     JsFuture::from(client.close()).await.expect("close");
+    // A closed client has let its replicas go: reads say so.
+    let err = client.get("notes", "t").expect_err("closed");
+    let code = js_sys::Reflect::get(&err, &"code".into()).expect("code");
+    assert_eq!(code.as_string().as_deref(), Some("Closed"));
+    assert!(client.list("notes").is_err());
 
     let client = create_client(opts.clone(), cb.clone())
         .await
