@@ -93,6 +93,9 @@ async function w1w2(name, sys) {
       log(`${name}: W1 run ${run + 1}: ${ms.toFixed(0)} ms, ${(proxy.stats.down / 1024).toFixed(0)} KB down`);
 
       c.goOffline();
+      // Offline means disconnected: traffic still in flight on the closing
+      // connection is not part of the resume.
+      await proxy.disconnected();
       const patches = resumePatches(10, 100 + run);
       await writer.write(patches);
       proxy.reset();

@@ -76,12 +76,25 @@ export class CountingProxy {
     this.targetPort = targetPort;
     this.targetHost = targetHost;
     this.sockets = new Set();
+    this.idleWaiters = [];
     this.reset();
     this.server = createServer((client) => this.#pipe(client));
   }
 
   reset() {
     this.stats = { up: 0, down: 0, msgsUp: 0, msgsDown: 0, connections: 0, roundTrips: 0 };
+  }
+
+  /** Resolves once no connection is open (a client that went offline has really gone). */
+  disconnected(timeoutMs = 10_000) {
+    if (this.sockets.size === 0) return Promise.resolve();
+    return new Promise((ok, fail) => {
+      const timer = setTimeout(() => fail(new Error(`connections still open after ${timeoutMs} ms`)), timeoutMs);
+      this.idleWaiters.push(() => {
+        clearTimeout(timer);
+        ok();
+      });
+    });
   }
 
   async listen() {
@@ -127,6 +140,7 @@ export class CountingProxy {
       upstream.destroy();
       this.sockets.delete(client);
       this.sockets.delete(upstream);
+      if (this.sockets.size === 0) for (const w of this.idleWaiters.splice(0)) w();
     };
     client.on('error', close).on('close', close);
     upstream.on('error', close).on('close', close);

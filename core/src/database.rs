@@ -218,6 +218,11 @@ impl Database {
         }
     }
 
+    /// Whether a document is shown from its cached view, not loaded into automerge.
+    pub fn is_cached(&self, doc: &DocId) -> bool {
+        matches!(self.docs.get(doc), Some(Slot::Cached { loaded, .. }) if loaded.get().is_none())
+    }
+
     /// How many documents are shown from cached views, not loaded into automerge.
     pub fn cached_documents(&self) -> usize {
         self.docs

@@ -9,8 +9,10 @@ use syncline_core::clock::{Dot, VersionVector};
 use syncline_core::entry::Entry;
 use syncline_core::ids::{DbName, DocId, ReplicaId};
 use syncline_core::protocol::{self, ErrorCode, Hello, Message, Push, Subscribe};
+use syncline_core::store::StoredDatabase;
 use syncline_core::sync::{
-    AuthError, Authenticator, ClientEvent, Grant, Grants, OpenAccess, Right, Status,
+    AuthError, Authenticator, Client, ClientConfig, ClientEvent, ClientOutput, Grant, Grants,
+    OpenAccess, Right, Status,
 };
 
 struct Tokens;
@@ -366,6 +368,65 @@ fn synced_waits_until_the_reply_is_durable_locally() {
     );
     assert!(net.nodes[b].client.is_synced(&db()));
     assert_eq!(synced(&net), 1);
+}
+
+fn config_with_views() -> ClientConfig {
+    ClientConfig {
+        keep_views: true,
+        view_refresh_entries: 3,
+        ..ClientConfig::default()
+    }
+}
+
+#[test]
+fn views_ride_along_every_few_entries_and_on_request() {
+    let mut c = Client::new(ReplicaId([1; 16]), "", config_with_views());
+    c.open(db(), StoredDatabase::default());
+    let put = |c: &mut Client, doc: &str, n: i64| -> Vec<String> {
+        let id = DocId::new(doc).unwrap();
+        c.update(&db(), &id, &json!({"n": n})).unwrap();
+        c.take_outputs()
+            .into_iter()
+            .flat_map(|o| match o {
+                ClientOutput::Persist { views, .. } => views,
+                _ => Vec::new(),
+            })
+            .map(|v| format!("{}={}", v.doc, v.json.unwrap_or_default()))
+            .collect()
+    };
+    assert!(put(&mut c, "a", 1).is_empty());
+    assert!(put(&mut c, "b", 1).is_empty());
+    // The third entry refreshes the views of everything changed so far.
+    assert_eq!(put(&mut c, "a", 2), ["a={\"n\":2}", "b={\"n\":1}"]);
+    assert!(put(&mut c, "c", 1).is_empty());
+    let flushed: Vec<String> = c
+        .take_views(&db())
+        .into_iter()
+        .map(|v| v.doc.to_string())
+        .collect();
+    assert_eq!(flushed, ["c"]);
+    assert!(c.take_views(&db()).is_empty());
+    // Reopened from a store with no views: every document gets one.
+    let stored = StoredDatabase {
+        entries: c.database(&db()).unwrap().log().entries().to_vec(),
+        ..StoredDatabase::default()
+    };
+    let mut again = Client::new(ReplicaId([1; 16]), "", config_with_views());
+    again.open(db(), stored);
+    let mut docs: Vec<String> = again
+        .take_views(&db())
+        .into_iter()
+        .map(|v| v.doc.to_string())
+        .collect();
+    docs.sort();
+    assert_eq!(docs, ["a", "b", "c"]);
+    // Without keep_views there are none.
+    let mut plain = Client::new(ReplicaId([2; 16]), "", ClientConfig::default());
+    plain.open(db(), StoredDatabase::default());
+    for i in 0..100 {
+        assert!(put(&mut plain, "a", i).is_empty());
+    }
+    assert!(plain.take_views(&db()).is_empty());
 }
 
 #[test]

@@ -167,6 +167,9 @@ impl Sim {
             max_frame: 4096,
             max_entries_per_push: 8,
             keep_views: keeps_views(id),
+            // Refresh views often (every 1–4 entries) so crashes land
+            // between views and batches.
+            view_refresh_entries: 1 + usize::from(id.0[1] % 4),
             ..ClientConfig::default()
         };
         let mut c = Client::new(id, "", config);
@@ -639,6 +642,14 @@ fn run(seed: u64) {
         // And once more after a full restart of everything.
         sim.restart_server();
         for i in 0..n {
+            // A clean shutdown: the adapter stores the views not yet written.
+            let dbs = sim.dbs.clone();
+            let r = &mut sim.replicas[i];
+            for db in &dbs {
+                for v in r.client.take_views(db) {
+                    r.views.insert((db.clone(), v.doc.clone()), v);
+                }
+            }
             sim.restart_client(i);
             // A replica keeping views shows every document from them.
             let r = &sim.replicas[i];

@@ -929,6 +929,15 @@ impl WasmClient {
                 d.reconnect = None;
                 d.socket = None;
                 d.client.disconnected();
+                // Views not yet written go with the last transaction (as a
+                // batch of nothing: sequence 0 settles no write and no waiter).
+                let names: Vec<DbName> = d.client.databases().cloned().collect();
+                for db in names {
+                    let views = d.client.take_views(&db);
+                    if !views.is_empty() {
+                        d.queue.push_back((db, 0, Batch::default(), views));
+                    }
+                }
             }
             // Writes waiting to be retried get one last attempt now.
             d.write_retry = None;

@@ -244,16 +244,19 @@ impl IdbStore {
         let views = tx.object_store(VIEWS)?;
         let mut planned: HashMap<DbName, (u64, u64)> = self.seqs.borrow().clone();
         for (db, batch, batch_views) in writes {
-            let slot = planned.entry((*db).clone()).or_insert((0, 0));
-            let bytes = encode_batch(batch);
-            // `add`: a key that exists (another writer of this replica)
-            // fails the transaction instead of overwriting a durable batch.
-            store
-                .add(Uint8Array::from(bytes))
-                .with_key(key(db, slot.0))
-                .primitive()?;
-            slot.0 += 1;
-            slot.1 += 1;
+            // (An empty batch carries only views: no log record.)
+            if !batch.is_empty() {
+                let slot = planned.entry((*db).clone()).or_insert((0, 0));
+                let bytes = encode_batch(batch);
+                // `add`: a key that exists (another writer of this replica)
+                // fails the transaction instead of overwriting a durable batch.
+                store
+                    .add(Uint8Array::from(bytes))
+                    .with_key(key(db, slot.0))
+                    .primitive()?;
+                slot.0 += 1;
+                slot.1 += 1;
+            }
             for v in *batch_views {
                 views
                     .put(Uint8Array::from(encode_view(v)))

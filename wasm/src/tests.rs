@@ -261,6 +261,12 @@ async fn a_reopened_client_shows_and_edits_what_it_stored() {
     let code = js_sys::Reflect::get(&err, &"code".into()).expect("code");
     assert_eq!(code.as_string().as_deref(), Some("Closed"));
     assert!(client.list("notes").is_err());
+    // Closing stored the views of everything changed (22 entries: fewer
+    // than a refresh needs, so they were all written on close).
+    let store = IdbStore::open(&idb).await.expect("store");
+    let notes = DbName::new("notes").expect("valid");
+    assert_eq!(store.load_views(&notes).await.expect("views").len(), 6);
+    store.close();
 
     let client = create_client(opts.clone(), cb.clone())
         .await

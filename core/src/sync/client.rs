@@ -32,10 +32,15 @@ pub struct ClientConfig {
     pub max_entries_per_push: usize,
     /// How text positions are counted (`Utf16CodeUnit` in browsers).
     pub encoding: TextEncoding,
-    /// Attach to every [`ClientOutput::Persist`] the cached JSON views of
-    /// the documents its batch touches ([`crate::view`]), for stores that
-    /// keep them so a reopen need not load every document into automerge.
+    /// Attach to [`ClientOutput::Persist`] the cached JSON views of the
+    /// documents changed ([`crate::view`]; refreshed every
+    /// [`VIEW_REFRESH_ENTRIES`] entries and by [`Client::take_views`]), for
+    /// stores that keep them so a reopen need not load every document into
+    /// automerge.
     pub keep_views: bool,
+    /// With `keep_views`: entries persisted between view refreshes
+    /// ([`VIEW_REFRESH_ENTRIES`] by default).
+    pub view_refresh_entries: usize,
 }
 
 impl Default for ClientConfig {
@@ -45,6 +50,7 @@ impl Default for ClientConfig {
             max_entries_per_push: 10_000,
             encoding: TextEncoding::UnicodeCodePoint,
             keep_views: false,
+            view_refresh_entries: VIEW_REFRESH_ENTRIES,
         }
     }
 }
@@ -124,9 +130,9 @@ pub enum ClientOutput {
         seq: u64,
         /// What to write.
         batch: Batch,
-        /// Cached views of the documents the batch touches, to keep beside
-        /// it (in the same atomic write where the store can); empty unless
-        /// [`ClientConfig::keep_views`]. Losing them loses nothing.
+        /// Cached views of documents changed by this or earlier batches, to
+        /// keep beside it (in the same atomic write where the store can);
+        /// empty unless [`ClientConfig::keep_views`]. Losing them loses nothing.
         views: Vec<DocView>,
     },
     /// Tell the application.
@@ -209,7 +215,19 @@ struct ClientDb {
     /// Own counter of an entry too large for the server's frame limit,
     /// once reported (so it is reported once per connection).
     too_large: Option<u64>,
+    /// With [`ClientConfig::keep_views`]: documents changed since their
+    /// view was last handed out, and how many entries were persisted since.
+    views_dirty: BTreeSet<DocId>,
+    entries_since_views: usize,
 }
+
+/// Default of [`ClientConfig::view_refresh_entries`]: entries persisted
+/// after which the views of the documents they touched ride along with the
+/// next batch. Refreshing a view serialises the whole
+/// document, so it is not done on every keystroke; a document changed
+/// since its last view loads from the log on reopen (correct, only slower)
+/// unless [`Client::take_views`] flushed it first (the adapters do on close).
+pub const VIEW_REFRESH_ENTRIES: usize = 64;
 
 /// A live update (not part of a reply): safe to merge with its neighbours.
 fn is_live(d: &Delta) -> bool {
@@ -286,6 +304,17 @@ impl Client {
             self.apply_error(&name, e);
         }
         let own = db.own_counter();
+        // Documents that had no usable view get one at the next refresh.
+        let views_dirty = if self.config.keep_views {
+            db.log()
+                .doc_clocks()
+                .keys()
+                .filter(|d| !db.is_cached(d))
+                .cloned()
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
         self.dbs.insert(
             name.clone(),
             ClientDb {
@@ -301,6 +330,8 @@ impl Client {
                 online: 0,
                 synced: false,
                 too_large: None,
+                views_dirty,
+                entries_since_views: 0,
             },
         );
         if self.status != Status::Offline {
@@ -333,6 +364,20 @@ impl Client {
     /// Whether `db` is in sync (see [`ClientEvent::Synced`]).
     pub fn is_synced(&self, db: &DbName) -> bool {
         self.dbs.get(db).is_some_and(|c| c.synced)
+    }
+
+    /// The views of `db`'s documents changed since views last rode along
+    /// with a batch ([`ClientConfig::keep_views`]), for the adapter to
+    /// store (on close, or when idle). Empty without `keep_views`.
+    pub fn take_views(&mut self, db: &DbName) -> Vec<DocView> {
+        let Some(c) = self.dbs.get_mut(db) else {
+            return Vec::new();
+        };
+        c.entries_since_views = 0;
+        std::mem::take(&mut c.views_dirty)
+            .iter()
+            .filter_map(|d| c.db.view(d))
+            .collect()
     }
 
     /// Who is present on `db`.
@@ -642,17 +687,20 @@ impl Client {
         let seq = c.next_seq;
         c.next_seq += 1;
         c.unpersisted.push_back((seq, own));
-        let views = if self.config.keep_views {
-            let docs: BTreeSet<&DocId> = batch
-                .entries
-                .iter()
-                .map(|e| &e.doc)
-                .chain(batch.snapshots.iter().map(|s| &s.doc))
-                .collect();
-            docs.into_iter().filter_map(|d| c.db.view(d)).collect()
-        } else {
-            Vec::new()
-        };
+        let mut views = Vec::new();
+        if self.config.keep_views {
+            let docs = batch.entries.iter().map(|e| &e.doc);
+            c.views_dirty
+                .extend(docs.chain(batch.snapshots.iter().map(|s| &s.doc)).cloned());
+            c.entries_since_views += batch.entries.len() + batch.snapshots.len();
+            if c.entries_since_views >= self.config.view_refresh_entries {
+                c.entries_since_views = 0;
+                views = std::mem::take(&mut c.views_dirty)
+                    .iter()
+                    .filter_map(|d| c.db.view(d))
+                    .collect();
+            }
+        }
         self.out.push(ClientOutput::Persist {
             db: db.clone(),
             seq,
