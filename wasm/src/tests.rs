@@ -146,6 +146,30 @@ async fn many_records_fold_into_one_without_loss() {
     );
 }
 
+/// Write one record behind the store's back (damage, or an older layout).
+async fn put_raw(
+    raw: &indexed_db_futures::database::Database,
+    store: &str,
+    key: &str,
+    bytes: Vec<u8>,
+) {
+    use indexed_db_futures::prelude::*;
+    use indexed_db_futures::transaction::TransactionMode;
+    use indexed_db_futures::typed_array::Uint8Array;
+    let tx = raw
+        .transaction(store)
+        .with_mode(TransactionMode::Readwrite)
+        .build()
+        .expect("tx");
+    tx.object_store(store)
+        .expect("store")
+        .put(Uint8Array::from(bytes))
+        .with_key(key.to_owned())
+        .primitive()
+        .expect("put");
+    tx.commit().await.expect("commit");
+}
+
 fn view(doc: &str, counter: u64, json: &str) -> DocView {
     let mut clock = VersionVector::new();
     clock.set(ReplicaId([4; 16]), counter);
@@ -158,9 +182,6 @@ fn view(doc: &str, counter: u64, json: &str) -> DocView {
 
 #[wasm_bindgen_test]
 async fn views_are_written_with_their_batch_and_replaced_per_document() {
-    use indexed_db_futures::prelude::*;
-    use indexed_db_futures::transaction::TransactionMode;
-    use indexed_db_futures::typed_array::Uint8Array;
     let name = unique("views");
     let store = IdbStore::open(&name).await.expect("open");
     let (db, other) = (
@@ -199,18 +220,7 @@ async fn views_are_written_with_their_batch_and_replaced_per_document() {
     let raw = indexed_db_futures::database::Database::open(name.as_str())
         .await
         .expect("raw open");
-    let tx = raw
-        .transaction("views")
-        .with_mode(TransactionMode::Readwrite)
-        .build()
-        .expect("tx");
-    tx.object_store("views")
-        .expect("store")
-        .put(Uint8Array::from(vec![0xde, 0xad]))
-        .with_key("db\u{0}c".to_owned())
-        .primitive()
-        .expect("put");
-    tx.commit().await.expect("commit");
+    put_raw(&raw, "views", "db\u{0}c", vec![0xde, 0xad]).await;
     raw.close();
     let store = IdbStore::open(&name).await.expect("reopen");
     let mut views = store.load_views(&db).await.expect("views");
@@ -320,27 +330,19 @@ async fn a_reopened_client_shows_and_edits_what_it_stored() {
 
 #[wasm_bindgen_test]
 async fn corrupt_records_are_typed_errors() {
-    use indexed_db_futures::prelude::*;
-    use indexed_db_futures::transaction::TransactionMode;
-    use indexed_db_futures::typed_array::Uint8Array;
     let name = unique("corrupt");
     IdbStore::open(&name).await.expect("create").close();
     // Damage the log behind the store's back.
     let raw = indexed_db_futures::database::Database::open(name.as_str())
         .await
         .expect("raw open");
-    let tx = raw
-        .transaction("log")
-        .with_mode(TransactionMode::Readwrite)
-        .build()
-        .expect("tx");
-    tx.object_store("log")
-        .expect("store")
-        .put(Uint8Array::from(vec![0xde, 0xad, 0xbe, 0xef]))
-        .with_key("db\u{0}0000000000000000".to_owned())
-        .primitive()
-        .expect("put");
-    tx.commit().await.expect("commit");
+    put_raw(
+        &raw,
+        "log",
+        "db\u{0}0000000000000000",
+        vec![0xde, 0xad, 0xbe, 0xef],
+    )
+    .await;
     raw.close();
     let store = IdbStore::open(&name).await.expect("open");
     let err = store
@@ -354,8 +356,6 @@ async fn corrupt_records_are_typed_errors() {
 #[wasm_bindgen_test]
 async fn data_of_the_first_schema_opens_after_the_upgrade() {
     use indexed_db_futures::prelude::*;
-    use indexed_db_futures::transaction::TransactionMode;
-    use indexed_db_futures::typed_array::Uint8Array;
     let name = unique("upgrade");
     let db = DbName::new("db").expect("valid");
     let r = ReplicaId([5; 16]);
@@ -369,19 +369,9 @@ async fn data_of_the_first_schema_opens_after_the_upgrade() {
         })
         .await
         .expect("create v1");
-    let tx = raw
-        .transaction("log")
-        .with_mode(TransactionMode::Readwrite)
-        .build()
-        .expect("tx");
     let batch = Batch::entries(vec![entry(r, 1, "a")]);
-    tx.object_store("log")
-        .expect("store")
-        .put(Uint8Array::from(syncline_core::encode_batch(&batch)))
-        .with_key("db\u{0}0000000000000000".to_owned())
-        .primitive()
-        .expect("put");
-    tx.commit().await.expect("commit");
+    let record = syncline_core::encode_batch(&batch);
+    put_raw(&raw, "log", "db\u{0}0000000000000000", record).await;
     raw.close();
     let store = IdbStore::open(&name).await.expect("upgrade");
     assert_eq!(store.load(&db).await.expect("load").entries, batch.entries);
