@@ -86,6 +86,9 @@ describe('local API (Node, memory store)', () => {
     await client.close();
     await expect(db.put('a', { a: 1 })).rejects.toSatisfy((e) => isSynclineError(e, 'Closed'));
     await expect(client.open('db2')).rejects.toSatisfy((e) => isSynclineError(e, 'Closed'));
+    // A closed client has released its replicas: reads say so too.
+    expect(() => db.get('never-read')).toThrow(expect.objectContaining({ code: 'Closed' }));
+    expect(() => db.list()).toThrow(expect.objectContaining({ code: 'Closed' }));
   });
 
   it('refuses a server url where there is no WebSocket, with a clear error', async () => {
