@@ -194,18 +194,12 @@ impl Database {
         self.log.vv().get(&self.replica)
     }
 
-    /// A document's JSON value (`None` when absent or deleted).
+    /// A document's JSON value (`None` when absent or deleted). A document
+    /// shown from its cached view is loaded for this (re-parsing the text
+    /// could round a float differently than it was written); adapters that
+    /// parse JSON exactly read [`Database::cached_json`] first.
     pub fn get(&self, doc: &DocId) -> Option<Json> {
-        match self.docs.get(doc)? {
-            Slot::Cached { json, loaded } if loaded.get().is_none() => {
-                match serde_json::from_str(json.as_deref()?) {
-                    Ok(v) => Some(v),
-                    // A damaged view: read the document itself.
-                    Err(_) => self.document(doc).and_then(Document::to_json),
-                }
-            }
-            _ => self.document(doc).and_then(Document::to_json),
-        }
+        self.document(doc).and_then(Document::to_json)
     }
 
     /// The JSON text of a document shown from its cached view and not yet
@@ -241,9 +235,13 @@ impl Database {
     pub fn document(&self, doc: &DocId) -> Option<&Document> {
         match self.docs.get(doc)? {
             Slot::Loaded(d) => Some(d),
-            Slot::Cached { loaded, .. } => Some(
-                loaded.get_or_init(|| load_from_log(&self.log, doc, self.replica, self.encoding)),
-            ),
+            Slot::Cached { loaded, .. } => Some(loaded.get_or_init(|| {
+                let (d, errors) = load_from_log(&self.log, doc, self.replica, self.encoding);
+                for e in errors {
+                    tracing::warn!(db = %self.name, "loading a document for a read: {e}");
+                }
+                d
+            })),
         }
     }
 
@@ -261,10 +259,9 @@ impl Database {
             .collect()
     }
 
-    /// Every document's JSON value (deleted and empty ones as `None`), read
-    /// from cached views where they are not loaded.
-    pub fn values(&self) -> impl Iterator<Item = (&DocId, Option<Json>)> {
-        self.docs.keys().map(|id| (id, self.get(id)))
+    /// Ids of every document held, deleted ones included, in order.
+    pub fn ids(&self) -> impl Iterator<Item = &DocId> {
+        self.docs.keys()
     }
 
     /// Every document, deleted ones included (loading into automerge those
@@ -343,7 +340,11 @@ impl Database {
     ) -> Result<Option<Entry>, DocError> {
         let replica = self.replica;
         let created = !self.docs.contains_key(doc);
-        let result = f(self.doc_mut(doc).0);
+        let mut errors = Vec::new();
+        let result = f(self.doc_mut(doc, &mut errors).0);
+        for e in errors {
+            tracing::warn!(db = %self.name, "loading a document for a write: {e}");
+        }
         let change = match result {
             Ok(Some(c)) => c,
             other => {
@@ -454,7 +455,7 @@ impl Database {
         let mut out = Applied::default();
         let mut clocks = BTreeMap::new();
         for s in snapshots {
-            let (doc, _) = self.doc_mut(&s.doc);
+            let (doc, _) = self.doc_mut(&s.doc, &mut out.errors);
             if let Err(source) = doc.merge_snapshot(&s.bytes) {
                 out.errors.push(ApplyError::Doc {
                     doc: s.doc.clone(),
@@ -521,8 +522,9 @@ impl Database {
 
     /// A document to change, created when missing and loaded into automerge
     /// when it was shown from a cached view. The flag says it was loaded
-    /// from the log just now (so it holds every change appended so far).
-    fn doc_mut(&mut self, doc: &DocId) -> (&mut Document, bool) {
+    /// from the log just now (so it holds every change appended so far);
+    /// what did not load from the log is added to `errors`.
+    fn doc_mut(&mut self, doc: &DocId, errors: &mut Vec<ApplyError>) -> (&mut Document, bool) {
         let (replica, encoding) = (self.replica, self.encoding);
         let slot = self
             .docs
@@ -534,7 +536,9 @@ impl Database {
             // since; one loaded now holds all of it.
             let d = loaded.take().unwrap_or_else(|| {
                 from_log = true;
-                load_from_log(&self.log, doc, replica, encoding)
+                let (d, problems) = load_from_log(&self.log, doc, replica, encoding);
+                errors.extend(problems);
+                d
             });
             *slot = Slot::Loaded(d);
         }
@@ -553,7 +557,7 @@ impl Database {
         errors: &mut Vec<ApplyError>,
     ) {
         for (doc, changes) in batches {
-            let (d, from_log) = self.doc_mut(&doc);
+            let (d, from_log) = self.doc_mut(&doc, errors);
             if from_log {
                 continue; // loaded from the log, which holds these changes already
             }
@@ -574,34 +578,48 @@ impl Database {
 
 /// Build one document from what the log holds for it: its snapshot, then its
 /// entries. The log's content was validated when it was appended or stored,
-/// so a failure here means damaged storage; it is logged and the document
-/// keeps whatever did load.
-fn load_from_log(log: &Log, doc: &DocId, replica: ReplicaId, encoding: TextEncoding) -> Document {
-    let mut d = match log.snapshot(doc) {
-        Some(s) => Document::load(&s.bytes, replica, encoding).unwrap_or_else(|e| {
-            tracing::warn!(%doc, "stored snapshot does not load: {e}");
+/// so a failure here means damaged storage (or a change automerge refused
+/// when it arrived, which stays refused); the document keeps whatever did
+/// load, and the failures are returned to be reported.
+fn load_from_log(
+    log: &Log,
+    doc: &DocId,
+    replica: ReplicaId,
+    encoding: TextEncoding,
+) -> (Document, Vec<ApplyError>) {
+    let mut errors = Vec::new();
+    let mut d = match log
+        .snapshot(doc)
+        .map(|s| Document::load(&s.bytes, replica, encoding))
+    {
+        Some(Ok(d)) => d,
+        Some(Err(source)) => {
+            errors.push(ApplyError::Doc {
+                doc: doc.clone(),
+                source,
+            });
             Document::new(replica, encoding)
-        }),
+        }
         None => Document::new(replica, encoding),
     };
-    let changes: Vec<automerge::Change> = log
-        .entries()
-        .iter()
-        .filter(|e| &e.doc == doc)
-        .filter_map(|e| {
-            e.parse_change()
-                .map_err(|err| tracing::warn!(%doc, "stored entry: {err}"))
-                .ok()
-        })
-        .collect();
+    let mut changes = Vec::new();
+    for e in log.entries().iter().filter(|e| &e.doc == doc) {
+        match e.parse_change() {
+            Ok(c) => changes.push(c),
+            Err(err) => errors.push(err.into()),
+        }
+    }
     if d.apply_batch(changes.clone()).is_err() {
         for c in changes {
-            if let Err(e) = d.apply(c) {
-                tracing::warn!(%doc, "stored change does not apply: {e}");
+            if let Err(source) = d.apply(c) {
+                errors.push(ApplyError::Doc {
+                    doc: doc.clone(),
+                    source,
+                });
             }
         }
     }
-    d
+    (d, errors)
 }
 
 #[cfg(test)]
@@ -663,8 +681,20 @@ mod tests {
         copy
     }
 
+    /// What a reader sees: the cached text where a document is shown from
+    /// its view (these tests hold no floats), else the loaded document.
     fn values(db: &Database) -> Vec<(DocId, Option<Json>)> {
-        db.values().map(|(d, v)| (d.clone(), v)).collect()
+        db.ids()
+            .map(|d| {
+                let v = if db.is_cached(d) {
+                    db.cached_json(d)
+                        .map(|text| serde_json::from_str(text).expect("view json"))
+                } else {
+                    db.get(d)
+                };
+                (d.clone(), v)
+            })
+            .collect()
     }
 
     #[test]
@@ -674,16 +704,24 @@ mod tests {
         assert_eq!(copy.cached_documents(), 4);
         assert_eq!(values(&copy), values(&db));
         assert_eq!(copy.list(), db.list());
-        assert_eq!(copy.get(&id("gone")), None);
+        assert_eq!(copy.cached_json(&id("gone")), None);
         assert_eq!(copy.cached_json(&id("b")), Some(r#"{"done":true}"#));
-        assert_eq!(copy.cached_documents(), 4, "reads do not load documents");
+        assert_eq!(
+            copy.cached_documents(),
+            4,
+            "listing and cached text load nothing"
+        );
+        // `get` loads (exact numbers), and equals the view.
+        assert_eq!(copy.get(&id("gone")), None);
+        assert_eq!(copy.get(&id("b")), Some(json!({"done": true})));
+        assert_eq!(copy.cached_documents(), 2);
         // Asking for the automerge document loads it, identical to the original.
         let doc = copy.document(&id("t")).expect("t");
         assert_eq!(
             doc.canonical_save(),
             db.document(&id("t")).expect("t").canonical_save()
         );
-        assert_eq!(copy.cached_documents(), 3);
+        assert_eq!(copy.cached_documents(), 1);
         assert_eq!(copy.cached_json(&id("t")), None);
         assert_eq!(copy.get(&id("t")), db.get(&id("t")));
     }
@@ -743,6 +781,44 @@ mod tests {
             .expect("a change");
         copy.apply_entries([entry]);
         assert_eq!(copy.get(&id("a")), Some(value));
+    }
+
+    #[test]
+    fn damage_found_when_a_cached_document_loads_is_reported() {
+        let (db, mut stored) = sample();
+        // A stored entry of `a` whose change bytes are damaged.
+        stored.entries.push(Entry {
+            dot: Dot {
+                replica: db.replica(),
+                counter: db.own_counter() + 1,
+            },
+            doc: id("a"),
+            change: vec![0xde, 0xad],
+        });
+        let (plain, errors) = Database::from_stored(
+            db.name().clone(),
+            db.replica(),
+            TextEncoding::UnicodeCodePoint,
+            stored.clone(),
+        );
+        assert_eq!(errors.len(), 1, "a full open reports it");
+        let mut copy = reopen(&plain, stored.clone(), views_of(&plain));
+        assert!(copy.is_cached(&id("a")), "shown from its view, not loaded");
+        // A remote change to `a` loads it: the damage is reported then.
+        let mut remote = Database::new(
+            db.name().clone(),
+            ReplicaId([2; 16]),
+            TextEncoding::UnicodeCodePoint,
+        );
+        remote.apply_entries(stored.entries.clone());
+        let change = remote
+            .update(&id("a"), &json!({"title": "tea"}))
+            .expect("update")
+            .expect("a change");
+        let applied = copy.apply_entries([change]);
+        assert_eq!(applied.errors.len(), 1, "{:?}", applied.errors);
+        assert!(matches!(applied.errors[0], ApplyError::Invalid(_)));
+        assert_eq!(copy.get(&id("a")), Some(json!({"title": "tea"})));
     }
 
     #[test]

@@ -352,9 +352,23 @@ fn synced_waits_until_the_reply_is_durable_locally() {
     );
     assert!(!net.nodes[b].client.is_synced(&db()));
     assert_eq!(synced(&net), 0);
-    net.flush_client(b);
+    // A live update arrives (and waits for b's store) before the reply is
+    // durable: the reply alone being durable is enough.
+    net.nodes[a]
+        .client
+        .update(&db(), &doc, &json!({"title": "soy milk"}))
+        .unwrap();
+    net.flush_client(a);
+    net.run();
+    assert_eq!(
+        net.nodes[b].client.database(&db()).unwrap().get(&doc),
+        Some(json!({"title": "soy milk"}))
+    );
+    assert!(!net.nodes[b].client.is_synced(&db()));
+    assert!(net.flush_client_one(b));
     assert!(net.nodes[b].client.is_synced(&db()));
     assert_eq!(synced(&net), 1);
+    net.flush_client(b);
     // Once synced, a live update that is not yet durable does not un-sync.
     net.nodes[a]
         .client

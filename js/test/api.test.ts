@@ -89,6 +89,8 @@ describe('local API (Node, memory store)', () => {
     // A closed client has released its replicas: reads say so too.
     expect(() => db.get('never-read')).toThrow(expect.objectContaining({ code: 'Closed' }));
     expect(() => db.list()).toThrow(expect.objectContaining({ code: 'Closed' }));
+    expect(() => db.pending).toThrow(expect.objectContaining({ code: 'Closed' }));
+    expect(db.status).toBe('offline');
   });
 
   it('refuses a server url where there is no WebSocket, with a clear error', async () => {

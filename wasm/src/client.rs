@@ -666,10 +666,12 @@ impl WasmClient {
             .ok_or_else(|| WasmError::NotOpen(db.as_str().to_owned()))?;
         // A document shown from its cached view is handed to JSON.parse as
         // stored, without a round trip through serde.
-        if let Some(text) = database.cached_json(&id)
-            && let Ok(v) = js_sys::JSON::parse(text)
-        {
-            return Ok(v);
+        if database.is_cached(&id) {
+            match database.cached_json(&id).map(js_sys::JSON::parse) {
+                Some(Ok(v)) => return Ok(v),
+                None => return Ok(JsValue::UNDEFINED), // deleted
+                Some(Err(_)) => {}                     // damaged text: read the document itself
+            }
         }
         Ok(database
             .get(&id)
@@ -701,11 +703,27 @@ impl WasmClient {
             .client
             .database(&db)
             .ok_or_else(|| WasmError::NotOpen(db.as_str().to_owned()))?;
-        let map: serde_json::Map<String, Json> = database
-            .values()
-            .filter_map(|(id, v)| Some((id.as_str().to_owned(), v?)))
-            .collect();
-        Ok(data_to_js(&map))
+        let out = js_sys::Object::new();
+        for id in database.ids() {
+            // Cached text goes to JSON.parse as stored (see `get`).
+            let value = if database.is_cached(id) {
+                match database.cached_json(id).map(js_sys::JSON::parse) {
+                    Some(Ok(v)) => v,
+                    Some(Err(_)) => database
+                        .get(id)
+                        .map_or(JsValue::UNDEFINED, |v| data_to_js(&v)),
+                    None => JsValue::UNDEFINED,
+                }
+            } else {
+                database
+                    .get(id)
+                    .map_or(JsValue::UNDEFINED, |v| data_to_js(&v))
+            };
+            if !value.is_undefined() {
+                js_sys::Reflect::set(&out, &id.as_str().into(), &value)?;
+            }
+        }
+        Ok(out.into())
     }
 
     /// Make a document equal `value` with the fewest changes. Resolves to
@@ -849,6 +867,8 @@ impl WasmClient {
 
     /// Own changes to `db` not yet acknowledged as durable by the server.
     pub fn pending(&self, db: &str) -> Result<f64, JsValue> {
+        // After close the replicas are gone; 0 would claim nothing is pending.
+        self.check_open()?;
         let db = db_name(db)?;
         let d = self.shared.borrow();
         let own = d.client.database(&db).map_or(0, |x| x.own_counter());

@@ -259,6 +259,11 @@ async fn a_reopened_client_shows_and_edits_what_it_stored() {
     JsFuture::from(client.delete("notes", "n4"))
         .await
         .expect("delete");
+    // A float that a non-exact parser would round one unit off.
+    let float = serde_json::json!({"x": 130.653_316_326_530_61_f64});
+    JsFuture::from(client.put("notes", "f", js(float.clone()), None))
+        .await
+        .expect("put");
     let before: Vec<_> = ["n0", "n1", "n2", "n3", "n4", "t"]
         .iter()
         .map(|id| read(&client, id))
@@ -271,11 +276,11 @@ async fn a_reopened_client_shows_and_edits_what_it_stored() {
     let code = js_sys::Reflect::get(&err, &"code".into()).expect("code");
     assert_eq!(code.as_string().as_deref(), Some("Closed"));
     assert!(client.list("notes").is_err());
-    // Closing stored the views of everything changed (22 entries: fewer
+    // Closing stored the views of everything changed (23 entries: fewer
     // than a refresh needs, so they were all written on close).
     let store = IdbStore::open(&idb).await.expect("store");
     let notes = DbName::new("notes").expect("valid");
-    assert_eq!(store.load_views(&notes).await.expect("views").len(), 6);
+    assert_eq!(store.load_views(&notes).await.expect("views").len(), 7);
     store.close();
 
     let client = create_client(opts.clone(), cb.clone())
@@ -293,8 +298,10 @@ async fn a_reopened_client_shows_and_edits_what_it_stored() {
     assert_eq!(all_after, all_before);
     assert_eq!(
         client.list("notes").expect("list"),
-        vec!["n0", "n1", "n2", "n3", "t"]
+        vec!["f", "n0", "n1", "n2", "n3", "t"]
     );
+    assert_eq!(read(&client, "f"), Some(float.clone()));
+    assert_eq!(all_after["f"], float);
     // Editing after the reopen continues each document's history.
     JsFuture::from(client.splice(
         "notes",

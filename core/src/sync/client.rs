@@ -219,6 +219,11 @@ struct ClientDb {
     /// view was last handed out, and how many entries were persisted since.
     views_dirty: BTreeSet<DocId>,
     entries_since_views: usize,
+    /// The last persist batch of the finished reply, and the highest batch
+    /// made durable: `Synced` waits for the reply itself to be durable, not
+    /// for every later live batch (which could keep the queue busy forever).
+    reply_seq: u64,
+    persisted_seq: u64,
 }
 
 /// Default of [`ClientConfig::view_refresh_entries`]: entries persisted
@@ -332,6 +337,8 @@ impl Client {
                 too_large: None,
                 views_dirty,
                 entries_since_views: 0,
+                reply_seq: 0,
+                persisted_seq: 0,
             },
         );
         if self.status != Status::Offline {
@@ -650,6 +657,7 @@ impl Client {
         let Some(c) = self.dbs.get_mut(db) else {
             return;
         };
+        c.persisted_seq = c.persisted_seq.max(seq);
         while c.unpersisted.front().is_some_and(|(s, _)| *s <= seq) {
             if let Some((_, own)) = c.unpersisted.pop_front() {
                 c.local_durable = c.local_durable.max(own);
@@ -795,6 +803,7 @@ impl Client {
         };
         let server_vv = d.vv;
         let mut resubscribe = false;
+        let reply_done = complete.is_some();
         if let Some((base, snapshots, vv)) = complete {
             if !base.is_empty() && !c.db.vv().dominates(&base) {
                 let more = c.db.apply_snapshots(snapshots, &base);
@@ -814,6 +823,10 @@ impl Client {
             resubscribe = true;
         }
         self.absorb(&name, applied);
+        if reply_done && let Some(c) = self.dbs.get_mut(&name) {
+            // Everything of the reply is in batches up to the newest one.
+            c.reply_seq = c.next_seq - 1;
+        }
         self.ack(&name, server_vv.get(&self.replica));
         if resubscribe {
             self.send_subscribe(&name);
@@ -868,11 +881,11 @@ impl Client {
         let Some(c) = self.dbs.get_mut(name) else {
             return;
         };
-        // Becoming synced also waits for what was received to be durable
-        // locally; live updates arriving afterwards do not un-sync.
+        // Becoming synced also waits for the reply to be durable locally;
+        // live updates arriving afterwards do not hold it back.
         let now = matches!(c.sync, Sync::Live { .. })
             && c.acked >= c.db.own_counter()
-            && (c.synced || c.unpersisted.is_empty());
+            && c.persisted_seq >= c.reply_seq;
         if now && !c.synced {
             c.synced = true;
             self.event(ClientEvent::Synced { db: name.clone() });

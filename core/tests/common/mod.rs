@@ -213,6 +213,18 @@ impl<A: Authenticator> Net<A> {
         any
     }
 
+    /// Make client `i`'s oldest pending write durable; whether there was one.
+    pub fn flush_client_one(&mut self, i: usize) -> bool {
+        self.route_client(i);
+        let Some((db, seq, batch)) = self.nodes[i].persists.pop_front() else {
+            return false;
+        };
+        self.nodes[i].store.write_now(&db, &batch).unwrap();
+        self.nodes[i].client.persisted(&db, seq);
+        self.route_client(i);
+        true
+    }
+
     pub fn pending_server_persists(&self) -> usize {
         self.server_persists.len()
     }
