@@ -118,7 +118,6 @@ impl Database {
         views: Vec<DocView>,
     ) -> (Self, Vec<ApplyError>) {
         let mut errors = Vec::new();
-        let snapshots = stored.snapshots.clone();
         let (log, problems) = Log::from_stored(stored);
         for p in problems {
             tracing::warn!(db = %name, "stored log: {p}");
@@ -133,7 +132,7 @@ impl Database {
                 docs.insert(v.doc, slot);
             }
         }
-        for s in &snapshots {
+        for s in log.snapshots() {
             if docs.contains_key(&s.doc) {
                 continue;
             }

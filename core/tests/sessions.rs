@@ -50,6 +50,18 @@ fn errors(net: &Net<impl Authenticator>, i: usize) -> Vec<ErrorCode> {
         .collect()
 }
 
+/// Replicas 1 and 2 with `shared` open, connected and caught up.
+fn two_online(net: &mut Net<impl Authenticator>) -> (usize, usize) {
+    let a = net.add(1, "");
+    let b = net.add(2, "");
+    for i in [a, b] {
+        net.open(i, "shared");
+        net.connect(i);
+    }
+    net.run();
+    (a, b)
+}
+
 fn db() -> DbName {
     DbName::new("shared").unwrap()
 }
@@ -189,13 +201,7 @@ fn forged_authorship_invalid_changes_and_gaps_are_refused() {
 #[test]
 fn acknowledgement_waits_for_durability() {
     let mut net = Net::new(OpenAccess);
-    let a = net.add(1, "");
-    let b = net.add(2, "");
-    for i in [a, b] {
-        net.open(i, "shared");
-        net.connect(i);
-    }
-    net.run();
+    let (a, b) = two_online(&mut net);
     net.hold_server_persists = true;
     net.reset_traffic();
     net.nodes[a]
@@ -267,13 +273,7 @@ fn a_failed_write_is_not_acknowledged_and_is_pushed_again() {
 #[test]
 fn presence_is_broadcast_and_cleared_on_leave() {
     let mut net = Net::new(OpenAccess);
-    let a = net.add(1, "");
-    let b = net.add(2, "");
-    for i in [a, b] {
-        net.open(i, "shared");
-        net.connect(i);
-    }
-    net.run();
+    let (a, b) = two_online(&mut net);
     net.nodes[a]
         .client
         .set_presence(&db(), br#"{"name":"ada"}"#.to_vec())
@@ -613,13 +613,7 @@ fn offline_backlog_is_pushed_in_frames_under_the_servers_limit() {
 #[test]
 fn a_live_delta_in_several_parts_does_not_look_like_a_gap() {
     let mut net = net_with_max_frame(64 * 1024);
-    let a = net.add(1, "");
-    let b = net.add(2, "");
-    for i in [a, b] {
-        net.open(i, "shared");
-        net.connect(i);
-    }
-    net.run();
+    let (a, b) = two_online(&mut net);
     // Several pushes made durable in one group commit: their fan-out is one
     // live delta cut into parts, each carrying the vector after the last.
     net.hold_server_persists = true;
