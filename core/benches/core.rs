@@ -100,6 +100,7 @@ fn bench_codec(c: &mut Criterion) {
         base: VersionVector::new(),
         snapshots: Vec::new(),
         entries: Vec::new(),
+        views: Vec::new(),
         vv: VersionVector::new(),
     };
     let mut size = 0;

@@ -6,7 +6,7 @@
 //! needs the automerge document (a write, a remote change, a snapshot, a
 //! compaction, [`Database::document`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::OnceLock;
 
 use automerge::TextEncoding;
@@ -67,6 +67,20 @@ enum Slot {
         json: Option<String>,
         loaded: OnceLock<Document>,
     },
+    /// Its entries are in the log but were not applied (they arrived with
+    /// a server's view, [`Database::offer_views`], which has not matched
+    /// yet): loaded from the log the first time anything needs it.
+    Lazy { loaded: OnceLock<Document> },
+}
+
+impl Slot {
+    /// Not loaded into automerge, and nothing has asked for it yet.
+    fn is_unloaded(&self) -> bool {
+        match self {
+            Slot::Loaded(_) => false,
+            Slot::Cached { loaded, .. } | Slot::Lazy { loaded } => loaded.get().is_none(),
+        }
+    }
 }
 
 /// One database as a replica holds it.
@@ -79,6 +93,8 @@ pub struct Database {
     docs: BTreeMap<DocId, Slot>,
     /// Remote entries that arrived before an earlier counter of their replica.
     pending: BTreeMap<Dot, Entry>,
+    /// Views a server offered for documents this replica held nothing of.
+    offered: HashMap<DocId, DocView>,
 }
 
 impl Database {
@@ -91,6 +107,7 @@ impl Database {
             log: Log::new(),
             docs: BTreeMap::new(),
             pending: BTreeMap::new(),
+            offered: HashMap::new(),
         }
     }
 
@@ -153,6 +170,7 @@ impl Database {
             log,
             docs,
             pending: BTreeMap::new(),
+            offered: HashMap::new(),
         };
         let mut batches: BTreeMap<DocId, Vec<automerge::Change>> = BTreeMap::new();
         for e in db.log.entries() {
@@ -234,7 +252,7 @@ impl Database {
     pub fn document(&self, doc: &DocId) -> Option<&Document> {
         match self.docs.get(doc)? {
             Slot::Loaded(d) => Some(d),
-            Slot::Cached { loaded, .. } => Some(loaded.get_or_init(|| {
+            Slot::Cached { loaded, .. } | Slot::Lazy { loaded } => Some(loaded.get_or_init(|| {
                 let (d, errors) = load_from_log(&self.log, doc, self.replica, self.encoding);
                 for e in errors {
                     tracing::warn!(db = %self.name, "loading a document for a read: {e}");
@@ -278,6 +296,7 @@ impl Database {
         let json = match self.docs.get(doc)? {
             Slot::Cached { json, .. } => json.clone(),
             Slot::Loaded(d) => d.to_json().map(|v| v.to_string()),
+            Slot::Lazy { .. } => self.document(doc)?.to_json().map(|v| v.to_string()),
         };
         Some(DocView {
             doc: doc.clone(),
@@ -353,14 +372,15 @@ impl Database {
                 return other.map(|_| None);
             }
         };
-        let mut change = change;
         let entry = Entry {
             dot: Dot {
                 replica,
                 counter: self.own_counter() + 1,
             },
             doc: doc.clone(),
-            change: change.bytes().into_owned(),
+            // Uncompressed: a frame is deflated as a whole, which finds the
+            // repeats across changes that per-change compression cannot.
+            change: change.raw_bytes().to_vec(),
         };
         // Our own next counter always follows the log, so this cannot gap.
         let _ = self.log.append(entry.clone());
@@ -379,7 +399,55 @@ impl Database {
         }
         self.drain_pending(&mut out, &mut batches);
         self.materialise(batches, &mut out.errors);
+        self.settle_offers();
         out
+    }
+
+    /// Views a server sent with its reply ([`crate::protocol::Delta::views`]).
+    /// Kept for documents this replica holds nothing of; their entries are
+    /// then stored without being applied, and once the log's clock for such
+    /// a document equals the view's clock (the same entries as the server's
+    /// view was built from), the document is shown from the view and loaded
+    /// into automerge only when something needs it, as after a reopen from
+    /// cached views. The offers last until [`Database::withdraw_offers`].
+    pub fn offer_views(&mut self, views: Vec<DocView>) {
+        for v in views {
+            if self.log.doc_clock(&v.doc).is_none() && !self.docs.contains_key(&v.doc) {
+                self.offered.insert(v.doc.clone(), v);
+            }
+        }
+    }
+
+    /// Forget the offered views not yet matched (the reply is complete or
+    /// the connection is gone). Documents whose entries were stored for
+    /// them load from the log when needed; nothing is lost.
+    pub fn withdraw_offers(&mut self) {
+        self.offered = HashMap::new();
+    }
+
+    /// Show from its view each offered document whose entries have all arrived.
+    fn settle_offers(&mut self) {
+        if self.offered.is_empty() {
+            return;
+        }
+        let ready: Vec<DocId> = self
+            .offered
+            .iter()
+            .filter(|(doc, v)| {
+                matches!(self.docs.get(*doc), Some(s @ Slot::Lazy { .. }) if s.is_unloaded())
+                    && self.log.doc_clock(doc) == Some(&v.clock)
+            })
+            .map(|(doc, _)| doc.clone())
+            .collect();
+        for doc in ready {
+            if let Some(v) = self.offered.remove(&doc) {
+                let slot = Slot::Cached {
+                    json: v.json,
+                    loaded: OnceLock::new(),
+                };
+                self.docs.insert(doc, slot);
+            }
+        }
     }
 
     fn apply_one(
@@ -391,16 +459,33 @@ impl Database {
         if self.log.vv().contains(&e.dot) {
             return;
         }
-        let change = match e.parse_change() {
-            Ok(c) => c,
-            Err(err) => {
-                out.errors.push(err.into());
-                return;
+        // A document a server sent a view for is stored, not applied, while
+        // nothing has loaded it: its changes are parsed if and when it loads.
+        let deferred = self.offered.contains_key(&e.doc)
+            && self.docs.get(&e.doc).is_none_or(Slot::is_unloaded);
+        let change = if deferred {
+            None
+        } else {
+            match e.parse_change() {
+                Ok(c) => Some(c),
+                Err(err) => {
+                    out.errors.push(err.into());
+                    return;
+                }
             }
         };
         match self.log.append(e.clone()) {
             Ok(Appended::Added) => {
-                batches.entry(e.doc.clone()).or_default().push(change);
+                match change {
+                    Some(c) => batches.entry(e.doc.clone()).or_default().push(c),
+                    None => {
+                        self.docs
+                            .entry(e.doc.clone())
+                            .or_insert_with(|| Slot::Lazy {
+                                loaded: OnceLock::new(),
+                            });
+                    }
+                }
                 out.changed.insert(e.doc.clone());
                 out.entries.push(e);
             }
@@ -481,6 +566,7 @@ impl Database {
         let mut batches = BTreeMap::new();
         self.drain_pending(&mut out, &mut batches);
         self.materialise(batches, &mut out.errors);
+        self.settle_offers();
         out
     }
 
@@ -530,7 +616,7 @@ impl Database {
             .entry(doc.clone())
             .or_insert_with(|| Slot::Loaded(Document::new(replica, encoding)));
         let mut from_log = false;
-        if let Slot::Cached { loaded, .. } = slot {
+        if let Slot::Cached { loaded, .. } | Slot::Lazy { loaded } = slot {
             // A document a read loaded earlier lacks what was appended
             // since; one loaded now holds all of it.
             let d = loaded.take().unwrap_or_else(|| {
@@ -544,7 +630,7 @@ impl Database {
         match slot {
             Slot::Loaded(d) => (d, from_log),
             // Just replaced by `Loaded` above.
-            Slot::Cached { .. } => unreachable!("slot was loaded above"),
+            Slot::Cached { .. } | Slot::Lazy { .. } => unreachable!("slot was loaded above"),
         }
     }
 

@@ -12,7 +12,8 @@ pub struct Entry {
     pub dot: Dot,
     /// The document it changes.
     pub doc: DocId,
-    /// The automerge change, as `Change::bytes()` encodes it.
+    /// The automerge change, as `Change::raw_bytes()` (uncompressed) or
+    /// `Change::bytes()` (columns deflated) encodes it; both parse.
     pub change: Vec<u8>,
 }
 

@@ -89,4 +89,4 @@ pub use log::{Compaction, Log};
 pub use store::{
     Batch, CorruptRecord, MemoryStore, Store, StoredDatabase, decode_batch, encode_batch,
 };
-pub use view::{DocView, decode_view, encode_view};
+pub use view::{BuiltViews, DocView, ViewJob, decode_view, encode_view};

@@ -10,6 +10,7 @@ use crate::doc::Document;
 use crate::entry::{Entry, Snapshot};
 use crate::ids::{DocId, ReplicaId};
 use crate::store::StoredDatabase;
+use crate::view::{ViewJob, ViewSource};
 
 /// Why an entry could not join the log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +79,8 @@ pub struct Log {
     by_replica: HashMap<ReplicaId, Vec<u32>>,
     /// Per document, the highest counter per replica of any change to it.
     doc_clocks: HashMap<DocId, VersionVector>,
+    /// Per document, how many of its entries are above the horizon.
+    doc_entries: HashMap<DocId, u32>,
     entry_bytes: usize,
 }
 
@@ -150,6 +153,48 @@ impl Log {
         self.doc_clocks.get(doc)
     }
 
+    /// How many of a document's entries are above the horizon.
+    pub fn doc_entry_count(&self, doc: &DocId) -> u32 {
+        self.doc_entries.get(doc).copied().unwrap_or(0)
+    }
+
+    /// Whether a peer holding nothing of `doc` would get all of it from
+    /// entries: the document has no snapshot and `in_delta` is the number of
+    /// its entries the peer is about to receive.
+    pub fn is_whole_history(&self, doc: &DocId, in_delta: u32) -> bool {
+        !self.snapshots.contains_key(doc) && in_delta > 0 && in_delta == self.doc_entry_count(doc)
+    }
+
+    /// What building the views of `docs` needs, copied out of the log so the
+    /// build can run elsewhere ([`ViewJob::build`]). Documents with a
+    /// snapshot are left out: views are served only for documents whose
+    /// whole history is in entries. One pass over the entries.
+    pub fn view_job(&self, docs: impl IntoIterator<Item = DocId>) -> ViewJob {
+        let mut wanted: HashMap<DocId, ViewSource> = docs
+            .into_iter()
+            .filter(|d| !self.snapshots.contains_key(d))
+            .filter_map(|d| {
+                let clock = self.doc_clocks.get(&d)?.clone();
+                Some((
+                    d.clone(),
+                    ViewSource {
+                        doc: d,
+                        clock,
+                        changes: Vec::new(),
+                    },
+                ))
+            })
+            .collect();
+        for e in &self.entries {
+            if let Some(src) = wanted.get_mut(&e.doc) {
+                src.changes.push(e.change.clone());
+            }
+        }
+        ViewJob {
+            docs: wanted.into_values().collect(),
+        }
+    }
+
     /// Append the next entry of its replica.
     pub fn append(&mut self, entry: Entry) -> Result<Appended, LogError> {
         let r = entry.dot.replica;
@@ -168,6 +213,7 @@ impl Log {
         self.vv.set(r, entry.dot.counter);
         let clock = self.doc_clocks.entry(entry.doc.clone()).or_default();
         clock.set(r, entry.dot.counter);
+        *self.doc_entries.entry(entry.doc.clone()).or_default() += 1;
         self.entry_bytes += entry.change.len();
         self.entries.push(entry);
         Ok(Appended::Added)
@@ -287,6 +333,7 @@ impl Log {
         }
         let entries = std::mem::take(&mut self.entries);
         self.by_replica.clear();
+        self.doc_entries.clear();
         self.entry_bytes = 0;
         for e in entries {
             if base.contains(&e.dot) {
@@ -294,6 +341,7 @@ impl Log {
             }
             let pos = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
             self.by_replica.entry(e.dot.replica).or_default().push(pos);
+            *self.doc_entries.entry(e.doc.clone()).or_default() += 1;
             self.entry_bytes += e.change.len();
             self.entries.push(e);
         }

@@ -25,7 +25,7 @@ use syncline_core::store::{Batch, MemoryStore, StoredDatabase};
 use syncline_core::sync::{
     Client, ClientConfig, ClientOutput, OpenAccess, PeerId, Server, ServerConfig, ServerOutput,
 };
-use syncline_core::view::DocView;
+use syncline_core::view::{BuiltViews, DocView};
 
 /// xorshift64*: small, seeded, reproducible.
 struct Rng(u64);
@@ -83,6 +83,8 @@ struct Sim {
     server_store: MemoryStore,
     server_persists: VecDeque<(DbName, u64, Batch)>,
     loads: VecDeque<DbName>,
+    /// Server views built and not yet handed back (they may go stale).
+    built_views: Vec<(DbName, BuiltViews)>,
     replicas: Vec<Replica>,
     /// Everything the server ever acknowledged (Ack or reply vv), per database.
     acked: HashMap<DbName, VersionVector>,
@@ -146,6 +148,7 @@ impl Sim {
             server_store: MemoryStore::new(),
             server_persists: VecDeque::new(),
             loads: VecDeque::new(),
+            built_views: Vec::new(),
             replicas,
             acked: HashMap::new(),
             log: Vec::new(),
@@ -158,6 +161,7 @@ impl Sim {
             // Small frames so replies are cut into several parts.
             max_frame: 4096,
             max_entries_per_push: 8,
+            serve_views: true,
         };
         Server::new(config, OpenAccess)
     }
@@ -477,6 +481,21 @@ impl Sim {
         self.note(format!("compact server {db}"));
     }
 
+    /// Build some of the server's missing views; hand them back now or at a
+    /// later step, when they may have gone stale.
+    fn build_server_views(&mut self) {
+        let db = self.dbs[self.rng.below(self.dbs.len())].clone();
+        let max = 1 + self.rng.below(40);
+        if let Some(job) = self.server.view_job(&db, max) {
+            self.built_views.push((db.clone(), job.build()));
+            self.note(format!("build views {db}"));
+        }
+        while !self.built_views.is_empty() && self.rng.chance(50) {
+            let (db, built) = self.built_views.remove(0);
+            self.server.views_built(&db, built);
+        }
+    }
+
     fn compact_client(&mut self) {
         let i = self.rng.below(self.replicas.len());
         let db = self.dbs[self.rng.below(self.dbs.len())].clone();
@@ -487,7 +506,7 @@ impl Sim {
     fn step(&mut self) {
         let n = self.replicas.len();
         let i = self.rng.below(n);
-        match self.rng.below(100) {
+        match self.rng.below(106) {
             0..=19 => self.edit(),
             20..=44 => self.deliver(i, true),
             45..=69 => self.deliver(i, false),
@@ -505,7 +524,8 @@ impl Sim {
             95 => self.restart_client(i),
             96 => self.restart_server(),
             97 | 98 => self.compact_server(),
-            _ => self.compact_client(),
+            99 => self.compact_client(),
+            _ => self.build_server_views(),
         }
     }
 

@@ -15,6 +15,7 @@ use syncline_core::protocol::{
     self, Ack, Databases, Delta, ErrorCode, Hello, Message, PeerPresence, Presence, PresenceUpdate,
     Push, Subscribe, Welcome,
 };
+use syncline_core::view::DocView;
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors")
@@ -90,6 +91,11 @@ fn sample_messages() -> Vec<(&'static str, Message)> {
                 base: [(a, 1)].into_iter().collect(),
                 snapshots: vec![snapshot],
                 entries: [e2.clone()].into_iter().chain(more).collect(),
+                views: vec![DocView {
+                    doc: DocId::new("todo:2").unwrap(),
+                    clock: [(a, 3)].into_iter().collect(),
+                    json: Some(r#"{"title":"bread"}"#.into()),
+                }],
                 vv: vv.clone(),
             })),
         ),

@@ -110,6 +110,11 @@ struct ServeArgs {
     /// Compact a database in the background once its log holds this many bytes of changes [default: 67108864].
     #[arg(long, env = "SYNCLINE_COMPACT_AFTER_BYTES")]
     compact_after_bytes: Option<usize>,
+    /// Build JSON views of documents when a database is quiet and send them
+    /// with cold syncs, so clients show documents without applying their
+    /// history [default: true].
+    #[arg(long, env = "SYNCLINE_VIEWS")]
+    views: Option<bool>,
     /// TOML file with any of the settings above (flags and environment win).
     #[arg(long, env = "SYNCLINE_CONFIG")]
     config: Option<PathBuf>,
@@ -130,6 +135,7 @@ struct FileConfig {
     #[serde(rename = "static")]
     static_dir: Option<PathBuf>,
     compact_after_bytes: Option<usize>,
+    views: Option<bool>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -357,6 +363,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             .compact_after_bytes
             .or(file.compact_after_bytes)
             .unwrap_or(64 << 20),
+        serve_views: args.views.or(file.views).unwrap_or(true),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

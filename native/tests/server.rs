@@ -857,3 +857,53 @@ async fn background_compaction_folds_the_log_and_new_replicas_still_get_everythi
     let (_, dump, _) = cli(&["dump", "--data", d]);
     assert_eq!(dump.lines().count(), 40);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_database_gets_views_and_cold_replicas_receive_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &["--anonymous", "demo-*"],
+    );
+    let url = server.url();
+    let list = db("demo-views");
+    let w = SyncClient::connect(Some(&url), "", dir.path().join("w"))
+        .await
+        .unwrap();
+    w.open(&list).await.unwrap();
+    for rev in 0..3 {
+        for k in 0..50 {
+            w.put(&list, &doc(&format!("d{k}")), json!({"k": k, "rev": rev}))
+                .await
+                .unwrap();
+        }
+    }
+    synced(&w, &list).await;
+    until_metric(server.addr, "syncline_views_built_total", 50.0).await;
+    let fresh = SyncClient::connect(Some(&url), "", dir.path().join("fresh"))
+        .await
+        .unwrap();
+    fresh.open(&list).await.unwrap();
+    synced(&fresh, &list).await;
+    let (_, metrics) = http_get(server.addr, "/metrics");
+    assert!(
+        metrics.contains("syncline_views_out_total 50"),
+        "the cold replica got a view per document:\n{metrics}"
+    );
+    assert_eq!(fresh.list(&list).await.unwrap().len(), 50);
+    for k in 0..50 {
+        let d = doc(&format!("d{k}"));
+        assert_eq!(
+            fresh.get(&list, &d).await.unwrap(),
+            Some(json!({"k": k, "rev": 2}))
+        );
+    }
+    // Documents shown from views take edits like any other, both ways.
+    fresh
+        .put(&list, &doc("d7"), json!({"k": 7, "rev": 9}))
+        .await
+        .unwrap();
+    until_value(&w, &list, &doc("d7"), &json!({"k": 7, "rev": 9})).await;
+    server.kill9();
+}

@@ -21,6 +21,7 @@ use super::{MAX_ERROR_TEXT, MAX_PRESENCE_LEN, MAX_TOKEN_LEN, PROTOCOL_VERSION};
 use crate::clock::VersionVector;
 use crate::entry::{Entry, Snapshot};
 use crate::ids::{DbName, DocId};
+use crate::view::DocView;
 
 /// Why a frame was refused. Decoding never panics, whatever the bytes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -212,6 +213,17 @@ fn check_snapshots(snapshots: &mut [Snapshot]) -> Result<(), DecodeError> {
     Ok(())
 }
 
+fn check_views(views: &mut [DocView]) -> Result<(), DecodeError> {
+    for v in views {
+        check_doc(&v.doc)?;
+        check_vv(&mut v.clock);
+        if !v.is_well_formed() {
+            return Err(invalid(format!("view of {:?} is not JSON", v.doc.as_str())));
+        }
+    }
+    Ok(())
+}
+
 /// Re-establish the invariants deserialisation bypassed: names and ids
 /// follow their rules, vectors are normalised, sizes are within limits.
 fn validate(msg: &mut Message) -> Result<(), DecodeError> {
@@ -244,6 +256,7 @@ fn validate(msg: &mut Message) -> Result<(), DecodeError> {
             check_vv(&mut d.vv);
             check_snapshots(&mut d.snapshots)?;
             check_entries(&d.entries)?;
+            check_views(&mut d.views)?;
         }
         Message::Push(p) => {
             check_db(&p.db)?;

@@ -5,6 +5,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 use crate::clock::VersionVector;
 use crate::entry::{Entry, Snapshot};
 use crate::ids::{DbName, ReplicaId};
+use crate::view::DocView;
 
 use super::ErrorCode;
 
@@ -58,6 +59,12 @@ pub struct Delta {
     pub snapshots: Vec<Snapshot>,
     /// Entries in causal order.
     pub entries: Vec<Entry>,
+    /// JSON views of documents whose whole history is among this reply's
+    /// entries, at the clock those entries give them, each in the part of
+    /// its document's first entry. A receiver holding nothing of such a
+    /// document may show the view instead of applying its entries (it still
+    /// stores them). Only in replies to `Subscribe`; may be empty.
+    pub views: Vec<DocView>,
     /// The sender's durable version vector (for the client: also an ack).
     pub vv: VersionVector,
 }

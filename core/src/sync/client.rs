@@ -561,6 +561,7 @@ impl Client {
             c.online = 0;
             c.synced = false;
             c.too_large = None;
+            c.db.withdraw_offers();
         }
         self.event(ClientEvent::Status(Status::Offline));
     }
@@ -775,6 +776,7 @@ impl Client {
                     return; // a stale reply to an earlier Subscribe
                 }
                 if d.req != 0 {
+                    c.db.offer_views(d.views);
                     parts.insert(d.part);
                     if d.last {
                         *last = Some(d.part);
@@ -809,6 +811,7 @@ impl Client {
                 let more = c.db.apply_snapshots(snapshots, &base);
                 merge_applied(&mut applied, more);
             }
+            c.db.withdraw_offers();
             let pushed = vv.get(&self.replica);
             c.sync = Sync::Live { pushed };
             // Anything the server holds that we still lack means a part went

@@ -15,13 +15,14 @@ use std::sync::Arc;
 
 use crate::clock::VersionVector;
 use crate::entry::Entry;
-use crate::ids::{DbName, ReplicaId};
+use crate::ids::{DbName, DocId, ReplicaId};
 use crate::log::{Compaction, Log, LogError};
 use crate::protocol::{
     self, Ack, DEFAULT_MAX_FRAME, ErrorCode, Hello, Message, PeerPresence, Presence,
     PresenceUpdate, Push, Subscribe, Welcome,
 };
 use crate::store::{Batch, StoredDatabase};
+use crate::view::{BuiltViews, DocView, ViewJob};
 
 use super::auth::{Authenticator, Grants, Right};
 use super::parts::delta_parts;
@@ -38,6 +39,9 @@ pub struct ServerConfig {
     pub max_frame: usize,
     /// Most entries in one `Push`.
     pub max_entries_per_push: usize,
+    /// Send the views built by [`Server::views_built`] with replies to
+    /// replicas that hold nothing of a document.
+    pub serve_views: bool,
 }
 
 impl Default for ServerConfig {
@@ -46,6 +50,7 @@ impl Default for ServerConfig {
             replica: ReplicaId::random(),
             max_frame: DEFAULT_MAX_FRAME,
             max_entries_per_push: 10_000,
+            serve_views: true,
         }
     }
 }
@@ -134,6 +139,12 @@ struct ServerDb {
     /// Peers sent the full presence since the last announcement, with the
     /// count it carried: they need no count-only update.
     presence_fresh: Vec<(PeerId, u32)>,
+    /// Views built off the hot path; one is served only while its clock is
+    /// the document's clock in `log`.
+    views: HashMap<DocId, DocView>,
+    /// Documents whose view could not be built at this clock (not retried
+    /// until they change).
+    views_failed: HashMap<DocId, VersionVector>,
 }
 
 /// The server state machine.
@@ -501,6 +512,52 @@ impl<A: Authenticator> Server<A> {
         });
     }
 
+    /// Documents of `db` that would be served with a view but have none at
+    /// their current clock.
+    pub fn stale_views(&self, db: &DbName) -> usize {
+        self.dbs.get(db).map_or(0, |d| stale_docs(d).count())
+    }
+
+    /// What building the missing views of `db` needs, up to about
+    /// `max_changes` changes (at least one document), or `None` when every
+    /// view is current. The adapter runs [`ViewJob::build`] off its hot
+    /// path and hands the result to [`Server::views_built`].
+    pub fn view_job(&self, db: &DbName, max_changes: usize) -> Option<ViewJob> {
+        if !self.config.serve_views {
+            return None;
+        }
+        let d = self.dbs.get(db)?;
+        let mut budget = 0usize;
+        let docs: Vec<DocId> = stale_docs(d)
+            .take_while(|doc| {
+                let go = budget == 0 || budget < max_changes;
+                budget += d.log.doc_entry_count(doc) as usize;
+                go
+            })
+            .cloned()
+            .collect();
+        let job = d.log.view_job(docs);
+        (!job.is_empty()).then_some(job)
+    }
+
+    /// Keep views built from a [`Server::view_job`]; a view whose document
+    /// changed meanwhile is dropped (the next job rebuilds it).
+    pub fn views_built(&mut self, db: &DbName, built: BuiltViews) {
+        let Some(d) = self.dbs.get_mut(db) else {
+            return;
+        };
+        for v in built.views {
+            if d.log.doc_clock(&v.doc) == Some(&v.clock) {
+                d.views_failed.remove(&v.doc);
+                d.views.insert(v.doc.clone(), v);
+            }
+        }
+        for (doc, clock) in built.failed {
+            d.views.remove(&doc);
+            d.views_failed.insert(doc, clock);
+        }
+    }
+
     // ---- internals ----
 
     fn send(&mut self, peer: PeerId, msg: Message) {
@@ -619,12 +676,18 @@ impl<A: Authenticator> Server<A> {
             return;
         };
         let delta = d.log.changes_since(&s.since);
+        let views = if self.config.serve_views {
+            fresh_views_for(&d.log, &d.views, &delta.entries)
+        } else {
+            HashMap::new()
+        };
         let parts = delta_parts(
             &s.db,
             s.req,
             delta.base.unwrap_or_default(),
             delta.snapshots.into_iter().cloned().collect(),
             delta.entries.into_iter().cloned().collect(),
+            views,
             d.log.vv(),
             budget,
         );
@@ -854,6 +917,7 @@ impl<A: Authenticator> Server<A> {
             VersionVector::new(),
             Vec::new(),
             entries,
+            HashMap::new(),
             vv,
             self.config.max_frame / 2,
         );
@@ -861,4 +925,37 @@ impl<A: Authenticator> Server<A> {
             self.broadcast(peers, &Message::Delta(Box::new(part)));
         }
     }
+}
+
+/// Documents with entries only (no snapshot) whose view is missing or older
+/// than their clock.
+fn stale_docs(d: &ServerDb) -> impl Iterator<Item = &DocId> {
+    d.log.doc_clocks().iter().filter_map(|(doc, clock)| {
+        let fresh = d.views.get(doc).is_some_and(|v| &v.clock == clock)
+            || d.views_failed.get(doc) == Some(clock);
+        (!fresh && d.log.snapshot(doc).is_none()).then_some(doc)
+    })
+}
+
+/// The current views of the documents whose whole history is in `entries`.
+fn fresh_views_for(
+    log: &Log,
+    views: &HashMap<DocId, DocView>,
+    entries: &[&Entry],
+) -> HashMap<DocId, DocView> {
+    if views.is_empty() {
+        return HashMap::new();
+    }
+    let mut counts: HashMap<&DocId, u32> = HashMap::new();
+    for e in entries {
+        *counts.entry(&e.doc).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .filter(|(doc, n)| log.is_whole_history(doc, *n))
+        .filter_map(|(doc, _)| {
+            let v = views.get(doc)?;
+            (log.doc_clock(doc) == Some(&v.clock)).then(|| (doc.clone(), v.clone()))
+        })
+        .collect()
 }

@@ -275,6 +275,15 @@ impl<A: Authenticator> Net<A> {
         }
     }
 
+    /// Build every missing server view of `db`, as the native hub does
+    /// when the database is quiet.
+    pub fn build_views(&mut self, db: &DbName) {
+        while let Some(job) = self.server.view_job(db, 1_000) {
+            let built = job.build();
+            self.server.views_built(db, built);
+        }
+    }
+
     /// Forget traffic counters.
     pub fn reset_traffic(&mut self) {
         for n in &mut self.nodes {

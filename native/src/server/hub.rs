@@ -11,6 +11,7 @@ use syncline_core::protocol::{self, ErrorCode, Message};
 use syncline_core::sync::{PeerId, Server, ServerOutput};
 use syncline_core::{DbName, Store, StoredDatabase};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Duration, Instant};
 
 use super::metrics::Metrics;
 use crate::auth::TokenAuth;
@@ -100,6 +101,13 @@ pub enum HubMsg {
         /// Database.
         db: DbName,
     },
+    /// Views built in the background.
+    ViewsBuilt {
+        /// Database.
+        db: DbName,
+        /// The views.
+        built: syncline_core::BuiltViews,
+    },
     /// Close every connection and wait for pending writes.
     Shutdown {
         /// Fired when done.
@@ -115,6 +123,24 @@ pub struct HubConfig {
     /// Compact a database in the background once its log holds this many
     /// bytes of changes above the horizon.
     pub compact_after_bytes: usize,
+    /// Build a database's missing views once it has had no durable write
+    /// for this long: views cost a full load of each changed document, so
+    /// they wait for a pause rather than competing with a burst of writes.
+    pub view_quiet: Duration,
+    /// Most changes one background view build applies (then it yields
+    /// to the hub and the next build continues).
+    pub view_job_changes: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            max_queued_bytes: 32 << 20,
+            compact_after_bytes: 64 << 20,
+            view_quiet: Duration::from_millis(100),
+            view_job_changes: 50_000,
+        }
+    }
 }
 
 /// Run the hub until every sender is gone.
@@ -135,8 +161,19 @@ pub async fn run(
         in_flight: 0,
         shutdown: None,
         compacting: std::collections::HashSet::new(),
+        views_due: HashMap::new(),
+        views_building: std::collections::HashSet::new(),
     };
-    while let Some(msg) = rx.recv().await {
+    loop {
+        let next_due = hub.views_due.values().min().copied();
+        let msg = tokio::select! {
+            msg = rx.recv() => msg,
+            () = sleep_until(next_due) => {
+                hub.start_view_builds(&server);
+                continue;
+            }
+        };
+        let Some(msg) = msg else { break };
         hub.handle(&mut server, msg);
         // Take in what else is already queued (bounded) before carrying out
         // the outputs: a burst (a thousand joins, many pushes) then costs
@@ -165,6 +202,18 @@ struct Hub {
     in_flight: usize,
     shutdown: Option<oneshot::Sender<()>>,
     compacting: std::collections::HashSet<DbName>,
+    /// When each database's missing views may be built (pushed back by
+    /// every durable write).
+    views_due: HashMap<DbName, Instant>,
+    views_building: std::collections::HashSet<DbName>,
+}
+
+/// Sleep until `at`, or forever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Hub {
@@ -193,6 +242,7 @@ impl Hub {
                     Ok(()) => {
                         server.persisted(&db, seq);
                         self.maybe_compact(server, &db);
+                        self.views_later(server, &db);
                     }
                     Err(e) => {
                         tracing::error!(%db, seq, "write failed: {e}");
@@ -203,7 +253,10 @@ impl Hub {
             HubMsg::Loaded { db, result } => {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 match result {
-                    Ok(stored) => server.loaded(db, stored),
+                    Ok(stored) => {
+                        server.loaded(db.clone(), stored);
+                        self.views_later(server, &db);
+                    }
                     Err(e) => {
                         tracing::error!(%db, "load failed: {e}");
                         server.load_failed(&db, &e);
@@ -218,6 +271,16 @@ impl Hub {
                     self.compacting.remove(&db);
                 }
             },
+            HubMsg::ViewsBuilt { db, built } => {
+                self.metrics.views_built.inc_by(built.views.len() as u64);
+                server.views_built(&db, built);
+                self.views_building.remove(&db);
+                if server.stale_views(&db) > 0 {
+                    self.views_later(server, &db);
+                } else if !self.views_due.contains_key(&db) {
+                    self.views_gauge(&db, false);
+                }
+            }
             HubMsg::CompactionDone { db } => {
                 self.metrics.compactions.inc();
                 self.compacting.remove(&db);
@@ -256,6 +319,7 @@ impl Hub {
                     match &msg {
                         Message::Delta(d) => {
                             self.metrics.entries_out.inc_by(d.entries.len() as u64);
+                            self.metrics.views_out.inc_by(d.views.len() as u64);
                         }
                         Message::Error(e) => self.metrics.error(e.code().as_str()),
                         _ => {}
@@ -328,6 +392,61 @@ impl Hub {
                     });
                 }
             }
+        }
+    }
+
+    /// Schedule building `db`'s missing views after a quiet period.
+    fn views_later(&mut self, server: &Server<TokenAuth>, db: &DbName) {
+        if !server.config().serve_views {
+            return;
+        }
+        self.views_due
+            .insert(db.clone(), Instant::now() + self.config.view_quiet);
+        self.views_gauge(db, true);
+    }
+
+    fn views_gauge(&self, db: &DbName, pending: bool) {
+        self.metrics
+            .views_pending
+            .get_or_create(&super::metrics::DbLabel { db: db.to_string() })
+            .set(i64::from(pending));
+    }
+
+    /// Build the missing views of every database that has been quiet long
+    /// enough, each on a blocking thread from a copy of what it needs.
+    fn start_view_builds(&mut self, server: &Server<TokenAuth>) {
+        let now = Instant::now();
+        let due: Vec<DbName> = self
+            .views_due
+            .iter()
+            .filter(|(db, at)| **at <= now && !self.views_building.contains(*db))
+            .map(|(db, _)| db.clone())
+            .collect();
+        for db in due {
+            self.views_due.remove(&db);
+            let Some(job) = server.view_job(&db, self.config.view_job_changes) else {
+                self.views_gauge(&db, false);
+                continue;
+            };
+            self.views_building.insert(db.clone());
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let (docs, changes, targets) = (job.len(), job.changes(), job.targets());
+                let started = Instant::now();
+                let built = tokio::task::spawn_blocking(move || job.build())
+                    .await
+                    .unwrap_or_else(|e| {
+                        // Not retried until these documents change.
+                        tracing::error!(%db, "building views failed: {e}");
+                        syncline_core::BuiltViews {
+                            views: Vec::new(),
+                            failed: targets,
+                        }
+                    });
+                let ms = started.elapsed().as_millis() as u64;
+                tracing::debug!(%db, docs, changes, ms, "views built");
+                let _ = tx.send(HubMsg::ViewsBuilt { db, built }).await;
+            });
         }
     }
 

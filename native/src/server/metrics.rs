@@ -45,6 +45,12 @@ pub struct Metrics {
     pub compactions: Counter,
     /// Errors sent to peers, by code.
     pub errors: Family<CodeLabel, Counter>,
+    /// Document views built in the background.
+    pub views_built: Counter,
+    /// Document views sent with replies (counted per recipient).
+    pub views_out: Counter,
+    /// 1 while a database has view building scheduled or running, else 0.
+    pub views_pending: Family<DbLabel, Gauge>,
 }
 
 impl Metrics {
@@ -61,6 +67,9 @@ impl Metrics {
             fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             compactions: Counter::default(),
             errors: Family::default(),
+            views_built: Counter::default(),
+            views_out: Counter::default(),
+            views_pending: Family::default(),
         };
         if let Ok(mut r) = m.registry.lock() {
             r.register(
@@ -92,6 +101,21 @@ impl Metrics {
             );
             r.register("compactions", "Compactions done", m.compactions.clone());
             r.register("errors", "Errors sent to peers, by code", m.errors.clone());
+            r.register(
+                "views_built",
+                "Document views built in the background",
+                m.views_built.clone(),
+            );
+            r.register(
+                "views_out",
+                "Document views sent with replies",
+                m.views_out.clone(),
+            );
+            r.register(
+                "views_pending",
+                "1 while a database has view building scheduled or running",
+                m.views_pending.clone(),
+            );
         }
         m
     }

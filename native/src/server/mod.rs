@@ -57,6 +57,8 @@ pub struct ServeOptions {
     pub static_dir: Option<PathBuf>,
     /// Compact a database once its log holds this many bytes of changes.
     pub compact_after_bytes: usize,
+    /// Build document views in the background and send them with cold syncs.
+    pub serve_views: bool,
 }
 
 /// Why the server could not run.
@@ -97,6 +99,7 @@ pub async fn run(
             replica,
             max_frame: options.max_frame,
             max_entries_per_push: options.max_entries_per_push,
+            serve_views: options.serve_views,
         },
         TokenAuth::new(options.secret.clone(), options.anonymous.clone()),
     );
@@ -108,6 +111,7 @@ pub async fn run(
         HubConfig {
             max_queued_bytes: options.max_queued_bytes,
             compact_after_bytes: options.compact_after_bytes,
+            ..HubConfig::default()
         },
         hub_tx.clone(),
         hub_rx,
