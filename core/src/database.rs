@@ -20,6 +20,9 @@ use crate::log::{Appended, Compaction, Log, LogError};
 use crate::store::StoredDatabase;
 use crate::view::DocView;
 
+/// Local changes up to this size are stored uncompressed (see [`Database::update`]).
+pub const RAW_CHANGE_MAX: usize = 16 << 10;
+
 /// Most out-of-order entries held while waiting for a gap to fill.
 pub const MAX_PENDING: usize = 1 << 20;
 
@@ -296,6 +299,9 @@ impl Database {
         let json = match self.docs.get(doc)? {
             Slot::Cached { json, .. } => json.clone(),
             Slot::Loaded(d) => d.to_json().map(|v| v.to_string()),
+            // Waiting for an offered view: loading it now would undo the
+            // point of the view (asked again once the view settles).
+            Slot::Lazy { .. } if self.awaits_view(doc) => return None,
             Slot::Lazy { .. } => self.document(doc)?.to_json().map(|v| v.to_string()),
         };
         Some(DocView {
@@ -363,7 +369,7 @@ impl Database {
         for e in errors {
             tracing::warn!(db = %self.name, "loading a document for a write: {e}");
         }
-        let change = match result {
+        let mut change = match result {
             Ok(Some(c)) => c,
             other => {
                 if created {
@@ -378,9 +384,15 @@ impl Database {
                 counter: self.own_counter() + 1,
             },
             doc: doc.clone(),
-            // Uncompressed: a frame is deflated as a whole, which finds the
-            // repeats across changes that per-change compression cannot.
-            change: change.raw_bytes().to_vec(),
+            // Uncompressed when small: a frame is deflated as a whole, which
+            // finds the repeats across changes that per-change compression
+            // cannot. A large change stays compressed, so the frame limit
+            // (which applies to the inflated body) still admits it.
+            change: if change.raw_bytes().len() <= RAW_CHANGE_MAX {
+                change.raw_bytes().to_vec()
+            } else {
+                change.bytes().into_owned()
+            },
         };
         // Our own next counter always follows the log, so this cannot gap.
         let _ = self.log.append(entry.clone());
@@ -400,6 +412,11 @@ impl Database {
         self.drain_pending(&mut out, &mut batches);
         self.materialise(batches, &mut out.errors);
         self.settle_offers();
+        // A document still waiting for its view is announced once it is
+        // shown from it (or when the offer is withdrawn), not half-arrived.
+        if !self.offered.is_empty() {
+            out.changed.retain(|d| !self.awaits_view(d));
+        }
         out
     }
 
@@ -420,9 +437,22 @@ impl Database {
 
     /// Forget the offered views not yet matched (the reply is complete or
     /// the connection is gone). Documents whose entries were stored for
-    /// them load from the log when needed; nothing is lost.
-    pub fn withdraw_offers(&mut self) {
-        self.offered = HashMap::new();
+    /// them load from the log when needed; nothing is lost. Returns those
+    /// documents: their changes were held back from [`Applied::changed`]
+    /// while they waited, so the caller announces them now.
+    pub fn withdraw_offers(&mut self) -> Vec<DocId> {
+        let waiting = std::mem::take(&mut self.offered);
+        waiting
+            .into_keys()
+            .filter(|d| matches!(self.docs.get(d), Some(Slot::Lazy { .. })))
+            .collect()
+    }
+
+    /// Whether a document's entries are being stored for an offered view
+    /// that has not matched yet (reads would load it from the log).
+    pub fn awaits_view(&self, doc: &DocId) -> bool {
+        self.offered.contains_key(doc)
+            && matches!(self.docs.get(doc), Some(s @ Slot::Lazy { .. }) if s.is_unloaded())
     }
 
     /// Show from its view each offered document whose entries have all arrived.
@@ -959,5 +989,22 @@ mod tests {
             assert_eq!(values(&again), values(&db));
             assert_eq!(again.vv(), db.vv());
         }
+    }
+
+    #[test]
+    fn large_local_changes_stay_compressed_small_ones_do_not() {
+        let mut db = Database::new(
+            DbName::new("d").unwrap(),
+            ReplicaId([1; 16]),
+            TextEncoding::UnicodeCodePoint,
+        );
+        let small = db.update(&id("a"), &json!({"t": "x"})).unwrap().unwrap();
+        let parsed = small.parse_change().unwrap();
+        assert_eq!(small.change, parsed.raw_bytes(), "small: raw bytes");
+        let big = json!({"t": "all work and no play ".repeat(5000)});
+        let e = db.update(&id("b"), &big).unwrap().unwrap();
+        assert!(e.change.len() < RAW_CHANGE_MAX, "{} bytes", e.change.len());
+        assert!(e.parse_change().unwrap().raw_bytes().len() > RAW_CHANGE_MAX);
+        assert_eq!(db.get(&id("b")), Some(big));
     }
 }

@@ -147,11 +147,18 @@ fn build_one(src: ViewSource) -> Option<DocView> {
         tracing::warn!(doc = %src.doc, "no view: changes with missing dependencies");
         return None;
     }
-    Some(DocView {
+    let view = DocView {
         json: d.to_json().map(|v| v.to_string()),
         doc: src.doc,
         clock: src.clock,
-    })
+    };
+    // A receiver refuses text it cannot parse back (e.g. nesting deeper
+    // than its parser allows): such a document is served without a view.
+    if !view.is_well_formed() {
+        tracing::warn!(doc = %view.doc, "no view: its JSON does not parse back");
+        return None;
+    }
+    Some(view)
 }
 
 /// Encode a view as one opaque record (an rkyv archive).

@@ -162,6 +162,7 @@ impl Sim {
             max_frame: 4096,
             max_entries_per_push: 8,
             serve_views: true,
+            reply_part_bytes: 2048,
         };
         Server::new(config, OpenAccess)
     }

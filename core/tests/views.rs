@@ -11,7 +11,9 @@ use common::Net;
 use serde_json::{Value as Json, json};
 use syncline_core::ids::{DbName, DocId};
 use syncline_core::protocol::Message;
-use syncline_core::sync::OpenAccess;
+use syncline_core::protocol::{self, Delta};
+use syncline_core::sync::{ClientEvent, OpenAccess, ServerConfig};
+use syncline_core::view::DocView;
 
 fn db() -> DbName {
     DbName::new("views").unwrap()
@@ -220,6 +222,14 @@ fn replies_cut_into_parts_still_match_their_views() {
         .filter(|m| matches!(m, Message::Delta(d) if d.req != 0))
         .count();
     assert!(parts > 3, "the reply is cut into parts ({parts})");
+    // Every document is announced, and only once it can be shown.
+    let mut announced = std::collections::BTreeSet::new();
+    for e in &net.nodes[c].events {
+        if let ClientEvent::Changed { docs, .. } = e {
+            announced.extend(docs.iter().cloned());
+        }
+    }
+    assert_eq!(announced, (0..6).map(id).collect());
     let replica = net.nodes[c].client.database(&db()).unwrap();
     assert_eq!(replica.cached_documents(), 6);
     for k in 0..6 {
@@ -259,4 +269,65 @@ fn servers_configured_without_views_send_none() {
         net.nodes[c].client.database(&db()).unwrap().get(&id(0)),
         Some(value(0, 0))
     );
+}
+
+#[test]
+fn views_too_large_for_a_part_are_left_out() {
+    let mut net = Net::with_config(
+        OpenAccess,
+        ServerConfig {
+            replica: syncline_core::ids::ReplicaId([0xEE; 16]),
+            reply_part_bytes: 1024,
+            ..Default::default()
+        },
+    );
+    let w = net.add(1, "");
+    net.open(w, "views");
+    net.connect(w);
+    net.run();
+    // Doc 0 grows by small changes to a value far larger than any of them.
+    let mut list = Vec::new();
+    for k in 0..60 {
+        list.push(format!("line {k} of a long list"));
+        net.nodes[w]
+            .client
+            .update(&db(), &id(0), &json!({"lines": list}))
+            .unwrap();
+        net.run();
+    }
+    net.nodes[w]
+        .client
+        .update(&db(), &id(1), &value(1, 0))
+        .unwrap();
+    net.run();
+    net.build_views(&db());
+    let c = join(&mut net, 2);
+    assert_eq!(views_received(&net, c), vec![id(1)]);
+    let replica = net.nodes[c].client.database(&db()).unwrap();
+    assert_eq!(replica.get(&id(0)), Some(json!({"lines": list})));
+}
+
+#[test]
+fn a_view_that_is_not_json_is_dropped_not_the_frame() {
+    let bad = |json: &str| DocView {
+        doc: id(1),
+        clock: Default::default(),
+        json: Some(json.into()),
+    };
+    let delta = Delta {
+        db: db(),
+        req: 1,
+        part: 0,
+        last: true,
+        base: Default::default(),
+        snapshots: Vec::new(),
+        entries: Vec::new(),
+        views: vec![bad("{\"a\": 1}"), bad("{\"a\""), bad(&"[".repeat(500))],
+        vv: Default::default(),
+    };
+    let frame = protocol::encode(&Message::Delta(Box::new(delta)));
+    match protocol::decode(&frame, 1 << 20) {
+        Ok(Message::Delta(d)) => assert_eq!(d.views, vec![bad("{\"a\": 1}")]),
+        other => panic!("{other:?}"),
+    }
 }

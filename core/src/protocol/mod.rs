@@ -8,7 +8,7 @@ mod codec;
 mod error_code;
 mod message;
 
-pub use codec::{DecodeError, HEADER_LEN, decode, encode, encoded_len};
+pub use codec::{DecodeError, HEADER_LEN, archive, decode, encode, encoded_len, frame};
 pub use error_code::ErrorCode;
 pub use message::{
     Ack, Databases, Delta, ErrorMsg, Hello, Message, PeerPresence, Presence, PresenceUpdate, Push,

@@ -561,7 +561,14 @@ impl Client {
             c.online = 0;
             c.synced = false;
             c.too_large = None;
-            c.db.withdraw_offers();
+            let waited = c.db.withdraw_offers();
+            if !waited.is_empty() {
+                self.out.push(ClientOutput::Event(ClientEvent::Changed {
+                    db: c.db.name().clone(),
+                    docs: waited,
+                    remote: true,
+                }));
+            }
         }
         self.event(ClientEvent::Status(Status::Offline));
     }
@@ -704,10 +711,17 @@ impl Client {
             c.entries_since_views += batch.entries.len() + batch.snapshots.len();
             if c.entries_since_views >= self.config.view_refresh_entries {
                 c.entries_since_views = 0;
-                views = std::mem::take(&mut c.views_dirty)
-                    .iter()
-                    .filter_map(|d| c.db.view(d))
-                    .collect();
+                // Documents still waiting for a server view stay due.
+                let dirty = std::mem::take(&mut c.views_dirty);
+                for d in dirty {
+                    match c.db.view(&d) {
+                        Some(v) => views.push(v),
+                        None if c.db.awaits_view(&d) => {
+                            c.views_dirty.insert(d);
+                        }
+                        None => {}
+                    }
+                }
             }
         }
         self.out.push(ClientOutput::Persist {
@@ -811,7 +825,7 @@ impl Client {
                 let more = c.db.apply_snapshots(snapshots, &base);
                 merge_applied(&mut applied, more);
             }
-            c.db.withdraw_offers();
+            applied.changed.extend(c.db.withdraw_offers());
             let pushed = vv.get(&self.replica);
             c.sync = Sync::Live { pushed };
             // Anything the server holds that we still lack means a part went

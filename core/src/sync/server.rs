@@ -25,10 +25,13 @@ use crate::store::{Batch, StoredDatabase};
 use crate::view::{BuiltViews, DocView, ViewJob};
 
 use super::auth::{Authenticator, Grants, Right};
-use super::parts::delta_parts;
+use super::parts::Parts;
 
 /// A connection's id, assigned by [`Server::connect`].
 pub type PeerId = u64;
+
+/// Default [`ServerConfig::reply_part_bytes`].
+pub const DEFAULT_REPLY_PART_BYTES: usize = 256 << 10;
 
 /// Server limits.
 #[derive(Debug, Clone)]
@@ -42,6 +45,11 @@ pub struct ServerConfig {
     /// Send the views built by [`Server::views_built`] with replies to
     /// replicas that hold nothing of a document.
     pub serve_views: bool,
+    /// Bytes of entries, snapshots and views per part of a reply (at most
+    /// half of `max_frame`). Smaller parts keep both ends' peak memory
+    /// low (each part is archived, compressed, sent and parsed on its own;
+    /// wasm memory never shrinks) at the cost of a little compression.
+    pub reply_part_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +59,7 @@ impl Default for ServerConfig {
             max_frame: DEFAULT_MAX_FRAME,
             max_entries_per_push: 10_000,
             serve_views: true,
+            reply_part_bytes: DEFAULT_REPLY_PART_BYTES,
         }
     }
 }
@@ -73,6 +82,8 @@ pub enum ServerOutput {
         frame: Arc<Vec<u8>>,
         /// Entries inside the frame (for metrics).
         entries: usize,
+        /// Views inside the frame (for metrics).
+        views: usize,
     },
     /// Close the connection (after sending what precedes this output).
     Close {
@@ -499,6 +510,11 @@ impl<A: Authenticator> Server<A> {
             return;
         };
         d.log.apply_compaction(compaction.clone());
+        // Documents with a snapshot are served without views.
+        for s in &compaction.snapshots {
+            d.views.remove(&s.doc);
+            d.views_failed.remove(&s.doc);
+        }
         let seq = d.next_seq;
         d.next_seq += 1;
         self.out.push(ServerOutput::Persist {
@@ -671,26 +687,40 @@ impl<A: Authenticator> Server<A> {
         let Some(replica) = self.check(peer, &s.db, Right::Read) else {
             return;
         };
-        let budget = self.config.max_frame / 2;
+        let budget = self
+            .config
+            .reply_part_bytes
+            .clamp(1, self.config.max_frame / 2);
         let Some(d) = self.dbs.get_mut(&s.db) else {
             return;
         };
         let delta = d.log.changes_since(&s.since);
         let views = if self.config.serve_views {
-            fresh_views_for(&d.log, &d.views, &delta.entries)
+            fresh_views_for(&d.log, &d.views, &delta.entries, budget / 2)
         } else {
             HashMap::new()
         };
-        let parts = delta_parts(
-            &s.db,
-            s.req,
-            delta.base.unwrap_or_default(),
-            delta.snapshots.into_iter().cloned().collect(),
-            delta.entries.into_iter().cloned().collect(),
-            views,
-            d.log.vv(),
+        // Each part is encoded as soon as it is cut, so a cold sync holds
+        // one part's copy of the log at a time, not the whole reply's.
+        let mut frames = Vec::new();
+        let base = delta.base.unwrap_or_default();
+        let parts = Parts {
+            db: &s.db,
+            req: s.req,
+            base: &base,
+            vv: d.log.vv(),
             budget,
-        );
+        };
+        parts.emit(&delta.snapshots, &delta.entries, views, |part| {
+            let (entries, views) = (part.entries.len(), part.views.len());
+            let frame = Arc::new(protocol::encode(&Message::Delta(Box::new(part))));
+            frames.push(ServerOutput::Broadcast {
+                peers: vec![peer],
+                frame,
+                entries,
+                views,
+            });
+        });
         let newly = d.subscribers.insert(peer);
         if newly {
             d.presence.insert(peer, (replica, None));
@@ -718,9 +748,7 @@ impl<A: Authenticator> Server<A> {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.subs.insert(s.db.clone());
         }
-        for part in parts {
-            self.send(peer, Message::Delta(Box::new(part)));
-        }
+        self.out.extend(frames);
         self.send(peer, Message::PresenceUpdate(Box::new(full)));
         if newly {
             if let Some(d) = self.dbs.get_mut(&s.db) {
@@ -890,14 +918,15 @@ impl<A: Authenticator> Server<A> {
         if peers.is_empty() {
             return;
         }
-        let entries = match msg {
-            Message::Delta(d) => d.entries.len(),
-            _ => 0,
+        let (entries, views) = match msg {
+            Message::Delta(d) => (d.entries.len(), d.views.len()),
+            _ => (0, 0),
         };
         self.out.push(ServerOutput::Broadcast {
             peers: peers.to_vec(),
             frame: Arc::new(protocol::encode(msg)),
             entries,
+            views,
         });
     }
 
@@ -911,17 +940,18 @@ impl<A: Authenticator> Server<A> {
         if peers.is_empty() || entries.is_empty() {
             return;
         }
-        let parts = delta_parts(
+        let none = VersionVector::new();
+        let parts = Parts {
             db,
-            0,
-            VersionVector::new(),
-            Vec::new(),
-            entries,
-            HashMap::new(),
+            req: 0,
+            base: &none,
             vv,
-            self.config.max_frame / 2,
-        );
-        for part in parts {
+            budget: self.config.max_frame / 2,
+        };
+        let entries: Vec<&Entry> = entries.iter().collect();
+        let mut out = Vec::new();
+        parts.emit(&[], &entries, HashMap::new(), |part| out.push(part));
+        for part in out {
             self.broadcast(peers, &Message::Delta(Box::new(part)));
         }
     }
@@ -937,12 +967,15 @@ fn stale_docs(d: &ServerDb) -> impl Iterator<Item = &DocId> {
     })
 }
 
-/// The current views of the documents whose whole history is in `entries`.
-fn fresh_views_for(
+/// The current views of the documents whose whole history is in `entries`,
+/// leaving out views over `max_len` (a view rides with an entry in one
+/// part; both together must stay under the frame limit).
+fn fresh_views_for<'a>(
     log: &Log,
-    views: &HashMap<DocId, DocView>,
-    entries: &[&Entry],
-) -> HashMap<DocId, DocView> {
+    views: &'a HashMap<DocId, DocView>,
+    entries: &[&'a Entry],
+    max_len: usize,
+) -> HashMap<&'a DocId, &'a DocView> {
     if views.is_empty() {
         return HashMap::new();
     }
@@ -955,7 +988,8 @@ fn fresh_views_for(
         .filter(|(doc, n)| log.is_whole_history(doc, *n))
         .filter_map(|(doc, _)| {
             let v = views.get(doc)?;
-            (log.doc_clock(doc) == Some(&v.clock)).then(|| (doc.clone(), v.clone()))
+            let fits = v.encoded_len() <= max_len;
+            (fits && log.doc_clock(doc) == Some(&v.clock)).then_some((doc, v))
         })
         .collect()
 }

@@ -165,7 +165,13 @@ pub async fn run(
         views_building: std::collections::HashSet::new(),
     };
     loop {
-        let next_due = hub.views_due.values().min().copied();
+        // (A database whose build is still running waits for it to finish.)
+        let next_due = hub
+            .views_due
+            .iter()
+            .filter(|(db, _)| !hub.views_building.contains(*db))
+            .map(|(_, at)| *at)
+            .min();
         let msg = tokio::select! {
             msg = rx.recv() => msg,
             () = sleep_until(next_due) => {
@@ -293,6 +299,7 @@ impl Hub {
                 let _ = reply.send((server.connections(), subs));
             }
             HubMsg::Shutdown { done } => {
+                self.views_due.clear();
                 server.shutdown();
                 self.shutdown = Some(done);
             }
@@ -324,17 +331,24 @@ impl Hub {
                         Message::Error(e) => self.metrics.error(e.code().as_str()),
                         _ => {}
                     }
-                    let frame = Arc::new(protocol::encode(&msg));
+                    // Drop the message (a cold sync's copy of the log)
+                    // before compressing its archive.
+                    let body = protocol::archive(&msg);
+                    drop(msg);
+                    let frame = Arc::new(protocol::frame(&body));
+                    drop(body);
                     self.send(server, peer, frame);
                 }
                 ServerOutput::Broadcast {
                     peers,
                     frame,
                     entries,
+                    views,
                 } => {
                     self.metrics
                         .entries_out
                         .inc_by((entries * peers.len()) as u64);
+                    self.metrics.views_out.inc_by((views * peers.len()) as u64);
                     for peer in peers {
                         self.send(server, peer, frame.clone());
                     }
@@ -397,7 +411,7 @@ impl Hub {
 
     /// Schedule building `db`'s missing views after a quiet period.
     fn views_later(&mut self, server: &Server<TokenAuth>, db: &DbName) {
-        if !server.config().serve_views {
+        if !server.config().serve_views || self.shutdown.is_some() {
             return;
         }
         self.views_due

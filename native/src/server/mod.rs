@@ -100,6 +100,7 @@ pub async fn run(
             max_frame: options.max_frame,
             max_entries_per_push: options.max_entries_per_push,
             serve_views: options.serve_views,
+            ..ServerConfig::default()
         },
         TokenAuth::new(options.secret.clone(), options.anonymous.clone()),
     );
