@@ -492,7 +492,11 @@ impl Database {
         // A document a server sent a view for is stored, not applied, while
         // nothing has loaded it: its changes are parsed if and when it loads.
         let deferred = self.offered.contains_key(&e.doc)
-            && self.docs.get(&e.doc).is_none_or(Slot::is_unloaded);
+            && match self.docs.get(&e.doc) {
+                None => true,
+                Some(s @ Slot::Lazy { .. }) => s.is_unloaded(),
+                Some(_) => false,
+            };
         let change = if deferred {
             None
         } else {
