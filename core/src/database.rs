@@ -451,8 +451,11 @@ impl Database {
     /// Whether a document's entries are being stored for an offered view
     /// that has not matched yet (reads would load it from the log).
     pub fn awaits_view(&self, doc: &DocId) -> bool {
-        self.offered.contains_key(doc)
-            && matches!(self.docs.get(doc), Some(s @ Slot::Lazy { .. }) if s.is_unloaded())
+        self.offered.contains_key(doc) && self.is_unloaded_lazy(doc)
+    }
+
+    fn is_unloaded_lazy(&self, doc: &DocId) -> bool {
+        matches!(self.docs.get(doc), Some(s @ Slot::Lazy { .. }) if s.is_unloaded())
     }
 
     /// Show from its view each offered document whose entries have all arrived.
@@ -464,8 +467,7 @@ impl Database {
             .offered
             .iter()
             .filter(|(doc, v)| {
-                matches!(self.docs.get(*doc), Some(s @ Slot::Lazy { .. }) if s.is_unloaded())
-                    && self.log.doc_clock(doc) == Some(&v.clock)
+                self.is_unloaded_lazy(doc) && self.log.doc_clock(doc) == Some(&v.clock)
             })
             .map(|(doc, _)| doc.clone())
             .collect();
@@ -492,11 +494,7 @@ impl Database {
         // A document a server sent a view for is stored, not applied, while
         // nothing has loaded it: its changes are parsed if and when it loads.
         let deferred = self.offered.contains_key(&e.doc)
-            && match self.docs.get(&e.doc) {
-                None => true,
-                Some(s @ Slot::Lazy { .. }) => s.is_unloaded(),
-                Some(_) => false,
-            };
+            && (!self.docs.contains_key(&e.doc) || self.is_unloaded_lazy(&e.doc));
         let change = if deferred {
             None
         } else {

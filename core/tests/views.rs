@@ -27,13 +27,23 @@ fn value(k: usize, rev: u32) -> Json {
     json!({"title": format!("item {k}"), "rev": rev, "tags": ["a", "b"], "score": 0.1 + k as f64})
 }
 
-/// A writer holding `n` documents with three changes each, synced.
-fn seeded(n: usize) -> (Net<OpenAccess>, usize) {
-    let mut net = Net::new(OpenAccess);
+/// A server with `config` (the tests' fixed replica id) and one connected writer.
+fn with_writer(config: ServerConfig) -> (Net<OpenAccess>, usize) {
+    let config = ServerConfig {
+        replica: syncline_core::ids::ReplicaId([0xEE; 16]),
+        ..config
+    };
+    let mut net = Net::with_config(OpenAccess, config);
     let w = net.add(1, "");
     net.open(w, "views");
     net.connect(w);
     net.run();
+    (net, w)
+}
+
+/// A writer holding `n` documents with three changes each, synced.
+fn seeded(n: usize) -> (Net<OpenAccess>, usize) {
+    let (mut net, w) = with_writer(ServerConfig::default());
     for rev in 0..3 {
         for k in 0..n {
             net.nodes[w]
@@ -192,18 +202,10 @@ fn a_replica_with_local_changes_to_a_document_ignores_its_view() {
 
 #[test]
 fn replies_cut_into_parts_still_match_their_views() {
-    let mut net = Net::with_config(
-        OpenAccess,
-        syncline_core::sync::ServerConfig {
-            replica: syncline_core::ids::ReplicaId([0xEE; 16]),
-            max_frame: 2048,
-            ..Default::default()
-        },
-    );
-    let w = net.add(1, "");
-    net.open(w, "views");
-    net.connect(w);
-    net.run();
+    let (mut net, w) = with_writer(ServerConfig {
+        max_frame: 2048,
+        ..Default::default()
+    });
     for rev in 0..6 {
         for k in 0..6 {
             net.nodes[w]
@@ -245,18 +247,10 @@ fn replies_cut_into_parts_still_match_their_views() {
 
 #[test]
 fn servers_configured_without_views_send_none() {
-    let mut net = Net::with_config(
-        OpenAccess,
-        syncline_core::sync::ServerConfig {
-            replica: syncline_core::ids::ReplicaId([0xEE; 16]),
-            serve_views: false,
-            ..Default::default()
-        },
-    );
-    let w = net.add(1, "");
-    net.open(w, "views");
-    net.connect(w);
-    net.run();
+    let (mut net, w) = with_writer(ServerConfig {
+        serve_views: false,
+        ..Default::default()
+    });
     net.nodes[w]
         .client
         .update(&db(), &id(0), &value(0, 0))
@@ -273,18 +267,10 @@ fn servers_configured_without_views_send_none() {
 
 #[test]
 fn views_too_large_for_a_part_are_left_out() {
-    let mut net = Net::with_config(
-        OpenAccess,
-        ServerConfig {
-            replica: syncline_core::ids::ReplicaId([0xEE; 16]),
-            reply_part_bytes: 1024,
-            ..Default::default()
-        },
-    );
-    let w = net.add(1, "");
-    net.open(w, "views");
-    net.connect(w);
-    net.run();
+    let (mut net, w) = with_writer(ServerConfig {
+        reply_part_bytes: 1024,
+        ..Default::default()
+    });
     // Doc 0 grows by small changes to a value far larger than any of them.
     let mut list = Vec::new();
     for k in 0..60 {

@@ -1,5 +1,6 @@
 //! Cutting a delta into frames that stay under the frame limit.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use crate::clock::VersionVector;
@@ -21,17 +22,17 @@ pub(crate) struct Parts<'a> {
 }
 
 impl Parts<'_> {
-    /// Hand `emit` the parts of one delta in order, each built (cloned from
-    /// the log) only when the one before it is done, so a caller that
-    /// encodes each part at once holds one part's copy at a time instead
-    /// of the whole reply's. Snapshots come first so a receiver can install
+    /// Hand `emit` the parts of one delta in order, each built only when
+    /// the one before it is done (borrowed items are cloned then, owned ones
+    /// moved), so a caller that encodes each part at once holds one part's
+    /// copy of the log at a time instead of the whole reply's. Snapshots come first so a receiver can install
     /// them before the entries built on them; a view travels in the part of
     /// its document's first entry, so the receiver knows it before it
     /// would apply that entry.
-    pub fn emit(
+    pub fn emit<'e>(
         &self,
         snapshots: &[&Snapshot],
-        entries: &[&Entry],
+        entries: impl IntoIterator<Item = Cow<'e, Entry>>,
         mut views: HashMap<&DocId, &DocView>,
         mut emit: impl FnMut(Delta),
     ) {
@@ -65,7 +66,7 @@ impl Parts<'_> {
             let len = e.encoded_len() + view.map_or(0, DocView::encoded_len);
             next(&mut part, &mut used, len);
             part.views.extend(view.cloned());
-            part.entries.push((*e).clone());
+            part.entries.push(e.into_owned());
         }
         part.last = true;
         emit(part);

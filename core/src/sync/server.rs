@@ -10,6 +10,7 @@
 //! [`Server::persisted`] are they acknowledged to their sender, added to the
 //! log that answers `Subscribe`, and fanned out to the other subscribers.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -711,7 +712,8 @@ impl<A: Authenticator> Server<A> {
             vv: d.log.vv(),
             budget,
         };
-        parts.emit(&delta.snapshots, &delta.entries, views, |part| {
+        let entries = delta.entries.iter().map(|e| Cow::Borrowed(*e));
+        parts.emit(&delta.snapshots, entries, views, |part| {
             let (entries, views) = (part.entries.len(), part.views.len());
             let frame = Arc::new(protocol::encode(&Message::Delta(Box::new(part))));
             frames.push(ServerOutput::Broadcast {
@@ -948,9 +950,9 @@ impl<A: Authenticator> Server<A> {
             vv,
             budget: self.config.max_frame / 2,
         };
-        let entries: Vec<&Entry> = entries.iter().collect();
         let mut out = Vec::new();
-        parts.emit(&[], &entries, HashMap::new(), |part| out.push(part));
+        let entries = entries.into_iter().map(Cow::Owned);
+        parts.emit(&[], entries, HashMap::new(), |part| out.push(part));
         for part in out {
             self.broadcast(peers, &Message::Delta(Box::new(part)));
         }
