@@ -13,10 +13,11 @@ use automerge::TextEncoding;
 use serde_json::Value as Json;
 
 use crate::clock::{Dot, VersionVector};
-use crate::doc::{DocError, Document, PathSeg};
+use crate::doc::{DocError, Document, PathSeg, root_is_deleted, root_to_json};
 use crate::entry::{Entry, InvalidChange, Snapshot};
 use crate::ids::{DbName, DocId, ReplicaId};
 use crate::log::{Appended, Compaction, Log, LogError};
+use crate::patch::patch_root;
 use crate::store::StoredDatabase;
 use crate::view::DocView;
 
@@ -25,6 +26,24 @@ pub const RAW_CHANGE_MAX: usize = 16 << 10;
 
 /// Most out-of-order entries held while waiting for a gap to fill.
 pub const MAX_PENDING: usize = 1 << 20;
+
+/// Most remote changes a document shows patched ([`crate::patch`]) before
+/// they are handed to automerge: one automerge batch walks each object it
+/// touches once, however many changes it carries, so the fewer batches
+/// the better; the bound keeps the catch-up a write may wait for short.
+pub const MAX_BEHIND: usize = 1024;
+
+/// Most memory the changes waiting for automerge may hold across a
+/// database (their bytes plus [`BEHIND_OVERHEAD`] each); past it, the
+/// document holding the most catches up.
+pub const MAX_BEHIND_BYTES: usize = 2 << 20;
+
+/// What a parsed change costs in memory beyond its bytes (a rough figure).
+const BEHIND_OVERHEAD: usize = 320;
+
+/// Remote batches of a document up to this many changes are patched when
+/// they can be; larger ones (a catch-up) go to automerge in one batch.
+const PATCH_BATCH_MAX: usize = 8;
 
 /// A problem with one remote entry or snapshot; the rest of the batch still applies.
 #[derive(Debug, thiserror::Error)]
@@ -74,13 +93,55 @@ enum Slot {
     /// a server's view, [`Database::offer_views`], which has not matched
     /// yet): loaded from the log the first time anything needs it.
     Lazy { loaded: OnceLock<Document> },
+    /// Loaded, with remote changes shown but not yet applied to automerge.
+    Patched(Box<Patched>),
+}
+
+/// A document whose latest remote changes were read off their operations
+/// ([`crate::patch`]): each was made on top of exactly what this replica
+/// held, so its JSON is known without automerge's walk of the objects it
+/// touches. The changes wait in `behind` until something needs the
+/// automerge document (a write, a change that cannot be patched, a
+/// compaction) or [`MAX_BEHIND`] of them have gathered; then they are
+/// applied in one batch.
+#[derive(Debug, Clone)]
+struct Patched {
+    /// The automerge document, without `behind`.
+    doc: Document,
+    behind: Vec<automerge::Change>,
+    behind_bytes: usize,
+    /// The heads with `behind` applied (the last patched change's hash).
+    heads: Vec<automerge::ChangeHash>,
+    /// The root map with `behind` applied, reserved keys included.
+    root: serde_json::Map<String, Json>,
+    /// `doc` with `behind` applied, once a read needed the automerge document.
+    loaded: OnceLock<Document>,
+}
+
+impl Patched {
+    /// The automerge document with everything applied; what automerge
+    /// refuses is added to `errors` (the patched JSON is then dropped with
+    /// the slot, and the document's own JSON shown instead).
+    fn catch_up(self, name: &DocId, errors: &mut Vec<ApplyError>) -> Document {
+        let Patched {
+            mut doc,
+            behind,
+            loaded,
+            ..
+        } = self;
+        if let Some(d) = loaded.into_inner() {
+            return d;
+        }
+        apply_or_report(&mut doc, name, behind, errors);
+        doc
+    }
 }
 
 impl Slot {
     /// Not loaded into automerge, and nothing has asked for it yet.
     fn is_unloaded(&self) -> bool {
         match self {
-            Slot::Loaded(_) => false,
+            Slot::Loaded(_) | Slot::Patched(_) => false,
             Slot::Cached { loaded, .. } | Slot::Lazy { loaded } => loaded.get().is_none(),
         }
     }
@@ -98,6 +159,8 @@ pub struct Database {
     pending: BTreeMap<Dot, Entry>,
     /// Views a server offered for documents this replica held nothing of.
     offered: HashMap<DocId, DocView>,
+    /// What the patched documents' waiting changes hold ([`MAX_BEHIND_BYTES`]).
+    behind_bytes: usize,
 }
 
 impl Database {
@@ -111,6 +174,7 @@ impl Database {
             docs: BTreeMap::new(),
             pending: BTreeMap::new(),
             offered: HashMap::new(),
+            behind_bytes: 0,
         }
     }
 
@@ -174,6 +238,7 @@ impl Database {
             docs,
             pending: BTreeMap::new(),
             offered: HashMap::new(),
+            behind_bytes: 0,
         };
         let mut batches: BTreeMap<DocId, Vec<automerge::Change>> = BTreeMap::new();
         for e in db.log.entries() {
@@ -185,7 +250,7 @@ impl Database {
                 Err(err) => errors.push(err.into()),
             }
         }
-        db.materialise(batches, &mut errors);
+        db.materialise(batches, false, &mut errors);
         (db, errors)
     }
 
@@ -219,6 +284,9 @@ impl Database {
     /// could round a float differently than it was written); adapters that
     /// parse JSON exactly read [`Database::cached_json`] first.
     pub fn get(&self, doc: &DocId) -> Option<Json> {
+        if let Some(Slot::Patched(p)) = self.docs.get(doc) {
+            return root_to_json(p.root.clone());
+        }
         self.document(doc).and_then(Document::to_json)
     }
 
@@ -245,6 +313,15 @@ impl Database {
             .count()
     }
 
+    /// How many remote changes a document shows that automerge has not
+    /// applied yet (see [`Patched`]); they are in the log either way.
+    pub fn changes_behind(&self, doc: &DocId) -> usize {
+        match self.docs.get(doc) {
+            Some(Slot::Patched(p)) if p.loaded.get().is_none() => p.behind.len(),
+            _ => 0,
+        }
+    }
+
     /// The value at `path` inside a document.
     pub fn get_path(&self, doc: &DocId, path: &[PathSeg]) -> Option<Json> {
         self.document(doc).and_then(|d| d.get_path(path))
@@ -255,6 +332,15 @@ impl Database {
     pub fn document(&self, doc: &DocId) -> Option<&Document> {
         match self.docs.get(doc)? {
             Slot::Loaded(d) => Some(d),
+            Slot::Patched(p) => Some(p.loaded.get_or_init(|| {
+                let mut errors = Vec::new();
+                let mut d = p.doc.clone();
+                apply_or_report(&mut d, doc, p.behind.clone(), &mut errors);
+                for e in errors {
+                    tracing::warn!(db = %self.name, "catching a document up for a read: {e}");
+                }
+                d
+            })),
             Slot::Cached { loaded, .. } | Slot::Lazy { loaded } => Some(loaded.get_or_init(|| {
                 let (d, errors) = load_from_log(&self.log, doc, self.replica, self.encoding);
                 for e in errors {
@@ -271,6 +357,7 @@ impl Database {
             .iter()
             .filter(|(id, s)| match s {
                 Slot::Cached { json, loaded } if loaded.get().is_none() => json.is_some(),
+                Slot::Patched(p) => !root_is_deleted(&p.root),
                 _ => self
                     .document(id)
                     .is_some_and(|d| !d.is_deleted() && d.to_json().is_some()),
@@ -299,6 +386,7 @@ impl Database {
         let json = match self.docs.get(doc)? {
             Slot::Cached { json, .. } => json.clone(),
             Slot::Loaded(d) => d.to_json().map(|v| v.to_string()),
+            Slot::Patched(p) => root_to_json(p.root.clone()).map(|v| v.to_string()),
             // Waiting for an offered view: loading it now would undo the
             // point of the view (asked again once the view settles).
             Slot::Lazy { .. } if self.awaits_view(doc) => return None,
@@ -410,7 +498,7 @@ impl Database {
             self.apply_one(e, &mut out, &mut batches);
         }
         self.drain_pending(&mut out, &mut batches);
-        self.materialise(batches, &mut out.errors);
+        self.materialise(batches, true, &mut out.errors);
         self.settle_offers();
         // A document still waiting for its view is announced once it is
         // shown from it (or when the offer is withdrawn), not half-arrived.
@@ -597,7 +685,7 @@ impl Database {
         out.snapshots = compaction.snapshots;
         let mut batches = BTreeMap::new();
         self.drain_pending(&mut out, &mut batches);
-        self.materialise(batches, &mut out.errors);
+        self.materialise(batches, false, &mut out.errors);
         self.settle_offers();
         out
     }
@@ -648,6 +736,15 @@ impl Database {
             .entry(doc.clone())
             .or_insert_with(|| Slot::Loaded(Document::new(replica, encoding)));
         let mut from_log = false;
+        if let Slot::Patched(_) = slot {
+            let placeholder = Slot::Lazy {
+                loaded: OnceLock::new(),
+            };
+            if let Slot::Patched(p) = std::mem::replace(slot, placeholder) {
+                self.behind_bytes -= p.behind_bytes;
+                *slot = Slot::Loaded(p.catch_up(doc, errors));
+            }
+        }
         if let Slot::Cached { loaded, .. } | Slot::Lazy { loaded } = slot {
             // A document a read loaded earlier lacks what was appended
             // since; one loaded now holds all of it.
@@ -662,33 +759,154 @@ impl Database {
         match slot {
             Slot::Loaded(d) => (d, from_log),
             // Just replaced by `Loaded` above.
-            Slot::Cached { .. } | Slot::Lazy { .. } => unreachable!("slot was loaded above"),
+            Slot::Cached { .. } | Slot::Lazy { .. } | Slot::Patched(_) => {
+                unreachable!("slot was loaded above")
+            }
         }
     }
 
-    /// Apply parsed changes, one automerge batch per document. A batch that
-    /// fails is retried change by change so one bad change costs only itself.
+    /// Apply parsed changes, one automerge batch per document. With
+    /// `patch`, a small batch on top of what a loaded document holds is
+    /// shown patched and applied later ([`Patched`]).
     fn materialise(
         &mut self,
         batches: BTreeMap<DocId, Vec<automerge::Change>>,
+        patch: bool,
         errors: &mut Vec<ApplyError>,
     ) {
-        for (doc, changes) in batches {
+        for (doc, mut changes) in batches {
+            if patch && changes.len() <= PATCH_BATCH_MAX {
+                changes = self.patch(&doc, changes, errors);
+                if changes.is_empty() {
+                    continue;
+                }
+            }
             let (d, from_log) = self.doc_mut(&doc, errors);
             if from_log {
                 continue; // loaded from the log, which holds these changes already
             }
-            if d.apply_batch(changes.clone()).is_ok() {
-                continue;
-            }
-            for c in changes {
-                if let Err(source) = d.apply(c) {
-                    errors.push(ApplyError::Doc {
-                        doc: doc.clone(),
-                        source,
-                    });
+            apply_or_report(d, &doc, changes, errors);
+        }
+    }
+
+    /// Show the leading changes that can be patched ([`crate::patch`]) on a
+    /// loaded document; returns the rest, for automerge.
+    fn patch(
+        &mut self,
+        doc: &DocId,
+        changes: Vec<automerge::Change>,
+        errors: &mut Vec<ApplyError>,
+    ) -> Vec<automerge::Change> {
+        let Some(slot) = self.docs.get_mut(doc) else {
+            return changes;
+        };
+        let mut rest = changes.into_iter().peekable();
+        while let Some(c) = rest.peek() {
+            let mut deps = c.deps().to_vec();
+            deps.sort_unstable();
+            let patched = match slot {
+                Slot::Loaded(d) => {
+                    let mut heads = d.heads();
+                    heads.sort_unstable();
+                    let root = (heads == deps)
+                        .then(|| d.raw_root())
+                        .and_then(|mut root| patch_root(&mut root, c).then_some(root));
+                    if let Some(root) = root {
+                        let placeholder = Slot::Lazy {
+                            loaded: OnceLock::new(),
+                        };
+                        if let Slot::Loaded(d) = std::mem::replace(slot, placeholder) {
+                            *slot = Slot::Patched(Box::new(Patched {
+                                doc: d,
+                                behind: Vec::new(),
+                                behind_bytes: 0,
+                                heads: Vec::new(),
+                                root,
+                                loaded: OnceLock::new(),
+                            }));
+                        }
+                        true
+                    } else {
+                        false
+                    }
                 }
+                Slot::Patched(p) => {
+                    // A read caught the document up: that copy holds `behind`.
+                    if let Some(d) = p.loaded.take() {
+                        p.doc = d;
+                        p.behind.clear();
+                        self.behind_bytes -= p.behind_bytes;
+                        p.behind_bytes = 0;
+                    }
+                    p.heads == deps && patch_root(&mut p.root, c)
+                }
+                _ => false,
+            };
+            if !patched {
+                break;
             }
+            let Some(c) = rest.next() else { break };
+            let full = match slot {
+                Slot::Patched(p) => {
+                    let cost = c.raw_bytes().len() + BEHIND_OVERHEAD;
+                    p.heads = vec![c.hash()];
+                    p.behind_bytes += cost;
+                    self.behind_bytes += cost;
+                    p.behind.push(c);
+                    p.behind.len() >= MAX_BEHIND
+                }
+                _ => false,
+            };
+            if full {
+                self.doc_mut(doc, errors);
+                return rest.collect();
+            }
+            if self.behind_bytes > MAX_BEHIND_BYTES {
+                self.catch_up_largest(errors);
+                // `doc` may have been it: look its slot up again.
+                return match self.docs.get(doc) {
+                    Some(Slot::Patched(_)) => self.patch(doc, rest.collect(), errors),
+                    _ => rest.collect(),
+                };
+            }
+        }
+        rest.collect()
+    }
+
+    /// Hand the patched document holding the most waiting changes to automerge.
+    fn catch_up_largest(&mut self, errors: &mut Vec<ApplyError>) {
+        let largest = self
+            .docs
+            .iter()
+            .filter_map(|(id, s)| match s {
+                Slot::Patched(p) => Some((p.behind_bytes, id)),
+                _ => None,
+            })
+            .max()
+            .map(|(_, id)| id.clone());
+        if let Some(doc) = largest {
+            self.doc_mut(&doc, errors);
+        }
+    }
+}
+
+/// Apply changes to a document in one automerge batch; a batch that fails
+/// is retried change by change so one bad change costs only itself.
+fn apply_or_report(
+    d: &mut Document,
+    doc: &DocId,
+    changes: Vec<automerge::Change>,
+    errors: &mut Vec<ApplyError>,
+) {
+    if changes.is_empty() || d.apply_batch(changes.clone()).is_ok() {
+        return;
+    }
+    for c in changes {
+        if let Err(source) = d.apply(c) {
+            errors.push(ApplyError::Doc {
+                doc: doc.clone(),
+                source,
+            });
         }
     }
 }
@@ -726,16 +944,7 @@ fn load_from_log(
             Err(err) => errors.push(err.into()),
         }
     }
-    if d.apply_batch(changes.clone()).is_err() {
-        for c in changes {
-            if let Err(source) = d.apply(c) {
-                errors.push(ApplyError::Doc {
-                    doc: doc.clone(),
-                    source,
-                });
-            }
-        }
-    }
+    apply_or_report(&mut d, doc, changes, &mut errors);
     (d, errors)
 }
 
@@ -747,6 +956,11 @@ mod tests {
 
     fn id(s: &str) -> DocId {
         DocId::new(s).expect("valid id")
+    }
+
+    fn db(n: u8) -> Database {
+        let name = DbName::new("live").expect("valid name");
+        Database::new(name, ReplicaId([n; 16]), TextEncoding::UnicodeCodePoint)
     }
 
     /// A database of four documents (one deleted, one with text) and what
@@ -991,6 +1205,129 @@ mod tests {
             assert_eq!(values(&again), values(&db));
             assert_eq!(again.vv(), db.vv());
         }
+    }
+
+    fn entries_since(db: &Database, n: usize) -> Vec<Entry> {
+        db.log().entries()[n..].to_vec()
+    }
+
+    #[test]
+    fn sequential_remote_changes_are_shown_before_automerge_applies_them() {
+        let (mut a, mut b) = (db(1), db(2));
+        let t = id("t");
+        a.update(&t, &json!({"seq": 0, "tags": ["x"]}))
+            .expect("write");
+        b.apply_entries(entries_since(&a, 0));
+        assert_eq!(b.changes_behind(&t), 0, "a new document is applied");
+        for i in 1..=MAX_BEHIND + 3 {
+            let n = a.log().entries().len();
+            a.update(&t, &json!({"seq": i, "tags": ["x"], "s": format!("v{i}")}))
+                .expect("write");
+            let out = b.apply_entries(entries_since(&a, n));
+            assert!(out.errors.is_empty(), "{:?}", out.errors);
+            assert!(out.changed.contains(&t));
+            assert_eq!(b.get(&t), a.get(&t), "after change {i}");
+            assert_eq!(b.view(&t).map(|v| v.json), a.view(&t).map(|v| v.json));
+            // Caught up in one batch every MAX_BEHIND changes.
+            assert_eq!(b.changes_behind(&t), i % MAX_BEHIND);
+        }
+        assert_eq!(b.list(), vec![t.clone()]);
+        // A read of the automerge document sees every change.
+        let read = b.document(&t).expect("held").to_json();
+        assert_eq!(read, a.get(&t));
+        // A write catches up first and merges back.
+        let n = b.log().entries().len();
+        b.update(&t, &json!({"seq": -1, "tags": ["x"]}))
+            .expect("write");
+        assert_eq!(b.changes_behind(&t), 0);
+        a.apply_entries(entries_since(&b, n));
+        assert_eq!(a.get(&t), Some(json!({"seq": -1, "tags": ["x"]})));
+        assert_eq!(
+            a.document(&t).expect("a").canonical_save(),
+            b.document(&t).expect("b").canonical_save()
+        );
+    }
+
+    #[test]
+    fn waiting_changes_stay_within_their_memory_budget() {
+        let (mut a, mut b) = (db(1), db(2));
+        let docs: Vec<DocId> = (0..4).map(|i| id(&format!("d{i}"))).collect();
+        for d in &docs {
+            a.update(d, &json!({"v": ""})).expect("write");
+        }
+        b.apply_entries(entries_since(&a, 0));
+        let big = 8 << 10;
+        for round in 0..120 {
+            for d in &docs {
+                let n = a.log().entries().len();
+                let v = format!("{round}").repeat(big / 3);
+                a.update(d, &json!({"v": v})).expect("write");
+                b.apply_entries(entries_since(&a, n));
+                assert_eq!(b.get(d), a.get(d));
+            }
+            let held: usize = b
+                .docs
+                .values()
+                .map(|s| match s {
+                    Slot::Patched(p) => p.behind_bytes,
+                    _ => 0,
+                })
+                .sum();
+            assert_eq!(b.behind_bytes, held, "the budget's count is exact");
+            assert!(held <= MAX_BEHIND_BYTES, "{held} bytes waiting");
+        }
+        assert!(docs.iter().any(|d| b.changes_behind(d) > 0));
+    }
+
+    #[test]
+    fn changes_made_concurrently_go_to_automerge() {
+        let (mut a, mut b, mut c) = (db(1), db(2), db(3));
+        let t = id("t");
+        a.update(&t, &json!({"k": "a"})).expect("write");
+        for r in [&mut b, &mut c] {
+            r.apply_entries(entries_since(&a, 0));
+        }
+        // b and c both write on top of the same state; a receives both.
+        let (nb, nc) = (b.log().entries().len(), c.log().entries().len());
+        b.update(&t, &json!({"k": "b"})).expect("write");
+        c.update(&t, &json!({"k": "c"})).expect("write");
+        a.apply_entries(entries_since(&b, nb));
+        assert_eq!(a.changes_behind(&t), 1);
+        let out = a.apply_entries(entries_since(&c, nc));
+        assert!(out.errors.is_empty());
+        assert_eq!(
+            a.changes_behind(&t),
+            0,
+            "the concurrent change is applied by automerge"
+        );
+        b.apply_entries(entries_since(&c, nc));
+        assert_eq!(a.get(&t), b.get(&t), "automerge's conflict winner on both");
+    }
+
+    #[test]
+    fn compacting_a_patched_document_keeps_every_change() {
+        let (mut a, mut b) = (db(1), db(2));
+        let t = id("t");
+        a.update(&t, &json!({"v": 0})).expect("write");
+        b.apply_entries(entries_since(&a, 0));
+        let n = a.log().entries().len();
+        a.update(&t, &json!({"v": 1})).expect("write");
+        b.apply_entries(entries_since(&a, n));
+        assert_eq!(b.changes_behind(&t), 1);
+        let vv = b.vv().clone();
+        let compaction = b.compact(&vv);
+        let snap = compaction
+            .snapshots
+            .iter()
+            .find(|s| s.doc == t)
+            .expect("snapshot");
+        let loaded = Document::load(
+            &snap.bytes,
+            ReplicaId([9; 16]),
+            TextEncoding::UnicodeCodePoint,
+        )
+        .expect("load");
+        assert_eq!(loaded.to_json(), Some(json!({"v": 1})));
     }
 
     #[test]

@@ -209,14 +209,20 @@ impl Document {
 
     /// The document as JSON, or `None` when it is deleted.
     pub fn to_json(&self) -> Option<Json> {
-        if self.is_deleted() {
-            return None;
+        root_to_json(self.raw_root())
+    }
+
+    /// The root map as stored, reserved keys ([`DELETED_KEY`]) included.
+    pub(crate) fn raw_root(&self) -> serde_json::Map<String, Json> {
+        match read_obj(&self.am, &automerge::ROOT, ObjType::Map) {
+            Json::Object(map) => map,
+            _ => serde_json::Map::new(), // the root is always a map
         }
-        let mut root = read_obj(&self.am, &automerge::ROOT, ObjType::Map);
-        if let Json::Object(map) = &mut root {
-            map.remove(DELETED_KEY);
-        }
-        Some(root)
+    }
+
+    /// The hashes of the changes nothing else here depends on, sorted.
+    pub(crate) fn heads(&self) -> Vec<automerge::ChangeHash> {
+        self.am.get_heads()
     }
 
     /// The value at `path` as JSON (`None` when absent or deleted).
@@ -336,7 +342,22 @@ impl Document {
     }
 }
 
-fn scalar_to_json(s: &ScalarValue) -> Json {
+/// A document's JSON from its raw root map: `None` when it is deleted
+/// (see [`Document::is_deleted`]), else the map without reserved keys.
+pub(crate) fn root_to_json(mut root: serde_json::Map<String, Json>) -> Option<Json> {
+    if root_is_deleted(&root) {
+        return None;
+    }
+    root.remove(DELETED_KEY);
+    Some(Json::Object(root))
+}
+
+/// Whether a raw root map marks its document deleted.
+pub(crate) fn root_is_deleted(root: &serde_json::Map<String, Json>) -> bool {
+    root.get(DELETED_KEY) == Some(&Json::Bool(true))
+}
+
+pub(crate) fn scalar_to_json(s: &ScalarValue) -> Json {
     match s {
         ScalarValue::Str(s) => Json::String(s.to_string()),
         ScalarValue::Int(i) => Json::from(*i),

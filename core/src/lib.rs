@@ -75,6 +75,7 @@ pub mod doc;
 pub mod entry;
 pub mod ids;
 pub mod log;
+mod patch;
 pub mod protocol;
 pub mod store;
 pub mod sync;
