@@ -132,6 +132,9 @@ function summarize(runs) {
 
 // ---- W3 fan-out ----
 
+/** Changes sent before W3 starts measuring (see `w3`). */
+const W3_WARMUP = 100;
+
 async function spawnWorkers(name, server, count, changes, workers) {
   const procs = [];
   const per = Math.ceil(count / workers);
@@ -177,10 +180,18 @@ async function w3(name, sys, subscribers, changes, rate) {
     const procs = await spawnWorkers(name, server, subscribers, changes, 2);
     const writer = await sys.client(server.url, server.ctx);
     await writer.subscribe(() => {});
+    const period = 1000 / rate;
+    // Unmeasured warm-up at the same rate (subscribers ignore negative
+    // sequence numbers): without it the first ~150 changes of a run waited
+    // for V8 to tier up the code they run (wasm and JS alike), and carried
+    // most of the p99.
+    for (let i = 0; i < W3_WARMUP; i++) {
+      await new Promise((ok) => setTimeout(ok, period)); // pacing, not synchronisation
+      await writer.tick(-1 - i);
+    }
     const cpu0 = cpuSeconds(server.pid);
     const sent = new Array(changes);
     const t0 = now();
-    const period = 1000 / rate;
     for (let i = 0; i < changes; i++) {
       const due = t0 + i * period;
       const wait = due - now();

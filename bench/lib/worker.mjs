@@ -26,7 +26,8 @@ process.once('message', async ({ system, url, ctx, count, changes }) => {
             clients.push(c);
             await c.subscribe((seq) => {
               // A subscriber may see several changes at once (coalesced):
-              // every change up to `seq` has arrived now.
+              // every change up to `seq` has arrived now. Negative `seq`s
+              // are the writer's warm-up, not measured.
               if (!Number.isInteger(seq) || seq < next) return;
               const t = now();
               for (; next <= Math.min(seq, changes - 1); next++) seen[next] = t;
