@@ -17,7 +17,7 @@ use crate::doc::{DocError, Document, PathSeg, root_is_deleted, root_to_json};
 use crate::entry::{Entry, InvalidChange, Snapshot};
 use crate::ids::{DbName, DocId, ReplicaId};
 use crate::log::{Appended, Compaction, Log, LogError};
-use crate::patch::patch_root;
+use crate::patch::{self, patch_root};
 use crate::store::StoredDatabase;
 use crate::view::DocView;
 
@@ -29,9 +29,12 @@ pub const MAX_PENDING: usize = 1 << 20;
 
 /// Most remote changes a document shows patched ([`crate::patch`]) before
 /// they are handed to automerge: one automerge batch walks each object it
-/// touches once, however many changes it carries, so the fewer batches
-/// the better; the bound keeps the catch-up a write may wait for short.
-pub const MAX_BEHIND: usize = 1024;
+/// touches once, however many changes it carries, so a batch of many
+/// changes costs little more than one, but it is paid at once, by whichever
+/// change fills it. Each replica catches up somewhere between half this and
+/// this many ([`Database::behind_limit`]), so replicas that receive the same
+/// stream (tabs, a fan-out) do not all pay at the same change.
+pub const MAX_BEHIND: usize = 256;
 
 /// Most memory the changes waiting for automerge may hold across a
 /// database (their bytes plus [`BEHIND_OVERHEAD`] each); past it, the
@@ -102,7 +105,7 @@ enum Slot {
 /// held, so its JSON is known without automerge's walk of the objects it
 /// touches. The changes wait in `behind` until something needs the
 /// automerge document (a write, a change that cannot be patched, a
-/// compaction) or [`MAX_BEHIND`] of them have gathered; then they are
+/// compaction) or [`Database::behind_limit`] of them have gathered; then they are
 /// applied in one batch.
 #[derive(Debug, Clone)]
 struct Patched {
@@ -119,6 +122,16 @@ struct Patched {
 }
 
 impl Patched {
+    /// The document's JSON (`None` when deleted): the patched root, or the
+    /// automerge document once a read caught one up (automerge has the
+    /// last word should it refuse a change the patch showed).
+    fn json(&self) -> Option<Json> {
+        match self.loaded.get() {
+            Some(d) => d.to_json(),
+            None => root_to_json(self.root.clone()),
+        }
+    }
+
     /// The automerge document with everything applied; what automerge
     /// refuses is added to `errors` (the patched JSON is then dropped with
     /// the slot, and the document's own JSON shown instead).
@@ -285,7 +298,7 @@ impl Database {
     /// parse JSON exactly read [`Database::cached_json`] first.
     pub fn get(&self, doc: &DocId) -> Option<Json> {
         if let Some(Slot::Patched(p)) = self.docs.get(doc) {
-            return root_to_json(p.root.clone());
+            return p.json();
         }
         self.document(doc).and_then(Document::to_json)
     }
@@ -357,7 +370,7 @@ impl Database {
             .iter()
             .filter(|(id, s)| match s {
                 Slot::Cached { json, loaded } if loaded.get().is_none() => json.is_some(),
-                Slot::Patched(p) => !root_is_deleted(&p.root),
+                Slot::Patched(p) if p.loaded.get().is_none() => !root_is_deleted(&p.root),
                 _ => self
                     .document(id)
                     .is_some_and(|d| !d.is_deleted() && d.to_json().is_some()),
@@ -386,7 +399,7 @@ impl Database {
         let json = match self.docs.get(doc)? {
             Slot::Cached { json, .. } => json.clone(),
             Slot::Loaded(d) => d.to_json().map(|v| v.to_string()),
-            Slot::Patched(p) => root_to_json(p.root.clone()).map(|v| v.to_string()),
+            Slot::Patched(p) => p.json().map(|v| v.to_string()),
             // Waiting for an offered view: loading it now would undo the
             // point of the view (asked again once the view settles).
             Slot::Lazy { .. } if self.awaits_view(doc) => return None,
@@ -797,6 +810,7 @@ impl Database {
         changes: Vec<automerge::Change>,
         errors: &mut Vec<ApplyError>,
     ) -> Vec<automerge::Change> {
+        let limit = self.behind_limit();
         let Some(slot) = self.docs.get_mut(doc) else {
             return changes;
         };
@@ -808,10 +822,14 @@ impl Database {
                 Slot::Loaded(d) => {
                     let mut heads = d.heads();
                     heads.sort_unstable();
-                    let root = (heads == deps)
-                        .then(|| d.raw_root())
-                        .and_then(|mut root| patch_root(&mut root, c).then_some(root));
-                    if let Some(root) = root {
+                    // A change automerge holds back for a missing dependency
+                    // would apply with this one: only patch with none queued.
+                    let plan = (heads == deps && !d.has_queued())
+                        .then(|| patch::plan(c))
+                        .flatten();
+                    if let Some(plan) = plan {
+                        let mut root = d.raw_root();
+                        plan.apply(&mut root);
                         let placeholder = Slot::Lazy {
                             loaded: OnceLock::new(),
                         };
@@ -853,7 +871,7 @@ impl Database {
                     p.behind_bytes += cost;
                     self.behind_bytes += cost;
                     p.behind.push(c);
-                    p.behind.len() >= MAX_BEHIND
+                    p.behind.len() >= limit
                 }
                 _ => false,
             };
@@ -871,6 +889,13 @@ impl Database {
             }
         }
         rest.collect()
+    }
+
+    /// How many changes this replica lets a document fall behind (see
+    /// [`MAX_BEHIND`]): fixed per replica, from its id.
+    pub fn behind_limit(&self) -> usize {
+        let half = MAX_BEHIND / 2;
+        half + usize::from(self.replica.0[15]) * half / 256
     }
 
     /// Hand the patched document holding the most waiting changes to automerge.
@@ -1219,7 +1244,9 @@ mod tests {
             .expect("write");
         b.apply_entries(entries_since(&a, 0));
         assert_eq!(b.changes_behind(&t), 0, "a new document is applied");
-        for i in 1..=MAX_BEHIND + 3 {
+        let limit = b.behind_limit();
+        assert!((MAX_BEHIND / 2..MAX_BEHIND).contains(&limit));
+        for i in 1..=limit + 3 {
             let n = a.log().entries().len();
             a.update(&t, &json!({"seq": i, "tags": ["x"], "s": format!("v{i}")}))
                 .expect("write");
@@ -1228,8 +1255,8 @@ mod tests {
             assert!(out.changed.contains(&t));
             assert_eq!(b.get(&t), a.get(&t), "after change {i}");
             assert_eq!(b.view(&t).map(|v| v.json), a.view(&t).map(|v| v.json));
-            // Caught up in one batch every MAX_BEHIND changes.
-            assert_eq!(b.changes_behind(&t), i % MAX_BEHIND);
+            // Caught up in one batch every `limit` changes.
+            assert_eq!(b.changes_behind(&t), i % limit);
         }
         assert_eq!(b.list(), vec![t.clone()]);
         // A read of the automerge document sees every change.
@@ -1277,6 +1304,30 @@ mod tests {
             assert!(held <= MAX_BEHIND_BYTES, "{held} bytes waiting");
         }
         assert!(docs.iter().any(|d| b.changes_behind(d) > 0));
+    }
+
+    #[test]
+    fn a_change_automerge_holds_back_is_not_left_out() {
+        let (mut a, mut b, mut c) = (db(1), db(2), db(3));
+        let t = id("t");
+        a.update(&t, &json!({"k": 0})).expect("write");
+        for r in [&mut b, &mut c] {
+            r.apply_entries(entries_since(&a, 0));
+        }
+        let na = a.log().entries().len();
+        a.update(&t, &json!({"k": 1})).expect("write x");
+        let x = entries_since(&a, na);
+        b.apply_entries(x.clone());
+        let nb = b.log().entries().len();
+        b.update(&t, &json!({"k": 1, "m": 2}))
+            .expect("write q, on top of x");
+        // c gets q first (automerge queues it: x is missing), then x,
+        // which is on top of c's heads but releases q.
+        c.apply_entries(entries_since(&b, nb));
+        assert_eq!(c.get(&t), Some(json!({"k": 0})));
+        c.apply_entries(x);
+        assert_eq!(c.get(&t), Some(json!({"k": 1, "m": 2})));
+        assert_eq!(c.changes_behind(&t), 0);
     }
 
     #[test]

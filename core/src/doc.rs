@@ -220,6 +220,11 @@ impl Document {
         }
     }
 
+    /// Whether automerge holds changes back for a missing dependency.
+    pub(crate) fn has_queued(&self) -> bool {
+        !self.am.get_missing_deps(&[]).is_empty()
+    }
+
     /// The hashes of the changes nothing else here depends on, sorted.
     pub(crate) fn heads(&self) -> Vec<automerge::ChangeHash> {
         self.am.get_heads()

@@ -29,6 +29,11 @@ use crate::doc::scalar_to_json;
 /// (deeper ones go to automerge; this keeps assembly's recursion bounded).
 const MAX_DEPTH: usize = 64;
 
+/// Most operations a patched change may carry: a sequence edit here costs
+/// time linear in the sequence, so a long paste (or a hostile change) goes
+/// to automerge rather than costing quadratic time.
+const MAX_OPS: usize = 1024;
+
 /// A value inside an object the change creates.
 enum Val {
     Scalar(Json),
@@ -56,41 +61,56 @@ enum RootEdit {
     Remove,
 }
 
-/// Apply `change` to `root` (a document's root map, reserved keys
-/// included) if every operation is one this module follows, and return
-/// whether it did; `root` is untouched when it returns false. The caller
-/// guarantees the change's dependencies are exactly the heads `root` was
-/// read at.
-pub(crate) fn patch_root(root: &mut Map<String, Json>, change: &Change) -> bool {
+/// What a change does to a document's root map, read off its operations.
+pub(crate) struct Plan {
+    root: BTreeMap<String, RootEdit>,
+    nodes: BTreeMap<u64, Node>,
+}
+
+/// The change's effect, if every operation is one this module follows. The
+/// caller applies it ([`Plan::apply`]) only to the root read at exactly the
+/// change's dependencies, with nothing queued in automerge behind them.
+pub(crate) fn plan(change: &Change) -> Option<Plan> {
+    // automerge refuses a second actor claiming an author it knows; that
+    // takes its state, so a change carrying one goes to automerge.
+    if change.len() > MAX_OPS || change.author().is_some() {
+        return None;
+    }
     let expanded = change.decode();
-    let Some(edits) = read_ops(
+    read_ops(
         &expanded.operations,
         change.actor_id(),
         change.start_op().get(),
-    ) else {
-        return false;
-    };
-    let (root_edits, mut nodes) = edits;
-    for (key, edit) in root_edits {
-        match edit {
-            RootEdit::Set(v) => {
-                root.insert(key, v);
-            }
-            RootEdit::Obj(id) => {
-                root.insert(key, assemble(id, &mut nodes));
-            }
-            RootEdit::Remove => {
-                root.remove(&key);
+    )
+}
+
+impl Plan {
+    /// Apply the change to `root` (reserved keys included).
+    pub(crate) fn apply(mut self, root: &mut Map<String, Json>) {
+        for (key, edit) in std::mem::take(&mut self.root) {
+            match edit {
+                RootEdit::Set(v) => {
+                    root.insert(key, v);
+                }
+                RootEdit::Obj(id) => {
+                    root.insert(key, assemble(id, &mut self.nodes));
+                }
+                RootEdit::Remove => {
+                    root.remove(&key);
+                }
             }
         }
     }
-    true
 }
 
-type Edits = (BTreeMap<String, RootEdit>, BTreeMap<u64, Node>);
+/// [`plan`] then [`Plan::apply`]: whether the change was applied (`root`
+/// is untouched when not).
+pub(crate) fn patch_root(root: &mut Map<String, Json>, change: &Change) -> bool {
+    plan(change).map(|p| p.apply(root)).is_some()
+}
 
 /// The change's effect, or `None` when an operation is not one we follow.
-fn read_ops(ops: &[Op], actor: &ActorId, start_op: u64) -> Option<Edits> {
+fn read_ops(ops: &[Op], actor: &ActorId, start_op: u64) -> Option<Plan> {
     let mut root = BTreeMap::new();
     let mut nodes: BTreeMap<u64, Node> = BTreeMap::new();
     for (i, op) in ops.iter().enumerate() {
@@ -136,7 +156,7 @@ fn read_ops(ops: &[Op], actor: &ActorId, start_op: u64) -> Option<Edits> {
             _ => return None,
         }
     }
-    Some((root, nodes))
+    Some(Plan { root, nodes })
 }
 
 /// One operation on an object the change created.
@@ -276,6 +296,19 @@ mod tests {
             .expect("update")
             .expect("a change");
         assert!(check(&before, &c));
+    }
+
+    #[test]
+    fn long_changes_go_to_automerge() {
+        let mut a = doc(1);
+        let before = a.clone();
+        let long = "x".repeat(MAX_OPS + 1);
+        let c = a
+            .update_with_text(&json!({"body": long}), &["body".to_owned()])
+            .expect("update")
+            .expect("a change");
+        assert!(c.len() > MAX_OPS);
+        assert!(!check(&before, &c));
     }
 
     #[test]
