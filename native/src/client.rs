@@ -6,6 +6,11 @@
 //! a channel. Writes apply locally and are durable before they return;
 //! they are pushed when a connection is up. The driver reconnects with
 //! jittered exponential backoff.
+//!
+//! [`SyncClient::in_memory`] runs the same client over a
+//! [`syncline_core::MemoryStore`] instead: nothing survives the process
+//! (like the npm package's `storage: 'memory'`), which suits tests, load
+//! generators and short-lived tools.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,10 +20,11 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value as Json;
 use syncline_core::protocol::{self, ErrorCode};
 use syncline_core::sync::{Client, ClientConfig, ClientEvent, ClientOutput, PresenceView, Status};
-use syncline_core::{DbName, DocId, ReplicaId, Store};
+use syncline_core::{DbName, DocId, MemoryStore, ReplicaId, Store, StoredDatabase, store::Batch};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::store::{FileStore, StoreError};
 
@@ -28,6 +34,9 @@ pub enum ClientError {
     /// The local store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The in-memory replica failed (its lock was poisoned by a panic).
+    #[error(transparent)]
+    Memory(#[from] syncline_core::store::MemoryStoreError),
     /// The document operation was refused.
     #[error(transparent)]
     Local(#[from] syncline_core::sync::ClientError),
@@ -45,6 +54,47 @@ pub enum ClientError {
 }
 
 type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
+
+/// Where the replica lives: a data directory (durable) or memory.
+#[derive(Clone)]
+enum Local {
+    File(FileStore),
+    Memory(MemoryStore),
+}
+
+impl Local {
+    fn load(
+        &self,
+        db: &DbName,
+    ) -> impl Future<Output = Result<StoredDatabase, ClientError>> + Send + 'static {
+        let this = self.clone();
+        let db = db.clone();
+        async move {
+            match this {
+                Local::File(f) => Ok(f.load(&db).await?),
+                Local::Memory(m) => Ok(m.load_now(&db)?),
+            }
+        }
+    }
+
+    /// Enqueued at once (so writes keep their order); resolves when durable.
+    fn write(
+        &self,
+        db: &DbName,
+        batch: &Batch,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send + 'static {
+        let (file, memory) = match self {
+            Local::File(f) => (Some(f.write(db, batch)), Ok(())),
+            Local::Memory(m) => (None, m.write_now(db, batch)),
+        };
+        async move {
+            if let Some(w) = file {
+                w.await?;
+            }
+            Ok(memory?)
+        }
+    }
+}
 
 enum Cmd {
     Open(DbName, Reply<()>),
@@ -98,6 +148,23 @@ impl SyncClient {
                 id
             }
         };
+        Ok(Self::start(url, token, Local::File(store), replica))
+    }
+
+    /// Start a client whose replica lives in memory only: a fresh replica id,
+    /// nothing kept when it stops (its writes are durable once the server
+    /// acknowledges them, see [`SyncClient::wait_synced`]). Must be called
+    /// inside a tokio runtime.
+    pub fn in_memory(url: Option<&str>, token: &str) -> Self {
+        Self::start(
+            url,
+            token,
+            Local::Memory(MemoryStore::new()),
+            ReplicaId::random(),
+        )
+    }
+
+    fn start(url: Option<&str>, token: &str, store: Local, replica: ReplicaId) -> Self {
         let (cmd, cmd_rx) = mpsc::channel(256);
         let (events, _) = broadcast::channel(1024);
         let driver = Driver {
@@ -115,14 +182,14 @@ impl SyncClient {
             fatal: None,
         };
         tokio::spawn(driver.run(cmd_rx));
-        Ok(SyncClient {
+        SyncClient {
             cmd,
             events,
             replica,
-        })
+        }
     }
 
-    /// This replica's id (kept in the data directory).
+    /// This replica's id (kept in the data directory, if there is one).
     pub fn replica(&self) -> ReplicaId {
         self.replica
     }
@@ -220,7 +287,7 @@ impl SyncClient {
 
 struct Driver {
     client: Client,
-    store: FileStore,
+    store: Local,
     url: Option<String>,
     events: broadcast::Sender<ClientEvent>,
     conn: Option<(u64, mpsc::UnboundedSender<Vec<u8>>)>,
@@ -244,6 +311,17 @@ fn server_error((code, message): &(ErrorCode, String)) -> ClientError {
         code: *code,
         message: message.clone(),
     }
+}
+
+/// tungstenite's default read chunk is 128 KiB, and it zeroes that much of
+/// its buffer before every read: with live changes of a few hundred bytes
+/// that memset was a fifth of a subscriber's CPU (W3 in BENCHMARKS.md). The
+/// buffer still grows for large frames (cold syncs); the chunk only bounds
+/// how much one read asks the socket for. Frames are written at once.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
 }
 
 fn backoff(attempts: u32) -> Duration {
@@ -303,8 +381,12 @@ impl Driver {
         let generation = self.generation;
         tokio::spawn(async move {
             // disable_nagle: small pushes leave at once (see the server).
-            let ws = match tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
-                .await
+            let ws = match tokio_tungstenite::connect_async_with_config(
+                url.as_str(),
+                Some(ws_config()),
+                true,
+            )
+            .await
             {
                 Ok((ws, _)) => ws,
                 Err(e) => {
@@ -428,7 +510,7 @@ impl Driver {
                     match self.store.load(&db).await {
                         Ok(stored) => self.client.open(db, stored),
                         Err(e) => {
-                            let _ = reply.send(Err(e.into()));
+                            let _ = reply.send(Err(e));
                             return;
                         }
                     }
@@ -511,7 +593,7 @@ impl Driver {
                 ClientOutput::Persist { db, seq, batch, .. } => {
                     match self.store.write(&db, &batch).await {
                         Ok(()) => self.client.persisted(&db, seq),
-                        Err(e) => result = Err(ClientError::Store(e)),
+                        Err(e) => result = Err(e),
                     }
                 }
                 other => self.output(other, persist_tx),
@@ -566,6 +648,14 @@ impl Driver {
                 }
             }
             ClientOutput::Persist { db, seq, batch, .. } => {
+                if let Local::Memory(m) = &self.store {
+                    // Nothing to wait for: done before the next output.
+                    match m.write_now(&db, &batch) {
+                        Ok(()) => self.client.persisted(&db, seq),
+                        Err(e) => tracing::error!(%db, "local write failed: {e}"),
+                    }
+                    return;
+                }
                 // Enqueued now (in order); the wait for fsync runs in a task.
                 let write = self.store.write(&db, &batch);
                 let tx = persist_tx.clone();

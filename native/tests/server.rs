@@ -193,6 +193,60 @@ async fn two_clients_converge_live_and_health_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_clients_sync_and_keep_nothing_locally() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &["--anonymous", "demo-*"],
+    );
+    let list = db("demo-mem");
+    let a = SyncClient::in_memory(Some(&server.url()), "");
+    let on_disk = SyncClient::connect(Some(&server.url()), "", dir.path().join("b"))
+        .await
+        .unwrap();
+    assert_ne!(a.replica(), on_disk.replica());
+    a.open(&list).await.unwrap();
+    on_disk.open(&list).await.unwrap();
+    a.put(&list, &doc("t1"), json!({"title": "milk"}))
+        .await
+        .unwrap();
+    synced(&a, &list).await;
+    until_value(&on_disk, &list, &doc("t1"), &json!({"title": "milk"})).await;
+    on_disk
+        .put(&list, &doc("t2"), json!({"title": "eggs"}))
+        .await
+        .unwrap();
+    until_value(&a, &list, &doc("t2"), &json!({"title": "eggs"})).await;
+    a.close().await;
+    assert!(matches!(
+        a.get(&list, &doc("t1")).await,
+        Err(ClientError::Closed)
+    ));
+
+    // A new in-memory client starts empty under a new replica id and gets
+    // everything from the server (what `a` wrote was acknowledged durable).
+    let c = SyncClient::in_memory(Some(&server.url()), "");
+    assert_ne!(c.replica(), a.replica());
+    c.open(&list).await.unwrap();
+    synced(&c, &list).await;
+    assert_eq!(
+        c.get(&list, &doc("t1")).await.unwrap(),
+        Some(json!({"title": "milk"}))
+    );
+    assert_eq!(c.list(&list).await.unwrap().len(), 2);
+
+    // Without a server it is a purely local replica.
+    let local = SyncClient::in_memory(None, "");
+    local.open(&list).await.unwrap();
+    local.put(&list, &doc("x"), json!({"n": 1})).await.unwrap();
+    assert_eq!(
+        local.get(&list, &doc("x")).await.unwrap(),
+        Some(json!({"n": 1}))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_edits_merge_and_survive_a_server_restart() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("srv");
