@@ -25,10 +25,12 @@ const option = (name, dflt) => {
 };
 const FULL = flag('--full');
 const ONLY = option('--only', 'w1,w2,w3,w4,w5,w6').split(',');
-const SYSTEMS = option('--systems', 'syncline,automerge-repo,yjs').split(',');
+const SYSTEMS = option('--systems', 'syncline,syncline-native,automerge-repo,yjs').split(',');
 const RUNS = 3;
 const systems = {};
 for (const s of SYSTEMS) systems[s] = await import(`./systems/${s}.mjs`);
+/** The systems that take part in workload `w` (a system may name its own). */
+const taking = (w) => Object.entries(systems).filter(([, s]) => !s.workloads || s.workloads.includes(w));
 
 const results = {
   mode: FULL ? 'full' : 'quick',
@@ -159,25 +161,31 @@ async function spawnWorkers(name, server, count, changes, workers) {
     p.send({ system: name, url: server.url, ctx: server.ctx, count: n, changes });
     procs.push(state);
   }
-  await deadline(Promise.all(procs.map((p) => p.ready)), 300_000, `${name}: ${count} subscribers`);
-  return procs;
-}
-
-async function collect(procs) {
-  const all = [];
-  for (const p of procs) {
-    const got = new Promise((ok) => p.proc.once('exit', ok));
-    p.proc.send({ finish: true });
-    await deadline(got, 60_000, 'collecting arrivals');
-    all.push(...p.arrivals);
-  }
-  return all;
+  return {
+    pids: procs.map((p) => p.proc.pid),
+    ready: Promise.all(procs.map((p) => p.ready)),
+    done: Promise.all(procs.map((p) => p.done)),
+    async collect() {
+      const all = [];
+      for (const p of procs) {
+        const got = new Promise((ok) => p.proc.once('exit', ok));
+        p.proc.send({ finish: true });
+        await deadline(got, 60_000, 'collecting arrivals');
+        all.push(...p.arrivals);
+      }
+      return all;
+    },
+  };
 }
 
 async function w3(name, sys, subscribers, changes, rate) {
   const server = await sys.startServer({});
   try {
-    const procs = await spawnWorkers(name, server, subscribers, changes, 2);
+    // Subscribers in two Node child processes, or a system's own (native) ones.
+    const subs = sys.subscribers
+      ? sys.subscribers(server, subscribers, changes)
+      : await spawnWorkers(name, server, subscribers, changes, 2);
+    await deadline(subs.ready, 300_000, `${name}: ${subscribers} subscribers`);
     const writer = await sys.client(server.url, server.ctx);
     await writer.subscribe(() => {});
     const period = 1000 / rate;
@@ -189,7 +197,9 @@ async function w3(name, sys, subscribers, changes, rate) {
       await new Promise((ok) => setTimeout(ok, period)); // pacing, not synchronisation
       await writer.tick(-1 - i);
     }
+    const subsCpu = () => subs.pids.reduce((sum, pid) => sum + cpuSeconds(pid), 0);
     const cpu0 = cpuSeconds(server.pid);
+    const subsCpu0 = subsCpu();
     const sent = new Array(changes);
     const t0 = now();
     for (let i = 0; i < changes; i++) {
@@ -199,13 +209,13 @@ async function w3(name, sys, subscribers, changes, rate) {
       sent[i] = now();
       await writer.tick(i);
     }
-    const allDone = Promise.all(procs.map((p) => p.done));
     let complete = true;
-    await deadline(allDone, 60_000, 'deliveries').catch(() => (complete = false));
+    await deadline(subs.done, 60_000, 'deliveries').catch(() => (complete = false));
     const cpu = cpuSeconds(server.pid) - cpu0;
+    const subscriberCpu = subsCpu() - subsCpu0;
     const mem = memory(server.pid);
     await writer.close();
-    const arrivals = await collect(procs);
+    const arrivals = await deadline(subs.collect(), 60_000, 'collecting arrivals');
     const lat = [];
     const worst = new Array(changes).fill(0);
     let missing = 0;
@@ -237,6 +247,8 @@ async function w3(name, sys, subscribers, changes, rate) {
       allP99: percentile(worst, 99),
       serverCpuS: cpu,
       cpuPerDeliveryUs: (cpu / Math.max(1, delivered)) * 1e6,
+      subscriberCpuS: subscriberCpu,
+      subscriberCpuPerDeliveryUs: (subscriberCpu / Math.max(1, delivered)) * 1e6,
       peakRss: mem.peak,
       cdf: [1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9].map((p) => [p, percentile(lat, p)]),
     };
@@ -323,14 +335,19 @@ if (option('--report')) {
 }
 
 const started = Date.now();
-if (ONLY.includes('w1') || ONLY.includes('w2')) for (const [n, s] of Object.entries(systems)) await w1w2(n, s);
+if (ONLY.includes('w1') || ONLY.includes('w2')) for (const [n, s] of taking('w1')) await w1w2(n, s);
 if (ONLY.includes('w3')) {
-  for (const n of option('--subscribers', FULL ? '100,1000' : '100').split(',').map(Number)) {
-    for (const [name, s] of Object.entries(systems)) await w3(name, s, n, Number(option('--changes', 1000)), n >= 1000 ? 20 : 100);
+  // Quick mode runs N = 100, and N = 1,000 too for systems whose
+  // subscribers are cheap enough to finish in the quick budget (native).
+  const counts = (s) => option('--subscribers', FULL ? '100,1000' : (s.quickSubscribers ?? [100]).join(',')).split(',').map(Number);
+  for (const n of [...new Set(taking('w3').flatMap(([, s]) => counts(s)))].sort((a, b) => a - b)) {
+    for (const [name, s] of taking('w3')) {
+      if (counts(s).includes(n)) await w3(name, s, n, Number(option('--changes', 1000)), n >= 1000 ? 20 : 100);
+    }
   }
 }
 if (ONLY.includes('w4') && systems.syncline) await w4();
-if (ONLY.includes('w5')) for (const [n, s] of Object.entries(systems)) await w5(n, s, FULL ? 10_000 : 1_000);
+if (ONLY.includes('w5')) for (const [n, s] of taking('w5')) await w5(n, s, FULL ? 10_000 : 1_000);
 if (ONLY.includes('w6')) await w6();
 results.seconds = (Date.now() - started) / 1000;
 
