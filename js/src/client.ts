@@ -414,6 +414,8 @@ export class SynclineDb {
 
   /** Call `cb` when {@link status} changes. */
   onStatus(cb: (s: DbStatus) => void): () => void {
+    // Unwatched, the status is not tracked (see _statusMaybeChanged).
+    if (this.#statusListeners.size === 0) this.#lastStatus = this.status;
     this.#statusListeners.add(cb);
     return () => this.#statusListeners.delete(cb);
   }
@@ -444,6 +446,9 @@ export class SynclineDb {
 
   /** @internal */
   _statusMaybeChanged(): void {
+    // Called on every change: with nobody listening, skip reading the
+    // status (two calls into the wasm); onStatus catches up when one comes.
+    if (this.#statusListeners.size === 0) return;
     const s = this.status;
     if (s === this.#lastStatus) return;
     this.#lastStatus = s;
