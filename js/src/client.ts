@@ -35,6 +35,13 @@ export interface ConnectOptions {
   name?: string;
   /** Longest wait between reconnection attempts, in ms (default 10,000). */
   maxBackoffMs?: number;
+  /**
+   * The WebSocket class to connect with instead of `globalThis.WebSocket`:
+   * in Node, for example, the `ws` package's (`import WebSocket from 'ws'`),
+   * which Node 20 needs without `--experimental-websocket` and which costs
+   * less per message than Node's built-in one.
+   */
+  WebSocket?: unknown;
 }
 
 /** Options of `put` and `update`. */
@@ -172,10 +179,13 @@ export class Syncline {
   static async connect(url?: string | null, options: ConnectOptions = {}): Promise<Syncline> {
     await ensureWasm();
     const wsUrl = url ? toWsUrl(url) : undefined;
-    if (wsUrl && typeof (globalThis as { WebSocket?: unknown }).WebSocket !== 'function') {
+    const WebSocketClass = options.WebSocket ?? (globalThis as { WebSocket?: unknown }).WebSocket;
+    if (wsUrl && typeof WebSocketClass !== 'function') {
       throw synclineError(
         'Unsupported',
-        'this runtime has no WebSocket (Node 20): connect() without a url for a local replica, or use Node 22+',
+        options.WebSocket === undefined
+          ? "this runtime has no WebSocket (Node 20): pass one (the 'ws' package's) as options.WebSocket, connect() without a url for a local replica, or use Node 22+"
+          : 'options.WebSocket must be a WebSocket class',
       );
     }
     const hasIdb = typeof (globalThis as { indexedDB?: unknown }).indexedDB !== 'undefined';
@@ -192,6 +202,7 @@ export class Syncline {
           storage,
           idbName: `syncline:${name}:${slot.index}`,
           maxBackoffMs: options.maxBackoffMs,
+          WebSocket: options.WebSocket,
         },
         (e: WasmEvent) => (client ? client.#event(e) : pending.push(e)),
       );

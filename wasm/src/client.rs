@@ -122,6 +122,8 @@ struct Driver {
     client: Client,
     store: BrowserStore,
     url: Option<String>,
+    /// The WebSocket class to dial with (`None`: the global `WebSocket`).
+    web_socket: Option<Function>,
     on_event: Function,
     socket: Option<Socket>,
     generation: u64,
@@ -172,10 +174,29 @@ pub struct WasmClient {
     replica: ReplicaId,
 }
 
-/// Create a client (`options`: `{url?, token?, storage?, idbName?, maxBackoffMs?}`);
+/// Create a client (`options`: `{url?, token?, storage?, idbName?, maxBackoffMs?,
+/// WebSocket?}`, the last a WebSocket class to use instead of the global one);
 /// `onEvent` receives `{type: 'status'|'changed'|'acked'|'synced'|'presence'|'error', …}`.
 #[wasm_bindgen(js_name = createClient)]
 pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmClient, JsValue> {
+    // A class is no serde value: taken from the object as it is.
+    let web_socket = if options.is_object() {
+        js_sys::Reflect::get(&options, &JsValue::from_str("WebSocket"))
+            .ok()
+            .filter(|v| !v.is_undefined() && !v.is_null())
+    } else {
+        None
+    };
+    let web_socket = match web_socket.map(|v| v.dyn_into::<Function>()) {
+        None => None,
+        Some(Ok(f)) => Some(f),
+        Some(Err(_)) => {
+            return Err(js_error(
+                "InvalidOptions",
+                "WebSocket must be a WebSocket class (a constructor)",
+            ));
+        }
+    };
     let options: Options = if options.is_undefined() || options.is_null() {
         Options::default()
     } else {
@@ -211,6 +232,7 @@ pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmC
         client: Client::new(replica, options.token.unwrap_or_default(), config),
         store,
         url: options.url,
+        web_socket,
         on_event,
         socket: None,
         generation: 0,
@@ -457,7 +479,7 @@ fn dial(shared: &Shared) {
     d.generation += 1;
     let generation = d.generation;
     let weak = Rc::downgrade(shared);
-    let socket = Socket::open(&url, move |ev| {
+    let socket = Socket::open(&url, d.web_socket.as_ref(), move |ev| {
         let Some(shared) = weak.upgrade() else { return };
         if shared.borrow().generation != generation {
             return; // a stale socket

@@ -46,10 +46,25 @@ impl std::fmt::Debug for Socket {
 }
 
 impl Socket {
-    /// Start connecting to `url`; `handler` receives every event. Fails only
-    /// when the URL is unusable.
-    pub fn open(url: &str, handler: impl Fn(SocketEvent) + 'static) -> Result<Self, String> {
-        let ws = WebSocket::new(url).map_err(|e| {
+    /// Start connecting to `url` with the global `WebSocket`, or with
+    /// `class` (any class with the browser's WebSocket interface, such as
+    /// the `ws` package's in Node); `handler` receives every event. Fails
+    /// only when the URL is unusable.
+    pub fn open(
+        url: &str,
+        class: Option<&Function>,
+        handler: impl Fn(SocketEvent) + 'static,
+    ) -> Result<Self, String> {
+        let ws = match class {
+            None => WebSocket::new(url),
+            // web-sys calls its methods by name, so an object with the
+            // same interface serves (no instanceof check is made).
+            Some(class) => {
+                js_sys::Reflect::construct(class, &js_sys::Array::of1(&JsValue::from_str(url)))
+                    .map(JsCast::unchecked_into::<WebSocket>)
+            }
+        }
+        .map_err(|e| {
             e.dyn_ref::<js_sys::Error>()
                 .map(|e| String::from(e.message()))
                 .unwrap_or_else(|| format!("cannot open a WebSocket to {url:?}"))

@@ -445,7 +445,7 @@ fn server() -> &'static str {
 #[wasm_bindgen_test]
 async fn socket_reports_an_unreachable_server_as_closed() {
     let (cb, closed) = waiter(|_| true);
-    let _socket = Socket::open("ws://127.0.0.1:9/sync", move |ev| {
+    let _socket = Socket::open("ws://127.0.0.1:9/sync", None, move |ev| {
         let name = match ev {
             SocketEvent::Open => "open",
             SocketEvent::Frame(_) => "frame",
@@ -457,7 +457,7 @@ async fn socket_reports_an_unreachable_server_as_closed() {
     let first = JsFuture::from(closed).await.expect("event");
     assert_eq!(first.as_string().as_deref(), Some("closed"));
     // Relative URLs resolve against the page; a foreign scheme cannot.
-    assert!(Socket::open("ftp://example.invalid/", |_| {}).is_err());
+    assert!(Socket::open("ftp://example.invalid/", None, |_| {}).is_err());
 }
 
 #[wasm_bindgen_test]
