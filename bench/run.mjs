@@ -161,9 +161,12 @@ async function spawnWorkers(name, server, count, changes, workers) {
     p.send({ system: name, url: server.url, ctx: server.ctx, count: n, changes });
     procs.push(state);
   }
+  const ready = Promise.all(procs.map((p) => p.ready));
+  await deadline(ready, 300_000, `${name}: ${count} subscribers`);
   return {
     pids: procs.map((p) => p.proc.pid),
-    ready: Promise.all(procs.map((p) => p.ready)),
+    ready,
+    kill: () => procs.forEach((p) => p.proc.kill('SIGKILL')),
     done: Promise.all(procs.map((p) => p.done)),
     async collect() {
       const all = [];
@@ -293,11 +296,11 @@ async function w5(name, sys, count) {
     await first.subscribe(() => {});
     await first.tick(0);
     const before = memory(server.pid).rss;
-    const procs = await spawnWorkers(name, server, count, 1, 4);
+    const subs = await spawnWorkers(name, server, count, 1, 4);
     const after = memory(server.pid);
     results.w5[name] = { connections: count, before, after: after.rss, peak: after.peak, perConnection: (after.rss - before) / count };
     log(`${name}: W5 ${count} connections: ${((after.rss - before) / count / 1024).toFixed(1)} KB each`);
-    for (const p of procs) p.proc.kill('SIGKILL');
+    subs.kill();
     await first.close();
   } finally {
     await server.stop();

@@ -1,9 +1,12 @@
 // Syncline: `syncline serve` (release build) with the npm package's Node
-// clients (wasm, in-memory replicas; Node's WebSocket via --experimental-websocket).
+// clients (wasm, in-memory replicas), connecting with the `ws` package's
+// WebSocket as the Yjs clients do (Node's built-in one cost ~45 µs more per
+// message received; BENCHMARKS.md §21).
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import WebSocket from 'ws';
 import { Syncline } from '../../js/dist/node.js';
 import { finalValue } from '../lib/data.mjs';
 import { deadline, now, startProcess, until } from '../lib/util.mjs';
@@ -26,7 +29,7 @@ export async function startServer({ docs = [] } = {}) {
     { ready: /^listening on http:\/\/(.+)$/, env: { RUST_LOG: 'warn' } },
   );
   if (docs.length) {
-    const c = await Syncline.connect(`ws://127.0.0.1:${server.port}/sync`, { storage: 'memory' });
+    const c = await Syncline.connect(`ws://127.0.0.1:${server.port}/sync`, { storage: 'memory', WebSocket });
     const db = await c.open(DB);
     const writes = [];
     for (const d of docs) {
@@ -64,7 +67,7 @@ export async function startServer({ docs = [] } = {}) {
 
 /** A client replica (in memory) connected to `url`. */
 export async function client(url) {
-  const c = await Syncline.connect(url, { storage: 'memory' });
+  const c = await Syncline.connect(url, { storage: 'memory', WebSocket });
   const db = await c.open(DB);
   return {
     /** W1: resolve when every document is here with its final value. */
