@@ -234,6 +234,8 @@ async function w3(name, sys, subscribers, changes, rate) {
         worst[i] = Math.max(worst[i], l);
       }
     }
+    // Per change, in sending order: when the last subscriber had it (ms).
+    const allBySeq = worst.map((w) => Math.round(w * 10) / 10);
     lat.sort((a, b) => a - b);
     worst.sort((a, b) => a - b);
     const delivered = lat.length;
@@ -254,6 +256,7 @@ async function w3(name, sys, subscribers, changes, rate) {
       subscriberCpuPerDeliveryUs: (subscriberCpu / Math.max(1, delivered)) * 1e6,
       peakRss: mem.peak,
       cdf: [1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9].map((p) => [p, percentile(lat, p)]),
+      allBySeq,
     };
     log(`${name}: W3 N=${subscribers}: p50 ${percentile(lat, 50).toFixed(1)} ms, p99 ${percentile(lat, 99).toFixed(1)} ms`);
   } finally {
