@@ -28,6 +28,11 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Mutex, Notify};
 
+// The allocator of the `syncline` binary (see native/src/main.rs), so the
+// native subscribers run as the CLI's client does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
