@@ -134,8 +134,12 @@ function summarize(runs) {
 
 // ---- W3 fan-out ----
 
-/** Changes sent before W3 starts measuring (see `w3`). */
-const W3_WARMUP = 100;
+/**
+ * Changes sent before W3 starts measuring (see `w3`). `W3_WARMUP=n` moves
+ * the measured window along the stream: a stall that moves with it depends
+ * on how many changes the replicas hold (how §22 found the log's growth).
+ */
+const W3_WARMUP = Number(process.env.W3_WARMUP ?? 100);
 
 async function spawnWorkers(name, server, count, changes, workers) {
   const procs = [];
@@ -181,6 +185,22 @@ async function spawnWorkers(name, server, count, changes, workers) {
   };
 }
 
+/**
+ * The server's fsyncs between two histogram readings (`fsyncs`): how many,
+ * how many took longer than 51.2 ms, and the bucket the slowest fell in (s).
+ */
+function fsyncDelta(before, after) {
+  const num = (le) => (le === '+Inf' ? Infinity : Number(le));
+  const les = Object.keys(after).sort((a, b) => num(a) - num(b));
+  const d = (le) => after[le] - (before[le] ?? 0);
+  const count = d('+Inf');
+  return {
+    count,
+    over51ms: count - d('0.0512'),
+    slowestS: num(les.find((le) => d(le) === count) ?? 'NaN'),
+  };
+}
+
 async function w3(name, sys, subscribers, changes, rate) {
   const server = await sys.startServer({});
   try {
@@ -200,6 +220,11 @@ async function w3(name, sys, subscribers, changes, rate) {
       await new Promise((ok) => setTimeout(ok, period)); // pacing, not synchronisation
       await writer.tick(-1 - i);
     }
+    // Write back what earlier workloads left in the page cache now: every
+    // Syncline delivery waits for one fsync, which queues behind that
+    // writeback (fsyncs of 100+ ms while another process writes in bulk).
+    execFileSync('sync');
+    const fsync0 = await sys.fsyncs?.(server);
     const subsCpu = () => subs.pids.reduce((sum, pid) => sum + cpuSeconds(pid), 0);
     const cpu0 = cpuSeconds(server.pid);
     const subsCpu0 = subsCpu();
@@ -217,6 +242,7 @@ async function w3(name, sys, subscribers, changes, rate) {
     const cpu = cpuSeconds(server.pid) - cpu0;
     const subscriberCpu = subsCpu() - subsCpu0;
     const mem = memory(server.pid);
+    const fsync = fsync0 && fsyncDelta(fsync0, await sys.fsyncs(server));
     await writer.close();
     const arrivals = await deadline(subs.collect(), 60_000, 'collecting arrivals');
     const lat = [];
@@ -255,6 +281,7 @@ async function w3(name, sys, subscribers, changes, rate) {
       subscriberCpuS: subscriberCpu,
       subscriberCpuPerDeliveryUs: (subscriberCpu / Math.max(1, delivered)) * 1e6,
       peakRss: mem.peak,
+      fsync,
       cdf: [1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9].map((p) => [p, percentile(lat, p)]),
       allBySeq,
     };

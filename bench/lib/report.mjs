@@ -174,6 +174,13 @@ export async function writeReport(results, { root, outDir, publish }) {
             row('server peak RSS (MB)', w3, (v) => v.peakRss, mb),
             row('subscribers\' CPU per delivered change (µs)', w3, (v) => v.subscriberCpuPerDeliveryUs, (x) => (x === undefined ? '—' : x.toFixed(1))),
             row('deliveries missing', w3, (v) => v.missing, String, false),
+            row(
+              'server fsyncs over 51 ms / slowest (ms)',
+              w3,
+              (v) => v.fsync,
+              (f) => (f ? `${f.over51ms} / ≤ ${(f.slowestS * 1e3).toFixed(1)}` : '— (no fsync)'),
+              false,
+            ),
           ],
           sys,
         ),

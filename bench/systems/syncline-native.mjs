@@ -5,9 +5,9 @@
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { client, startServer } from './syncline.mjs';
+import { client, fsyncs, startServer } from './syncline.mjs';
 
-export { client, startServer };
+export { client, fsyncs, startServer };
 export const name = 'syncline-native';
 export const label = 'Syncline, native subscribers';
 export const workloads = ['w3'];

@@ -65,6 +65,18 @@ export async function startServer({ docs = [] } = {}) {
   };
 }
 
+/**
+ * The server's fsync latencies so far: `{le: count}` from its cumulative
+ * `syncline_fsync_seconds` histogram (seconds; `+Inf` included). W3 reads it
+ * before and after, since every change it fans out waits for one fsync.
+ */
+export async function fsyncs(server) {
+  const text = await (await fetch(`http://127.0.0.1:${server.port}/metrics`)).text();
+  const out = {};
+  for (const m of text.matchAll(/^syncline_fsync_seconds_bucket\{le="([^"]+)"\} (\d+)$/gm)) out[m[1]] = Number(m[2]);
+  return out;
+}
+
 /** A client replica (in memory) connected to `url`. */
 export async function client(url) {
   const c = await Syncline.connect(url, { storage: 'memory', WebSocket });

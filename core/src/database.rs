@@ -963,7 +963,7 @@ fn load_from_log(
         None => Document::new(replica, encoding),
     };
     let mut changes = Vec::new();
-    for e in log.entries().iter().filter(|e| &e.doc == doc) {
+    for e in log.entries().filter(|e| &e.doc == doc) {
         match e.parse_change() {
             Ok(c) => changes.push(c),
             Err(err) => errors.push(err.into()),
@@ -1105,7 +1105,7 @@ mod tests {
             ReplicaId([2; 16]),
             TextEncoding::UnicodeCodePoint,
         );
-        remote.apply_entries(other.log().entries().to_vec());
+        remote.apply_entries(other.log().entries().cloned().collect::<Vec<_>>());
         let change = remote
             .update(&id("b"), &json!({"done": false, "by": "two"}))
             .expect("update")
@@ -1233,7 +1233,7 @@ mod tests {
     }
 
     fn entries_since(db: &Database, n: usize) -> Vec<Entry> {
-        db.log().entries()[n..].to_vec()
+        db.log().entries().skip(n).cloned().collect()
     }
 
     #[test]

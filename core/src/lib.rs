@@ -69,6 +69,7 @@
 
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub mod chunked;
 pub mod clock;
 pub mod database;
 pub mod doc;

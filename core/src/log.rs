@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use automerge::TextEncoding;
 
+use crate::chunked::{self, Chunked};
 use crate::clock::{Dot, VersionVector};
 use crate::doc::Document;
 use crate::entry::{Entry, Snapshot};
@@ -74,7 +75,7 @@ pub struct Log {
     base: VersionVector,
     vv: VersionVector,
     snapshots: BTreeMap<DocId, Snapshot>,
-    entries: Vec<Entry>,
+    entries: Chunked<Entry>,
     /// Positions in `entries` of each replica's entries, in counter order.
     by_replica: HashMap<ReplicaId, Vec<u32>>,
     /// Per document, the highest counter per replica of any change to it.
@@ -124,8 +125,8 @@ impl Log {
     }
 
     /// Entries above the horizon, in log order.
-    pub fn entries(&self) -> &[Entry] {
-        &self.entries
+    pub fn entries(&self) -> chunked::Iter<'_, Entry> {
+        self.entries.iter()
     }
 
     /// Snapshots below the horizon.
@@ -361,7 +362,7 @@ impl Log {
         StoredDatabase {
             base: self.base.clone(),
             snapshots: self.snapshots.values().cloned().collect(),
-            entries: self.entries.clone(),
+            entries: self.entries.iter().cloned().collect(),
         }
     }
 }

@@ -15,6 +15,7 @@ use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
 
+use crate::chunked::Chunked;
 use crate::clock::VersionVector;
 use crate::entry::{Entry, Snapshot};
 use crate::ids::{DbName, DocId};
@@ -34,18 +35,48 @@ impl StoredDatabase {
     /// Apply a batch the way every store must: append entries, replace
     /// snapshots per document, raise the horizon and drop the entries it covers.
     pub fn apply(&mut self, batch: &Batch) {
-        self.entries.extend(batch.entries.iter().cloned());
-        for s in &batch.snapshots {
-            match self.snapshots.iter_mut().find(|x| x.doc == s.doc) {
-                Some(slot) => *slot = s.clone(),
-                None => self.snapshots.push(s.clone()),
-            }
+        apply_batch(
+            batch,
+            &mut self.base,
+            &mut self.snapshots,
+            &mut self.entries,
+        );
+    }
+}
+
+/// A sequence of entries a batch appends to ([`StoredDatabase::apply`]).
+trait Entries: Extend<Entry> {
+    fn retain_entries(&mut self, keep: impl FnMut(&Entry) -> bool);
+}
+
+impl Entries for Vec<Entry> {
+    fn retain_entries(&mut self, keep: impl FnMut(&Entry) -> bool) {
+        self.retain(keep);
+    }
+}
+
+impl Entries for Chunked<Entry> {
+    fn retain_entries(&mut self, keep: impl FnMut(&Entry) -> bool) {
+        self.retain(keep);
+    }
+}
+
+fn apply_batch(
+    batch: &Batch,
+    base: &mut VersionVector,
+    snapshots: &mut Vec<Snapshot>,
+    entries: &mut impl Entries,
+) {
+    entries.extend(batch.entries.iter().cloned());
+    for s in &batch.snapshots {
+        match snapshots.iter_mut().find(|x| x.doc == s.doc) {
+            Some(slot) => *slot = s.clone(),
+            None => snapshots.push(s.clone()),
         }
-        if let Some(base) = &batch.base {
-            self.base.merge(base);
-            let base = &self.base;
-            self.entries.retain(|e| !base.contains(&e.dot));
-        }
+    }
+    if let Some(b) = &batch.base {
+        base.merge(b);
+        entries.retain_entries(|e| !base.contains(&e.dot));
     }
 }
 
@@ -150,9 +181,37 @@ pub trait Store {
 #[error("memory store lock poisoned")]
 pub struct MemoryStoreError;
 
+/// One database in a [`MemoryStore`]: a [`StoredDatabase`] whose entries
+/// grow in chunks ([`Chunked`]), as the log's do.
+#[derive(Debug, Clone, Default)]
+struct MemoryDb {
+    base: VersionVector,
+    snapshots: Vec<Snapshot>,
+    entries: Chunked<Entry>,
+}
+
+impl MemoryDb {
+    fn apply(&mut self, batch: &Batch) {
+        apply_batch(
+            batch,
+            &mut self.base,
+            &mut self.snapshots,
+            &mut self.entries,
+        );
+    }
+
+    fn to_stored(&self) -> StoredDatabase {
+        StoredDatabase {
+            base: self.base.clone(),
+            snapshots: self.snapshots.clone(),
+            entries: self.entries.iter().cloned().collect(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct MemoryInner {
-    dbs: BTreeMap<DbName, StoredDatabase>,
+    dbs: BTreeMap<DbName, MemoryDb>,
     meta: BTreeMap<String, Vec<u8>>,
 }
 
@@ -181,7 +240,7 @@ impl MemoryStore {
 
     /// Synchronous form of [`Store::load`].
     pub fn load_now(&self, db: &DbName) -> Result<StoredDatabase, MemoryStoreError> {
-        self.with(|m| m.dbs.get(db).cloned().unwrap_or_default())
+        self.with(|m| m.dbs.get(db).map(MemoryDb::to_stored).unwrap_or_default())
     }
 
     /// Synchronous form of [`Store::list_databases`].

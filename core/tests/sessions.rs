@@ -422,7 +422,13 @@ fn views_ride_along_every_few_entries_and_on_request() {
     assert!(c.take_views(&db()).is_empty());
     // Reopened from a store with no views: every document gets one.
     let stored = StoredDatabase {
-        entries: c.database(&db()).unwrap().log().entries().to_vec(),
+        entries: c
+            .database(&db())
+            .unwrap()
+            .log()
+            .entries()
+            .cloned()
+            .collect(),
         ..StoredDatabase::default()
     };
     let mut again = Client::new(ReplicaId([1; 16]), "", config_with_views());
