@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 use automerge::TextEncoding;
 use serde_json::Value as Json;
 
+use crate::chunked::Chunked;
 use crate::clock::{Dot, VersionVector};
 use crate::doc::{DocError, Document, PathSeg, root_is_deleted, root_to_json};
 use crate::entry::{Entry, InvalidChange, Snapshot};
@@ -111,7 +112,9 @@ enum Slot {
 struct Patched {
     /// The automerge document, without `behind`.
     doc: Document,
-    behind: Vec<automerge::Change>,
+    /// In chunks: replicas fed one stream patch in step, and a `Vec` of
+    /// changes doubling in all of them at once stalled a fan-out.
+    behind: Chunked<automerge::Change>,
     behind_bytes: usize,
     /// The heads with `behind` applied (the last patched change's hash).
     heads: Vec<automerge::ChangeHash>,
@@ -145,7 +148,7 @@ impl Patched {
         if let Some(d) = loaded.into_inner() {
             return d;
         }
-        apply_or_report(&mut doc, name, behind, errors);
+        apply_or_report(&mut doc, name, behind.into_iter().collect(), errors);
         doc
     }
 }
@@ -348,7 +351,7 @@ impl Database {
             Slot::Patched(p) => Some(p.loaded.get_or_init(|| {
                 let mut errors = Vec::new();
                 let mut d = p.doc.clone();
-                apply_or_report(&mut d, doc, p.behind.clone(), &mut errors);
+                apply_or_report(&mut d, doc, p.behind.iter().cloned().collect(), &mut errors);
                 for e in errors {
                     tracing::warn!(db = %self.name, "catching a document up for a read: {e}");
                 }
@@ -836,7 +839,7 @@ impl Database {
                         if let Slot::Loaded(d) = std::mem::replace(slot, placeholder) {
                             *slot = Slot::Patched(Box::new(Patched {
                                 doc: d,
-                                behind: Vec::new(),
+                                behind: Chunked::new(),
                                 behind_bytes: 0,
                                 heads: Vec::new(),
                                 root,
@@ -852,7 +855,7 @@ impl Database {
                     // A read caught the document up: that copy holds `behind`.
                     if let Some(d) = p.loaded.take() {
                         p.doc = d;
-                        p.behind.clear();
+                        p.behind = Chunked::new();
                         self.behind_bytes -= p.behind_bytes;
                         p.behind_bytes = 0;
                     }
