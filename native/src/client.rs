@@ -2,8 +2,9 @@
 //! and syncs with a server whenever it can reach it.
 //!
 //! A driver task owns the core [`syncline_core::sync::Client`], the local
-//! [`FileStore`] and the WebSocket; the [`SyncClient`] handle talks to it over
-//! a channel. Writes apply locally and are durable before they return;
+//! [`FileStore`] and the WebSocket; the [`SyncClient`] handle sends it
+//! commands over a channel and reads (`get`, `list`) the replica directly
+//! under a short lock. Writes apply locally and are durable before they return;
 //! they are pushed when a connection is up. The driver reconnects with
 //! jittered exponential backoff.
 //!
@@ -14,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -98,10 +100,8 @@ impl Local {
 
 enum Cmd {
     Open(DbName, Reply<()>),
-    Get(DbName, DocId, Reply<Option<Json>>),
     Update(DbName, DocId, Json, Reply<bool>),
     Delete(DbName, DocId, Reply<bool>),
-    List(DbName, Reply<Vec<DocId>>),
     Presence(DbName, Vec<u8>, Reply<()>),
     Status(oneshot::Sender<Status>),
     PresenceView(DbName, oneshot::Sender<PresenceView>),
@@ -120,6 +120,10 @@ enum Net {
 #[derive(Clone, Debug)]
 pub struct SyncClient {
     cmd: mpsc::Sender<Cmd>,
+    /// The driver's replica, shared so reads ([`SyncClient::get`],
+    /// [`SyncClient::list`]) take a short lock instead of a trip through
+    /// the driver's queue.
+    shared: Shared,
     events: broadcast::Sender<ClientEvent>,
     replica: ReplicaId,
 }
@@ -167,8 +171,13 @@ impl SyncClient {
     fn start(url: Option<&str>, token: &str, store: Local, replica: ReplicaId) -> Self {
         let (cmd, cmd_rx) = mpsc::channel(256);
         let (events, _) = broadcast::channel(1024);
+        let shared: Shared = Arc::new(Mutex::new(Client::new(
+            replica,
+            token,
+            ClientConfig::default(),
+        )));
         let driver = Driver {
-            client: Client::new(replica, token, ClientConfig::default()),
+            client: shared.clone(),
             store,
             url: url.map(str::to_owned),
             events: events.clone(),
@@ -184,6 +193,7 @@ impl SyncClient {
         tokio::spawn(driver.run(cmd_rx));
         SyncClient {
             cmd,
+            shared,
             events,
             replica,
         }
@@ -208,9 +218,12 @@ impl SyncClient {
         self.call(|r| Cmd::Open(db.clone(), r)).await
     }
 
-    /// A document as JSON (`None` if absent or deleted).
+    /// A document as JSON (`None` if absent or deleted). Reads the
+    /// replica directly (a short lock, not a trip through the driver's
+    /// queue), so it shows every write that has returned and every change
+    /// announced by an event received before the call.
     pub async fn get(&self, db: &DbName, doc: &DocId) -> Result<Option<Json>, ClientError> {
-        self.call(|r| Cmd::Get(db.clone(), doc.clone(), r)).await
+        self.read(db, |d| d.get(doc))
     }
 
     /// Make a document equal `value` (minimal changes). Durable locally on return.
@@ -224,9 +237,23 @@ impl SyncClient {
         self.call(|r| Cmd::Delete(db.clone(), doc.clone(), r)).await
     }
 
-    /// Ids of the existing documents.
+    /// Ids of the existing documents (read as [`SyncClient::get`] reads).
     pub async fn list(&self, db: &DbName) -> Result<Vec<DocId>, ClientError> {
-        self.call(|r| Cmd::List(db.clone(), r)).await
+        self.read(db, |d| d.list())
+    }
+
+    fn read<T>(
+        &self,
+        db: &DbName,
+        f: impl FnOnce(&syncline_core::Database) -> T,
+    ) -> Result<T, ClientError> {
+        if self.cmd.is_closed() {
+            return Err(ClientError::Closed);
+        }
+        let c = lock(&self.shared);
+        c.database(db)
+            .map(f)
+            .ok_or_else(|| syncline_core::sync::ClientError::NotOpen(db.clone()).into())
     }
 
     /// Publish this connection's presence state on a database.
@@ -285,8 +312,19 @@ impl SyncClient {
     }
 }
 
+/// The core client, owned by the driver task and read by the handles. The
+/// lock is only ever held for one synchronous step (never across an
+/// `await`: the guard is not `Send`, so the compiler refuses that).
+type Shared = Arc<Mutex<Client>>;
+
+fn lock(shared: &Shared) -> MutexGuard<'_, Client> {
+    // A panic while locked ends the driver task; reads of what it left
+    // are still answered (writes report `Closed`).
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 struct Driver {
-    client: Client,
+    client: Shared,
     store: Local,
     url: Option<String>,
     events: broadcast::Sender<ClientEvent>,
@@ -332,6 +370,10 @@ fn backoff(attempts: u32) -> Duration {
 }
 
 impl Driver {
+    fn client(&self) -> MutexGuard<'_, Client> {
+        lock(&self.client)
+    }
+
     async fn run(mut self, mut cmds: mpsc::Receiver<Cmd>) {
         let (net_tx, mut net_rx) = mpsc::unbounded_channel::<Net>();
         let (persist_tx, mut persist_rx) =
@@ -345,6 +387,9 @@ impl Driver {
                 cmd = cmds.recv() => {
                     let Some(cmd) = cmd else { return };
                     if let Cmd::Close(done) = cmd {
+                        // Every handle's calls fail with `Closed` from here
+                        // on, reads included (they check the channel).
+                        cmds.close();
                         let _ = done.send(());
                         return;
                     }
@@ -363,7 +408,7 @@ impl Driver {
                     self.network(batch);
                 }
                 Some((db, seq, result)) = persist_rx.recv() => match result {
-                    Ok(()) => self.client.persisted(&db, seq),
+                    Ok(()) => self.client().persisted(&db, seq),
                     Err(e) => tracing::error!(%db, "local write failed: {e}"),
                 },
                 _ = async { tokio::time::sleep_until(attempt_at.unwrap_or_else(Instant::now)).await }, if attempt_at.is_some() => {
@@ -434,7 +479,7 @@ impl Driver {
                     match other {
                         Net::Connected(g, out) if g == self.generation => {
                             self.conn = Some((g, out));
-                            self.client.connected();
+                            self.client().connected();
                         }
                         Net::Closed(g) if g == self.generation => self.drop_connection(),
                         _ => {} // a stale connection
@@ -450,7 +495,7 @@ impl Driver {
         if !frames.is_empty()
             && self.conn.is_some()
             && self
-                .client
+                .client()
                 .handle_frames(frames.iter().map(Vec::as_slice))
                 .is_err()
         {
@@ -462,7 +507,7 @@ impl Driver {
         if self.conn.take().is_some() {
             self.attempts = 0;
         }
-        self.client.disconnected();
+        self.client().disconnected();
         self.attempts = self.attempts.saturating_add(1);
         // After a refused identity the same token would be refused again.
         self.next_attempt = self
@@ -506,9 +551,9 @@ impl Driver {
     ) {
         match cmd {
             Cmd::Open(db, reply) => {
-                if self.client.database(&db).is_none() {
+                if self.client().database(&db).is_none() {
                     match self.store.load(&db).await {
-                        Ok(stored) => self.client.open(db, stored),
+                        Ok(stored) => self.client().open(db, stored),
                         Err(e) => {
                             let _ = reply.send(Err(e));
                             return;
@@ -517,43 +562,27 @@ impl Driver {
                 }
                 let _ = reply.send(Ok(()));
             }
-            Cmd::Get(db, doc, reply) => {
-                let r = self
-                    .client
-                    .database(&db)
-                    .map(|d| d.get(&doc))
-                    .ok_or_else(|| syncline_core::sync::ClientError::NotOpen(db).into());
-                let _ = reply.send(r);
-            }
-            Cmd::List(db, reply) => {
-                let r = self
-                    .client
-                    .database(&db)
-                    .map(|d| d.list())
-                    .ok_or_else(|| syncline_core::sync::ClientError::NotOpen(db).into());
-                let _ = reply.send(r);
-            }
             Cmd::Update(db, doc, value, reply) => {
-                let r = self.client.update(&db, &doc, &value);
+                let r = self.client().update(&db, &doc, &value);
                 self.local_write(r, reply, persist_tx).await;
             }
             Cmd::Delete(db, doc, reply) => {
-                let r = self.client.delete(&db, &doc);
+                let r = self.client().delete(&db, &doc);
                 self.local_write(r, reply, persist_tx).await;
             }
             Cmd::Presence(db, state, reply) => {
-                let _ = reply.send(self.client.set_presence(&db, state).map_err(Into::into));
+                let _ = reply.send(self.client().set_presence(&db, state).map_err(Into::into));
             }
             Cmd::Status(reply) => {
-                let _ = reply.send(self.client.status());
+                let _ = reply.send(self.client().status());
             }
             Cmd::PresenceView(db, reply) => {
-                let _ = reply.send(self.client.presence(&db));
+                let _ = reply.send(self.client().presence(&db));
             }
             Cmd::WaitSynced(db, reply) => {
                 if let Some(r) = self.refusal_of(&db) {
                     let _ = reply.send(Err(server_error(r)));
-                } else if self.client.is_synced(&db) {
+                } else if self.client().is_synced(&db) {
                     let _ = reply.send(Ok(()));
                 } else {
                     self.waiters.entry(db).or_default().push(reply);
@@ -564,8 +593,10 @@ impl Driver {
                     let _ = reply.send(Err(server_error(r)));
                     return;
                 }
-                let req =
-                    (self.client.status() == Status::Online).then(|| self.client.list_databases());
+                let req = {
+                    let mut c = self.client();
+                    (c.status() == Status::Online).then(|| c.list_databases())
+                };
                 self.listings.push((req, reply));
             }
             Cmd::Close(_) => {}
@@ -588,11 +619,12 @@ impl Driver {
         };
         // Write synchronously here so the caller's return means durable.
         let mut result = Ok(changed);
-        for out in self.client.take_outputs() {
+        let outs = self.client().take_outputs();
+        for out in outs {
             match out {
                 ClientOutput::Persist { db, seq, batch, .. } => {
                     match self.store.write(&db, &batch).await {
-                        Ok(()) => self.client.persisted(&db, seq),
+                        Ok(()) => self.client().persisted(&db, seq),
                         Err(e) => result = Err(e),
                     }
                 }
@@ -604,7 +636,7 @@ impl Driver {
 
     fn pump(&mut self, persist_tx: &mpsc::UnboundedSender<(DbName, u64, Result<(), String>)>) {
         loop {
-            let outs = self.client.take_outputs();
+            let outs = self.client().take_outputs();
             if outs.is_empty() {
                 break;
             }
@@ -615,7 +647,7 @@ impl Driver {
         let synced: Vec<DbName> = self
             .waiters
             .keys()
-            .filter(|db| self.client.is_synced(db))
+            .filter(|db| self.client().is_synced(db))
             .cloned()
             .collect();
         for db in synced {
@@ -651,7 +683,7 @@ impl Driver {
                 if let Local::Memory(m) = &self.store {
                     // Nothing to wait for: done before the next output.
                     match m.write_now(&db, &batch) {
-                        Ok(()) => self.client.persisted(&db, seq),
+                        Ok(()) => self.client().persisted(&db, seq),
                         Err(e) => tracing::error!(%db, "local write failed: {e}"),
                     }
                     return;
@@ -685,8 +717,9 @@ impl Driver {
                     let _ = reply.send(Ok(names.clone()));
                 }
                 if let ClientEvent::Status(Status::Online) = e {
+                    let mut c = lock(&self.client);
                     for (r, _) in self.listings.iter_mut().filter(|(r, _)| r.is_none()) {
-                        *r = Some(self.client.list_databases());
+                        *r = Some(c.list_databases());
                     }
                 }
                 if let ClientEvent::Status(Status::Online) = e {

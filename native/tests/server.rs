@@ -211,6 +211,19 @@ async fn in_memory_clients_sync_and_keep_nothing_locally() {
     a.put(&list, &doc("t1"), json!({"title": "milk"}))
         .await
         .unwrap();
+    // Reads take the replica's lock, not the driver's queue: a write that
+    // returned is visible at once, and an unopened database is an error.
+    assert_eq!(
+        a.get(&list, &doc("t1")).await.unwrap(),
+        Some(json!({"title": "milk"}))
+    );
+    assert_eq!(a.list(&list).await.unwrap(), vec![doc("t1")]);
+    assert!(matches!(
+        a.get(&db("demo-unopened"), &doc("t1")).await,
+        Err(ClientError::Local(
+            syncline_core::sync::ClientError::NotOpen(_)
+        ))
+    ));
     synced(&a, &list).await;
     until_value(&on_disk, &list, &doc("t1"), &json!({"title": "milk"})).await;
     on_disk
