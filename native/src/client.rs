@@ -117,7 +117,7 @@ enum Net {
 }
 
 /// A handle to a running native client. Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SyncClient {
     cmd: mpsc::Sender<Cmd>,
     /// The driver's replica, shared so reads ([`SyncClient::get`],
@@ -126,6 +126,16 @@ pub struct SyncClient {
     shared: Shared,
     events: broadcast::Sender<ClientEvent>,
     replica: ReplicaId,
+}
+
+// Not derived: the shared replica would print every database it holds.
+impl std::fmt::Debug for SyncClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncClient")
+            .field("replica", &self.replica)
+            .field("closed", &self.cmd.is_closed())
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Cmd {
