@@ -231,7 +231,8 @@ impl SyncClient {
     /// A document as JSON (`None` if absent or deleted). Reads the
     /// replica directly (a short lock, not a trip through the driver's
     /// queue), so it shows every write that has returned and every change
-    /// announced by an event received before the call.
+    /// announced by an event received before the call; a write whose future
+    /// has not been awaited yet may still be queued, and not shown.
     pub async fn get(&self, db: &DbName, doc: &DocId) -> Result<Option<Json>, ClientError> {
         self.read(db, |d| d.get(doc))
     }
