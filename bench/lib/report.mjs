@@ -173,6 +173,7 @@ export async function writeReport(results, { root, outDir, publish }) {
             row('server CPU per delivered change (µs)', w3, (v) => v.cpuPerDeliveryUs, (x) => x.toFixed(1)),
             row('server peak RSS (MB)', w3, (v) => v.peakRss, mb),
             row('subscribers\' CPU per delivered change (µs)', w3, (v) => v.subscriberCpuPerDeliveryUs, (x) => (x === undefined ? '—' : x.toFixed(1))),
+            row('… with their work after the stream (µs)', w3, (v) => v.subscriberCpuWithAfterPerDeliveryUs, (x) => (x === undefined ? '—' : x.toFixed(1))),
             row('deliveries missing', w3, (v) => v.missing, String, false),
             row(
               'server fsyncs over 51 ms / slowest (ms)',

@@ -29,25 +29,28 @@ pub const RAW_CHANGE_MAX: usize = 16 << 10;
 pub const MAX_PENDING: usize = 1 << 20;
 
 /// Most remote changes a document shows patched ([`crate::patch`]) before
-/// they are handed to automerge: one automerge batch walks each object it
-/// touches once, however many changes it carries, so a batch of many
-/// changes costs little more than one, but it is paid at once, by whichever
-/// change fills it. Each replica catches up somewhere between half this and
-/// this many ([`Database::behind_limit`]), so replicas that receive the same
-/// stream (tabs, a fan-out) do not all pay at the same change.
-pub const MAX_BEHIND: usize = 256;
+/// they are handed to automerge. The waiting changes are the log's own
+/// entries (a patched document keeps only their dots), so the limit bounds
+/// the work of one catch-up, not memory: one automerge batch walks each
+/// object it touches once, so per change a large batch costs several times
+/// less than a small one, but it is paid at once, by whichever change fills
+/// it. Replicas that only read never need the catch-up until they write;
+/// adapters catch up when idle ([`Database::catch_up`]). Each replica
+/// catches up somewhere between half this and this many
+/// ([`Database::behind_limit`]), so replicas that receive the same stream
+/// (tabs, a fan-out) do not all pay at the same change.
+pub const MAX_BEHIND: usize = 2048;
 
-/// Most memory the changes waiting for automerge may hold across a
-/// database (their bytes plus [`BEHIND_OVERHEAD`] each); past it, the
-/// document holding the most catches up.
-pub const MAX_BEHIND_BYTES: usize = 2 << 20;
-
-/// What a parsed change costs in memory beyond its bytes (a rough figure).
-const BEHIND_OVERHEAD: usize = 320;
+/// Most change bytes a document's waiting changes may hold: the other bound
+/// on one catch-up's work, for streams of large changes.
+pub const MAX_BEHIND_BYTES: usize = 512 << 10;
 
 /// Remote batches of a document up to this many changes are patched when
 /// they can be; larger ones (a catch-up) go to automerge in one batch.
 const PATCH_BATCH_MAX: usize = 8;
+
+/// Parsed changes by document, with the dots of their entries, in log order.
+type Batches = BTreeMap<DocId, Vec<(Dot, automerge::Change)>>;
 
 /// A problem with one remote entry or snapshot; the rest of the batch still applies.
 #[derive(Debug, thiserror::Error)]
@@ -104,17 +107,20 @@ enum Slot {
 /// A document whose latest remote changes were read off their operations
 /// ([`crate::patch`]): each was made on top of exactly what this replica
 /// held, so its JSON is known without automerge's walk of the objects it
-/// touches. The changes wait in `behind` until something needs the
-/// automerge document (a write, a change that cannot be patched, a
-/// compaction) or [`Database::behind_limit`] of them have gathered; then they are
-/// applied in one batch.
+/// touches. The changes wait in the log, named by `behind`, until something
+/// needs the automerge document (a write, a change that cannot be patched,
+/// a compaction, an idle [`Database::catch_up`]) or
+/// [`Database::behind_limit`] of them have gathered; then they are parsed
+/// again and applied in one batch.
 #[derive(Debug, Clone)]
 struct Patched {
     /// The automerge document, without `behind`.
     doc: Document,
-    /// In chunks: replicas fed one stream patch in step, and a `Vec` of
-    /// changes doubling in all of them at once stalled a fan-out.
-    behind: Chunked<automerge::Change>,
+    /// The log entries shown but not applied, in order. In chunks: replicas
+    /// fed one stream patch in step, and a `Vec` doubling in all of them at
+    /// once stalled a fan-out.
+    behind: Chunked<Dot>,
+    /// Their change bytes ([`MAX_BEHIND_BYTES`]).
     behind_bytes: usize,
     /// The heads with `behind` applied (the last patched change's hash).
     heads: Vec<automerge::ChangeHash>,
@@ -138,19 +144,69 @@ impl Patched {
     /// The automerge document with everything applied; what automerge
     /// refuses is added to `errors` (the patched JSON is then dropped with
     /// the slot, and the document's own JSON shown instead).
-    fn catch_up(self, name: &DocId, errors: &mut Vec<ApplyError>) -> Document {
+    fn catch_up(self, at: Source<'_>, name: &DocId, errors: &mut Vec<ApplyError>) -> Document {
         let Patched {
-            mut doc,
+            doc,
             behind,
             loaded,
             ..
         } = self;
-        if let Some(d) = loaded.into_inner() {
-            return d;
+        match loaded.into_inner() {
+            Some(d) => d,
+            None => apply_behind(doc, &behind, at, name, errors),
         }
-        apply_or_report(&mut doc, name, behind.into_iter().collect(), errors);
-        doc
     }
+}
+
+/// Where a patched document's waiting changes are read from: the log, and
+/// what a document reloaded from it needs.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    log: &'a Log,
+    replica: ReplicaId,
+    encoding: TextEncoding,
+}
+
+/// `doc` with the changes of the log entries at `behind` applied.
+fn apply_behind(
+    mut doc: Document,
+    behind: &Chunked<Dot>,
+    at: Source<'_>,
+    name: &DocId,
+    errors: &mut Vec<ApplyError>,
+) -> Document {
+    match changes_of(at.log, behind, errors) {
+        Some(changes) => {
+            apply_or_report(&mut doc, name, changes, errors);
+            doc
+        }
+        None => {
+            // Not expected (compaction catches patched documents up first),
+            // but the log holds the whole document either way.
+            tracing::error!(%name, "a patched document's change left the log; reloading it");
+            let (d, problems) = load_from_log(at.log, name, at.replica, at.encoding);
+            errors.extend(problems);
+            d
+        }
+    }
+}
+
+/// The changes of the log entries at `dots`, parsed again (they parsed when
+/// they arrived; what no longer does is reported). `None` if one of them is
+/// no longer in the log.
+fn changes_of(
+    log: &Log,
+    dots: &Chunked<Dot>,
+    errors: &mut Vec<ApplyError>,
+) -> Option<Vec<automerge::Change>> {
+    let mut changes = Vec::with_capacity(dots.len());
+    for dot in dots.iter() {
+        match log.get(dot)?.parse_change() {
+            Ok(c) => changes.push(c),
+            Err(e) => errors.push(e.into()),
+        }
+    }
+    Some(changes)
 }
 
 impl Slot {
@@ -175,8 +231,6 @@ pub struct Database {
     pending: BTreeMap<Dot, Entry>,
     /// Views a server offered for documents this replica held nothing of.
     offered: HashMap<DocId, DocView>,
-    /// What the patched documents' waiting changes hold ([`MAX_BEHIND_BYTES`]).
-    behind_bytes: usize,
 }
 
 impl Database {
@@ -190,7 +244,6 @@ impl Database {
             docs: BTreeMap::new(),
             pending: BTreeMap::new(),
             offered: HashMap::new(),
-            behind_bytes: 0,
         }
     }
 
@@ -254,15 +307,14 @@ impl Database {
             docs,
             pending: BTreeMap::new(),
             offered: HashMap::new(),
-            behind_bytes: 0,
         };
-        let mut batches: BTreeMap<DocId, Vec<automerge::Change>> = BTreeMap::new();
+        let mut batches = Batches::new();
         for e in db.log.entries() {
             if matches!(db.docs.get(&e.doc), Some(Slot::Cached { .. })) {
                 continue;
             }
             match e.parse_change() {
-                Ok(c) => batches.entry(e.doc.clone()).or_default().push(c),
+                Ok(c) => batches.entry(e.doc.clone()).or_default().push((e.dot, c)),
                 Err(err) => errors.push(err.into()),
             }
         }
@@ -350,8 +402,7 @@ impl Database {
             Slot::Loaded(d) => Some(d),
             Slot::Patched(p) => Some(p.loaded.get_or_init(|| {
                 let mut errors = Vec::new();
-                let mut d = p.doc.clone();
-                apply_or_report(&mut d, doc, p.behind.iter().cloned().collect(), &mut errors);
+                let d = apply_behind(p.doc.clone(), &p.behind, self.source(), doc, &mut errors);
                 for e in errors {
                     tracing::warn!(db = %self.name, "catching a document up for a read: {e}");
                 }
@@ -586,12 +637,7 @@ impl Database {
         }
     }
 
-    fn apply_one(
-        &mut self,
-        e: Entry,
-        out: &mut Applied,
-        batches: &mut BTreeMap<DocId, Vec<automerge::Change>>,
-    ) {
+    fn apply_one(&mut self, e: Entry, out: &mut Applied, batches: &mut Batches) {
         if self.log.vv().contains(&e.dot) {
             return;
         }
@@ -613,7 +659,7 @@ impl Database {
         match self.log.append(e.clone()) {
             Ok(Appended::Added) => {
                 match change {
-                    Some(c) => batches.entry(e.doc.clone()).or_default().push(c),
+                    Some(c) => batches.entry(e.doc.clone()).or_default().push((e.dot, c)),
                     None => {
                         self.docs
                             .entry(e.doc.clone())
@@ -637,11 +683,7 @@ impl Database {
         }
     }
 
-    fn drain_pending(
-        &mut self,
-        out: &mut Applied,
-        batches: &mut BTreeMap<DocId, Vec<automerge::Change>>,
-    ) {
+    fn drain_pending(&mut self, out: &mut Applied, batches: &mut Batches) {
         loop {
             let vv = self.log.vv().clone();
             self.pending.retain(|dot, _| !vv.contains(dot));
@@ -673,6 +715,8 @@ impl Database {
     /// snapshots cover exactly the documents we lacked below `base`.
     pub fn apply_snapshots(&mut self, snapshots: Vec<Snapshot>, base: &VersionVector) -> Applied {
         let mut out = Applied::default();
+        // The fold below drops log entries that patched documents point at.
+        self.catch_up_all(&mut out.errors);
         let mut clocks = BTreeMap::new();
         for s in snapshots {
             let (doc, _) = self.doc_mut(&s.doc, &mut out.errors);
@@ -709,6 +753,11 @@ impl Database {
     /// Fold entries at or below `up_to` (clamped to what we hold) into
     /// snapshots of the current documents. Returns what the store must write.
     pub fn compact(&mut self, up_to: &VersionVector) -> Compaction {
+        let mut errors = Vec::new();
+        self.catch_up_all(&mut errors);
+        for e in errors {
+            tracing::warn!(db = %self.name, "catching documents up to compact: {e}");
+        }
         let mut base = up_to.meet(self.log.vv());
         base.merge(self.log.base());
         let compaction = self.fold(&base, BTreeSet::new());
@@ -757,8 +806,12 @@ impl Database {
                 loaded: OnceLock::new(),
             };
             if let Slot::Patched(p) = std::mem::replace(slot, placeholder) {
-                self.behind_bytes -= p.behind_bytes;
-                *slot = Slot::Loaded(p.catch_up(doc, errors));
+                let at = Source {
+                    log: &self.log,
+                    replica,
+                    encoding,
+                };
+                *slot = Slot::Loaded(p.catch_up(at, doc, errors));
             }
         }
         if let Slot::Cached { loaded, .. } | Slot::Lazy { loaded } = slot {
@@ -784,12 +837,7 @@ impl Database {
     /// Apply parsed changes, one automerge batch per document. With
     /// `patch`, a small batch on top of what a loaded document holds is
     /// shown patched and applied later ([`Patched`]).
-    fn materialise(
-        &mut self,
-        batches: BTreeMap<DocId, Vec<automerge::Change>>,
-        patch: bool,
-        errors: &mut Vec<ApplyError>,
-    ) {
+    fn materialise(&mut self, batches: Batches, patch: bool, errors: &mut Vec<ApplyError>) {
         for (doc, mut changes) in batches {
             if patch && changes.len() <= PATCH_BATCH_MAX {
                 changes = self.patch(&doc, changes, errors);
@@ -801,7 +849,12 @@ impl Database {
             if from_log {
                 continue; // loaded from the log, which holds these changes already
             }
-            apply_or_report(d, &doc, changes, errors);
+            apply_or_report(
+                d,
+                &doc,
+                changes.into_iter().map(|(_, c)| c).collect(),
+                errors,
+            );
         }
     }
 
@@ -810,15 +863,15 @@ impl Database {
     fn patch(
         &mut self,
         doc: &DocId,
-        changes: Vec<automerge::Change>,
+        changes: Vec<(Dot, automerge::Change)>,
         errors: &mut Vec<ApplyError>,
-    ) -> Vec<automerge::Change> {
+    ) -> Vec<(Dot, automerge::Change)> {
         let limit = self.behind_limit();
         let Some(slot) = self.docs.get_mut(doc) else {
             return changes;
         };
         let mut rest = changes.into_iter().peekable();
-        while let Some(c) = rest.peek() {
+        while let Some((_, c)) = rest.peek() {
             let mut deps = c.deps().to_vec();
             deps.sort_unstable();
             let patched = match slot {
@@ -856,7 +909,6 @@ impl Database {
                     if let Some(d) = p.loaded.take() {
                         p.doc = d;
                         p.behind = Chunked::new();
-                        self.behind_bytes -= p.behind_bytes;
                         p.behind_bytes = 0;
                     }
                     p.heads == deps && patch_root(&mut p.root, c)
@@ -866,15 +918,13 @@ impl Database {
             if !patched {
                 break;
             }
-            let Some(c) = rest.next() else { break };
+            let Some((dot, c)) = rest.next() else { break };
             let full = match slot {
                 Slot::Patched(p) => {
-                    let cost = c.raw_bytes().len() + BEHIND_OVERHEAD;
                     p.heads = vec![c.hash()];
-                    p.behind_bytes += cost;
-                    self.behind_bytes += cost;
-                    p.behind.push(c);
-                    p.behind.len() >= limit
+                    p.behind_bytes += c.raw_bytes().len();
+                    p.behind.push(dot);
+                    p.behind.len() >= limit || p.behind_bytes > MAX_BEHIND_BYTES
                 }
                 _ => false,
             };
@@ -882,16 +932,16 @@ impl Database {
                 self.doc_mut(doc, errors);
                 return rest.collect();
             }
-            if self.behind_bytes > MAX_BEHIND_BYTES {
-                self.catch_up_largest(errors);
-                // `doc` may have been it: look its slot up again.
-                return match self.docs.get(doc) {
-                    Some(Slot::Patched(_)) => self.patch(doc, rest.collect(), errors),
-                    _ => rest.collect(),
-                };
-            }
         }
         rest.collect()
+    }
+
+    fn source(&self) -> Source<'_> {
+        Source {
+            log: &self.log,
+            replica: self.replica,
+            encoding: self.encoding,
+        }
     }
 
     /// How many changes this replica lets a document fall behind (see
@@ -901,18 +951,47 @@ impl Database {
         half + usize::from(self.replica.0[15]) * half / 256
     }
 
-    /// Hand the patched document holding the most waiting changes to automerge.
-    fn catch_up_largest(&mut self, errors: &mut Vec<ApplyError>) {
-        let largest = self
-            .docs
+    /// Hand patched documents' waiting changes to automerge, the document
+    /// with the most first, until at least `changes` were applied or none
+    /// wait. For idle time: a replica that stopped receiving can pay now
+    /// what its next write would otherwise pay. Returns whether any still
+    /// wait; what automerge refuses is returned with the rest
+    /// ([`Applied::errors`]).
+    pub fn catch_up(&mut self, changes: usize) -> (bool, Vec<ApplyError>) {
+        let mut errors = Vec::new();
+        let mut done = 0;
+        while done < changes {
+            let Some((n, doc)) = self.most_behind() else {
+                return (false, errors);
+            };
+            self.doc_mut(&doc, &mut errors);
+            done += n;
+        }
+        (self.most_behind().is_some(), errors)
+    }
+
+    /// The patched document with the most changes waiting, and how many.
+    fn most_behind(&self) -> Option<(usize, DocId)> {
+        self.docs
             .iter()
             .filter_map(|(id, s)| match s {
-                Slot::Patched(p) => Some((p.behind_bytes, id)),
+                Slot::Patched(p) if !p.behind.is_empty() => Some((p.behind.len(), id)),
                 _ => None,
             })
             .max()
-            .map(|(_, id)| id.clone());
-        if let Some(doc) = largest {
+            .map(|(n, id)| (n, id.clone()))
+    }
+
+    /// Catch every patched document up: before the log drops entries
+    /// (compaction), which their waiting changes point at.
+    fn catch_up_all(&mut self, errors: &mut Vec<ApplyError>) {
+        let patched: Vec<DocId> = self
+            .docs
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Patched(_)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for doc in patched {
             self.doc_mut(&doc, errors);
         }
     }
@@ -1279,34 +1358,90 @@ mod tests {
     }
 
     #[test]
-    fn waiting_changes_stay_within_their_memory_budget() {
+    fn waiting_changes_stay_within_their_byte_bound() {
         let (mut a, mut b) = (db(1), db(2));
-        let docs: Vec<DocId> = (0..4).map(|i| id(&format!("d{i}"))).collect();
+        let t = id("t");
+        a.update(&t, &json!({"v": ""})).expect("write");
+        b.apply_entries(entries_since(&a, 0));
+        let mut caught_up = 0;
+        let mut before = 0;
+        for round in 0..300 {
+            let n = a.log().entries().len();
+            // Distinct text each time, so the changes do not compress away.
+            let v: String = (0..6000)
+                .map(|i| char::from(b'a' + ((i * 7 + round) % 26) as u8))
+                .collect();
+            a.update(&t, &json!({ "v": v })).expect("write");
+            b.apply_entries(entries_since(&a, n));
+            assert_eq!(b.get(&t), a.get(&t));
+            let (behind, bytes) = match b.docs.get(&t) {
+                Some(Slot::Patched(p)) => (p.behind.len(), p.behind_bytes),
+                _ => (0, 0),
+            };
+            assert!(bytes <= MAX_BEHIND_BYTES, "{bytes} bytes waiting");
+            assert!(
+                behind < b.behind_limit(),
+                "the count limit is not what bound it"
+            );
+            if behind < before {
+                caught_up += 1;
+            }
+            before = behind;
+        }
+        assert!(caught_up >= 2, "caught up {caught_up} times");
+    }
+
+    #[test]
+    fn idle_catch_up_and_remote_snapshots_apply_what_waits() {
+        let (mut a, mut b) = (db(1), db(2));
+        let docs: Vec<DocId> = (0..3).map(|i| id(&format!("d{i}"))).collect();
         for d in &docs {
-            a.update(d, &json!({"v": ""})).expect("write");
+            a.update(d, &json!({"seq": 0})).expect("write");
         }
         b.apply_entries(entries_since(&a, 0));
-        let big = 8 << 10;
-        for round in 0..120 {
-            for d in &docs {
+        for i in 1..=20 {
+            for (k, d) in docs.iter().enumerate() {
+                if i > 5 * (k + 1) {
+                    continue; // d0 gets 5 changes, d1 10, d2 15
+                }
                 let n = a.log().entries().len();
-                let v = format!("{round}").repeat(big / 3);
-                a.update(d, &json!({"v": v})).expect("write");
-                b.apply_entries(entries_since(&a, n));
-                assert_eq!(b.get(d), a.get(d));
+                a.update(d, &json!({ "seq": i })).expect("write");
+                let out = b.apply_entries(entries_since(&a, n));
+                assert!(out.errors.is_empty(), "{:?}", out.errors);
             }
-            let held: usize = b
-                .docs
-                .values()
-                .map(|s| match s {
-                    Slot::Patched(p) => p.behind_bytes,
-                    _ => 0,
-                })
-                .sum();
-            assert_eq!(b.behind_bytes, held, "the budget's count is exact");
-            assert!(held <= MAX_BEHIND_BYTES, "{held} bytes waiting");
         }
-        assert!(docs.iter().any(|d| b.changes_behind(d) > 0));
+        let behind = |b: &Database| docs.iter().map(|d| b.changes_behind(d)).collect::<Vec<_>>();
+        assert_eq!(behind(&b), vec![5, 10, 15]);
+        // A budget of one change still catches up a whole document, the
+        // one with the most waiting first.
+        let (more, errors) = b.catch_up(1);
+        assert!(more && errors.is_empty(), "{errors:?}");
+        assert_eq!(behind(&b), vec![5, 10, 0]);
+        let mut c = b.clone();
+        let (more, errors) = b.catch_up(usize::MAX);
+        assert!(!more && errors.is_empty(), "{errors:?}");
+        assert_eq!(behind(&b), vec![0, 0, 0]);
+        for d in &docs {
+            assert_eq!(b.get(d), a.get(d));
+            assert_eq!(
+                b.document(d).expect("b").canonical_save(),
+                a.document(d).expect("a").canonical_save()
+            );
+        }
+        // A server's compacted reply folds the log under documents still
+        // patched: they are caught up first, and keep every change.
+        let vv = a.vv().clone();
+        let snapshots = a.compact(&vv).snapshots;
+        let out = c.apply_snapshots(snapshots, &vv);
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert_eq!(behind(&c), vec![0, 0, 0]);
+        for d in &docs {
+            assert_eq!(c.get(d), a.get(d));
+            let n = c.log().entries().len();
+            c.update(d, &json!({ "seq": -1 })).expect("write");
+            a.apply_entries(entries_since(&c, n));
+            assert_eq!(a.get(d), Some(json!({ "seq": -1 })));
+        }
     }
 
     #[test]

@@ -21,7 +21,10 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value as Json;
 use syncline_core::protocol::{self, ErrorCode};
-use syncline_core::sync::{Client, ClientConfig, ClientEvent, ClientOutput, PresenceView, Status};
+use syncline_core::sync::{
+    CATCH_UP_IDLE_MS, CATCH_UP_STEP, Client, ClientConfig, ClientEvent, ClientOutput, PresenceView,
+    Status,
+};
 use syncline_core::{DbName, DocId, MemoryStore, ReplicaId, Store, StoredDatabase, store::Batch};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
@@ -195,6 +198,7 @@ impl SyncClient {
             generation: 0,
             attempts: 0,
             next_attempt: Some(Instant::now()),
+            catch_up_at: None,
             waiters: HashMap::new(),
             listings: Vec::new(),
             refused: HashMap::new(),
@@ -251,6 +255,14 @@ impl SyncClient {
     /// Ids of the existing documents (read as [`SyncClient::get`] reads).
     pub async fn list(&self, db: &DbName) -> Result<Vec<DocId>, ClientError> {
         self.read(db, |d| d.list())
+    }
+
+    /// How many remote changes a document shows that automerge has not
+    /// applied yet (a diagnostic; they are in the log either way, and the
+    /// driver applies them once the connection has been quiet for
+    /// [`CATCH_UP_IDLE_MS`], or before the document's next write).
+    pub async fn changes_behind(&self, db: &DbName, doc: &DocId) -> Result<usize, ClientError> {
+        self.read(db, |d| d.changes_behind(doc))
     }
 
     fn read<T>(
@@ -343,6 +355,9 @@ struct Driver {
     generation: u64,
     attempts: u32,
     next_attempt: Option<Instant>,
+    /// When to hand patched documents' changes to automerge: once nothing
+    /// has arrived for a while ([`Client::catch_up`]).
+    catch_up_at: Option<Instant>,
     waiters: HashMap<DbName, Vec<Reply<()>>>,
     /// `ListDatabases` requests waiting for their answer (or asked offline).
     listings: Vec<(Option<u32>, Reply<Vec<DbName>>)>,
@@ -394,6 +409,7 @@ impl Driver {
             let attempt_at = self
                 .next_attempt
                 .filter(|_| self.url.is_some() && self.conn.is_none() && self.fatal.is_none());
+            let catch_up_at = self.catch_up_at;
             tokio::select! {
                 cmd = cmds.recv() => {
                     let Some(cmd) = cmd else { return };
@@ -425,6 +441,11 @@ impl Driver {
                 _ = async { tokio::time::sleep_until(attempt_at.unwrap_or_else(Instant::now)).await }, if attempt_at.is_some() => {
                     self.next_attempt = None;
                     self.dial(net_tx.clone());
+                }
+                _ = async { tokio::time::sleep_until(catch_up_at.unwrap_or_else(Instant::now)).await }, if catch_up_at.is_some() => {
+                    // One step, then back to the loop: what arrives meanwhile goes first.
+                    let more = self.client().catch_up(CATCH_UP_STEP);
+                    self.catch_up_at = more.then(Instant::now);
                 }
             }
             self.pump(&persist_tx);
@@ -503,6 +524,9 @@ impl Driver {
 
     /// Handle frames of the current connection; one it cannot read ends it.
     fn frames(&mut self, frames: Vec<Vec<u8>>) {
+        if !frames.is_empty() {
+            self.catch_up_at = Some(Instant::now() + Duration::from_millis(CATCH_UP_IDLE_MS));
+        }
         if !frames.is_empty()
             && self.conn.is_some()
             && self

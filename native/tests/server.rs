@@ -116,6 +116,47 @@ async fn synced(c: &SyncClient, db: &DbName) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_applies_patched_changes_once_the_stream_pauses() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &["--anonymous", "demo-*"],
+    );
+    let list = db("demo-idle");
+    let (writer, reader) = (
+        SyncClient::in_memory(Some(&server.url()), ""),
+        SyncClient::in_memory(Some(&server.url()), ""),
+    );
+    for c in [&writer, &reader] {
+        c.open(&list).await.unwrap();
+        synced(c, &list).await;
+    }
+    let t = doc("ticker");
+    // One change per frame: each is shown patched (core's database tests
+    // say when), and without the idle catch-up they would wait for ever.
+    for seq in 0..20 {
+        writer.put(&list, &t, json!({ "seq": seq })).await.unwrap();
+        until_value(&reader, &list, &t, &json!({ "seq": seq })).await;
+    }
+    // Once nothing has arrived for a while the reader's driver hands them
+    // to automerge.
+    tokio::time::timeout(WAIT, async {
+        while reader.changes_behind(&list, &t).await.unwrap() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await; // polling a state, bounded by WAIT
+        }
+    })
+    .await
+    .expect("caught up in time");
+    // What automerge now holds is the same document: a write on top of it
+    // reaches the writer.
+    reader.put(&list, &t, json!({"seq": -1})).await.unwrap();
+    until_value(&writer, &list, &t, &json!({"seq": -1})).await;
+    writer.close().await;
+    reader.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_converge_live_and_health_answers() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProc::start(

@@ -20,7 +20,9 @@ use js_sys::{Function, Promise};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use syncline_core::protocol::ErrorCode;
-use syncline_core::sync::{Client, ClientConfig, ClientEvent, ClientOutput, Status};
+use syncline_core::sync::{
+    CATCH_UP_IDLE_MS, CATCH_UP_STEP, Client, ClientConfig, ClientEvent, ClientOutput, Status,
+};
 use syncline_core::{Batch, DbName, DocId, DocView, MemoryStore, PathSeg, ReplicaId};
 use wasm_bindgen::prelude::*;
 
@@ -138,6 +140,11 @@ struct Driver {
     queue: VecDeque<Queued>,
     writing: bool,
     write_retry: Option<Timer>,
+    /// The idle catch-up's timer ([`Client::catch_up`]), and when the last
+    /// frames were handled (`Date.now()`, ms): one timer per quiet period,
+    /// not one per frame.
+    catch_up: Option<Timer>,
+    last_frames_ms: f64,
     /// Local writes waiting until their batch is durable: (db, seq, promise).
     write_waiters: Vec<(DbName, u64, Resolvers)>,
     /// `whenSynced` callers.
@@ -244,6 +251,8 @@ pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmC
         queue: VecDeque::new(),
         writing: false,
         write_retry: None,
+        catch_up: None,
+        last_frames_ms: 0.0,
         write_waiters: Vec::new(),
         sync_waiters: Vec::new(),
         close_waiters: Vec::new(),
@@ -434,6 +443,8 @@ impl Driver {
         if frames.is_empty() || self.socket.is_none() {
             return;
         }
+        self.last_frames_ms = js_sys::Date::now();
+        self.arm_catch_up(shared, CATCH_UP_IDLE_MS as u32);
         if self
             .client
             .handle_frames(frames.iter().map(Vec::as_slice))
@@ -442,6 +453,19 @@ impl Driver {
             // A frame we cannot read: this connection is unusable.
             self.drop_connection(shared);
         }
+    }
+
+    /// Call [`idle_catch_up`] in `ms` unless it is already due.
+    fn arm_catch_up(&mut self, shared: &Shared, ms: u32) {
+        if self.catch_up.is_some() || self.closed {
+            return;
+        }
+        let weak = Rc::downgrade(shared);
+        self.catch_up = Some(Timer::new(ms, move || {
+            if let Some(shared) = weak.upgrade() {
+                idle_catch_up(&shared);
+            }
+        }));
     }
 
     fn drop_connection(&mut self, shared: &Shared) {
@@ -466,6 +490,32 @@ impl Driver {
                 dial(&shared);
             }
         }));
+    }
+}
+
+/// Once no frame has arrived for `CATCH_UP_IDLE_MS`, hand patched
+/// documents' changes to automerge, a step at a time (each step a timer
+/// task of its own, so frames that arrive meanwhile go first).
+fn idle_catch_up(shared: &Shared) {
+    let wait = {
+        let mut d = shared.borrow_mut();
+        if let Some(t) = d.catch_up.take() {
+            defer_drop(t); // this callback's own timer
+        }
+        if d.closed {
+            return;
+        }
+        let quiet = js_sys::Date::now() - d.last_frames_ms;
+        let idle = CATCH_UP_IDLE_MS as f64;
+        (quiet < idle).then(|| (idle - quiet).ceil() as u32)
+    };
+    match wait {
+        Some(ms) => shared.borrow_mut().arm_catch_up(shared, ms),
+        None => {
+            if run(shared, |d| d.client.catch_up(CATCH_UP_STEP)) {
+                shared.borrow_mut().arm_catch_up(shared, 0);
+            }
+        }
     }
 }
 
@@ -631,6 +681,20 @@ fn path(path: JsValue) -> Result<Vec<PathSeg>, WasmError> {
 
 fn json(value: JsValue) -> Result<Json, WasmError> {
     serde_wasm_bindgen::from_value(value).map_err(|e| WasmError::InvalidValue(e.to_string()))
+}
+
+#[cfg(all(test, target_arch = "wasm32"))]
+impl WasmClient {
+    /// Remote changes a document shows that automerge has not applied yet.
+    pub(crate) fn changes_behind(&self, db: &str, doc: &str) -> usize {
+        let (Ok(db), Ok(doc)) = (db_name(db), doc_id(doc)) else {
+            return 0;
+        };
+        let d = self.shared.borrow();
+        d.client
+            .database(&db)
+            .map_or(0, |database| database.changes_behind(&doc))
+    }
 }
 
 #[wasm_bindgen]

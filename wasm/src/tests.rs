@@ -514,3 +514,60 @@ async fn two_clients_sync_through_the_server_with_acks() {
     JsFuture::from(a.close()).await.expect("close");
     JsFuture::from(b.close()).await.expect("close");
 }
+
+/// Resolves after `ms` (for polling a state; callers bound the polling).
+async fn pause(ms: i32) {
+    let promise = Promise::new(&mut |res, _| {
+        let set_timeout = js_sys::Reflect::get(&js_sys::global(), &"setTimeout".into())
+            .ok()
+            .and_then(|f| f.dyn_into::<Function>().ok())
+            .expect("setTimeout");
+        let _ = set_timeout.call2(&JsValue::NULL, &res, &ms.into());
+    });
+    let _ = JsFuture::from(promise).await;
+}
+
+/// Poll `done` every 20 ms for at most 10 s.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        pause(20).await;
+    }
+    panic!("{what}: not within 10 s");
+}
+
+fn seq_of(c: &crate::client::WasmClient, db: &str) -> Option<i64> {
+    let v: serde_json::Value = serde_wasm_bindgen::from_value(c.get(db, "t").ok()?).ok()?;
+    v.get("seq")?.as_i64()
+}
+
+#[wasm_bindgen_test]
+async fn a_subscriber_applies_patched_changes_once_the_stream_pauses() {
+    let url = server();
+    let db = unique("wasm-idle");
+    let (cb_a, _) = waiter(|_| false);
+    let a = create_client(options(url), cb_a).await.expect("client a");
+    let (cb_b, _) = waiter(|_| false);
+    let b = create_client(options(url), cb_b).await.expect("client b");
+    for c in [&a, &b] {
+        c.open(db.clone()).await.expect("open");
+        JsFuture::from(c.when_synced(&db)).await.expect("synced");
+    }
+    // One change per frame: each is shown patched, and without the idle
+    // catch-up they would wait for ever.
+    for seq in 0..10 {
+        let v = serde_wasm_bindgen::to_value(&serde_json::json!({ "seq": seq })).expect("js");
+        JsFuture::from(a.put(&db, "t", v, None)).await.expect("put");
+        until("the change arrives", || seq_of(&b, &db) == Some(seq)).await;
+    }
+    until("the reader catches up", || b.changes_behind(&db, "t") == 0).await;
+    // What automerge now holds is the same document: a write on top of it
+    // reaches the writer.
+    let v = serde_wasm_bindgen::to_value(&serde_json::json!({ "seq": -1 })).expect("js");
+    JsFuture::from(b.put(&db, "t", v, None)).await.expect("put");
+    until("the write arrives", || seq_of(&a, &db) == Some(-1)).await;
+    JsFuture::from(a.close()).await.expect("close");
+    JsFuture::from(b.close()).await.expect("close");
+}

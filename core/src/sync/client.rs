@@ -234,6 +234,16 @@ struct ClientDb {
 /// unless [`Client::take_views`] flushed it first (the adapters do on close).
 pub const VIEW_REFRESH_ENTRIES: usize = 64;
 
+/// How long nothing must have arrived before an adapter calls
+/// [`Client::catch_up`]: longer than the gaps of a live stream, so the
+/// catch-up runs in its pauses rather than delaying its next change.
+pub const CATCH_UP_IDLE_MS: u64 = 250;
+
+/// How many changes one [`Client::catch_up`] call is asked to apply: a few
+/// milliseconds of automerge's time, so a change that arrives meanwhile
+/// waits little.
+pub const CATCH_UP_STEP: usize = 256;
+
 /// A live update (not part of a reply): safe to merge with its neighbours.
 fn is_live(d: &Delta) -> bool {
     d.req == 0 && d.snapshots.is_empty() && d.base.is_empty()
@@ -472,6 +482,45 @@ impl Client {
             })));
         }
         Ok(())
+    }
+
+    /// Hand remote changes that documents show patched to automerge, about
+    /// `changes` of them (whole documents at a time): for idle time, so
+    /// that a replica which stopped receiving pays now what its next write
+    /// would otherwise pay ([`Database::catch_up`]). Adapters call it once
+    /// nothing has arrived for [`CATCH_UP_IDLE_MS`], [`CATCH_UP_STEP`] at a
+    /// time, while it returns `true` (more wait) and nothing else arrives.
+    /// A change automerge refuses is reported as when it arrived, and its
+    /// document announced: its value falls back to what automerge holds.
+    pub fn catch_up(&mut self, changes: usize) -> bool {
+        let names: Vec<DbName> = self.dbs.keys().cloned().collect();
+        for name in names {
+            let Some(c) = self.dbs.get_mut(&name) else {
+                continue;
+            };
+            let (more, errors) = c.db.catch_up(changes);
+            let docs: BTreeSet<DocId> = errors
+                .iter()
+                .filter_map(|e| match e {
+                    ApplyError::Doc { doc, .. } => Some(doc.clone()),
+                    _ => None,
+                })
+                .collect();
+            for e in errors {
+                self.apply_error(&name, e);
+            }
+            if !docs.is_empty() {
+                self.event(ClientEvent::Changed {
+                    db: name.clone(),
+                    docs: docs.into_iter().collect(),
+                    remote: true,
+                });
+            }
+            if more {
+                return true;
+            }
+        }
+        false
     }
 
     /// Fold history the server has made durable into snapshots, locally.

@@ -11,7 +11,7 @@ mod server;
 
 pub use auth::{AuthError, Authenticator, Grant, Grants, OpenAccess, Right, glob_match};
 pub use client::{
-    Client, ClientConfig, ClientError, ClientEvent, ClientOutput, PeerInfo, PresenceView, Status,
-    VIEW_REFRESH_ENTRIES,
+    CATCH_UP_IDLE_MS, CATCH_UP_STEP, Client, ClientConfig, ClientError, ClientEvent, ClientOutput,
+    PeerInfo, PresenceView, Status, VIEW_REFRESH_ENTRIES,
 };
 pub use server::{PeerId, Server, ServerConfig, ServerOutput};
