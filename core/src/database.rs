@@ -42,11 +42,18 @@ pub const MAX_PENDING: usize = 1 << 20;
 pub const MAX_BEHIND: usize = 2048;
 
 /// Most change bytes a document's waiting changes may hold: the other bound
-/// on one catch-up's work, for streams of large changes.
-pub const MAX_BEHIND_BYTES: usize = 512 << 10;
+/// on one catch-up's work, for streams of large changes. Spread like
+/// [`MAX_BEHIND`] ([`Database::behind_limits`]): a fan-out's replicas fed
+/// changes of one size all reached a fixed byte bound at the same change.
+pub const MAX_BEHIND_BYTES: usize = 1 << 20;
 
-/// Remote batches of a document up to this many changes are patched when
-/// they can be; larger ones (a catch-up) go to automerge in one batch.
+/// Remote batches of a loaded document up to this many changes are patched
+/// when they can be; larger ones (a catch-up) go to automerge in one batch.
+/// A document already patched is patched on, whatever the batch: a
+/// subscriber that fell behind for a moment gets the changes it missed
+/// together, and handing them to automerge would first apply everything
+/// waiting, making it fall further behind (replicas sharing a machine
+/// then stalled each other in turn).
 const PATCH_BATCH_MAX: usize = 8;
 
 /// Parsed changes by document, with the dots of their entries, in log order.
@@ -839,7 +846,8 @@ impl Database {
     /// shown patched and applied later ([`Patched`]).
     fn materialise(&mut self, batches: Batches, patch: bool, errors: &mut Vec<ApplyError>) {
         for (doc, mut changes) in batches {
-            if patch && changes.len() <= PATCH_BATCH_MAX {
+            let patched = matches!(self.docs.get(&doc), Some(Slot::Patched(_)));
+            if patch && (changes.len() <= PATCH_BATCH_MAX || patched) {
                 changes = self.patch(&doc, changes, errors);
                 if changes.is_empty() {
                     continue;
@@ -866,7 +874,7 @@ impl Database {
         changes: Vec<(Dot, automerge::Change)>,
         errors: &mut Vec<ApplyError>,
     ) -> Vec<(Dot, automerge::Change)> {
-        let limit = self.behind_limit();
+        let (limit, byte_limit) = self.behind_limits();
         let Some(slot) = self.docs.get_mut(doc) else {
             return changes;
         };
@@ -924,7 +932,7 @@ impl Database {
                     p.heads = vec![c.hash()];
                     p.behind_bytes += c.raw_bytes().len();
                     p.behind.push(dot);
-                    p.behind.len() >= limit || p.behind_bytes > MAX_BEHIND_BYTES
+                    p.behind.len() >= limit || p.behind_bytes > byte_limit
                 }
                 _ => false,
             };
@@ -947,8 +955,16 @@ impl Database {
     /// How many changes this replica lets a document fall behind (see
     /// [`MAX_BEHIND`]): fixed per replica, from its id.
     pub fn behind_limit(&self) -> usize {
-        let half = MAX_BEHIND / 2;
-        half + usize::from(self.replica.0[15]) * half / 256
+        self.behind_limits().0
+    }
+
+    /// The changes and change bytes this replica lets a document fall
+    /// behind: between half of [`MAX_BEHIND`] / [`MAX_BEHIND_BYTES`] and
+    /// all of it, fixed per replica from its id.
+    pub fn behind_limits(&self) -> (usize, usize) {
+        let r = usize::from(self.replica.0[15]);
+        let spread = |max: usize| max / 2 + r * (max / 2) / 256;
+        (spread(MAX_BEHIND), spread(MAX_BEHIND_BYTES))
     }
 
     /// Hand patched documents' waiting changes to automerge, the document
@@ -1363,6 +1379,8 @@ mod tests {
         let t = id("t");
         a.update(&t, &json!({"v": ""})).expect("write");
         b.apply_entries(entries_since(&a, 0));
+        let byte_limit = b.behind_limits().1;
+        assert!((MAX_BEHIND_BYTES / 2..MAX_BEHIND_BYTES).contains(&byte_limit));
         let mut caught_up = 0;
         let mut before = 0;
         for round in 0..300 {
@@ -1378,7 +1396,7 @@ mod tests {
                 Some(Slot::Patched(p)) => (p.behind.len(), p.behind_bytes),
                 _ => (0, 0),
             };
-            assert!(bytes <= MAX_BEHIND_BYTES, "{bytes} bytes waiting");
+            assert!(bytes <= b.behind_limits().1, "{bytes} bytes waiting");
             assert!(
                 behind < b.behind_limit(),
                 "the count limit is not what bound it"
@@ -1389,6 +1407,33 @@ mod tests {
             before = behind;
         }
         assert!(caught_up >= 2, "caught up {caught_up} times");
+    }
+
+    #[test]
+    fn a_patched_document_takes_a_burst_of_changes_patched() {
+        let (mut a, mut b) = (db(1), db(2));
+        let t = id("t");
+        a.update(&t, &json!({"seq": 0})).expect("write");
+        b.apply_entries(entries_since(&a, 0));
+        let n = a.log().entries().len();
+        a.update(&t, &json!({"seq": 1})).expect("write");
+        b.apply_entries(entries_since(&a, n));
+        assert_eq!(b.changes_behind(&t), 1);
+        // More than PATCH_BATCH_MAX at once (a subscriber that fell behind
+        // for a moment): patched on, not a catch-up of what waits.
+        let n = a.log().entries().len();
+        for seq in 2..30 {
+            a.update(&t, &json!({ "seq": seq })).expect("write");
+        }
+        let out = b.apply_entries(entries_since(&a, n));
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert_eq!(b.changes_behind(&t), 29);
+        assert_eq!(b.get(&t), Some(json!({"seq": 29})));
+        // A loaded document still takes a large batch through automerge.
+        let mut c = db(3);
+        c.apply_entries(entries_since(&a, 0));
+        assert_eq!(c.changes_behind(&t), 0);
+        assert_eq!(c.get(&t), Some(json!({"seq": 29})));
     }
 
     #[test]
