@@ -10,6 +10,7 @@ use syncline::auth::{Claims, mint};
 use syncline::server::{ServeOptions, run};
 use syncline_core::sync::Right;
 
+mod memory;
 mod offline;
 
 #[derive(Parser, Debug)]
@@ -157,31 +158,7 @@ struct TokenArgs {
     data: Option<PathBuf>,
 }
 
-// mimalloc returns freed memory to the OS and keeps no per-thread arenas
-// of glibc's size: less RSS per connection under W5 (BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// mimalloc's `mi_option_purge_delay` (position 15 of `mi_option_e` in
-/// mimalloc 2.x's header; the sys crate names no constant for it).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Return freed memory to the OS 1 ms after it is freed instead of 10 ms.
-/// mimalloc purges only when the thread that owns the memory next calls the
-/// allocator, so after a burst (a database seeded, a cold sync served) an
-/// idle server kept tens of MB it no longer used (28–55 MB for the same
-/// state, BENCHMARKS.md §16–§17); 1 ms keeps it near what is live, for about
-/// 6% of peak durable ingest. `MIMALLOC_PURGE_DELAY` still wins when set.
-fn return_memory_promptly() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets a plain integer option; mimalloc reads options
-        // atomically, so this is sound at any time, from any thread.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1) };
-    }
-}
-
 fn main() -> Result<()> {
-    return_memory_promptly();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SYNCLINE_LOG")
@@ -190,6 +167,8 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Before the work allocates (tracing's set-up above takes a few bytes).
+    memory::tune();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Token(args) => token(args),

@@ -22,12 +22,19 @@ struct ServerProc {
 
 impl ServerProc {
     fn start(data: &Path, listen: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(data, listen, extra, &[])
+    }
+
+    fn start_with_env(data: &Path, listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_syncline"))
             .args(["serve", "--listen", listen, "--data"])
             .arg(data)
             .args(["--secret", "test-secret-0123456789"])
             .args(extra)
             .env("SYNCLINE_LOG", "warn")
+            // The binary's own memory settings unless a test asks otherwise.
+            .env_remove("MIMALLOC_ALLOW_THP")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -231,6 +238,39 @@ async fn two_clients_converge_live_and_health_answers() {
             "metrics lack {series}:\n{metrics}"
         );
     }
+}
+
+/// `THP_enabled` of a process's /proc status (Linux): 0 once it opted out.
+#[cfg(target_os = "linux")]
+fn thp_enabled(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no THP_enabled in /proc/{pid}/status"))
+}
+
+/// The server opts out of transparent huge pages (native/src/memory.rs: they
+/// doubled its resident memory), unless `MIMALLOC_ALLOW_THP` says otherwise.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_server_runs_without_transparent_huge_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(&dir.path().join("a"), "127.0.0.1:0", &[]);
+    assert_eq!(thp_enabled(server.child.id()), "0");
+    let kept = ServerProc::start_with_env(
+        &dir.path().join("b"),
+        "127.0.0.1:0",
+        &[],
+        &[("MIMALLOC_ALLOW_THP", "1")],
+    );
+    // As this test's own process has it (the flag is inherited, so 1 unless
+    // whoever started the tests opted out).
+    assert_eq!(
+        thp_enabled(kept.child.id()),
+        thp_enabled(std::process::id())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
