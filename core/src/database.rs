@@ -665,8 +665,14 @@ impl Database {
         };
         match self.log.append(e.clone()) {
             Ok(Appended::Added) => {
+                // (Ids are cloned only for a batch's first change of a document.)
                 match change {
-                    Some(c) => batches.entry(e.doc.clone()).or_default().push((e.dot, c)),
+                    Some(c) => match batches.get_mut(&e.doc) {
+                        Some(b) => b.push((e.dot, c)),
+                        None => {
+                            batches.insert(e.doc.clone(), vec![(e.dot, c)]);
+                        }
+                    },
                     None => {
                         self.docs
                             .entry(e.doc.clone())
@@ -675,7 +681,9 @@ impl Database {
                             });
                     }
                 }
-                out.changed.insert(e.doc.clone());
+                if !out.changed.contains(&e.doc) {
+                    out.changed.insert(e.doc.clone());
+                }
                 out.entries.push(e);
             }
             Ok(Appended::Duplicate) => {}

@@ -212,9 +212,22 @@ impl Log {
         let pos = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
         self.by_replica.entry(r).or_default().push(pos);
         self.vv.set(r, entry.dot.counter);
-        let clock = self.doc_clocks.entry(entry.doc.clone()).or_default();
-        clock.set(r, entry.dot.counter);
-        *self.doc_entries.entry(entry.doc.clone()).or_default() += 1;
+        // Looked up before inserting: the id is cloned (allocated) only for a
+        // document's first entry, not on every append of a live stream.
+        match self.doc_clocks.get_mut(&entry.doc) {
+            Some(clock) => clock.set(r, entry.dot.counter),
+            None => {
+                let mut clock = VersionVector::new();
+                clock.set(r, entry.dot.counter);
+                self.doc_clocks.insert(entry.doc.clone(), clock);
+            }
+        }
+        match self.doc_entries.get_mut(&entry.doc) {
+            Some(n) => *n += 1,
+            None => {
+                self.doc_entries.insert(entry.doc.clone(), 1);
+            }
+        }
         self.entry_bytes += entry.change.len();
         self.entries.push(entry);
         Ok(Appended::Added)

@@ -36,7 +36,7 @@ impl StoredDatabase {
     /// snapshots per document, raise the horizon and drop the entries it covers.
     pub fn apply(&mut self, batch: &Batch) {
         apply_batch(
-            batch,
+            batch.clone(),
             &mut self.base,
             &mut self.snapshots,
             &mut self.entries,
@@ -62,16 +62,16 @@ impl Entries for Chunked<Entry> {
 }
 
 fn apply_batch(
-    batch: &Batch,
+    batch: Batch,
     base: &mut VersionVector,
     snapshots: &mut Vec<Snapshot>,
     entries: &mut impl Entries,
 ) {
-    entries.extend(batch.entries.iter().cloned());
-    for s in &batch.snapshots {
+    entries.extend(batch.entries);
+    for s in batch.snapshots {
         match snapshots.iter_mut().find(|x| x.doc == s.doc) {
-            Some(slot) => *slot = s.clone(),
-            None => snapshots.push(s.clone()),
+            Some(slot) => *slot = s,
+            None => snapshots.push(s),
         }
     }
     if let Some(b) = &batch.base {
@@ -191,7 +191,7 @@ struct MemoryDb {
 }
 
 impl MemoryDb {
-    fn apply(&mut self, batch: &Batch) {
+    fn apply(&mut self, batch: Batch) {
         apply_batch(
             batch,
             &mut self.base,
@@ -235,7 +235,16 @@ impl MemoryStore {
 
     /// Synchronous form of [`Store::write`] (the memory store is never pending).
     pub fn write_now(&self, db: &DbName, batch: &Batch) -> Result<(), MemoryStoreError> {
-        self.with(|m| m.dbs.entry(db.clone()).or_default().apply(batch))
+        self.write_owned(db, batch.clone())
+    }
+
+    /// [`MemoryStore::write_now`] of a batch the caller no longer needs: its
+    /// entries move in instead of being copied.
+    pub fn write_owned(&self, db: &DbName, batch: Batch) -> Result<(), MemoryStoreError> {
+        self.with(|m| match m.dbs.get_mut(db) {
+            Some(d) => d.apply(batch),
+            None => m.dbs.entry(db.clone()).or_default().apply(batch),
+        })
     }
 
     /// Synchronous form of [`Store::load`].

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::Value as Json;
 use syncline_core::protocol::{self, ErrorCode};
 use syncline_core::sync::{
@@ -113,10 +113,52 @@ enum Cmd {
     Close(oneshot::Sender<()>),
 }
 
+/// What a connection task tells the driver.
 enum Net {
-    Frame(u64, Vec<u8>),
+    /// Connected: the driver reads `read` itself and writes through `out`.
+    Connected(u64, mpsc::UnboundedSender<Vec<u8>>, WsRead),
+    /// The connection failed, or writing to it did.
     Closed(u64),
-    Connected(u64, mpsc::UnboundedSender<Vec<u8>>),
+}
+
+/// The receiving half of a connection's WebSocket.
+type WsRead = futures_util::stream::SplitStream<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+>;
+
+/// The current connection. The driver reads it in its own loop, so a frame
+/// wakes one task, not a reader task that hands it over a channel to the
+/// driver (BENCHMARKS.md §24 measures what that saved: little). Writes go
+/// through a task of the connection, which ends when `out` is dropped.
+struct Conn {
+    generation: u64,
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    read: WsRead,
+}
+
+/// What reading the current connection gave.
+enum Read {
+    Frame(tokio_tungstenite::tungstenite::Bytes),
+    /// Nothing for the client (pings are answered by tungstenite).
+    Other,
+    /// Closed by the server, or unreadable.
+    End,
+}
+
+/// The next message of `conn`; never resolves without a connection.
+async fn next_read(conn: &mut Option<Conn>) -> Read {
+    match conn {
+        Some(c) => classify(c.read.next().await),
+        None => std::future::pending().await,
+    }
+}
+
+fn classify(msg: Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>>) -> Read {
+    match msg {
+        Some(Ok(WsMessage::Binary(b))) => Read::Frame(b),
+        Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => Read::End,
+        Some(Ok(_)) => Read::Other,
+    }
 }
 
 /// A handle to a running native client. Cheap to clone.
@@ -199,6 +241,7 @@ impl SyncClient {
             attempts: 0,
             next_attempt: Some(Instant::now()),
             catch_up_at: None,
+            last_frames: Instant::now(),
             waiters: HashMap::new(),
             listings: Vec::new(),
             refused: HashMap::new(),
@@ -351,13 +394,16 @@ struct Driver {
     store: Local,
     url: Option<String>,
     events: broadcast::Sender<ClientEvent>,
-    conn: Option<(u64, mpsc::UnboundedSender<Vec<u8>>)>,
+    conn: Option<Conn>,
     generation: u64,
     attempts: u32,
     next_attempt: Option<Instant>,
     /// When to hand patched documents' changes to automerge: once nothing
-    /// has arrived for a while ([`Client::catch_up`]).
+    /// has arrived for a while ([`Client::catch_up`]). Set when frames
+    /// arrive and none is due; checked against `last_frames` when it comes.
     catch_up_at: Option<Instant>,
+    /// When frames last arrived.
+    last_frames: Instant,
     waiters: HashMap<DbName, Vec<Reply<()>>>,
     /// `ListDatabases` requests waiting for their answer (or asked offline).
     listings: Vec<(Option<u32>, Reply<Vec<DbName>>)>,
@@ -404,12 +450,20 @@ impl Driver {
         let (net_tx, mut net_rx) = mpsc::unbounded_channel::<Net>();
         let (persist_tx, mut persist_rx) =
             mpsc::unbounded_channel::<(DbName, u64, Result<(), String>)>();
+        // One timer for the idle catch-up, moved only when its deadline
+        // does (not once per frame).
+        let catch_up = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(catch_up);
         loop {
             // No redialling after a refused identity: it would be refused again.
             let attempt_at = self
                 .next_attempt
                 .filter(|_| self.url.is_some() && self.conn.is_none() && self.fatal.is_none());
-            let catch_up_at = self.catch_up_at;
+            if let Some(at) = self.catch_up_at
+                && catch_up.deadline() != at
+            {
+                catch_up.as_mut().reset(at);
+            }
             tokio::select! {
                 cmd = cmds.recv() => {
                     let Some(cmd) = cmd else { return };
@@ -422,18 +476,8 @@ impl Driver {
                     }
                     self.command(cmd, &persist_tx).await;
                 }
-                Some(net) = net_rx.recv() => {
-                    // Take what else has arrived: frames received together
-                    // are handled as one batch (Client::handle_frames).
-                    let mut batch = vec![net];
-                    while batch.len() < 256 {
-                        match net_rx.try_recv() {
-                            Ok(n) => batch.push(n),
-                            Err(_) => break,
-                        }
-                    }
-                    self.network(batch);
-                }
+                read = next_read(&mut self.conn) => self.read(read),
+                Some(net) = net_rx.recv() => self.network(net),
                 Some((db, seq, result)) = persist_rx.recv() => match result {
                     Ok(()) => self.client().persisted(&db, seq),
                     Err(e) => tracing::error!(%db, "local write failed: {e}"),
@@ -442,14 +486,49 @@ impl Driver {
                     self.next_attempt = None;
                     self.dial(net_tx.clone());
                 }
-                _ = async { tokio::time::sleep_until(catch_up_at.unwrap_or_else(Instant::now)).await }, if catch_up_at.is_some() => {
-                    // One step, then back to the loop: what arrives meanwhile goes first.
-                    let more = self.client().catch_up(CATCH_UP_STEP);
-                    self.catch_up_at = more.then(Instant::now);
-                }
+                () = &mut catch_up, if self.catch_up_at.is_some() => self.idle(),
             }
             self.pump(&persist_tx);
         }
+    }
+
+    /// The catch-up timer fired: one step if the connection has been quiet
+    /// long enough (then back to the loop: what arrives meanwhile goes
+    /// first), else wait for the rest of the quiet period.
+    fn idle(&mut self) {
+        let quiet_at = self.last_frames + Duration::from_millis(CATCH_UP_IDLE_MS);
+        if Instant::now() < quiet_at {
+            self.catch_up_at = Some(quiet_at);
+            return;
+        }
+        let more = self.client().catch_up(CATCH_UP_STEP);
+        self.catch_up_at = more.then(Instant::now);
+    }
+
+    /// A message of the current connection, with whatever else it has
+    /// ready: frames received together are handled as one batch
+    /// ([`Client::handle_frames`]).
+    fn read(&mut self, first: Read) {
+        let mut frames = Vec::new();
+        let mut next = Some(first);
+        while let Some(read) = next.take() {
+            match read {
+                Read::Frame(b) => frames.push(b),
+                Read::Other => {}
+                Read::End => {
+                    self.frames(frames);
+                    self.drop_connection();
+                    return;
+                }
+            }
+            if frames.len() < 256
+                && let Some(c) = &mut self.conn
+            {
+                // Only what is ready now; the loop waits for the rest.
+                next = c.read.next().now_or_never().map(classify);
+            }
+        }
+        self.frames(frames);
     }
 
     fn dial(&mut self, net: mpsc::UnboundedSender<Net>) {
@@ -472,67 +551,52 @@ impl Driver {
                     return;
                 }
             };
-            let (mut sink, mut stream) = ws.split();
+            let (mut sink, read) = ws.split();
             let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-            let _ = net.send(Net::Connected(generation, out_tx));
-            let writer = async {
-                while let Some(frame) = out_rx.recv().await {
-                    if sink.send(WsMessage::Binary(frame.into())).await.is_err() {
-                        return;
-                    }
+            let _ = net.send(Net::Connected(generation, out_tx, read));
+            while let Some(frame) = out_rx.recv().await {
+                if sink.send(WsMessage::Binary(frame.into())).await.is_err() {
+                    let _ = net.send(Net::Closed(generation));
+                    return;
                 }
-            };
-            let reader = async {
-                while let Some(Ok(msg)) = stream.next().await {
-                    match msg {
-                        WsMessage::Binary(b) => {
-                            let _ = net.send(Net::Frame(generation, b.to_vec()));
-                        }
-                        WsMessage::Close(_) => return,
-                        _ => {}
-                    }
-                }
-            };
-            tokio::select! { _ = writer => {}, _ = reader => {} }
-            let _ = net.send(Net::Closed(generation));
+            }
+            // The driver dropped the connection: close it politely.
+            let _ = sink.close().await;
         });
     }
 
-    fn network(&mut self, batch: Vec<Net>) {
-        let mut frames: Vec<Vec<u8>> = Vec::new();
-        for net in batch {
-            match net {
-                Net::Frame(g, frame) if self.conn.as_ref().is_some_and(|c| c.0 == g) => {
-                    frames.push(frame);
-                }
-                Net::Frame(..) => {} // a stale connection's
-                other => {
-                    self.frames(std::mem::take(&mut frames));
-                    match other {
-                        Net::Connected(g, out) if g == self.generation => {
-                            self.conn = Some((g, out));
-                            self.client().connected();
-                        }
-                        Net::Closed(g) if g == self.generation => self.drop_connection(),
-                        _ => {} // a stale connection
-                    }
-                }
+    fn network(&mut self, net: Net) {
+        match net {
+            Net::Connected(g, out, read) if g == self.generation => {
+                self.conn = Some(Conn {
+                    generation: g,
+                    out,
+                    read,
+                });
+                self.client().connected();
             }
+            Net::Closed(g)
+                if g == self.generation && self.conn.as_ref().is_none_or(|c| c.generation == g) =>
+            {
+                self.drop_connection()
+            }
+            _ => {} // a stale connection
         }
-        self.frames(frames);
     }
 
     /// Handle frames of the current connection; one it cannot read ends it.
-    fn frames(&mut self, frames: Vec<Vec<u8>>) {
-        if !frames.is_empty() {
-            self.catch_up_at = Some(Instant::now() + Duration::from_millis(CATCH_UP_IDLE_MS));
+    fn frames(&mut self, frames: Vec<tokio_tungstenite::tungstenite::Bytes>) {
+        if frames.is_empty() || self.conn.is_none() {
+            return;
         }
-        if !frames.is_empty()
-            && self.conn.is_some()
-            && self
-                .client()
-                .handle_frames(frames.iter().map(Vec::as_slice))
-                .is_err()
+        self.last_frames = Instant::now();
+        if self.catch_up_at.is_none() {
+            self.catch_up_at = Some(self.last_frames + Duration::from_millis(CATCH_UP_IDLE_MS));
+        }
+        if self
+            .client()
+            .handle_frames(frames.iter().map(|f| &f[..]))
+            .is_err()
         {
             self.drop_connection();
         }
@@ -710,14 +774,14 @@ impl Driver {
     ) {
         match out {
             ClientOutput::Send(msg) => {
-                if let Some((_, tx)) = &self.conn {
-                    let _ = tx.send(protocol::encode(&msg));
+                if let Some(c) = &self.conn {
+                    let _ = c.out.send(protocol::encode(&msg));
                 }
             }
             ClientOutput::Persist { db, seq, batch, .. } => {
                 if let Local::Memory(m) = &self.store {
                     // Nothing to wait for: done before the next output.
-                    match m.write_now(&db, &batch) {
+                    match m.write_owned(&db, batch) {
                         Ok(()) => self.client().persisted(&db, seq),
                         Err(e) => tracing::error!(%db, "local write failed: {e}"),
                     }
