@@ -131,7 +131,6 @@ type WsRead = futures_util::stream::SplitStream<
 /// driver (BENCHMARKS.md §24 measures what that saved: little). Writes go
 /// through a task of the connection, which ends when `out` is dropped.
 struct Conn {
-    generation: u64,
     out: mpsc::UnboundedSender<Vec<u8>>,
     read: WsRead,
 }
@@ -567,19 +566,13 @@ impl Driver {
 
     fn network(&mut self, net: Net) {
         match net {
+            // A connection is current while its generation is: the driver
+            // dials (and so moves on) only with none up.
             Net::Connected(g, out, read) if g == self.generation => {
-                self.conn = Some(Conn {
-                    generation: g,
-                    out,
-                    read,
-                });
+                self.conn = Some(Conn { out, read });
                 self.client().connected();
             }
-            Net::Closed(g)
-                if g == self.generation && self.conn.as_ref().is_none_or(|c| c.generation == g) =>
-            {
-                self.drop_connection()
-            }
+            Net::Closed(g) if g == self.generation => self.drop_connection(),
             _ => {} // a stale connection
         }
     }

@@ -14,7 +14,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// headers of mimalloc 2.x and 3.x; the sys crate names no constant for it).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Apply the settings below; call first thing in `main`.
+/// Apply the settings below; call early in `main`, before the work allocates.
 pub fn tune() {
     return_memory_promptly();
     no_transparent_huge_pages();
@@ -38,8 +38,9 @@ fn return_memory_promptly() {
 /// out (`always`, or `madvise`, which mimalloc asks for), one 2 MiB page
 /// backs each region of the allocator that a few small objects touch, and a
 /// purge of part of it is undone by the next fault, which zeroes all 2 MiB
-/// again: the same server held the W1 database in 44–46 MB with them and
-/// 21–22 MB without, and 17 KB per idle connection against 11 KB (§24).
+/// again: the same server held the W1 database in 42–44 MB with them and
+/// 24–25 MB without, and 15–17 KB per idle connection against 10–12 KB
+/// (§24).
 /// mimalloc's own switch (`MIMALLOC_ALLOW_THP=0`) is read before `main`
 /// runs, so the process flag is set here instead (inherited by children,
 /// checked by the kernel at every fault). `MIMALLOC_ALLOW_THP` set to
