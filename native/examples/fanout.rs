@@ -28,10 +28,12 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Mutex, Notify};
 
-// The allocator of the `syncline` binary (see native/src/main.rs), so the
-// native subscribers run as the CLI's client does.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// The `syncline` binary's allocator and memory settings (the same file as
+// its `memory` module), so the native subscribers run as the CLI's client
+// does: without them the subscribers spent 7 % of their CPU zeroing
+// transparent huge pages (BENCHMARKS.md §25).
+#[path = "../src/memory.rs"]
+mod memory;
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -94,6 +96,7 @@ async fn subscribe(
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
+    memory::tune();
     let url = arg("--url").context("--url is required")?;
     let db = DbName::new(arg("--db").as_deref().unwrap_or("bench"))?;
     let count: usize = arg("--count").as_deref().unwrap_or("100").parse()?;

@@ -113,12 +113,17 @@ enum Cmd {
     Close(oneshot::Sender<()>),
 }
 
-/// What a connection task tells the driver.
-enum Net {
+/// What the driver's own tasks report back: on one channel, so each turn
+/// of the driver's loop polls one queue for them, not one per kind (with
+/// a thousand clients in a process, every empty queue polled is a cache
+/// miss; BENCHMARKS.md §25).
+enum Report {
     /// Connected: the driver reads `read` itself and writes through `out`.
     Connected(u64, mpsc::UnboundedSender<Vec<u8>>, WsRead),
     /// The connection failed, or writing to it did.
     Closed(u64),
+    /// A batch written to the file store is durable (or failed).
+    Persisted(DbName, u64, Result<(), String>),
 }
 
 /// The receiving half of a connection's WebSocket.
@@ -225,6 +230,7 @@ impl SyncClient {
     fn start(url: Option<&str>, token: &str, store: Local, replica: ReplicaId) -> Self {
         let (cmd, cmd_rx) = mpsc::channel(256);
         let (events, _) = broadcast::channel(1024);
+        let (reports, reports_rx) = mpsc::unbounded_channel();
         let shared: Shared = Arc::new(Mutex::new(Client::new(
             replica,
             token,
@@ -235,6 +241,7 @@ impl SyncClient {
             store,
             url: url.map(str::to_owned),
             events: events.clone(),
+            reports,
             conn: None,
             generation: 0,
             attempts: 0,
@@ -246,7 +253,7 @@ impl SyncClient {
             refused: HashMap::new(),
             fatal: None,
         };
-        tokio::spawn(driver.run(cmd_rx));
+        tokio::spawn(driver.run(cmd_rx, reports_rx));
         SyncClient {
             cmd,
             shared,
@@ -393,6 +400,8 @@ struct Driver {
     store: Local,
     url: Option<String>,
     events: broadcast::Sender<ClientEvent>,
+    /// For the driver's own tasks (connections, file writes).
+    reports: mpsc::UnboundedSender<Report>,
     conn: Option<Conn>,
     generation: u64,
     attempts: u32,
@@ -445,10 +454,11 @@ impl Driver {
         lock(&self.client)
     }
 
-    async fn run(mut self, mut cmds: mpsc::Receiver<Cmd>) {
-        let (net_tx, mut net_rx) = mpsc::unbounded_channel::<Net>();
-        let (persist_tx, mut persist_rx) =
-            mpsc::unbounded_channel::<(DbName, u64, Result<(), String>)>();
+    async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Cmd>,
+        mut reports: mpsc::UnboundedReceiver<Report>,
+    ) {
         // One timer for the idle catch-up, moved only when its deadline
         // does (not once per frame).
         let catch_up = tokio::time::sleep_until(Instant::now());
@@ -473,21 +483,17 @@ impl Driver {
                         let _ = done.send(());
                         return;
                     }
-                    self.command(cmd, &persist_tx).await;
+                    self.command(cmd).await;
                 }
                 read = next_read(&mut self.conn) => self.read(read),
-                Some(net) = net_rx.recv() => self.network(net),
-                Some((db, seq, result)) = persist_rx.recv() => match result {
-                    Ok(()) => self.client().persisted(&db, seq),
-                    Err(e) => tracing::error!(%db, "local write failed: {e}"),
-                },
+                Some(report) = reports.recv() => self.report(report),
                 _ = async { tokio::time::sleep_until(attempt_at.unwrap_or_else(Instant::now)).await }, if attempt_at.is_some() => {
                     self.next_attempt = None;
-                    self.dial(net_tx.clone());
+                    self.dial();
                 }
                 () = &mut catch_up, if self.catch_up_at.is_some() => self.idle(),
             }
-            self.pump(&persist_tx);
+            self.pump();
         }
     }
 
@@ -530,8 +536,9 @@ impl Driver {
         self.frames(frames);
     }
 
-    fn dial(&mut self, net: mpsc::UnboundedSender<Net>) {
+    fn dial(&mut self) {
         let Some(url) = self.url.clone() else { return };
+        let reports = self.reports.clone();
         self.generation += 1;
         let generation = self.generation;
         tokio::spawn(async move {
@@ -546,16 +553,16 @@ impl Driver {
                 Ok((ws, _)) => ws,
                 Err(e) => {
                     tracing::debug!("connect to {url} failed: {e}");
-                    let _ = net.send(Net::Closed(generation));
+                    let _ = reports.send(Report::Closed(generation));
                     return;
                 }
             };
             let (mut sink, read) = ws.split();
             let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-            let _ = net.send(Net::Connected(generation, out_tx, read));
+            let _ = reports.send(Report::Connected(generation, out_tx, read));
             while let Some(frame) = out_rx.recv().await {
                 if sink.send(WsMessage::Binary(frame.into())).await.is_err() {
-                    let _ = net.send(Net::Closed(generation));
+                    let _ = reports.send(Report::Closed(generation));
                     return;
                 }
             }
@@ -564,15 +571,19 @@ impl Driver {
         });
     }
 
-    fn network(&mut self, net: Net) {
-        match net {
+    fn report(&mut self, report: Report) {
+        match report {
             // A connection is current while its generation is: the driver
             // dials (and so moves on) only with none up.
-            Net::Connected(g, out, read) if g == self.generation => {
+            Report::Connected(g, out, read) if g == self.generation => {
                 self.conn = Some(Conn { out, read });
                 self.client().connected();
             }
-            Net::Closed(g) if g == self.generation => self.drop_connection(),
+            Report::Closed(g) if g == self.generation => self.drop_connection(),
+            Report::Persisted(db, seq, result) => match result {
+                Ok(()) => self.client().persisted(&db, seq),
+                Err(e) => tracing::error!(%db, "local write failed: {e}"),
+            },
             _ => {} // a stale connection
         }
     }
@@ -636,11 +647,7 @@ impl Driver {
         }
     }
 
-    async fn command(
-        &mut self,
-        cmd: Cmd,
-        persist_tx: &mpsc::UnboundedSender<(DbName, u64, Result<(), String>)>,
-    ) {
+    async fn command(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Open(db, reply) => {
                 if self.client().database(&db).is_none() {
@@ -656,11 +663,11 @@ impl Driver {
             }
             Cmd::Update(db, doc, value, reply) => {
                 let r = self.client().update(&db, &doc, &value);
-                self.local_write(r, reply, persist_tx).await;
+                self.local_write(r, reply).await;
             }
             Cmd::Delete(db, doc, reply) => {
                 let r = self.client().delete(&db, &doc);
-                self.local_write(r, reply, persist_tx).await;
+                self.local_write(r, reply).await;
             }
             Cmd::Presence(db, state, reply) => {
                 let _ = reply.send(self.client().set_presence(&db, state).map_err(Into::into));
@@ -700,7 +707,6 @@ impl Driver {
         &mut self,
         r: Result<bool, syncline_core::sync::ClientError>,
         reply: Reply<bool>,
-        persist_tx: &mpsc::UnboundedSender<(DbName, u64, Result<(), String>)>,
     ) {
         let changed = match r {
             Ok(c) => c,
@@ -720,20 +726,20 @@ impl Driver {
                         Err(e) => result = Err(e),
                     }
                 }
-                other => self.output(other, persist_tx),
+                other => self.output(other),
             }
         }
         let _ = reply.send(result);
     }
 
-    fn pump(&mut self, persist_tx: &mpsc::UnboundedSender<(DbName, u64, Result<(), String>)>) {
+    fn pump(&mut self) {
         loop {
             let outs = self.client().take_outputs();
             if outs.is_empty() {
                 break;
             }
             for out in outs {
-                self.output(out, persist_tx);
+                self.output(out);
             }
         }
         let synced: Vec<DbName> = self
@@ -760,11 +766,7 @@ impl Driver {
         }
     }
 
-    fn output(
-        &mut self,
-        out: ClientOutput,
-        persist_tx: &mpsc::UnboundedSender<(DbName, u64, Result<(), String>)>,
-    ) {
+    fn output(&mut self, out: ClientOutput) {
         match out {
             ClientOutput::Send(msg) => {
                 if let Some(c) = &self.conn {
@@ -782,10 +784,10 @@ impl Driver {
                 }
                 // Enqueued now (in order); the wait for fsync runs in a task.
                 let write = self.store.write(&db, &batch);
-                let tx = persist_tx.clone();
+                let tx = self.reports.clone();
                 tokio::spawn(async move {
                     let r = write.await.map_err(|e| e.to_string());
-                    let _ = tx.send((db, seq, r));
+                    let _ = tx.send(Report::Persisted(db, seq, r));
                 });
             }
             ClientOutput::Event(e) => {
