@@ -141,12 +141,21 @@ function summarize(runs) {
  */
 const W3_WARMUP = Number(process.env.W3_WARMUP ?? 100);
 
+// Extra Node flags for the subscriber workers, for profiling them, e.g.
+// BENCH_WORKER_FLAGS='--cpu-prof --cpu-prof-dir=/tmp/prof' (BENCHMARKS.md, Method).
+const WORKER_NODE_FLAGS = (process.env.BENCH_WORKER_FLAGS ?? '').split(' ').filter(Boolean);
+
 async function spawnWorkers(name, server, count, changes, workers) {
   const procs = [];
   const per = Math.ceil(count / workers);
   for (let w = 0; w < workers && w * per < count; w++) {
     const p = fork(join(here, 'lib/worker.mjs'), {
-      execArgv: ['--experimental-websocket', '--no-warnings', '--max-old-space-size=8192'],
+      execArgv: [
+        '--experimental-websocket',
+        '--no-warnings',
+        '--max-old-space-size=8192',
+        ...WORKER_NODE_FLAGS,
+      ],
       serialization: 'advanced',
     });
     const n = Math.min(per, count - w * per);
