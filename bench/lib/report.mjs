@@ -41,6 +41,12 @@ function row(name, source, pick, fmt, ratioOk = true) {
   return { name, values, fmt, ratio: ratioOk ? undefined : false };
 }
 
+/** A "did not finish" row, when some system's run of the workload failed. */
+function finished(source) {
+  if (!Object.values(source).some((v) => v.failed)) return [];
+  return [row('did not finish (why)', source, (v) => (v.failed ? v.failed : 'finished'), String, false)];
+}
+
 async function svg(spec) {
   const view = new vega.View(vega.parse(compile(spec).spec), { renderer: 'none' });
   return view.toSVG();
@@ -87,7 +93,8 @@ async function charts(results, outDir) {
   if (w3.length) {
     const d = [];
     for (const [key, v] of w3) {
-      for (const [p, l] of v.cdf) d.push({ run: `${LABEL[key.split('@')[0]]}, N=${v.subscribers}`, percentile: p, ms: Math.max(0.1, l) });
+      // (no distribution when the run failed)
+      for (const [p, l] of v.cdf ?? []) d.push({ run: `${LABEL[key.split('@')[0]]}, N=${v.subscribers}`, percentile: p, ms: Math.max(0.1, l) });
     }
     writeFileSync(
       join(outDir, 'w3-latency.svg'),
@@ -108,7 +115,7 @@ async function charts(results, outDir) {
   }
   const w5 = Object.entries(results.w5);
   if (w5.length) {
-    const d = w5.map(([s, v]) => ({ system: LABEL[s], kb: v.perConnection / 1024 }));
+    const d = w5.filter(([, v]) => !v.failed).map(([s, v]) => ({ system: LABEL[s], kb: v.perConnection / 1024 }));
     writeFileSync(join(outDir, 'w5.svg'), await svg(bars('W5: server memory per idle connection', d, 'kb', 'KB')));
     made.push('w5.svg');
   }
@@ -174,6 +181,7 @@ export async function writeReport(results, { root, outDir, publish }) {
             row('server peak RSS (MB)', w3, (v) => v.peakRss, mb),
             row('subscribers\' CPU per delivered change (µs)', w3, (v) => v.subscriberCpuPerDeliveryUs, (x) => (x === undefined ? '—' : x.toFixed(1))),
             row('… with their work after the stream (µs)', w3, (v) => v.subscriberCpuWithAfterPerDeliveryUs, (x) => (x === undefined ? '—' : x.toFixed(1))),
+            ...finished(w3),
             row('deliveries missing', w3, (v) => v.missing, String, false),
             row(
               'server fsyncs over 51 ms / slowest (ms)',
@@ -203,6 +211,7 @@ export async function writeReport(results, { root, outDir, publish }) {
           [
             row('server RSS per connection (KB)', results.w5, (v) => v.perConnection, kb),
             row('server RSS with all connected (MB)', results.w5, (v) => v.after, mb),
+            ...finished(results.w5),
           ],
           sys,
         ),

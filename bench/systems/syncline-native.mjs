@@ -17,7 +17,7 @@ export const quickSubscribers = [100, 1000];
 const root = join(import.meta.dirname ?? new URL('.', import.meta.url).pathname, '../..');
 const FANOUT = process.env.SYNCLINE_FANOUT ?? join(root, 'target/release/examples/fanout');
 
-/** W3 subscribers: `{ready, done, collect()}` like the Node workers'. */
+/** W3 subscribers: `{ready, done, collect(), kill()}` like the Node workers'. */
 export function subscribers(server, count, changes) {
   const p = spawn(FANOUT, ['--url', server.url, '--db', 'bench', '--count', String(count), '--changes', String(changes)], {
     stdio: ['pipe', 'pipe', 'inherit'],
@@ -37,6 +37,7 @@ export function subscribers(server, count, changes) {
     pids: [p.pid],
     ready,
     done,
+    kill: () => p.kill('SIGKILL'),
     async collect() {
       p.stdin.end();
       return arrivals;
