@@ -60,7 +60,8 @@ function machine() {
     memoryGiB: Math.round(os.totalmem() / 2 ** 30),
     kernel: os.release(),
     node: process.version,
-    syncline: git(['rev-parse', '--short', 'HEAD']),
+    // "-dirty": the run measured changes not yet committed.
+    syncline: git(['describe', '--always', '--dirty', '--abbrev=7']),
     automergeRepo: pkg('@automerge/automerge-repo'),
     automerge: pkg('@automerge/automerge'),
     yjs: pkg('yjs'),
@@ -158,6 +159,8 @@ async function spawnWorkers(name, server, count, changes, workers) {
       ],
       serialization: 'advanced',
     });
+    // IPC to a worker that died emits 'error'; its exit is reported below.
+    p.on('error', () => {});
     const n = Math.min(per, count - w * per);
     const state = { proc: p, ready: null, done: null, n };
     state.ready = new Promise((ok, fail) => {
@@ -189,6 +192,8 @@ async function spawnWorkers(name, server, count, changes, workers) {
     async collect() {
       const all = [];
       for (const p of procs) {
+        // A worker that died mid-run has nothing to send (and no channel).
+        if (!p.proc.connected) throw new Error(`${name}: a subscriber worker exited early`);
         const got = new Promise((ok) => p.proc.once('exit', ok));
         p.proc.send({ finish: true });
         await deadline(got, 60_000, 'collecting arrivals');
@@ -217,7 +222,7 @@ function fsyncDelta(before, after) {
 
 async function w3(name, sys, subscribers, changes, rate) {
   const server = await sys.startServer({});
-  let subs;
+  let subs, writer;
   try {
     // Subscribers in two Node child processes, or a system's own (native) ones.
     subs = sys.subscribers
@@ -227,7 +232,7 @@ async function w3(name, sys, subscribers, changes, rate) {
       subs.kill();
       throw e;
     });
-    const writer = await sys.client(server.url, server.ctx);
+    writer = await sys.client(server.url, server.ctx);
     await writer.subscribe(() => {});
     const period = 1000 / rate;
     // Unmeasured warm-up at the same rate (subscribers ignore negative
@@ -275,6 +280,7 @@ async function w3(name, sys, subscribers, changes, rate) {
     const afterCpu = subsCpu() - settle0;
     const fsync = fsync0 && fsyncDelta(fsync0, await sys.fsyncs(server));
     await writer.close();
+    writer = undefined;
     const arrivals = await deadline(subs.collect(), 60_000, 'collecting arrivals');
     const lat = [];
     const worst = new Array(changes).fill(0);
@@ -320,7 +326,10 @@ async function w3(name, sys, subscribers, changes, rate) {
     };
     log(`${name}: W3 N=${subscribers}: p50 ${percentile(lat, 50).toFixed(1)} ms, p99 ${percentile(lat, 99).toFixed(1)} ms`);
   } finally {
-    subs?.kill(); // they have exited when collected; not if something failed
+    // Only if something failed: then the subscribers and the writer may
+    // still be connected (collected subscribers have exited already).
+    subs?.kill();
+    await writer?.close().catch(() => {});
     await server.stop();
   }
 }
@@ -354,21 +363,24 @@ async function w4() {
 
 async function w5(name, sys, count) {
   const server = await sys.startServer({});
-  let first;
+  let first, subs;
   try {
     // A first client so the database/document exists, then settle the baseline.
     first = await sys.client(server.url, server.ctx);
     await first.subscribe(() => {});
     await first.tick(0);
     const before = memory(server.pid).rss;
-    const subs = await spawnWorkers(name, server, count, 1, 4);
+    subs = await spawnWorkers(name, server, count, 1, 4);
     const after = memory(server.pid);
     results.w5[name] = { connections: count, before, after: after.rss, peak: after.peak, perConnection: (after.rss - before) / count };
     log(`${name}: W5 ${count} connections: ${((after.rss - before) / count / 1024).toFixed(1)} KB each`);
-    subs.kill();
   } finally {
-    await first?.close();
-    await server.stop();
+    subs?.kill();
+    try {
+      await first?.close();
+    } finally {
+      await server.stop();
+    }
   }
 }
 
@@ -411,7 +423,8 @@ async function attempt(w, key, extra, run) {
   try {
     await run();
   } catch (e) {
-    const reason = String(e?.message ?? e);
+    // One line without pipes: it goes into a Markdown table cell.
+    const reason = String(e?.message ?? e).split('\n')[0].replaceAll('|', '/');
     log(`${key}: ${w.toUpperCase()} did not finish: ${reason}`);
     results[w][key] = { ...extra, failed: reason };
   }

@@ -76,9 +76,15 @@ export async function startProcess(cmd, args, { ready, env = {}, timeoutMs = 30_
     stdio: ['ignore', 'pipe', 'inherit'],
     env: { ...process.env, ...env },
   });
+  // If the run dies (an uncaught error), its servers go with it instead of
+  // holding their ports and cores for whatever runs next.
+  const orphan = () => proc.kill('SIGKILL');
+  process.once('exit', orphan);
+  proc.once('exit', () => process.off('exit', orphan));
   const lines = createInterface({ input: proc.stdout });
   const addr = await new Promise((ok, fail) => {
     const timer = setTimeout(() => fail(new Error(`${cmd} did not start in ${timeoutMs} ms`)), timeoutMs);
+    proc.once('error', fail); // e.g. the binary is missing
     proc.once('exit', (code) => fail(new Error(`${cmd} exited with ${code}`)));
     lines.on('line', (line) => {
       const m = ready.exec(line.trim());

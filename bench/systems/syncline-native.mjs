@@ -32,6 +32,7 @@ export function subscribers(server, count, changes) {
     else if (line === 'done') onDone();
     else if (line.startsWith('{')) onArrivals(JSON.parse(line).arrivals.map((a) => a.map((t) => t ?? NaN)));
   });
+  p.once('error', (e) => onFail(new Error(`fanout (${FANOUT}): ${e.message}`)));
   p.once('exit', (code) => code && onFail(new Error(`fanout exited with ${code}`)));
   return {
     pids: [p.pid],

@@ -94,9 +94,17 @@ async fn subscribe(
     }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // Before the runtime allocates, as the binary's main does.
     memory::tune();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> Result<()> {
     let url = arg("--url").context("--url is required")?;
     let db = DbName::new(arg("--db").as_deref().unwrap_or("bench"))?;
     let count: usize = arg("--count").as_deref().unwrap_or("100").parse()?;

@@ -113,10 +113,10 @@ enum Cmd {
     Close(oneshot::Sender<()>),
 }
 
-/// What the driver's own tasks report back: on one channel, so each turn
-/// of the driver's loop polls one queue for them, not one per kind (with
-/// a thousand clients in a process, every empty queue polled is a cache
-/// miss; BENCHMARKS.md §25).
+/// What the driver's own tasks (connections, file-store writes) report
+/// back, on one channel the driver holds the sender of: one queue for the
+/// loop to poll and no sender threaded through its functions (measured
+/// within the noise against one queue per kind, BENCHMARKS.md §25).
 enum Report {
     /// Connected: the driver reads `read` itself and writes through `out`.
     Connected(u64, mpsc::UnboundedSender<Vec<u8>>, WsRead),
