@@ -228,10 +228,7 @@ async function w3(name, sys, subscribers, changes, rate) {
     subs = sys.subscribers
       ? sys.subscribers(server, subscribers, changes)
       : await spawnWorkers(name, server, subscribers, changes, 2);
-    await deadline(subs.ready, 300_000, `${name}: ${subscribers} subscribers`).catch((e) => {
-      subs.kill();
-      throw e;
-    });
+    await deadline(subs.ready, 300_000, `${name}: ${subscribers} subscribers`);
     writer = await sys.client(server.url, server.ctx);
     await writer.subscribe(() => {});
     const period = 1000 / rate;
