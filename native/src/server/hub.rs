@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use axum::body::Bytes;
 use syncline_core::protocol::{self, ErrorCode, Message};
 use syncline_core::sync::{PeerId, Server, ServerOutput};
 use syncline_core::{DbName, Store, StoredDatabase};
@@ -20,8 +21,9 @@ use crate::store::FileStore;
 /// What a connection's writer sends.
 #[derive(Debug)]
 pub enum Out {
-    /// One encoded frame.
-    Frame(Arc<Vec<u8>>),
+    /// One encoded frame (shared by every recipient of a broadcast: cloning
+    /// it counts a reference, the bytes are not copied per connection).
+    Frame(Bytes),
     /// Close after the frames before this.
     Close(ErrorCode),
 }
@@ -335,7 +337,7 @@ impl Hub {
                     // before compressing its archive.
                     let body = protocol::archive(&msg);
                     drop(msg);
-                    let frame = Arc::new(protocol::frame(&body));
+                    let frame = Bytes::from(protocol::frame(&body));
                     drop(body);
                     self.send(server, peer, frame);
                 }
@@ -349,6 +351,7 @@ impl Hub {
                         .entries_out
                         .inc_by((entries * peers.len()) as u64);
                     self.metrics.views_out.inc_by((views * peers.len()) as u64);
+                    let frame = Bytes::from(Arc::unwrap_or_clone(frame));
                     for peer in peers {
                         self.send(server, peer, frame.clone());
                     }
@@ -490,7 +493,7 @@ impl Hub {
     }
 
     /// Queue a frame; a peer whose queue is over the byte limit is dropped.
-    fn send(&mut self, server: &mut Server<TokenAuth>, peer: PeerId, frame: Arc<Vec<u8>>) {
+    fn send(&mut self, server: &mut Server<TokenAuth>, peer: PeerId, frame: Bytes) {
         let Some(c) = self.conns.get_mut(&peer) else {
             return;
         };

@@ -254,7 +254,7 @@ async fn connection(socket: WebSocket, state: AppState) {
                 out = rx.recv() => match out {
                     Some(Out::Frame(frame)) => {
                         let len = frame.len();
-                        let sent = sink.send(WsMessage::Binary(frame.as_ref().clone().into())).await;
+                        let sent = sink.send(WsMessage::Binary(frame)).await;
                         queued.fetch_sub(len, Ordering::Relaxed);
                         if sent.is_err() {
                             return;
@@ -331,7 +331,7 @@ async fn connection(socket: WebSocket, state: AppState) {
 
 fn refuse(tx: &mpsc::UnboundedSender<Out>, code: ErrorCode, text: &str) {
     let err = Message::error(code, text, None);
-    let _ = tx.send(Out::Frame(Arc::new(protocol::encode(&err))));
+    let _ = tx.send(Out::Frame(protocol::encode(&err).into()));
     let _ = tx.send(Out::Close(code));
 }
 
