@@ -72,6 +72,14 @@ impl<T> Chunked<T> {
         }
     }
 
+    /// Take the first `n` elements (all of them if fewer) out, in order.
+    pub fn take_front(&mut self, n: usize) -> Chunked<T> {
+        let mut all = std::mem::take(self).into_iter();
+        let front = all.by_ref().take(n).collect();
+        self.extend(all);
+        front
+    }
+
     /// Keep only the elements `keep` accepts, in order.
     pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
         let all = std::mem::take(self);
@@ -152,7 +160,7 @@ mod tests {
     proptest! {
         /// Behaves as a `Vec` would, across chunk boundaries.
         #[test]
-        fn matches_a_vec(values in proptest::collection::vec(any::<u16>(), 0..300), cut in any::<u16>()) {
+        fn matches_a_vec(values in proptest::collection::vec(any::<u16>(), 0..300), cut in any::<u16>(), front in 0usize..320) {
             let mut c = Chunked::new();
             for v in &values {
                 c.push(*v);
@@ -170,7 +178,15 @@ mod tests {
             let kept: Vec<u16> = values.iter().copied().filter(|v| *v < cut).collect();
             prop_assert_eq!(c.len(), kept.len());
             prop_assert_eq!(c.clone().into_iter().collect::<Vec<_>>(), kept.clone());
-            prop_assert_eq!(c, kept.into_iter().collect::<Chunked<_>>());
+            prop_assert_eq!(&c, &kept.iter().copied().collect::<Chunked<_>>());
+            let taken = c.take_front(front);
+            let n = front.min(kept.len());
+            prop_assert_eq!(taken.iter().copied().collect::<Vec<_>>(), kept[..n].to_vec());
+            prop_assert_eq!(c.len(), kept.len() - n);
+            prop_assert_eq!(c.iter().copied().collect::<Vec<_>>(), kept[n..].to_vec());
+            for (i, v) in kept[n..].iter().enumerate() {
+                prop_assert_eq!(c.get(i), Some(v));
+            }
         }
     }
 }

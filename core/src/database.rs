@@ -32,14 +32,27 @@ pub const MAX_PENDING: usize = 1 << 20;
 /// they are handed to automerge. The waiting changes are the log's own
 /// entries (a patched document keeps only their dots), so the limit bounds
 /// the work of one catch-up, not memory: one automerge batch walks each
-/// object it touches once, so per change a large batch costs several times
-/// less than a small one, but it is paid at once, by whichever change fills
-/// it. Replicas that only read never need the catch-up until they write;
+/// object it touches once, so in wasm a large batch costs several times
+/// less per change than a small one, but it is paid at once, by whichever
+/// change fills it (natively only a step is, [`LIMIT_CATCH_UP_STEP`]). Replicas that only read never need the catch-up until they write;
 /// adapters catch up when idle ([`Database::catch_up`]). Each replica
 /// catches up somewhere between half this and this many
 /// ([`Database::behind_limit`]), so replicas that receive the same stream
 /// (tabs, a fan-out) do not all pay at the same change.
 pub const MAX_BEHIND: usize = 2048;
+
+/// How many of a document's waiting changes go to automerge at once, oldest
+/// first, when it reaches its limit ([`MAX_BEHIND`]). Natively automerge
+/// costs about the same per change whatever the batch, so a step bounds the
+/// stall of a long stream's reader (~2 ms instead of 7–15 ms for a whole
+/// limit), which in a fan-out held up every replica sharing its thread
+/// (BENCHMARKS.md §27). In wasm a large batch is several times cheaper per
+/// change than a small one, so the browser hands over everything waiting.
+#[cfg(not(target_arch = "wasm32"))]
+pub const LIMIT_CATCH_UP_STEP: usize = 256;
+/// See the native definition: in wasm everything waiting goes at once.
+#[cfg(target_arch = "wasm32")]
+pub const LIMIT_CATCH_UP_STEP: usize = MAX_BEHIND;
 
 /// Most change bytes a document's waiting changes may hold: the other bound
 /// on one catch-up's work, for streams of large changes. Spread like
@@ -116,9 +129,9 @@ enum Slot {
 /// held, so its JSON is known without automerge's walk of the objects it
 /// touches. The changes wait in the log, named by `behind`, until something
 /// needs the automerge document (a write, a change that cannot be patched,
-/// a compaction, an idle [`Database::catch_up`]) or
-/// [`Database::behind_limit`] of them have gathered; then they are parsed
-/// again and applied in one batch.
+/// a compaction, an idle [`Database::catch_up`]), when they are parsed
+/// again and applied in one batch; or until [`Database::behind_limits`]
+/// are reached, when the oldest [`LIMIT_CATCH_UP_STEP`] are.
 #[derive(Debug, Clone)]
 struct Patched {
     /// The automerge document, without `behind`.
@@ -163,6 +176,41 @@ impl Patched {
             None => apply_behind(doc, &behind, at, name, errors),
         }
     }
+
+    /// Hand the oldest waiting changes to automerge, [`LIMIT_CATCH_UP_STEP`]
+    /// at a time, until the document is back under `limit` changes and
+    /// `byte_limit` bytes; the patched JSON stays what it shows. False if
+    /// automerge refused one or a change no longer parses (the patched JSON
+    /// can then no longer be trusted, and what was refused is in `errors`)
+    /// or one left the log: the caller then catches all of it up.
+    fn catch_up_oldest(
+        &mut self,
+        at: Source<'_>,
+        name: &DocId,
+        (limit, byte_limit): (usize, usize),
+        errors: &mut Vec<ApplyError>,
+    ) -> bool {
+        let before = errors.len();
+        while !self.behind.is_empty()
+            && (self.behind.len() >= limit || self.behind_bytes > byte_limit)
+        {
+            let n = LIMIT_CATCH_UP_STEP.min(self.behind.len());
+            let Some(changes) = changes_of(at.log, self.behind.iter().take(n), errors) else {
+                return false;
+            };
+            let bytes: usize = changes.iter().map(|c| c.raw_bytes().len()).sum();
+            apply_or_report(&mut self.doc, name, changes, errors);
+            self.behind.take_front(n);
+            self.behind_bytes = match self.behind.is_empty() {
+                true => 0,
+                false => self.behind_bytes.saturating_sub(bytes),
+            };
+            if errors.len() > before {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 /// Where a patched document's waiting changes are read from: the log, and
@@ -182,7 +230,7 @@ fn apply_behind(
     name: &DocId,
     errors: &mut Vec<ApplyError>,
 ) -> Document {
-    match changes_of(at.log, behind, errors) {
+    match changes_of(at.log, behind.iter(), errors) {
         Some(changes) => {
             apply_or_report(&mut doc, name, changes, errors);
             doc
@@ -201,13 +249,13 @@ fn apply_behind(
 /// The changes of the log entries at `dots`, parsed again (they parsed when
 /// they arrived; what no longer does is reported). `None` if one of them is
 /// no longer in the log.
-fn changes_of(
+fn changes_of<'a>(
     log: &Log,
-    dots: &Chunked<Dot>,
+    dots: impl ExactSizeIterator<Item = &'a Dot>,
     errors: &mut Vec<ApplyError>,
 ) -> Option<Vec<automerge::Change>> {
     let mut changes = Vec::with_capacity(dots.len());
-    for dot in dots.iter() {
+    for dot in dots {
         match log.get(dot)?.parse_change() {
             Ok(c) => changes.push(c),
             Err(e) => errors.push(e.into()),
@@ -945,8 +993,21 @@ impl Database {
                 _ => false,
             };
             if full {
-                self.doc_mut(doc, errors);
-                return rest.collect();
+                let at = Source {
+                    log: &self.log,
+                    replica: self.replica,
+                    encoding: self.encoding,
+                };
+                let stepped = match slot {
+                    Slot::Patched(p) if LIMIT_CATCH_UP_STEP < limit => {
+                        p.catch_up_oldest(at, doc, (limit, byte_limit), errors)
+                    }
+                    _ => false,
+                };
+                if !stepped {
+                    self.doc_mut(doc, errors);
+                    return rest.collect();
+                }
             }
         }
         rest.collect()
@@ -1352,7 +1413,8 @@ mod tests {
         assert_eq!(b.changes_behind(&t), 0, "a new document is applied");
         let limit = b.behind_limit();
         assert!((MAX_BEHIND / 2..MAX_BEHIND).contains(&limit));
-        for i in 1..=limit + 3 {
+        let step = LIMIT_CATCH_UP_STEP.min(limit);
+        for i in 1..=limit + step + 3 {
             let n = a.log().entries().len();
             a.update(&t, &json!({"seq": i, "tags": ["x"], "s": format!("v{i}")}))
                 .expect("write");
@@ -1361,8 +1423,12 @@ mod tests {
             assert!(out.changed.contains(&t));
             assert_eq!(b.get(&t), a.get(&t), "after change {i}");
             assert_eq!(b.view(&t).map(|v| v.json), a.view(&t).map(|v| v.json));
-            // Caught up in one batch every `limit` changes.
-            assert_eq!(b.changes_behind(&t), i % limit);
+            // At the limit, the oldest `step` go to automerge, each time.
+            let behind = match i < limit {
+                true => i,
+                false => limit - step + (i - limit) % step,
+            };
+            assert_eq!(b.changes_behind(&t), behind, "after change {i}");
         }
         assert_eq!(b.list(), vec![t.clone()]);
         // A read of the automerge document sees every change.
