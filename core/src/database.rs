@@ -42,12 +42,15 @@ pub const MAX_PENDING: usize = 1 << 20;
 pub const MAX_BEHIND: usize = 2048;
 
 /// How many of a document's waiting changes go to automerge at once, oldest
-/// first, when it reaches its limit ([`MAX_BEHIND`]). Natively automerge
-/// costs about the same per change whatever the batch, so a step bounds the
-/// stall of a long stream's reader (~2 ms instead of 7–15 ms for a whole
-/// limit), which in a fan-out held up every replica sharing its thread
-/// (BENCHMARKS.md §27). In wasm a large batch is several times cheaper per
-/// change than a small one, so the browser hands over everything waiting.
+/// first, when it reaches its limit ([`MAX_BEHIND`]): at least this many,
+/// and at least an eighth of the document's history in the log (automerge
+/// walks the history once per batch). Natively a batch of a short history's
+/// document costs about the same per change whatever its size, so a step
+/// bounds the stall of a long stream's reader (~2 ms instead of 7–15 ms for
+/// a whole limit), which in a fan-out held up every replica sharing its
+/// thread (BENCHMARKS.md §27). In wasm a large batch is several times
+/// cheaper per change than a small one, so the browser hands over
+/// everything waiting.
 #[cfg(not(target_arch = "wasm32"))]
 pub const LIMIT_CATCH_UP_STEP: usize = 256;
 /// See the native definition: in wasm everything waiting goes at once.
@@ -177,8 +180,7 @@ impl Patched {
         }
     }
 
-    /// Hand the oldest waiting changes to automerge, [`LIMIT_CATCH_UP_STEP`]
-    /// at a time, until the document is back under `limit` changes and
+    /// Hand the oldest waiting changes to automerge, `step` at a time, until the document is back under `limit` changes and
     /// `byte_limit` bytes; the patched JSON stays what it shows. False if
     /// automerge refused one or a change no longer parses (the patched JSON
     /// can then no longer be trusted, and what was refused is in `errors`)
@@ -187,6 +189,7 @@ impl Patched {
         &mut self,
         at: Source<'_>,
         name: &DocId,
+        step: usize,
         (limit, byte_limit): (usize, usize),
         errors: &mut Vec<ApplyError>,
     ) -> bool {
@@ -194,7 +197,7 @@ impl Patched {
         while !self.behind.is_empty()
             && (self.behind.len() >= limit || self.behind_bytes > byte_limit)
         {
-            let n = LIMIT_CATCH_UP_STEP.min(self.behind.len());
+            let n = step.min(self.behind.len());
             let Some(changes) = changes_of(at.log, self.behind.iter().take(n), errors) else {
                 return false;
             };
@@ -998,9 +1001,14 @@ impl Database {
                     replica: self.replica,
                     encoding: self.encoding,
                 };
+                // automerge walks the document's history once per batch, so a
+                // step is at least an eighth of it: on a long history smaller
+                // steps would cost more than they spare.
+                let history = usize::try_from(self.log.doc_entry_count(doc)).unwrap_or(usize::MAX);
+                let step = LIMIT_CATCH_UP_STEP.max(history / 8);
                 let stepped = match slot {
-                    Slot::Patched(p) if LIMIT_CATCH_UP_STEP < limit => {
-                        p.catch_up_oldest(at, doc, (limit, byte_limit), errors)
+                    Slot::Patched(p) if step < limit => {
+                        p.catch_up_oldest(at, doc, step, (limit, byte_limit), errors)
                     }
                     _ => false,
                 };
