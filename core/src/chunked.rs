@@ -181,6 +181,7 @@ mod tests {
             prop_assert_eq!(&c, &kept.iter().copied().collect::<Chunked<_>>());
             let taken = c.take_front(front);
             let n = front.min(kept.len());
+            prop_assert_eq!(taken.len(), n);
             prop_assert_eq!(taken.iter().copied().collect::<Vec<_>>(), kept[..n].to_vec());
             prop_assert_eq!(c.len(), kept.len() - n);
             prop_assert_eq!(c.iter().copied().collect::<Vec<_>>(), kept[n..].to_vec());

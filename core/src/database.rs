@@ -34,7 +34,8 @@ pub const MAX_PENDING: usize = 1 << 20;
 /// the work of one catch-up, not memory: one automerge batch walks each
 /// object it touches once, so in wasm a large batch costs several times
 /// less per change than a small one, but it is paid at once, by whichever
-/// change fills it (natively only a step is, [`LIMIT_CATCH_UP_STEP`]). Replicas that only read never need the catch-up until they write;
+/// change fills it (natively only a step is, [`LIMIT_CATCH_UP_STEP`]).
+/// Replicas that only read never need the catch-up until they write;
 /// adapters catch up when idle ([`Database::catch_up`]). Each replica
 /// catches up somewhere between half this and this many
 /// ([`Database::behind_limit`]), so replicas that receive the same stream
@@ -43,8 +44,11 @@ pub const MAX_BEHIND: usize = 2048;
 
 /// How many of a document's waiting changes go to automerge at once, oldest
 /// first, when it reaches its limit ([`MAX_BEHIND`]): at least this many,
-/// and at least an eighth of the document's history in the log (automerge
-/// walks the history once per batch). Natively a batch of a short history's
+/// and at least an eighth of the document's entries in the log (automerge
+/// walks the history once per batch; after a compaction the entries are
+/// those since the snapshot). Once that reaches the limit (a history of
+/// 8–16 thousand entries) everything waiting goes at once, as in wasm; a
+/// document over its byte limit may take several steps at once. Natively a batch of a short history's
 /// document costs about the same per change whatever its size, so a step
 /// bounds the stall of a long stream's reader (~2 ms instead of 7–15 ms for
 /// a whole limit), which in a fan-out held up every replica sharing its
@@ -197,8 +201,10 @@ impl Patched {
         while !self.behind.is_empty()
             && (self.behind.len() >= limit || self.behind_bytes > byte_limit)
         {
-            let n = step.min(self.behind.len());
+            let n = step.clamp(1, self.behind.len());
             let Some(changes) = changes_of(at.log, self.behind.iter().take(n), errors) else {
+                // The full catch-up reports these changes again.
+                errors.truncate(before);
                 return false;
             };
             let bytes: usize = changes.iter().map(|c| c.raw_bytes().len()).sum();
@@ -1039,8 +1045,11 @@ impl Database {
     /// behind: between half of [`MAX_BEHIND`] / [`MAX_BEHIND_BYTES`] and
     /// all of it, fixed per replica from its id.
     pub fn behind_limits(&self) -> (usize, usize) {
-        let r = usize::from(self.replica.0[15]);
-        let spread = |max: usize| max / 2 + r * (max / 2) / 256;
+        // Sixteen bits, so that the limits also spread evenly modulo a
+        // 256-change step: with one byte they fell on 64 phases only, and
+        // the replicas of each caught up together.
+        let r = usize::from(u16::from_le_bytes([self.replica.0[14], self.replica.0[15]]));
+        let spread = |max: usize| max / 2 + r * (max / 2) / 65_536;
         (spread(MAX_BEHIND), spread(MAX_BEHIND_BYTES))
     }
 
@@ -1437,6 +1446,11 @@ mod tests {
             if behind >= limit {
                 let history = b.log().doc_entry_count(&t) as usize;
                 behind -= LIMIT_CATCH_UP_STEP.max(history / 8).min(behind);
+                // automerge's document (the steps applied, then what still
+                // waits) is the writer's, in a copy: a read ends the steps.
+                let read = b.clone();
+                let d = read.document(&t).expect("held");
+                assert_eq!(d.to_json(), a.get(&t), "read after change {i}");
             }
             assert_eq!(b.changes_behind(&t), behind, "after change {i}");
         }
@@ -1457,20 +1471,22 @@ mod tests {
         );
     }
 
-    #[test]
-    fn waiting_changes_stay_within_their_byte_bound() {
+    /// Changes of `size` characters each, `rounds` of them: the waiting
+    /// changes never pass the byte limit, nor reach the count limit. Returns
+    /// how often they dropped, and whether one drop left some waiting.
+    fn within_byte_bound(size: usize, rounds: usize) -> (usize, bool) {
         let (mut a, mut b) = (db(1), db(2));
         let t = id("t");
         a.update(&t, &json!({"v": ""})).expect("write");
         b.apply_entries(entries_since(&a, 0));
         let byte_limit = b.behind_limits().1;
         assert!((MAX_BEHIND_BYTES / 2..MAX_BEHIND_BYTES).contains(&byte_limit));
-        let mut caught_up = 0;
+        let (mut caught_up, mut partly) = (0, false);
         let mut before = 0;
-        for round in 0..300 {
+        for round in 0..rounds {
             let n = a.log().entries().len();
             // Distinct text each time, so the changes do not compress away.
-            let v: String = (0..6000)
+            let v: String = (0..size)
                 .map(|i| char::from(b'a' + ((i * 7 + round) % 26) as u8))
                 .collect();
             a.update(&t, &json!({ "v": v })).expect("write");
@@ -1480,17 +1496,30 @@ mod tests {
                 Some(Slot::Patched(p)) => (p.behind.len(), p.behind_bytes),
                 _ => (0, 0),
             };
-            assert!(bytes <= b.behind_limits().1, "{bytes} bytes waiting");
+            assert!(bytes <= byte_limit, "{bytes} bytes waiting");
             assert!(
                 behind < b.behind_limit(),
                 "the count limit is not what bound it"
             );
             if behind < before {
                 caught_up += 1;
+                partly |= behind > 0;
             }
             before = behind;
         }
+        (caught_up, partly)
+    }
+
+    #[test]
+    fn waiting_changes_stay_within_their_byte_bound() {
+        // Large changes: a step of 256 takes all of them.
+        let (caught_up, _) = within_byte_bound(6000, 300);
         assert!(caught_up >= 2, "caught up {caught_up} times");
+        // Small ones: more than a step waits at the byte limit, so natively
+        // the oldest go and the rest keep waiting.
+        let (caught_up, partly) = within_byte_bound(1500, 700);
+        assert!(caught_up >= 2, "caught up {caught_up} times");
+        assert_eq!(partly, LIMIT_CATCH_UP_STEP < MAX_BEHIND);
     }
 
     #[test]
