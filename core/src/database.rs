@@ -1048,8 +1048,13 @@ impl Database {
         // Sixteen bits, so that the limits also spread evenly modulo a
         // 256-change step: with one byte they fell on 64 phases only, and
         // the replicas of each caught up together.
-        let r = usize::from(u16::from_le_bytes([self.replica.0[14], self.replica.0[15]]));
-        let spread = |max: usize| max / 2 + r * (max / 2) / 65_536;
+        // In u64: the product overflows a wasm32 usize.
+        let r = u64::from(u16::from_le_bytes([self.replica.0[14], self.replica.0[15]]));
+        let spread = |max: usize| {
+            let half = max / 2;
+            let extra = r * half as u64 / 65_536; // < half
+            half + usize::try_from(extra).unwrap_or(0)
+        };
         (spread(MAX_BEHIND), spread(MAX_BEHIND_BYTES))
     }
 
