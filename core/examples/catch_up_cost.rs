@@ -4,7 +4,8 @@
 //! patching it and handing automerge its waiting changes at its limit
 //! (`LIMIT_CATCH_UP_STEP`). Prints the reader's CPU per change, its worst
 //! single changes (the catch-ups) and its cost per 1,000 changes as the
-//! document's history grows (BENCHMARKS.md §27).
+//! document's history grows (BENCHMARKS.md §27); then, the stream stopped,
+//! what the idle catch-up of the changes still waiting costs per call.
 //!
 //! `cargo run --release -p syncline-core --example catch_up_cost -- 20000`
 
@@ -12,6 +13,7 @@ use std::time::Instant;
 
 use automerge::TextEncoding;
 use serde_json::json;
+use syncline_core::sync::CATCH_UP_STEP;
 use syncline_core::{Database, DbName, DocId, Entry, ReplicaId};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -61,5 +63,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|us| format!("{:.0}", us / 1000.0))
         .collect();
     println!("µs per change, by thousand: {}", per_change.join(" "));
+
+    // Then the stream stops: the idle catch-up (`Database::catch_up`, as the
+    // adapters call it) hands automerge what still waits.
+    let waiting = reader.changes_behind(&ticker);
+    let mut calls_ms = Vec::new();
+    loop {
+        let start = Instant::now();
+        let (more, errors) = reader.catch_up(CATCH_UP_STEP);
+        calls_ms.push(start.elapsed().as_secs_f64() * 1e3);
+        if !errors.is_empty() {
+            return Err(format!("automerge refused a change: {errors:?}").into());
+        }
+        if !more {
+            break;
+        }
+    }
+    let longest = calls_ms.iter().copied().fold(0.0, f64::max);
+    println!(
+        "idle: {waiting} waiting, {} catch_up calls, {:.1} ms in all, longest {longest:.1} ms",
+        calls_ms.len(),
+        calls_ms.iter().sum::<f64>()
+    );
     Ok(())
 }

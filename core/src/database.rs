@@ -136,9 +136,9 @@ enum Slot {
 /// held, so its JSON is known without automerge's walk of the objects it
 /// touches. The changes wait in the log, named by `behind`, until something
 /// needs the automerge document (a write, a change that cannot be patched,
-/// a compaction, an idle [`Database::catch_up`]), when they are parsed
-/// again and applied in one batch; or until [`Database::behind_limits`]
-/// are reached, when the oldest [`LIMIT_CATCH_UP_STEP`] are.
+/// a compaction), when they are parsed again and applied in one batch; or
+/// until [`Database::behind_limits`] are reached or the replica is idle
+/// ([`Database::catch_up`]), when the oldest [`LIMIT_CATCH_UP_STEP`] are.
 #[derive(Debug, Clone)]
 struct Patched {
     /// The automerge document, without `behind`.
@@ -184,11 +184,10 @@ impl Patched {
         }
     }
 
-    /// Hand the oldest waiting changes to automerge, `step` at a time, until the document is back under `limit` changes and
-    /// `byte_limit` bytes; the patched JSON stays what it shows. False if
-    /// automerge refused one or a change no longer parses (the patched JSON
-    /// can then no longer be trusted, and what was refused is in `errors`)
-    /// or one left the log: the caller then catches all of it up.
+    /// Hand the oldest waiting changes to automerge, `step` at a time,
+    /// until the document is back under `limit` changes and `byte_limit`
+    /// bytes; the patched JSON stays what it shows. False as
+    /// [`Patched::apply_oldest`]: the caller then catches all of it up.
     fn catch_up_oldest(
         &mut self,
         at: Source<'_>,
@@ -197,29 +196,55 @@ impl Patched {
         (limit, byte_limit): (usize, usize),
         errors: &mut Vec<ApplyError>,
     ) -> bool {
-        let before = errors.len();
         while !self.behind.is_empty()
             && (self.behind.len() >= limit || self.behind_bytes > byte_limit)
         {
-            let n = step.clamp(1, self.behind.len());
-            let Some(changes) = changes_of(at.log, self.behind.iter().take(n), errors) else {
-                // The full catch-up reports these changes again.
-                errors.truncate(before);
-                return false;
-            };
-            let bytes: usize = changes.iter().map(|c| c.raw_bytes().len()).sum();
-            apply_or_report(&mut self.doc, name, changes, errors);
-            self.behind.take_front(n);
-            self.behind_bytes = match self.behind.is_empty() {
-                true => 0,
-                false => self.behind_bytes.saturating_sub(bytes),
-            };
-            if errors.len() > before {
+            if !self.apply_oldest(at, name, step, errors) {
                 return false;
             }
         }
         true
     }
+
+    /// Hand the oldest `n` waiting changes to automerge in one batch. False
+    /// if automerge refused one or a change no longer parses (the patched
+    /// JSON can then no longer be trusted, and what was refused is in
+    /// `errors`) or one left the log: the caller then catches all of it up.
+    fn apply_oldest(
+        &mut self,
+        at: Source<'_>,
+        name: &DocId,
+        n: usize,
+        errors: &mut Vec<ApplyError>,
+    ) -> bool {
+        if self.behind.is_empty() {
+            return true;
+        }
+        let before = errors.len();
+        let n = n.clamp(1, self.behind.len());
+        let Some(changes) = changes_of(at.log, self.behind.iter().take(n), errors) else {
+            // The full catch-up reports these changes again.
+            errors.truncate(before);
+            return false;
+        };
+        let bytes: usize = changes.iter().map(|c| c.raw_bytes().len()).sum();
+        apply_or_report(&mut self.doc, name, changes, errors);
+        self.behind.take_front(n);
+        self.behind_bytes = match self.behind.is_empty() {
+            true => 0,
+            false => self.behind_bytes.saturating_sub(bytes),
+        };
+        errors.len() == before
+    }
+}
+
+/// How many of a document's waiting changes one step hands to automerge
+/// ([`LIMIT_CATCH_UP_STEP`]): automerge walks the document's history once
+/// per batch, so a step is at least an eighth of it; on a long history
+/// smaller steps would cost more than they spare.
+fn catch_up_step(log: &Log, doc: &DocId) -> usize {
+    let history = usize::try_from(log.doc_entry_count(doc)).unwrap_or(usize::MAX);
+    LIMIT_CATCH_UP_STEP.max(history / 8)
 }
 
 /// Where a patched document's waiting changes are read from: the log, and
@@ -1007,11 +1032,7 @@ impl Database {
                     replica: self.replica,
                     encoding: self.encoding,
                 };
-                // automerge walks the document's history once per batch, so a
-                // step is at least an eighth of it: on a long history smaller
-                // steps would cost more than they spare.
-                let history = usize::try_from(self.log.doc_entry_count(doc)).unwrap_or(usize::MAX);
-                let step = LIMIT_CATCH_UP_STEP.max(history / 8);
+                let step = catch_up_step(&self.log, doc);
                 let stepped = match slot {
                     Slot::Patched(p) if step < limit => {
                         p.catch_up_oldest(at, doc, step, (limit, byte_limit), errors)
@@ -1060,7 +1081,8 @@ impl Database {
 
     /// Hand patched documents' waiting changes to automerge, the document
     /// with the most first, until at least `changes` were applied or none
-    /// wait. For idle time: a replica that stopped receiving can pay now
+    /// wait; natively a document with more than a step waiting
+    /// ([`LIMIT_CATCH_UP_STEP`]) gives only its oldest step. For idle time: a replica that stopped receiving can pay now
     /// what its next write would otherwise pay. Returns whether any still
     /// wait; what automerge refuses is returned with the rest
     /// ([`Applied::errors`]).
@@ -1071,10 +1093,33 @@ impl Database {
             let Some((n, doc)) = self.most_behind() else {
                 return (false, errors);
             };
-            self.doc_mut(&doc, &mut errors);
-            done += n;
+            done += self.idle_step(&doc, n, &mut errors);
         }
         (self.most_behind().is_some(), errors)
+    }
+
+    /// One step of [`Database::catch_up`] for `doc`, with `n` changes
+    /// waiting: its oldest [`catch_up_step`] if more wait (natively; in wasm
+    /// a step is the whole limit), else all of them. Returns how many were
+    /// applied. Stepping bounds how long a change arriving meanwhile waits.
+    fn idle_step(&mut self, doc: &DocId, n: usize, errors: &mut Vec<ApplyError>) -> usize {
+        let step = catch_up_step(&self.log, doc);
+        if step < n {
+            let at = Source {
+                log: &self.log,
+                replica: self.replica,
+                encoding: self.encoding,
+            };
+            // A read that caught the document up left nothing to step.
+            if let Some(Slot::Patched(p)) = self.docs.get_mut(doc)
+                && p.loaded.get().is_none()
+                && p.apply_oldest(at, doc, step, errors)
+            {
+                return step;
+            }
+        }
+        self.doc_mut(doc, errors);
+        n
     }
 
     /// The patched document with the most changes waiting, and how many.
@@ -1605,6 +1650,50 @@ mod tests {
             a.apply_entries(entries_since(&c, n));
             assert_eq!(a.get(d), Some(json!({ "seq": -1 })));
         }
+    }
+
+    #[test]
+    fn idle_catch_up_steps_through_a_long_wait() {
+        let (mut a, mut b) = (db(1), db(2));
+        let t = id("t");
+        a.update(&t, &json!({"seq": 0})).expect("write");
+        b.apply_entries(entries_since(&a, 0));
+        // Under any replica's limit (at least half of MAX_BEHIND).
+        let waiting = 600;
+        for i in 1..=waiting {
+            let n = a.log().entries().len();
+            a.update(&t, &json!({ "seq": i })).expect("write");
+            let out = b.apply_entries(entries_since(&a, n));
+            assert!(out.errors.is_empty(), "{:?}", out.errors);
+        }
+        assert_eq!(b.changes_behind(&t), waiting);
+        // 601 entries: a step is LIMIT_CATCH_UP_STEP (natively 256, so
+        // 600 -> 344 -> 88 -> 0; in wasm all at once).
+        let step = LIMIT_CATCH_UP_STEP.max((waiting + 1) / 8);
+        let mut expect = waiting;
+        let mut calls = 0;
+        loop {
+            let (more, errors) = b.catch_up(1);
+            calls += 1;
+            assert!(errors.is_empty(), "{errors:?}");
+            expect -= step.min(expect);
+            assert_eq!(b.changes_behind(&t), expect);
+            assert_eq!(more, expect > 0);
+            // What automerge holds plus what still waits is the writer's.
+            assert_eq!(b.get(&t), a.get(&t));
+            assert_eq!(
+                b.clone().document(&t).expect("b").canonical_save(),
+                a.document(&t).expect("a").canonical_save()
+            );
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(calls, waiting.div_ceil(step));
+        assert_eq!(
+            b.document(&t).expect("b").canonical_save(),
+            a.document(&t).expect("a").canonical_save()
+        );
     }
 
     #[test]

@@ -485,9 +485,10 @@ impl Client {
     }
 
     /// Hand remote changes that documents show patched to automerge, about
-    /// `changes` of them (whole documents at a time): for idle time, so
-    /// that a replica which stopped receiving pays now what its next write
-    /// would otherwise pay ([`Database::catch_up`]). Adapters call it once
+    /// `changes` of them (whole documents, or natively a long wait's oldest
+    /// step, at a time): for idle time, so that a replica which stopped
+    /// receiving pays now what its next write would otherwise pay
+    /// ([`Database::catch_up`]). Adapters call it once
     /// nothing has arrived for [`CATCH_UP_IDLE_MS`], [`CATCH_UP_STEP`] at a
     /// time, while it returns `true` (more wait) and nothing else arrives.
     /// A change automerge refuses is reported as when it arrived, and its
