@@ -1082,10 +1082,10 @@ impl Database {
     /// Hand patched documents' waiting changes to automerge, the document
     /// with the most first, until at least `changes` were applied or none
     /// wait; natively a document with more than a step waiting
-    /// ([`LIMIT_CATCH_UP_STEP`]) gives only its oldest step. For idle time: a replica that stopped receiving can pay now
-    /// what its next write would otherwise pay. Returns whether any still
-    /// wait; what automerge refuses is returned with the rest
-    /// ([`Applied::errors`]).
+    /// ([`LIMIT_CATCH_UP_STEP`]) gives only its oldest step. For idle time:
+    /// a replica that stopped receiving can pay now what its next write
+    /// would otherwise pay. Returns whether any still wait; what automerge
+    /// refuses is returned with the rest ([`Applied::errors`]).
     pub fn catch_up(&mut self, changes: usize) -> (bool, Vec<ApplyError>) {
         let mut errors = Vec::new();
         let mut done = 0;
