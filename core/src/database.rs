@@ -32,9 +32,9 @@ pub const MAX_PENDING: usize = 1 << 20;
 /// they are handed to automerge. The waiting changes are the log's own
 /// entries (a patched document keeps only their dots), so the limit bounds
 /// the work of one catch-up, not memory: one automerge batch walks each
-/// object it touches once, so in wasm a large batch costs several times
-/// less per change than a small one, but it is paid at once, by whichever
-/// change fills it (natively only a step is, [`LIMIT_CATCH_UP_STEP`]).
+/// object it touches once, so a large batch costs less per change than a
+/// small one (several times less in wasm), but the change that fills the
+/// limit pays for a step of it ([`LIMIT_CATCH_UP_STEP`]).
 /// Replicas that only read never need the catch-up until they write;
 /// adapters catch up when idle ([`Database::catch_up`]). Each replica
 /// catches up somewhere between half this and this many
@@ -43,23 +43,18 @@ pub const MAX_PENDING: usize = 1 << 20;
 pub const MAX_BEHIND: usize = 2048;
 
 /// How many of a document's waiting changes go to automerge at once, oldest
-/// first, when it reaches its limit ([`MAX_BEHIND`]): at least this many,
-/// and at least an eighth of the document's entries in the log (automerge
-/// walks the history once per batch; after a compaction the entries are
-/// those since the snapshot). Once that reaches the limit (a history of
-/// 8–16 thousand entries) everything waiting goes at once, as in wasm; a
-/// document over its byte limit may take several steps at once. Natively a batch of a short history's
-/// document costs about the same per change whatever its size, so a step
-/// bounds the stall of a long stream's reader (~2 ms instead of 7–15 ms for
-/// a whole limit), which in a fan-out held up every replica sharing its
-/// thread (BENCHMARKS.md §27). In wasm a large batch is several times
-/// cheaper per change than a small one, so the browser hands over
-/// everything waiting.
-#[cfg(not(target_arch = "wasm32"))]
+/// first, when it reaches its limit ([`MAX_BEHIND`]) or the connection is
+/// idle: at least this many, and at least an eighth of the document's
+/// entries in the log (automerge walks the history once per batch; after a
+/// compaction the entries are those since the snapshot). Once that reaches
+/// the limit (a history of 8–16 thousand entries) everything waiting goes
+/// at once; a document over its byte limit may take several steps at once.
+/// A step bounds the stall of a long stream's reader (natively ~2 ms
+/// instead of 7–15 ms for a whole limit; in Node ~6 ms instead of ~18),
+/// which in a fan-out held up every replica sharing its thread. In wasm the
+/// smaller batches cost ~5 % more CPU per delivered change in all, for a
+/// p99 about half as long (BENCHMARKS.md §27–§28).
 pub const LIMIT_CATCH_UP_STEP: usize = 256;
-/// See the native definition: in wasm everything waiting goes at once.
-#[cfg(target_arch = "wasm32")]
-pub const LIMIT_CATCH_UP_STEP: usize = MAX_BEHIND;
 
 /// Most change bytes a document's waiting changes may hold: the other bound
 /// on one catch-up's work, for streams of large changes. Spread like
@@ -1081,7 +1076,7 @@ impl Database {
 
     /// Hand patched documents' waiting changes to automerge, the document
     /// with the most first, until at least `changes` were applied or none
-    /// wait; natively a document with more than a step waiting
+    /// wait; a document with more than a step waiting
     /// ([`LIMIT_CATCH_UP_STEP`]) gives only its oldest step. For idle time:
     /// a replica that stopped receiving can pay now what its next write
     /// would otherwise pay. Returns whether any still wait; what automerge
@@ -1099,9 +1094,9 @@ impl Database {
     }
 
     /// One step of [`Database::catch_up`] for `doc`, with `n` changes
-    /// waiting: its oldest [`catch_up_step`] if more wait (natively; in wasm
-    /// a step is the whole limit), else all of them. Returns how many were
-    /// applied. Stepping bounds how long a change arriving meanwhile waits.
+    /// waiting: its oldest [`catch_up_step`] if more wait, else all of them.
+    /// Returns how many were applied. Stepping bounds how long a change
+    /// arriving meanwhile waits.
     fn idle_step(&mut self, doc: &DocId, n: usize, errors: &mut Vec<ApplyError>) -> usize {
         let step = catch_up_step(&self.log, doc);
         if step < n {
@@ -1565,11 +1560,11 @@ mod tests {
         // Large changes: a step of 256 takes all of them.
         let (caught_up, _) = within_byte_bound(6000, 300);
         assert!(caught_up >= 2, "caught up {caught_up} times");
-        // Small ones: more than a step waits at the byte limit, so natively
-        // the oldest go and the rest keep waiting.
+        // Small ones: more than a step waits at the byte limit, so the
+        // oldest go and the rest keep waiting.
         let (caught_up, partly) = within_byte_bound(1500, 700);
         assert!(caught_up >= 2, "caught up {caught_up} times");
-        assert_eq!(partly, LIMIT_CATCH_UP_STEP < MAX_BEHIND);
+        assert!(partly, "the oldest step went alone");
     }
 
     #[test]
@@ -1667,8 +1662,8 @@ mod tests {
             assert!(out.errors.is_empty(), "{:?}", out.errors);
         }
         assert_eq!(b.changes_behind(&t), waiting);
-        // 601 entries: a step is LIMIT_CATCH_UP_STEP (natively 256, so
-        // 600 -> 344 -> 88 -> 0; in wasm all at once).
+        // 601 entries: a step is LIMIT_CATCH_UP_STEP (256), so
+        // 600 -> 344 -> 88 -> 0.
         let step = LIMIT_CATCH_UP_STEP.max((waiting + 1) / 8);
         let mut expect = waiting;
         let mut calls = 0;

@@ -485,7 +485,7 @@ impl Client {
     }
 
     /// Hand remote changes that documents show patched to automerge, about
-    /// `changes` of them (whole documents, or natively a long wait's oldest
+    /// `changes` of them (whole documents, or a long wait's oldest
     /// step, at a time): for idle time, so that a replica which stopped
     /// receiving pays now what its next write would otherwise pay
     /// ([`Database::catch_up`]). Adapters call it once
