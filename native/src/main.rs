@@ -96,7 +96,7 @@ struct ServeArgs {
     /// Most simultaneous connections [default: 10000].
     #[arg(long, env = "SYNCLINE_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
-    /// Largest frame in bytes [default: 16777216].
+    /// Largest frame in bytes, 65536 to 134217728 [default: 16777216].
     #[arg(long, env = "SYNCLINE_MAX_FRAME")]
     max_frame: Option<usize>,
     /// Most entries in one push [default: 10000].
@@ -321,6 +321,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The largest `--max-frame` accepted: half a log record.
+const MAX_FRAME_LIMIT: usize = syncline::store::MAX_RECORD / 2;
+
 fn serve(args: ServeArgs) -> Result<()> {
     let file: FileConfig = match &args.config {
         Some(p) => toml::from_str(
@@ -339,6 +342,12 @@ fn serve(args: ServeArgs) -> Result<()> {
     } else {
         args.anonymous
     };
+    let max_frame = args.max_frame.or(file.max_frame).unwrap_or(16 << 20);
+    // A push becomes one atomic log record, and Welcome carries the limit
+    // as a u32: keep it well inside both.
+    if !(64 << 10..=MAX_FRAME_LIMIT).contains(&max_frame) {
+        bail!("--max-frame must be between 65536 and {MAX_FRAME_LIMIT} bytes, not {max_frame}");
+    }
     let options = ServeOptions {
         secret: load_secret(args.secret.or(file.secret), &data, true)?,
         data,
@@ -347,7 +356,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             .max_connections
             .or(file.max_connections)
             .unwrap_or(10_000),
-        max_frame: args.max_frame.or(file.max_frame).unwrap_or(16 << 20),
+        max_frame,
         max_entries_per_push: args
             .max_entries_per_push
             .or(file.max_entries_per_push)

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use syncline::store::{FileStore, decode_records};
+use syncline::store::{FileStore, decode_records, valid_record_after};
 use syncline_core::{Batch, Database, DbName, Log, ReplicaId, Store, StoredDatabase};
 
 fn databases(data: &Path, only: Option<&str>) -> Result<Vec<DbName>> {
@@ -33,11 +33,17 @@ fn read(data: &Path, db: &DbName) -> Result<(StoredDatabase, Option<String>, usi
     for r in records {
         stored.apply(&Batch::from(r));
     }
-    let problem = problem.map(|p| {
-        format!(
-            "{p} ({} bytes after {good} would be truncated)",
+    let problem = problem.map(|p| match valid_record_after(&bytes, good, usize::MAX) {
+        None => format!(
+            "{p}: a torn tail ({} bytes after {good} will be truncated on the next write)",
             bytes.len() as u64 - good
-        )
+        ),
+        Some(later) => format!(
+            "{p}, and a valid record follows at offset {later}: the log is damaged in \
+             the middle and the server refuses this database. Keep a copy of {}; to \
+             give up everything from offset {good} on, truncate it to {good} bytes",
+            path.display()
+        ),
     });
     Ok((stored, problem, n))
 }

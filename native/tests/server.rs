@@ -748,6 +748,9 @@ fn cli_get_put_delete_list_and_data_dir_tools() {
     std::fs::write(&log, bytes).unwrap();
     let (ok, out, _) = cli(&["verify", "--data", d]);
     assert!(!ok && out.contains("checksum"), "{out}");
+    // A frame limit a log record could not hold is refused at start.
+    let (ok, _, err) = cli(&["serve", "--data", d, "--max-frame", "4294967296"]);
+    assert!(!ok && err.contains("--max-frame must be between"), "{err}");
 }
 
 mod raw {

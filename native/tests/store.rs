@@ -1,9 +1,9 @@
-//! The on-disk store: round trips, group commit, recovery from torn and
-//! corrupt tails, atomic rewrite.
+//! The on-disk store: round trips, group commit, recovery from torn tails,
+//! refusal of damage in the middle, size limits, atomic rewrite.
 
 use std::io::Write;
 
-use syncline::store::FileStore;
+use syncline::store::{FileStore, MAX_RECORD, RecordError, StoreError};
 use syncline_core::{Batch, DbName, DocId, Dot, Entry, ReplicaId, Snapshot, Store, VersionVector};
 
 fn entry(r: u8, counter: u64) -> Entry {
@@ -130,8 +130,11 @@ async fn a_torn_tail_is_truncated_and_everything_before_it_kept() {
     assert!(std::fs::metadata(&path).unwrap().len() > good_len);
 }
 
+/// A flipped bit in an acknowledged record in the middle of the log is not a
+/// torn tail: cutting there would drop the acknowledged records after it. The
+/// store refuses the database and leaves the file untouched.
 #[tokio::test]
-async fn a_flipped_byte_recovers_to_the_last_good_record() {
+async fn damage_in_the_middle_is_refused_and_nothing_is_cut() {
     let dir = tempfile::tempdir().unwrap();
     let mut ends = Vec::new();
     {
@@ -152,18 +155,89 @@ async fn a_flipped_byte_recovers_to_the_last_good_record() {
     std::fs::write(&path, &bytes).unwrap();
 
     let store = FileStore::open(dir.path()).unwrap();
+    match store.load(&db("f")).await {
+        Err(StoreError::Corrupt {
+            problem: RecordError::Checksum { offset },
+            later,
+            ..
+        }) => assert_eq!((offset, later), (ends[1], ends[2])),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    let err = store
+        .write(&db("f"), &Batch::entries(vec![entry(1, 5)]))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("refusing to truncate"), "{err}");
+    assert!(store.rewrite(&db("f")).await.is_err());
     assert_eq!(
-        store.load(&db("f")).await.unwrap().entries,
-        vec![entry(1, 1), entry(1, 2)]
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "the file is untouched"
+    );
+    assert_eq!(
+        store
+            .stats()
+            .truncations
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+/// A batch is atomic, so one too large for a record is refused with a typed
+/// error before anything is written (a length cast used to wrap instead, and
+/// recovery then cut the log at the unreadable record).
+#[tokio::test]
+async fn a_batch_larger_than_a_record_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(dir.path()).unwrap();
+    store
+        .write(&db("big"), &Batch::entries(vec![entry(1, 1)]))
+        .await
+        .unwrap();
+    let mut huge = entry(1, 2);
+    huge.change = vec![0; MAX_RECORD + 1];
+    let err = store
+        .write(&db("big"), &Batch::entries(vec![huge]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Record(RecordError::TooLarge { .. })),
+        "{err:?}"
     );
     store
-        .write(&db("f"), &Batch::entries(vec![entry(1, 3)]))
+        .write(&db("big"), &Batch::entries(vec![entry(1, 2)]))
         .await
         .unwrap();
     assert_eq!(
-        store.load(&db("f")).await.unwrap().entries,
-        vec![entry(1, 1), entry(1, 2), entry(1, 3)]
+        store.load(&db("big")).await.unwrap().entries,
+        vec![entry(1, 1), entry(1, 2)]
     );
+}
+
+/// A rewrite folds a database into several records, so a database larger
+/// than one record can be compacted (it used to become one record, which
+/// could exceed the read limit and make recovery cut the whole log).
+#[tokio::test]
+async fn rewrite_splits_a_large_database_into_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(dir.path()).unwrap();
+    for c in 1..=48 {
+        let mut e = entry(1, c);
+        e.change = vec![c as u8; 1 << 20];
+        store
+            .write(&db("l"), &Batch::entries(vec![e]))
+            .await
+            .unwrap();
+    }
+    let before = store.load(&db("l")).await.unwrap();
+    store.rewrite(&db("l")).await.unwrap();
+    let bytes = std::fs::read(log_path(dir.path(), "l")).unwrap();
+    let (records, good, problem) = syncline::store::decode_records(&bytes);
+    assert_eq!((good as usize, problem), (bytes.len(), None));
+    assert!(records.len() >= 2, "{} records", records.len());
+    drop(store);
+    let store = FileStore::open(dir.path()).unwrap();
+    assert_eq!(store.load(&db("l")).await.unwrap(), before);
 }
 
 #[tokio::test]

@@ -12,7 +12,17 @@ use std::time::{Duration, Instant};
 use syncline_core::{Batch, DbName, Entry, Store, StoredDatabase, VersionVector};
 use tokio::sync::oneshot;
 
-use super::record::{Record, decode_records, encode_record};
+use super::record::{
+    Record, RecordError, decode_records, encode_chunked, encode_record, valid_record_after,
+};
+
+/// Records a rewrite folds the database into are about this size, far under
+/// [`super::record::MAX_RECORD`], so a database of any size can be rewritten.
+const REWRITE_CHUNK: usize = 32 << 20;
+
+/// How many bytes recovery may checksum while looking for a valid record
+/// after a bad one before it assumes there is one (and refuses to cut).
+const RESYNC_BUDGET: usize = 256 << 20;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +41,44 @@ pub enum StoreError {
     /// A metadata key that would escape the meta directory.
     #[error("invalid metadata key {0:?}")]
     BadKey(String),
+    /// A record cannot be written (too large, or does not serialize).
+    #[error("{0}")]
+    Record(#[from] RecordError),
+    /// A log is damaged in the middle: valid records follow a bad one, so
+    /// cutting at the bad one would drop acknowledged data. The file is left
+    /// untouched and the database refused until an operator repairs it.
+    #[error(
+        "{path}: {problem}, but a valid record follows at offset {later}; \
+         refusing to truncate acknowledged data (see `syncline verify`)"
+    )]
+    Corrupt {
+        /// The log file.
+        path: String,
+        /// What is wrong at the first bad record.
+        problem: RecordError,
+        /// Where the next valid record starts.
+        later: u64,
+    },
+}
+
+/// Decode a log and decide what its first bad record is: a torn tail (the
+/// good prefix is everything; the rest may be cut) or damage in the middle
+/// ([`StoreError::Corrupt`]).
+fn decode_log(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(Vec<Record>, u64, Option<RecordError>), StoreError> {
+    let (records, good, problem) = decode_records(bytes);
+    if let Some(p) = &problem
+        && let Some(later) = valid_record_after(bytes, good, RESYNC_BUDGET)
+    {
+        return Err(StoreError::Corrupt {
+            path: path.display().to_string(),
+            problem: p.clone(),
+            later,
+        });
+    }
+    Ok((records, good, problem))
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
@@ -125,7 +173,9 @@ impl FileStore {
         dir.join("dbs").join(format!("{}.log", db.as_str()))
     }
 
-    /// Read a database's log up to its first bad record (read-only).
+    /// Read a database's log up to a torn tail (read-only). Damage in the
+    /// middle of the log is an error ([`StoreError::Corrupt`]), not a
+    /// shorter database.
     pub fn load_blocking(&self, db: &DbName) -> Result<StoredDatabase, StoreError> {
         let path = Self::db_path(&self.dir, db);
         let bytes = match fs::read(&path) {
@@ -133,7 +183,7 @@ impl FileStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(StoredDatabase::default()),
             Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
         };
-        let (records, _, problem) = decode_records(&bytes);
+        let (records, _, problem) = decode_log(&path, &bytes)?;
         if let Some(p) = problem {
             tracing::warn!(%db, "log has a bad tail (will be truncated on next write): {p}");
         }
@@ -163,20 +213,28 @@ impl FileStore {
     }
 
     /// Queue a batch for the writer; the receiver resolves after fsync.
-    fn submit(&self, db: &DbName, batch: &Batch) -> oneshot::Receiver<Result<(), String>> {
+    /// A batch too large for one record is refused here (a batch is atomic,
+    /// so it cannot be split).
+    fn submit(
+        &self,
+        db: &DbName,
+        batch: &Batch,
+    ) -> Result<oneshot::Receiver<Result<(), String>>, StoreError> {
+        let bytes = encode_record(&Record::from(batch))?;
         let (done, rx) = oneshot::channel();
         let req = WriteReq {
             db: db.clone(),
-            kind: ReqKind::Append(encode_record(&Record::from(batch))),
+            kind: ReqKind::Append(bytes),
             done,
         };
         // If the writer is gone, `done` is dropped and the receiver errors.
         let _ = self.tx.send(req);
-        rx
+        Ok(rx)
     }
 
-    /// Fold a database's log into one record in a fresh file and switch to
-    /// it atomically (write, fsync, rename, fsync dir). The fold runs on a
+    /// Fold a database's log into a fresh file (records of at most
+    /// `REWRITE_CHUNK` bytes) and switch to it atomically (write, fsync,
+    /// rename, fsync dir). Refuses a log damaged in the middle. The fold runs on a
     /// blocking task from the log as it is now; the writer thread then only
     /// copies the records appended meanwhile and renames, so neither readers
     /// nor writers wait for the fold.
@@ -184,30 +242,30 @@ impl FileStore {
         let path = Self::db_path(&self.dir, db);
         let tmp = path.with_extension("compact");
         let (p, t) = (path.clone(), tmp.clone());
-        let from = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+        let from = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
+            let folding = io_err(format!("folding {}", p.display()));
             let bytes = match fs::read(&p) {
                 Ok(b) => b,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-                Err(e) => return Err(e),
+                Err(e) => return Err(folding(e)),
             };
-            let (records, good, _) = decode_records(&bytes);
+            let (records, good, _) = decode_log(&p, &bytes)?;
             let mut stored = StoredDatabase::default();
             for r in records {
                 stored.apply(&Batch::from(r));
             }
-            let record = Record {
-                entries: stored.entries,
-                snapshots: stored.snapshots,
-                base: Some(stored.base),
+            let bytes =
+                encode_chunked(stored.base, stored.snapshots, stored.entries, REWRITE_CHUNK)?;
+            let write = || -> io::Result<()> {
+                let mut f = File::create(&t)?;
+                f.write_all(&bytes)?;
+                f.sync_all()
             };
-            let mut f = File::create(&t)?;
-            f.write_all(&encode_record(&record))?;
-            f.sync_all()?;
+            write().map_err(folding)?;
             Ok(good)
         })
         .await
-        .map_err(|_| StoreError::Closed)?
-        .map_err(io_err(format!("folding {}", path.display())))?;
+        .map_err(|_| StoreError::Closed)??;
         let (done, rx) = oneshot::channel();
         let req = WriteReq {
             db: db.clone(),
@@ -335,7 +393,8 @@ impl Writer {
         }
     }
 
-    /// Open a log for appending, truncating a torn or corrupt tail first.
+    /// Open a log for appending, truncating a torn tail first. A log damaged
+    /// in the middle is refused and left as it is.
     fn file(&mut self, db: &DbName) -> io::Result<&mut File> {
         if !self.files.contains_key(db) {
             let path = FileStore::db_path(&self.dir, db);
@@ -345,7 +404,7 @@ impl Writer {
                 .create(true)
                 .open(&path)?;
             let bytes = fs::read(&path)?;
-            let (_, good, problem) = decode_records(&bytes);
+            let (_, good, problem) = decode_log(&path, &bytes).map_err(io::Error::other)?;
             if let Some(p) = problem {
                 tracing::warn!(%db, "recovering {}: {p}; truncating to {good} bytes", path.display());
                 f.set_len(good)?;
@@ -452,7 +511,7 @@ impl Store for FileStore {
         let rx = self.submit(db, batch);
         let db = db.clone();
         async move {
-            match rx.await {
+            match rx?.await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(StoreError::Io {
                     context: format!("writing {db}"),

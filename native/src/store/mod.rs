@@ -10,12 +10,19 @@
 //!   them, fsyncs each touched file once and only then answers all of them:
 //!   concurrent pushes share one fsync. A write's future resolves after fsync.
 //! * **Recovery.** Before the writer first appends to a file it scans it and
-//!   truncates a torn or corrupt tail (short record, bad checksum, record
-//!   that does not decode) back to the last good record. Readers stop at the
-//!   first bad record and never modify the file.
+//!   truncates a torn tail (short record, bad checksum, record that does not
+//!   decode, with no valid record after it) back to the last good record.
+//!   A bad record followed by valid ones is damage in the middle: the
+//!   database is refused ([`StoreError::Corrupt`]) and the file left as it
+//!   is, since cutting there would drop acknowledged records. Readers never
+//!   modify the file.
+//! * **Size.** A record is at most [`MAX_RECORD`] bytes; a larger batch is
+//!   refused when written ([`RecordError::TooLarge`]), so every record
+//!   written can be read back.
 //! * **Compaction** is a record too (new snapshots and a raised horizon);
-//!   [`FileStore::rewrite`] folds a log into a fresh file beside the old one
-//!   and switches atomically (write, fsync, rename, fsync dir).
+//!   [`FileStore::rewrite`] folds a log into a fresh file of records of at
+//!   most 32 MiB beside the old one and switches atomically (write, fsync,
+//!   rename, fsync dir).
 //! * Database names are validated (`[A-Za-z0-9._-]`, never `.`/`..`), so a
 //!   name can never leave the data directory. Files are plain: copying a
 //!   closed data dir is a backup.
@@ -24,4 +31,7 @@ mod file;
 mod record;
 
 pub use file::{FileStore, StoreError, StoreStats};
-pub use record::{Record, RecordError, decode_records, encode_record};
+pub use record::{
+    MAX_RECORD, Record, RecordError, decode_records, encode_chunked, encode_record,
+    valid_record_after,
+};
