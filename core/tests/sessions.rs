@@ -655,3 +655,46 @@ fn a_live_delta_in_several_parts_does_not_look_like_a_gap() {
     let d = net.nodes[b].client.database(&db()).unwrap();
     assert_eq!(d.list().len(), 20);
 }
+
+/// A burst of repeated Subscribes is visible to the adapter as outbox bytes
+/// (each reply is an encoded copy of the database), so it can drain and let
+/// its per-connection limit drop a peer that asks faster than it reads.
+#[test]
+fn outbox_bytes_count_subscribe_replies_until_drained() {
+    let mut net = Net::new(OpenAccess);
+    let (a, b) = two_online(&mut net);
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    for i in 0..20 {
+        let id = DocId::new(format!("doc-{i}")).unwrap();
+        // Text that does not compress, so the reply's size is the data's.
+        let text: String = (0..500)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                char::from(b'a' + (seed % 26) as u8)
+            })
+            .collect();
+        let body = json!({ "text": text, "i": i });
+        net.nodes[a].client.update(&db(), &id, &body).unwrap();
+    }
+    net.route_client(a);
+    net.run();
+    assert_eq!(net.server.outbox_bytes(), 0);
+    let peer = net.nodes[b].peer.unwrap();
+    let subscribe = |req| {
+        Message::Subscribe(Box::new(Subscribe {
+            db: db(),
+            since: VersionVector::new(),
+            req,
+        }))
+    };
+    net.server.handle(peer, subscribe(7));
+    let one = net.server.outbox_bytes();
+    assert!(one > 5_000, "one reply holds the database: {one} bytes");
+    net.server.handle(peer, subscribe(8));
+    net.server.handle(peer, subscribe(9));
+    assert!(net.server.outbox_bytes() >= 3 * one);
+    let _ = net.server.take_outputs();
+    assert_eq!(net.server.outbox_bytes(), 0);
+}

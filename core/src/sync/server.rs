@@ -170,6 +170,8 @@ pub struct Server<A> {
     loading: HashMap<DbName, Vec<(PeerId, Message)>>,
     next_peer: PeerId,
     out: Vec<ServerOutput>,
+    /// Bytes of encoded frames in `out` (see [`Server::outbox_bytes`]).
+    out_bytes: usize,
     /// Databases with presence changes to announce.
     presence_dirty: BTreeSet<DbName>,
 }
@@ -185,6 +187,7 @@ impl<A: Authenticator> Server<A> {
             loading: HashMap::new(),
             next_peer: 1,
             out: Vec::new(),
+            out_bytes: 0,
             presence_dirty: BTreeSet::new(),
         }
     }
@@ -201,7 +204,16 @@ impl<A: Authenticator> Server<A> {
     /// O(subscribers²) messages.
     pub fn take_outputs(&mut self) -> Vec<ServerOutput> {
         self.flush_presence();
+        self.out_bytes = 0;
         std::mem::take(&mut self.out)
+    }
+
+    /// Bytes of encoded frames waiting in the outbox. An adapter batching a
+    /// burst of messages drains when this grows large: a burst of repeated
+    /// Subscribes would otherwise hold one encoded copy of the database per
+    /// request before any per-connection limit sees them.
+    pub fn outbox_bytes(&self) -> usize {
+        self.out_bytes
     }
 
     fn flush_presence(&mut self) {
@@ -704,6 +716,7 @@ impl<A: Authenticator> Server<A> {
         // Each part is encoded as soon as it is cut, so a cold sync holds
         // one part's copy of the log at a time, not the whole reply's.
         let mut frames = Vec::new();
+        let mut encoded = 0usize;
         let base = delta.base.unwrap_or_default();
         let parts = Parts {
             db: &s.db,
@@ -716,6 +729,7 @@ impl<A: Authenticator> Server<A> {
         parts.emit(&delta.snapshots, entries, views, |part| {
             let (entries, views) = (part.entries.len(), part.views.len());
             let frame = Arc::new(protocol::encode(&Message::Delta(Box::new(part))));
+            encoded += frame.len();
             frames.push(ServerOutput::Broadcast {
                 peers: vec![peer],
                 frame,
@@ -751,6 +765,7 @@ impl<A: Authenticator> Server<A> {
             p.subs.insert(s.db.clone());
         }
         self.out.extend(frames);
+        self.out_bytes += encoded;
         self.send(peer, Message::PresenceUpdate(Box::new(full)));
         if newly {
             if let Some(d) = self.dbs.get_mut(&s.db) {
@@ -924,9 +939,11 @@ impl<A: Authenticator> Server<A> {
             Message::Delta(d) => (d.entries.len(), d.views.len()),
             _ => (0, 0),
         };
+        let frame = Arc::new(protocol::encode(msg));
+        self.out_bytes += frame.len();
         self.out.push(ServerOutput::Broadcast {
             peers: peers.to_vec(),
-            frame: Arc::new(protocol::encode(msg)),
+            frame,
             entries,
             views,
         });

@@ -186,7 +186,14 @@ pub async fn run(
         // Take in what else is already queued (bounded) before carrying out
         // the outputs: a burst (a thousand joins, many pushes) then costs
         // one presence update per subscriber and fewer store requests.
+        // Stop taking in early once the replies encoded so far exceed one
+        // connection's send limit: carrying them out then lets that limit
+        // drop a peer that repeats Subscribe without reading, instead of
+        // holding one copy of the database per request.
         for _ in 0..255 {
+            if server.outbox_bytes() > hub.config.max_queued_bytes {
+                break;
+            }
             match rx.try_recv() {
                 Ok(msg) => hub.handle(&mut server, msg),
                 Err(_) => break,
