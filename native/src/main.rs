@@ -116,6 +116,13 @@ struct ServeArgs {
     /// history [default: true].
     #[arg(long, env = "SYNCLINE_VIEWS")]
     views: Option<bool>,
+    /// Seconds a new connection may take to send Hello [default: 10].
+    #[arg(long, env = "SYNCLINE_HELLO_TIMEOUT")]
+    hello_timeout: Option<f64>,
+    /// Seconds between pings to each connection; one silent (or unable to
+    /// take a frame) for two intervals is closed [default: 30].
+    #[arg(long, env = "SYNCLINE_PING_INTERVAL")]
+    ping_interval: Option<f64>,
     /// TOML file with any of the settings above (flags and environment win).
     #[arg(long, env = "SYNCLINE_CONFIG")]
     config: Option<PathBuf>,
@@ -137,6 +144,8 @@ struct FileConfig {
     static_dir: Option<PathBuf>,
     compact_after_bytes: Option<usize>,
     views: Option<bool>,
+    hello_timeout: Option<f64>,
+    ping_interval: Option<f64>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -371,6 +380,14 @@ fn serve(args: ServeArgs) -> Result<()> {
             .or(file.compact_after_bytes)
             .unwrap_or(64 << 20),
         serve_views: args.views.or(file.views).unwrap_or(true),
+        hello_timeout: seconds(
+            "--hello-timeout",
+            args.hello_timeout.or(file.hello_timeout).unwrap_or(10.0),
+        )?,
+        ping_interval: seconds(
+            "--ping-interval",
+            args.ping_interval.or(file.ping_interval).unwrap_or(30.0),
+        )?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -406,6 +423,14 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// A positive number of seconds, at most a day.
+fn seconds(flag: &str, s: f64) -> Result<std::time::Duration> {
+    if !(0.01..=86_400.0).contains(&s) {
+        bail!("{flag} must be between 0.01 and 86400 seconds, not {s}");
+    }
+    Ok(std::time::Duration::from_secs_f64(s))
 }
 
 fn parse_duration(s: &str) -> Result<u64> {

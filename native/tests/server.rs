@@ -1058,3 +1058,79 @@ async fn a_quiet_database_gets_views_and_cold_replicas_receive_them() {
     until_value(&w, &list, &doc("d7"), &json!({"k": 7, "rev": 9})).await;
     server.kill9();
 }
+
+/// A socket that never says Hello gets a typed refusal; one that stops
+/// answering pings is closed; one that answers stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_and_live_ones_kept() {
+    use futures_util::StreamExt;
+    use syncline_core::protocol::{self, Hello, Message};
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &[
+            "--anonymous",
+            "demo-*",
+            "--hello-timeout",
+            "0.3",
+            "--ping-interval",
+            "0.2",
+        ],
+    );
+    let url = server.url();
+    let hello = protocol::encode(&Message::Hello(Box::new(Hello {
+        replica: syncline_core::ReplicaId([9; 16]),
+        token: String::new(),
+    })));
+
+    // Never says Hello: ProtocolViolation, then the close.
+    let mut mute = raw::open(&url).await;
+    match tokio::time::timeout(WAIT, raw::next(&mut mute))
+        .await
+        .unwrap()
+    {
+        Some(Message::Error(e)) => assert_eq!(e.code(), ErrorCode::ProtocolViolation),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(
+        tokio::time::timeout(WAIT, raw::next(&mut mute))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Says Hello, then never reads, so never answers a ping: closed.
+    let mut dead = raw::open(&url).await;
+    raw::send(&mut dead, hello.clone()).await;
+    until_metric(server.addr, "syncline_dead_connections_total", 1.0).await;
+
+    // Says Hello and keeps reading (tungstenite answers pings as it reads):
+    // still served after several intervals.
+    let mut live = raw::open(&url).await;
+    raw::send(&mut live, hello).await;
+    let mut pings = 0;
+    while pings < 5 {
+        match tokio::time::timeout(WAIT, live.next()).await.unwrap() {
+            Some(Ok(Ws::Ping(_))) => pings += 1,
+            Some(Ok(Ws::Binary(_))) => {}
+            other => panic!("the live connection ended: {other:?}"),
+        }
+    }
+    raw::send(&mut live, protocol::encode(&Message::Ping { nonce: 42 })).await;
+    loop {
+        match tokio::time::timeout(WAIT, raw::next(&mut live))
+            .await
+            .unwrap()
+        {
+            Some(Message::Pong { nonce }) => {
+                assert_eq!(nonce, 42);
+                break;
+            }
+            Some(_) => {}
+            None => panic!("the live connection was closed"),
+        }
+    }
+    drop(dead);
+}

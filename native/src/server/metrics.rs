@@ -45,6 +45,8 @@ pub struct Metrics {
     pub compactions: Counter,
     /// Errors sent to peers, by code.
     pub errors: Family<CodeLabel, Counter>,
+    /// Connections closed because the peer went silent or stopped taking frames.
+    pub dead_connections: Counter,
     /// Document views built in the background.
     pub views_built: Counter,
     /// Document views sent with replies (counted per recipient).
@@ -67,6 +69,7 @@ impl Metrics {
             fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             compactions: Counter::default(),
             errors: Family::default(),
+            dead_connections: Counter::default(),
             views_built: Counter::default(),
             views_out: Counter::default(),
             views_pending: Family::default(),
@@ -101,6 +104,11 @@ impl Metrics {
             );
             r.register("compactions", "Compactions done", m.compactions.clone());
             r.register("errors", "Errors sent to peers, by code", m.errors.clone());
+            r.register(
+                "dead_connections",
+                "Connections closed as silent or unable to take frames",
+                m.dead_connections.clone(),
+            );
             r.register(
                 "views_built",
                 "Document views built in the background",

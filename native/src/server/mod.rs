@@ -59,6 +59,13 @@ pub struct ServeOptions {
     pub compact_after_bytes: usize,
     /// Build document views in the background and send them with cold syncs.
     pub serve_views: bool,
+    /// How long a new connection may take to send its first frame (Hello)
+    /// before it is closed, so silent sockets cannot hold every slot.
+    pub hello_timeout: Duration,
+    /// How often the server pings each connection. A connection from which
+    /// nothing (not even a pong) arrives for two intervals is closed, and so
+    /// is one whose frame cannot be written within two intervals.
+    pub ping_interval: Duration,
 }
 
 /// Why the server could not run.
@@ -78,6 +85,8 @@ struct AppState {
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
     max_frame: usize,
+    hello_timeout: Duration,
+    ping_interval: Duration,
 }
 
 /// Serve on `listener` until `shutdown` resolves; then close every
@@ -122,6 +131,8 @@ pub async fn run(
         metrics,
         permits: Arc::new(Semaphore::new(options.max_connections)),
         max_frame: options.max_frame,
+        hello_timeout: options.hello_timeout,
+        ping_interval: options.ping_interval.max(Duration::from_millis(10)),
     };
     let mut app = Router::new()
         .route("/sync", get(upgrade))
@@ -230,7 +241,7 @@ fn close_frame(code: ErrorCode) -> WsMessage {
 async fn connection(socket: WebSocket, state: AppState) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
     let queued = Arc::new(AtomicUsize::new(0));
-    let (kill_tx, mut kill_rx) = oneshot::channel::<ErrorCode>();
+    let (kill_tx, kill_rx) = oneshot::channel::<ErrorCode>();
     let (reply, peer) = oneshot::channel();
     let conn = ConnHandle {
         tx: tx.clone(),
@@ -247,40 +258,92 @@ async fn connection(socket: WebSocket, state: AppState) {
     }
     let Ok(peer) = peer.await else { return };
     let (mut sink, mut stream) = socket.split();
+    let (hello_timeout, ping_every) = (state.hello_timeout, state.ping_interval);
+    // Silence for two ping intervals means the peer (or its network) is gone.
+    let silent_after = ping_every * 2;
 
     let writer = async {
+        // The hub's kill (a slow reader) wins even while a send is blocked on
+        // the peer's full socket. A dropped sender (the hub removed the
+        // connection after queueing its Close) is not a kill.
+        let kill = async move {
+            match kill_rx.await {
+                Ok(code) => code,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::pin!(kill);
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
+            let (msg, len, last) = tokio::select! {
                 out = rx.recv() => match out {
                     Some(Out::Frame(frame)) => {
                         let len = frame.len();
-                        let sent = sink.send(WsMessage::Binary(frame)).await;
-                        queued.fetch_sub(len, Ordering::Relaxed);
-                        if sent.is_err() {
-                            return;
-                        }
+                        (WsMessage::Binary(frame), len, false)
                     }
-                    Some(Out::Close(code)) => {
-                        let _ = sink.send(close_frame(code)).await;
-                        return;
-                    }
+                    Some(Out::Close(code)) => (close_frame(code), 0, true),
                     None => return,
                 },
-                code = &mut kill_rx => {
-                    if let Ok(code) = code {
-                        let err = Message::error(code, "you read too slowly; disconnected", None);
-                        let _ = sink.send(WsMessage::Binary(protocol::encode(&err).into())).await;
-                        let _ = sink.send(close_frame(code)).await;
-                    }
+                _ = ping.tick() => (WsMessage::Ping(Default::default()), 0, false),
+                code = &mut kill => {
+                    let err = Message::error(code, "you read too slowly; disconnected", None);
+                    let bye = async {
+                        sink.send(WsMessage::Binary(protocol::encode(&err).into())).await?;
+                        sink.send(close_frame(code)).await
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
                     return;
                 }
+            };
+            let sent = tokio::select! {
+                sent = tokio::time::timeout(silent_after, sink.send(msg)) => match sent {
+                    Ok(sent) => sent.is_ok(),
+                    Err(_) => {
+                        state.metrics.dead_connections.inc();
+                        false
+                    }
+                },
+                _ = &mut kill => false,
+            };
+            queued.fetch_sub(len, Ordering::Relaxed);
+            if !sent {
+                tracing::debug!(peer, "closing: a frame could not be written");
+                return;
+            }
+            if last {
+                return;
             }
         }
     };
 
     // Returns true when it refused the peer (the writer must flush the error).
     let reader = async {
-        while let Some(Ok(msg)) = stream.next().await {
+        // Until the first protocol frame the deadline is fixed (pongs do
+        // not extend it); after it, any frame restarts the silence clock.
+        let mut deadline = tokio::time::Instant::now() + hello_timeout;
+        let mut greeted = false;
+        loop {
+            let msg = match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(Some(Ok(msg))) => msg,
+                Ok(_) => return false,
+                Err(_) if !greeted => {
+                    state.metrics.error(ErrorCode::ProtocolViolation.as_str());
+                    let text = format!("no Hello within {} ms", hello_timeout.as_millis());
+                    refuse(&tx, ErrorCode::ProtocolViolation, &text);
+                    return true;
+                }
+                Err(_) => {
+                    tracing::debug!(peer, "closing: nothing heard for two ping intervals");
+                    state.metrics.dead_connections.inc();
+                    return false;
+                }
+            };
+            if greeted || matches!(msg, WsMessage::Binary(_)) {
+                greeted = true;
+                deadline = tokio::time::Instant::now() + silent_after;
+            }
             let bytes = match msg {
                 WsMessage::Binary(b) => b,
                 WsMessage::Close(_) => return false,
@@ -313,7 +376,6 @@ async fn connection(socket: WebSocket, state: AppState) {
                 }
             }
         }
-        false
     };
 
     tokio::pin!(writer);
