@@ -89,6 +89,7 @@ pub use entry::{Entry, Snapshot};
 pub use ids::{DbName, DocId, IdError, ReplicaId};
 pub use log::{Compaction, Log};
 pub use store::{
-    Batch, CorruptRecord, MemoryStore, Store, StoredDatabase, decode_batch, encode_batch,
+    Batch, CorruptRecord, EncodeRecord, MemoryStore, Store, StoredDatabase, decode_batch,
+    encode_batch,
 };
 pub use view::{BuiltViews, DocView, ViewJob, decode_view, encode_view};

@@ -108,12 +108,18 @@ impl Batch {
 
 /// Encode a batch as one opaque record (an rkyv archive), for stores that
 /// keep batches as they come (the browser's IndexedDB store). The layout is
-/// the native log's record payload too.
-pub fn encode_batch(batch: &Batch) -> Vec<u8> {
+/// the native log's record payload too. A batch that does not serialize is
+/// an error, never an empty record standing in for it.
+pub fn encode_batch(batch: &Batch) -> Result<Vec<u8>, EncodeRecord> {
     rkyv::to_bytes::<rancor::Error>(batch)
         .map(|b| b.to_vec())
-        .unwrap_or_default()
+        .map_err(|e| EncodeRecord(e.to_string()))
 }
+
+/// Why a batch could not be encoded as a record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a record does not serialize: {0}")]
+pub struct EncodeRecord(pub String);
 
 /// Why a stored record could not be read back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -333,12 +339,12 @@ mod tests {
     #[test]
     fn batch_records_round_trip() {
         let b = batch();
-        assert_eq!(decode_batch(&encode_batch(&b)), Ok(b));
+        assert_eq!(decode_batch(&encode_batch(&b).unwrap()), Ok(b));
     }
 
     #[test]
     fn corrupt_records_are_errors() {
-        let bytes = encode_batch(&batch());
+        let bytes = encode_batch(&batch()).unwrap();
         for cut in 0..bytes.len() {
             let _ = decode_batch(&bytes[..cut]); // must not panic
         }

@@ -698,3 +698,126 @@ fn outbox_bytes_count_subscribe_replies_until_drained() {
     let _ = net.server.take_outputs();
     assert_eq!(net.server.outbox_bytes(), 0);
 }
+
+/// `heartbeat` pings while connected and reports a connection on which
+/// nothing has arrived since its previous ping as dead.
+#[test]
+fn heartbeat_detects_a_silent_connection() {
+    let mut net = Net::new(OpenAccess);
+    let (a, _) = two_online(&mut net);
+    assert!(net.nodes[a].client.heartbeat());
+    net.route_client(a);
+    net.run();
+    assert!(
+        net.nodes[a]
+            .down
+            .frames
+            .iter()
+            .any(|m| matches!(m, Message::Pong { .. })),
+        "the server answers the ping"
+    );
+    assert!(net.nodes[a].client.heartbeat(), "a Pong came back: alive");
+    // This ping (and anything else) is lost: the network went away.
+    let _ = net.nodes[a].client.take_outputs();
+    assert!(
+        !net.nodes[a].client.heartbeat(),
+        "nothing heard since: dead"
+    );
+    // A new connection starts afresh.
+    net.disconnect(a);
+    assert!(net.nodes[a].client.heartbeat(), "offline: nothing to probe");
+    net.connect(a);
+    net.run();
+    assert!(net.nodes[a].client.heartbeat());
+}
+
+/// A client whose own frame limit is below the server's accepts what the
+/// server announced it may send, instead of dropping the connection at
+/// every large frame (a reconnect loop).
+#[test]
+fn a_client_accepts_frames_up_to_the_servers_announced_limit() {
+    let mut net = Net::with_config(
+        OpenAccess,
+        syncline_core::sync::ServerConfig {
+            replica: ReplicaId([0xEE; 16]),
+            max_frame: 4 << 20,
+            ..Default::default()
+        },
+    );
+    let small = ClientConfig {
+        max_frame: 64 << 10,
+        ..ClientConfig::default()
+    };
+    let reader = net.add_with(1, "", small);
+    let writer = net.add(2, "");
+    for i in [reader, writer] {
+        net.open(i, "shared");
+        net.connect(i);
+    }
+    net.run();
+    let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
+    let text: String = (0..300_000)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            char::from(b'a' + (seed % 26) as u8)
+        })
+        .collect();
+    let id = DocId::new("big").unwrap();
+    net.nodes[writer]
+        .client
+        .update(&db(), &id, &json!({ "text": text }))
+        .unwrap();
+    net.route_client(writer);
+    net.run();
+    assert!(
+        net.nodes[reader].down.bytes > 64 << 10,
+        "the delta was larger than the reader's own limit"
+    );
+    assert!(!errors(&net, reader).contains(&ErrorCode::BadFrame));
+    let got = net.nodes[reader].client.database(&db()).unwrap().get(&id);
+    assert_eq!(got, Some(json!({ "text": text })));
+}
+
+/// A server holding an entry this replica cannot apply: the client asks
+/// once more (a part may have gone missing), then reports instead of
+/// resubscribing in a tight loop.
+#[test]
+fn an_entry_the_client_cannot_apply_does_not_loop_subscriptions() {
+    let mut net = Net::new(OpenAccess);
+    let bad = Entry {
+        dot: Dot {
+            replica: ReplicaId([7; 16]),
+            counter: 1,
+        },
+        doc: DocId::new("broken").unwrap(),
+        change: vec![0xde, 0xad, 0xbe, 0xef],
+    };
+    net.server_store
+        .write_now(&db(), &syncline_core::Batch::entries(vec![bad]))
+        .unwrap();
+    let a = net.add(1, "");
+    net.open(a, "shared");
+    net.connect(a);
+    let mut settled = false;
+    for _ in 0..200 {
+        if !net.step() {
+            settled = true;
+            break;
+        }
+    }
+    assert!(settled, "the client kept resubscribing");
+    let subscribes = net.nodes[a]
+        .up
+        .frames
+        .iter()
+        .filter(|m| matches!(m, Message::Subscribe(_)))
+        .count();
+    assert!(subscribes <= 2, "{subscribes} subscribes");
+    assert!(net.nodes[a].events.iter().any(|e| matches!(
+        e,
+        ClientEvent::Error { code: ErrorCode::InvalidChange, message, .. }
+            if message.contains("not asking")
+    )));
+}

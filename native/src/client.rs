@@ -28,6 +28,11 @@ use syncline_core::sync::{
 use syncline_core::{DbName, DocId, MemoryStore, ReplicaId, Store, StoredDatabase, store::Batch};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
+
+/// How often an open connection is probed ([`Client::heartbeat`]).
+const HEARTBEAT: Duration = Duration::from_secs(15);
+/// A connection that lasted this long earns a fresh backoff when it ends.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -245,6 +250,7 @@ impl SyncClient {
             conn: None,
             generation: 0,
             attempts: 0,
+            connected_at: None,
             next_attempt: Some(Instant::now()),
             catch_up_at: None,
             last_frames: Instant::now(),
@@ -405,6 +411,9 @@ struct Driver {
     conn: Option<Conn>,
     generation: u64,
     attempts: u32,
+    /// When the current connection was made: one that lasted
+    /// [`STABLE_AFTER`] earns a fresh backoff when it ends.
+    connected_at: Option<Instant>,
     next_attempt: Option<Instant>,
     /// When to hand patched documents' changes to automerge: once nothing
     /// has arrived for a while ([`Client::catch_up`]). Set when frames
@@ -463,6 +472,8 @@ impl Driver {
         // does (not once per frame).
         let catch_up = tokio::time::sleep_until(Instant::now());
         tokio::pin!(catch_up);
+        let mut probe = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // No redialling after a refused identity: it would be refused again.
             let attempt_at = self
@@ -492,6 +503,14 @@ impl Driver {
                     self.dial();
                 }
                 () = &mut catch_up, if self.catch_up_at.is_some() => self.idle(),
+                _ = probe.tick() => {
+                    // Nothing heard since the last probe: the connection is
+                    // dead even if TCP has not noticed (see Client::heartbeat).
+                    if self.conn.is_some() && !self.client().heartbeat() {
+                        tracing::info!("no answer from the server since the last probe; reconnecting");
+                        self.drop_connection();
+                    }
+                }
             }
             self.pump();
         }
@@ -577,6 +596,7 @@ impl Driver {
             // dials (and so moves on) only with none up.
             Report::Connected(g, out, read) if g == self.generation => {
                 self.conn = Some(Conn { out, read });
+                self.connected_at = Some(Instant::now());
                 self.client().connected();
             }
             Report::Closed(g) if g == self.generation => self.drop_connection(),
@@ -607,7 +627,13 @@ impl Driver {
     }
 
     fn drop_connection(&mut self) {
-        if self.conn.take().is_some() {
+        // Only a connection that lasted resets the backoff: one that fails
+        // right after the handshake every time must not redial in a loop.
+        let lasted = self
+            .connected_at
+            .take()
+            .is_some_and(|t| t.elapsed() >= STABLE_AFTER);
+        if self.conn.take().is_some() && lasted {
             self.attempts = 0;
         }
         self.client().disconnected();

@@ -30,6 +30,20 @@ use crate::error::{WasmError, js_error};
 use crate::socket::{Socket, SocketEvent, Timer, defer_drop, jittered_backoff};
 use crate::store::{BrowserStore, IdbStore, Write};
 
+/// How often an open connection is probed ([`Client::heartbeat`]): one on
+/// which nothing arrives for two probes is dropped and redialled. Browsers
+/// answer the server's WebSocket pings themselves but never tell the page,
+/// so a socket killed by sleep or a NAT would otherwise look online forever.
+const HEARTBEAT_MS: u32 = 15_000;
+/// After `reconnectNow()` (the browser's `online` event) with a socket open,
+/// how long the probe may take before the socket is taken for dead.
+const PROBE_MS: u32 = 4_000;
+/// A connection that lasted this long, or caught a database up, was good:
+/// the next reconnect starts from the shortest backoff again. (Resetting on
+/// `Welcome` alone retried every ~100 ms when something after the
+/// handshake failed each time.)
+const STABLE_MS: f64 = 10_000.0;
+
 /// Options of [`create_client`] (camelCase in JS).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
@@ -132,6 +146,12 @@ struct Driver {
     attempts: u32,
     max_backoff_ms: u32,
     reconnect: Option<Timer>,
+    /// The liveness probe's timer while a socket is open.
+    heartbeat: Option<Timer>,
+    /// When the current connection came online (`Date.now()`), and whether
+    /// it caught a database up: either makes it worth a fresh backoff.
+    online_since_ms: Option<f64>,
+    caught_up: bool,
     /// A fatal refusal (bad token, unknown version): reconnecting cannot help.
     refused: Option<WasmError>,
     /// Databases the server refused on this connection (`Forbidden`, …).
@@ -246,6 +266,9 @@ pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmC
         attempts: 0,
         max_backoff_ms: options.max_backoff_ms.unwrap_or(10_000).max(50),
         reconnect: None,
+        heartbeat: None,
+        online_since_ms: None,
+        caught_up: false,
         refused: None,
         db_refused: Vec::new(),
         queue: VecDeque::new(),
@@ -336,7 +359,7 @@ impl Driver {
         let js = match e {
             ClientEvent::Status(s) => {
                 if s == Status::Online {
-                    self.attempts = 0;
+                    self.online_since_ms = Some(js_sys::Date::now());
                 }
                 if s == Status::Connecting {
                     // A new connection asks again.
@@ -355,9 +378,12 @@ impl Driver {
                 db: db.as_str().to_owned(),
                 counter,
             },
-            ClientEvent::Synced { db } => JsEvent::Synced {
-                db: db.as_str().to_owned(),
-            },
+            ClientEvent::Synced { db } => {
+                self.caught_up = true;
+                JsEvent::Synced {
+                    db: db.as_str().to_owned(),
+                }
+            }
             ClientEvent::Presence { db } => JsEvent::Presence {
                 db: db.as_str().to_owned(),
             },
@@ -468,6 +494,19 @@ impl Driver {
         }));
     }
 
+    /// Probe the connection in `ms` ([`heartbeat`]).
+    fn arm_heartbeat(&mut self, shared: &Shared, ms: u32) {
+        if self.socket.is_none() || self.closed {
+            return;
+        }
+        let weak = Rc::downgrade(shared);
+        self.heartbeat = Some(Timer::new(ms, move || {
+            if let Some(shared) = weak.upgrade() {
+                heartbeat(&shared);
+            }
+        }));
+    }
+
     fn drop_connection(&mut self, shared: &Shared) {
         // Frames not yet handled belong to the connection going away.
         self.inbox.clear();
@@ -476,6 +515,14 @@ impl Driver {
             defer_drop(s);
         }
         self.client.disconnected();
+        self.heartbeat = None;
+        let stable = self
+            .online_since_ms
+            .take()
+            .is_some_and(|t| js_sys::Date::now() - t >= STABLE_MS);
+        if stable || std::mem::take(&mut self.caught_up) {
+            self.attempts = 0;
+        }
         if self.closed || self.paused || self.refused.is_some() {
             return;
         }
@@ -491,6 +538,25 @@ impl Driver {
             }
         }));
     }
+}
+
+/// Probe the open connection; drop it (and redial) when the previous probe
+/// went unanswered.
+fn heartbeat(shared: &Shared) {
+    run(shared, |d| {
+        if let Some(t) = d.heartbeat.take() {
+            defer_drop(t); // this callback's own timer
+        }
+        if d.socket.is_none() {
+            return;
+        }
+        if d.client.heartbeat() {
+            d.arm_heartbeat(shared, HEARTBEAT_MS);
+        } else {
+            tracing::info!("no answer from the server since the last probe; reconnecting");
+            d.drop_connection(shared);
+        }
+    });
 }
 
 /// Once no frame has arrived for `CATCH_UP_IDLE_MS`, hand patched
@@ -568,7 +634,10 @@ fn on_socket(shared: &Shared, ev: SocketEvent) {
                 });
             }
         }
-        SocketEvent::Open => run(shared, |d| d.client.connected()),
+        SocketEvent::Open => run(shared, |d| {
+            d.client.connected();
+            d.arm_heartbeat(shared, HEARTBEAT_MS);
+        }),
         SocketEvent::Closed => run(shared, |d| {
             // Frames that arrived before the close come first (a bad one
             // among them has already dropped the connection).
@@ -994,12 +1063,25 @@ impl WasmClient {
     /// browser's `online` event).
     #[wasm_bindgen(js_name = reconnectNow)]
     pub fn reconnect_now(&self) {
-        {
+        let open = {
             let mut d = self.shared.borrow_mut();
             d.reconnect = None;
             d.attempts = 0;
+            d.socket.is_some()
+        };
+        if open {
+            // The socket may have died unnoticed while the network was
+            // away: probe now, and again in `PROBE_MS` to judge the answer.
+            run(&self.shared, |d| {
+                if d.client.heartbeat() {
+                    d.arm_heartbeat(&self.shared, PROBE_MS);
+                } else {
+                    d.drop_connection(&self.shared);
+                }
+            });
+        } else {
+            dial(&self.shared);
         }
-        dial(&self.shared);
     }
 
     /// Disconnect on purpose and stay offline (no reconnect attempts) until

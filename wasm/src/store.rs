@@ -60,6 +60,9 @@ pub enum StoreError {
     /// A stored record does not decode.
     #[error(transparent)]
     Corrupt(#[from] syncline_core::CorruptRecord),
+    /// A batch does not encode (nothing was written).
+    #[error(transparent)]
+    Encode(#[from] syncline_core::EncodeRecord),
     /// Any other IndexedDB failure (the transaction was rolled back).
     #[error("IndexedDB: {0}")]
     Idb(String),
@@ -73,7 +76,7 @@ impl StoreError {
             StoreError::Blocked => "StorageBlocked",
             StoreError::Unavailable => "StorageUnavailable",
             StoreError::Corrupt(_) => "StorageCorrupt",
-            StoreError::Idb(_) => "StorageFailed",
+            StoreError::Idb(_) | StoreError::Encode(_) => "StorageFailed",
         }
     }
 }
@@ -247,7 +250,7 @@ impl IdbStore {
             // (An empty batch carries only views: no log record.)
             if !batch.is_empty() {
                 let slot = planned.entry((*db).clone()).or_insert((0, 0));
-                let bytes = encode_batch(batch);
+                let bytes = encode_batch(batch)?;
                 // `add`: a key that exists (another writer of this replica)
                 // fails the transaction instead of overwriting a durable batch.
                 store
@@ -265,7 +268,16 @@ impl IdbStore {
             }
         }
         drop((store, views));
-        commit(tx).await?;
+        if let Err(e) = commit(tx).await {
+            // The next keys are re-read before the next attempt: if another
+            // writer added records meanwhile, retrying the same keys would
+            // fail forever.
+            let mut seqs = self.seqs.borrow_mut();
+            for (db, _, _) in writes {
+                seqs.remove(*db);
+            }
+            return Err(e);
+        }
         *self.seqs.borrow_mut() = planned;
         let full: Vec<DbName> = self
             .seqs
@@ -330,7 +342,7 @@ impl IdbStore {
         let store = tx.object_store(LOG)?;
         store.delete::<String, _>(range(db)).primitive()?;
         store
-            .put(Uint8Array::from(encode_batch(&folded)))
+            .put(Uint8Array::from(encode_batch(&folded)?))
             .with_key(key(db, next))
             .primitive()?;
         drop(store);

@@ -377,7 +377,7 @@ async fn data_of_the_first_schema_opens_after_the_upgrade() {
         .await
         .expect("create v1");
     let batch = Batch::entries(vec![entry(r, 1, "a")]);
-    let record = syncline_core::encode_batch(&batch);
+    let record = syncline_core::encode_batch(&batch).unwrap();
     put_raw(&raw, "log", "db\u{0}0000000000000000", record).await;
     raw.close();
     let store = IdbStore::open(&name).await.expect("upgrade");

@@ -224,6 +224,10 @@ struct ClientDb {
     /// for every later live batch (which could keep the queue busy forever).
     reply_seq: u64,
     persisted_seq: u64,
+    /// Our version vector when we last subscribed again because the server
+    /// held something we still lacked. Asking again without having gained
+    /// anything (an entry we cannot apply) would loop; we stop and report.
+    resubscribed_at: Option<VersionVector>,
 }
 
 /// Default of [`ClientConfig::view_refresh_entries`]: entries persisted
@@ -263,6 +267,11 @@ pub struct Client {
     next_req: u32,
     /// The frame limit the server announced in `Welcome`.
     server_max_frame: usize,
+    /// Liveness ([`Client::heartbeat`]): a Ping is out, and whether any
+    /// frame has arrived since it was sent.
+    probe_out: bool,
+    heard: bool,
+    next_nonce: u64,
     out: Vec<ClientOutput>,
 }
 
@@ -277,8 +286,40 @@ impl Client {
             dbs: BTreeMap::new(),
             next_req: 1,
             server_max_frame: DEFAULT_MAX_FRAME,
+            probe_out: false,
+            heard: false,
+            next_nonce: 1,
             out: Vec::new(),
         }
+    }
+
+    /// Liveness probe: call every few tens of seconds while a transport is
+    /// open. Sends a `Ping`; returns `false` when nothing at all has arrived
+    /// since the previous call's `Ping` — the connection is dead (a laptop
+    /// that slept, a NAT that forgot it) even if the transport has not
+    /// noticed, and the adapter should drop it and reconnect.
+    pub fn heartbeat(&mut self) -> bool {
+        if self.status == Status::Offline {
+            return true;
+        }
+        if self.probe_out && !self.heard {
+            return false;
+        }
+        self.probe_out = true;
+        self.heard = false;
+        let nonce = self.next_nonce;
+        self.next_nonce = self.next_nonce.wrapping_add(1);
+        self.send(Message::Ping { nonce });
+        true
+    }
+
+    /// The largest frame accepted from the server: our own limit, or the
+    /// server's announced one (plus room for a fanned-out push's envelope)
+    /// when larger — refusing what the server may legitimately send would
+    /// drop every connection at the same frame.
+    fn frame_limit(&self) -> usize {
+        let server = self.server_max_frame;
+        self.config.max_frame.max(server.saturating_add(server / 4))
     }
 
     /// This replica's id.
@@ -349,6 +390,7 @@ impl Client {
                 entries_since_views: 0,
                 reply_seq: 0,
                 persisted_seq: 0,
+                resubscribed_at: None,
             },
         );
         if self.status != Status::Offline {
@@ -583,6 +625,11 @@ impl Client {
     /// and after a refused `Hello` it ignores them.
     pub fn connected(&mut self) {
         self.status = Status::Connecting;
+        self.probe_out = false;
+        self.heard = false;
+        for c in self.dbs.values_mut() {
+            c.resubscribed_at = None;
+        }
         self.send(Message::Hello(Box::new(Hello {
             replica: self.replica,
             token: self.token.clone(),
@@ -643,8 +690,11 @@ impl Client {
     ) -> Result<(), protocol::DecodeError> {
         let mut run: Option<Delta> = None;
         for frame in frames {
-            let msg = match protocol::decode(frame, self.config.max_frame) {
-                Ok(msg) => msg,
+            let msg = match protocol::decode(frame, self.frame_limit()) {
+                Ok(msg) => {
+                    self.heard = true;
+                    msg
+                }
                 Err(e) => {
                     if let Some(d) = run.take() {
                         self.delta(d);
@@ -688,7 +738,8 @@ impl Client {
     pub fn handle(&mut self, msg: Message) {
         match msg {
             Message::Welcome(w) => {
-                self.server_max_frame = (w.max_frame as usize).max(1024);
+                // (Bounded: the announcement also sets what we accept.)
+                self.server_max_frame = (w.max_frame as usize).clamp(1024, 128 << 20);
                 self.status = Status::Online;
                 self.event(ClientEvent::Status(Status::Online));
             }
@@ -788,6 +839,20 @@ impl Client {
             code: ErrorCode::InvalidChange,
             message: e.to_string(),
         });
+    }
+
+    /// Record a resubscription for what is still missing; false when the
+    /// previous one (on this connection) gained nothing.
+    fn note_resubscribe(&mut self, name: &DbName) -> bool {
+        let Some(c) = self.dbs.get_mut(name) else {
+            return false;
+        };
+        let now = c.db.vv();
+        if c.resubscribed_at.as_ref() == Some(now) {
+            return false;
+        }
+        c.resubscribed_at = Some(now.clone());
+        true
     }
 
     fn send_subscribe(&mut self, name: &DbName) {
@@ -895,6 +960,16 @@ impl Client {
             c.reply_seq = c.next_seq - 1;
         }
         self.ack(&name, server_vv.get(&self.replica));
+        if resubscribe && !self.note_resubscribe(&name) {
+            self.event(ClientEvent::Error {
+                db: Some(name.clone()),
+                code: ErrorCode::InvalidChange,
+                message: "the server holds changes this replica cannot apply; \
+                          not asking for them again on this connection"
+                    .into(),
+            });
+            resubscribe = false;
+        }
         if resubscribe {
             self.send_subscribe(&name);
         } else {

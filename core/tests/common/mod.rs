@@ -68,8 +68,13 @@ impl<A: Authenticator> Net<A> {
 
     /// Add a client with replica id `[n; 16]` and `token`.
     pub fn add(&mut self, n: u8, token: &str) -> usize {
+        self.add_with(n, token, ClientConfig::default())
+    }
+
+    /// [`Net::add`] with a client configuration.
+    pub fn add_with(&mut self, n: u8, token: &str, config: ClientConfig) -> usize {
         self.nodes.push(Node {
-            client: Client::new(ReplicaId([n; 16]), token, ClientConfig::default()),
+            client: Client::new(ReplicaId([n; 16]), token, config),
             store: MemoryStore::new(),
             peer: None,
             up: Traffic::default(),
@@ -231,7 +236,12 @@ impl<A: Authenticator> Net<A> {
 
     /// Deliver everything until nothing moves.
     pub fn run(&mut self) {
-        loop {
+        while self.step() {}
+    }
+
+    /// One round of deliveries; false when nothing moved.
+    pub fn step(&mut self) -> bool {
+        {
             let mut moved = false;
             for i in 0..self.nodes.len() {
                 self.route_client(i);
@@ -269,9 +279,7 @@ impl<A: Authenticator> Net<A> {
                     self.disconnect(i);
                 }
             }
-            if !moved {
-                return;
-            }
+            moved
         }
     }
 
