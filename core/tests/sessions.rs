@@ -821,3 +821,52 @@ fn an_entry_the_client_cannot_apply_does_not_loop_subscriptions() {
             if message.contains("not asking")
     )));
 }
+
+/// Two clients using one replica id (a copied profile, or one impersonating
+/// another) push different changes under the same counter: the server keeps
+/// the first and refuses the second with a typed error instead of
+/// acknowledging it as a resend.
+#[test]
+fn a_different_change_under_a_held_dot_is_refused() {
+    let mut net = Net::new(OpenAccess);
+    let a = net.add(1, "");
+    let twin = net.add(1, "");
+    for i in [a, twin] {
+        net.open(i, "shared");
+        net.connect(i);
+    }
+    net.run();
+    let (x, y) = (DocId::new("x").unwrap(), DocId::new("y").unwrap());
+    net.nodes[a]
+        .client
+        .update(&db(), &x, &json!({ "by": "a" }))
+        .unwrap();
+    net.nodes[twin]
+        .client
+        .update(&db(), &y, &json!({ "by": "twin" }))
+        .unwrap();
+    net.run();
+    assert!(errors(&net, twin).contains(&ErrorCode::InvalidChange));
+    assert!(!errors(&net, a).contains(&ErrorCode::InvalidChange));
+    let stored = net.server_store.load_now(&db()).unwrap();
+    assert_eq!(stored.entries.len(), 1);
+    assert_eq!(stored.entries[0].doc, x);
+    // A plain resend of the held change is still acknowledged.
+    let held = stored.entries[0].clone();
+    let peer = net.nodes[a].peer.unwrap();
+    net.server.handle(
+        peer,
+        Message::Push(Box::new(Push {
+            db: db(),
+            entries: vec![held],
+        })),
+    );
+    let outs = net.server.take_outputs();
+    assert!(outs.iter().any(|o| matches!(
+        o,
+        syncline_core::sync::ServerOutput::Send {
+            msg: Message::Ack(_),
+            ..
+        }
+    )));
+}

@@ -129,6 +129,30 @@ struct Peer {
     subs: BTreeSet<DbName>,
 }
 
+/// Why `e`, whose dot the server already holds, is not a resend of the
+/// held entry (None when it is, or when the held one was compacted away).
+fn conflicting(d: &ServerDb, e: &Entry) -> Option<String> {
+    let held = d.log.get(&e.dot).or_else(|| {
+        d.pending
+            .iter()
+            .flat_map(|b| b.entries.iter())
+            .find(|x| x.dot == e.dot)
+    })?;
+    let same = held.doc == e.doc
+        && (held.change == e.change
+            || matches!(
+                (held.parse_change(), e.parse_change()),
+                (Ok(a), Ok(b)) if a.hash() == b.hash()
+            ));
+    (!same).then(|| {
+        format!(
+            "counter {} of this replica is already held with a different change: \
+             is this replica id in use by another client?",
+            e.dot.counter
+        )
+    })
+}
+
 #[derive(Debug)]
 struct PendingBatch {
     seq: u64,
@@ -845,6 +869,14 @@ impl<A: Authenticator> Server<A> {
         for e in p.entries {
             let have = d.accepted.get(&replica);
             if e.dot.counter <= have {
+                // A resend of what we hold is acknowledged again; a different
+                // change under a held dot means two writers use one replica
+                // id (or one impersonates another). Acking it would tell its
+                // sender it is stored when it was dropped.
+                if let Some(problem) = conflicting(d, &e) {
+                    self.fail(peer, ErrorCode::InvalidChange, problem, Some(p.db));
+                    return;
+                }
                 continue; // duplicate
             }
             if e.dot.counter != have + 1 {
