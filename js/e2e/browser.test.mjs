@@ -250,6 +250,35 @@ describe('browser package against the real server', () => {
     assert.deepEqual((await t3.evaluate(() => db.list())).sort(), ['from1', 'from2']);
   });
 
+  it('without Web Locks (an insecure origin), a duplicated tab still gets a replica of its own', T, async () => {
+    const s = await server();
+    const a = await user();
+    // What http://192.168.… looks like: browsers hide navigator.locks there.
+    await a.context.addInitScript(() =>
+      Object.defineProperty(Navigator.prototype, 'locks', { get: () => undefined, configurable: true }),
+    );
+    const t1 = await a.page(web.url);
+    assert.equal(await t1.evaluate(() => navigator.locks), undefined);
+    const r1 = await connect(t1, s.url, { db: 'e2e-lease' });
+    // Duplicating a tab copies its sessionStorage (the slot it last held).
+    const session = await t1.evaluate(() => JSON.stringify(Object.entries(sessionStorage)));
+    const t2 = await a.page(web.url);
+    await t2.evaluate((entries) => {
+      for (const [k, v] of JSON.parse(entries)) sessionStorage.setItem(k, v);
+    }, session);
+    const r2 = await connect(t2, s.url, { db: 'e2e-lease' });
+    assert.notEqual(r1, r2);
+    await t1.evaluate(() => db.put('from1', { v: 1 }));
+    await t2.evaluate(() => db.put('from2', { v: 2 }));
+    for (const t of [t1, t2]) await until(t, () => db.list().length === 2);
+    // A reload gives its lease up on pagehide and gets its replica back.
+    await t1.reload();
+    await t1.waitForFunction(() => window.ready === true);
+    assert.equal(await connect(t1, s.url, { db: 'e2e-lease' }), r1);
+    assert.deepEqual((await t1.evaluate(() => db.list())).sort(), ['from1', 'from2']);
+    assert.deepEqual(await t2.evaluate(() => window.errors), []);
+  });
+
   it('running out of storage quota is a typed error, not a silent loss', T, async () => {
     const a = await user();
     const page = await a.page(web.url);

@@ -11,6 +11,7 @@
 import { createClient, type WasmClient } from '../wasm/syncline_wasm.js';
 import { deepFreeze } from './equal.js';
 import { isSynclineError, synclineError, type SynclineError } from './errors.js';
+import { setOwn } from './own.js';
 import { acquireSlot, type Slot } from './slots.js';
 
 /** A JSON-like document: the root is always an object. */
@@ -168,6 +169,15 @@ export class Syncline {
     this.#wasm = wasm;
     this.#slot = slot;
     globalThis.addEventListener?.('online', this.#onOnline);
+    // Another tab took this replica (possible only without Web Locks):
+    // writing on would corrupt its log, so stop, loudly.
+    slot.onLost?.(() => {
+      emit(
+        this.#errorListeners,
+        synclineError('TooManyTabs', 'another tab took over this replica while this page was frozen; reload'),
+      );
+      void this.close();
+    });
   }
 
   /**
@@ -357,7 +367,7 @@ export class SynclineDb {
     const out: Record<string, T> = {};
     for (const id of this.list()) {
       const v = this.get<T>(id);
-      if (v !== undefined) out[id] = v;
+      if (v !== undefined) setOwn(out, id, v);
     }
     return out;
   }

@@ -23,6 +23,7 @@
 import type { Action, Middleware, Reducer, UnknownAction } from 'redux';
 import type { Doc, SynclineDb } from './client.js';
 import { deepEqual } from './equal.js';
+import { getOwn, setOwn } from './own.js';
 
 /** The type of the action the middleware dispatches when the database changes. */
 export const SYNCLINE_CHANGED = 'syncline/changed';
@@ -103,8 +104,8 @@ export function synclineMiddleware(db: SynclineDb, options: SynclineMiddlewareOp
       const previous = last;
       last = current; // before writing, so nested dispatches diff from here
       for (const id of new Set([...Object.keys(previous), ...Object.keys(current)])) {
-        const doc = current[id];
-        if (doc === previous[id]) continue;
+        const doc = getOwn(current, id);
+        if (doc === getOwn(previous, id)) continue;
         if (doc == null) write('delete', id, () => db.delete(id));
         else write('put', id, () => db.put(id, doc, { text: options.text }));
       }
@@ -117,8 +118,8 @@ export function synclineMiddleware(db: SynclineDb, options: SynclineMiddlewareOp
       let any = false;
       for (const id of ids) {
         const stored = db.get(id);
-        if (deepEqual(stored, current[id] ?? undefined)) continue;
-        docs[id] = stored ?? null;
+        if (deepEqual(stored, getOwn(current, id) ?? undefined)) continue;
+        setOwn(docs, id, stored ?? null);
         any = true;
       }
       if (any) dispatch(synclineChanged(slice, docs));
@@ -158,7 +159,7 @@ export function synclineReducer<D extends Doc = Doc, A extends Action = UnknownA
       const next = { ...(state ?? {}) } as DocsState<D>;
       for (const [id, doc] of Object.entries((action as SynclineChangedAction<D>).payload.docs)) {
         if (doc === null) delete next[id];
-        else next[id] = doc;
+        else setOwn(next, id, doc);
       }
       return next;
     }

@@ -16,6 +16,12 @@ import { synclineError } from './errors.js';
 export interface Slot {
   index: number;
   release(): void;
+  /**
+   * Call `cb` if the slot is lost to another tab (possible only without Web
+   * Locks, after this page was frozen longer than a lease): the client must
+   * stop writing, since two tabs on one replica would corrupt its log.
+   */
+  onLost?(cb: () => void): void;
 }
 
 const MAX_SLOTS = 64;
@@ -31,7 +37,7 @@ interface LockManagerLike {
 /** Take the lowest free slot of `name`. */
 export async function acquireSlot(name: string): Promise<Slot> {
   const locks = (globalThis.navigator as { locks?: LockManagerLike } | undefined)?.locks;
-  if (!locks) return tabSlot(name);
+  if (!locks) return leaseSlot(name);
   for (let index = 0; index < MAX_SLOTS; index++) {
     let release = () => {};
     const held = new Promise<void>((resolve) => (release = resolve));
@@ -45,23 +51,116 @@ export async function acquireSlot(name: string): Promise<Slot> {
     });
     if (got) return { index, release };
   }
-  throw synclineError('TooManyTabs', `more than ${MAX_SLOTS} clients of "${name}" are open in this browser`);
+  throw tooMany(name);
+}
+
+function tooMany(name: string) {
+  return synclineError('TooManyTabs', `more than ${MAX_SLOTS} clients of "${name}" are open in this browser`);
 }
 
 /**
- * Without Web Locks (insecure origins such as `http://192.168.…`, where
- * browsers hide `navigator.locks`), tabs cannot agree on slots. Each tab then
- * keeps a random slot of its own in `sessionStorage` (it survives reloads of
- * that tab), so no two tabs ever share a replica; a new tab starts with an
- * empty local replica and catches up from the server.
+ * A lease outlives the longest a live page's timers are held back (Chrome
+ * runs a hidden tab's timers once a minute), so a live tab always renews in
+ * time; a tab closed without `pagehide` frees its slot after this long.
  */
-function tabSlot(name: string): Slot {
-  const key = `syncline-slot:${name}`;
-  const storage = (globalThis as { sessionStorage?: Storage }).sessionStorage;
-  let index = Number(storage?.getItem(key));
-  if (!Number.isInteger(index) || index < MAX_SLOTS) {
-    index = MAX_SLOTS + Math.floor(Math.random() * 1e9);
-    storage?.setItem(key, String(index));
+export const LEASE_MS = 180_000;
+const RENEW_MS = 15_000;
+/** How long a claim waits for a tab that raced it to the same slot. */
+const SETTLE_MS = 60;
+
+/**
+ * Without Web Locks (insecure origins such as `http://192.168.…`, where
+ * browsers hide `navigator.locks`), tabs agree on slots through leases in
+ * `localStorage`, which every tab of the origin shares: a tab claims the
+ * lowest slot whose lease is absent or expired, waits for a racing tab's
+ * claim to land (the last writer wins), renews while it lives and drops the
+ * lease on `pagehide`. A reloaded tab asks for its previous slot first
+ * (`sessionStorage`), so it keeps its replica; a duplicated tab copies that
+ * hint, but the original still holds the lease, so the copy takes another
+ * slot. A closed tab's slot (with any offline writes) is taken by the next tab.
+ */
+/** @internal Exported for tests. */
+export async function leaseSlot(name: string): Promise<Slot> {
+  const g = globalThis as { localStorage?: Storage; sessionStorage?: Storage };
+  let shared: Storage | undefined;
+  try {
+    shared = g.localStorage;
+  } catch {
+    shared = undefined;
   }
-  return { index, release() {} };
+  if (!shared) {
+    throw synclineError(
+      'StorageUnavailable',
+      'neither Web Locks nor localStorage is available to keep tabs on separate replicas; use storage: "memory"',
+    );
+  }
+  const store = shared;
+  const me = randomId();
+  const hintKey = `syncline-slot:${name}`;
+  const hint = Number(g.sessionStorage?.getItem(hintKey) ?? NaN);
+  const order = Array.from({ length: MAX_SLOTS }, (_, i) => i);
+  if (Number.isInteger(hint) && hint >= 0 && hint < MAX_SLOTS) order.unshift(hint);
+  const keyOf = (index: number) => `syncline-lease:${name}:${index}`;
+  const owner = (key: string) => {
+    const [id, until] = (store.getItem(key) ?? '').split(' ');
+    return id && Number(until) > Date.now() ? id : null;
+  };
+  const claim = (key: string) => store.setItem(key, `${me} ${Date.now() + LEASE_MS}`);
+  for (const index of order) {
+    const key = keyOf(index);
+    if (owner(key) !== null) continue;
+    claim(key);
+    await new Promise((ok) => setTimeout(ok, SETTLE_MS));
+    if (owner(key) !== me) continue;
+    g.sessionStorage?.setItem(hintKey, String(index));
+    return holdLease(key, index, owner, claim, store);
+  }
+  throw tooMany(name);
+}
+
+function holdLease(
+  key: string,
+  index: number,
+  owner: (key: string) => string | null,
+  claim: (key: string) => void,
+  store: Storage,
+): Slot {
+  const me = owner(key);
+  const lost = new Set<() => void>();
+  let released = false;
+  const check = () => {
+    if (released) return;
+    const now = owner(key);
+    if (now === me || now === null) {
+      claim(key);
+    } else {
+      release();
+      for (const cb of lost) cb();
+    }
+  };
+  const timer = setInterval(check, RENEW_MS);
+  const onHide = () => {
+    if (owner(key) === me) store.removeItem(key);
+  };
+  // Back from the back/forward cache: take the lease again (or learn it is gone).
+  const onShow = (e: Event) => {
+    if ((e as PageTransitionEvent).persisted) check();
+  };
+  globalThis.addEventListener?.('pagehide', onHide);
+  globalThis.addEventListener?.('pageshow', onShow);
+  function release() {
+    if (released) return;
+    released = true;
+    clearInterval(timer);
+    globalThis.removeEventListener?.('pagehide', onHide);
+    globalThis.removeEventListener?.('pageshow', onShow);
+    onHide();
+  }
+  return { index, release, onLost: (cb) => lost.add(cb) };
+}
+
+function randomId(): string {
+  const bytes = new Uint8Array(12);
+  globalThis.crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
 }

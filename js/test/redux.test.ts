@@ -201,3 +201,21 @@ describe('redux binding', () => {
     expect(synclineReducer('todos')(undefined, { type: 'any' })).toEqual({});
   });
 });
+
+describe('document ids that are Object.prototype keys', () => {
+  it('"__proto__" is kept as a document by the reducer and by all()', async () => {
+    // JSON.parse makes an own "__proto__" key, as the middleware's action does.
+    const docs = JSON.parse('{"__proto__": {"title": "odd id"}}') as Record<string, Doc>;
+    const state = synclineReducer('todos')({}, synclineChanged('todos', docs));
+    expect(Object.prototype.hasOwnProperty.call(state, '__proto__')).toBe(true);
+    expect(Object.getPrototypeOf(state)).toBe(Object.prototype);
+    expect(Object.keys(state)).toEqual(['__proto__']);
+
+    const { client, db } = await openDb();
+    await db.put('__proto__', { title: 'odd id' });
+    const all = db.all();
+    expect(Object.keys(all)).toEqual(['__proto__']);
+    expect(Object.getPrototypeOf(all)).toBe(Object.prototype);
+    await client.close();
+  });
+});
