@@ -663,19 +663,10 @@ fn a_live_delta_in_several_parts_does_not_look_like_a_gap() {
 fn outbox_bytes_count_subscribe_replies_until_drained() {
     let mut net = Net::new(OpenAccess);
     let (a, b) = two_online(&mut net);
-    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
     for i in 0..20 {
         let id = DocId::new(format!("doc-{i}")).unwrap();
         // Text that does not compress, so the reply's size is the data's.
-        let text: String = (0..500)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                char::from(b'a' + (seed % 26) as u8)
-            })
-            .collect();
-        let body = json!({ "text": text, "i": i });
+        let body = json!({ "text": common::incompressible(500, i), "i": i });
         net.nodes[a].client.update(&db(), &id, &body).unwrap();
     }
     net.route_client(a);
@@ -755,15 +746,7 @@ fn a_client_accepts_frames_up_to_the_servers_announced_limit() {
         net.connect(i);
     }
     net.run();
-    let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
-    let text: String = (0..300_000)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            char::from(b'a' + (seed % 26) as u8)
-        })
-        .collect();
+    let text = common::incompressible(300_000, 1);
     let id = DocId::new("big").unwrap();
     net.nodes[writer]
         .client

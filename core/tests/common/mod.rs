@@ -301,3 +301,17 @@ impl<A: Authenticator> Net<A> {
         }
     }
 }
+
+/// `len` lowercase letters from a xorshift generator seeded by `seed`:
+/// text that deflate cannot shrink much, so sizes on the wire are the data's.
+pub fn incompressible(len: usize, seed: u64) -> String {
+    let mut x = 0x2545_f491_4f6c_dd1d_u64 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
