@@ -853,3 +853,28 @@ fn a_different_change_under_a_held_dot_is_refused() {
         }
     )));
 }
+
+/// The server failed to store a push (`Internal`): the client sends it
+/// again at its next heartbeat instead of waiting for a reconnect.
+#[test]
+fn a_push_the_server_failed_to_store_is_sent_again() {
+    let mut net = Net::new(OpenAccess);
+    let (a, _) = two_online(&mut net);
+    net.hold_server_persists = true;
+    let id = DocId::new("x").unwrap();
+    net.nodes[a]
+        .client
+        .update(&db(), &id, &json!({ "v": 1 }))
+        .unwrap();
+    net.run();
+    assert_eq!(net.pending_server_persists(), 1);
+    net.fail_server_persists();
+    net.run();
+    assert!(errors(&net, a).contains(&ErrorCode::Internal));
+    assert_eq!(net.nodes[a].client.acked(&db()), 0);
+    net.hold_server_persists = false;
+    assert!(net.nodes[a].client.heartbeat());
+    net.run();
+    assert_eq!(net.nodes[a].client.acked(&db()), 1, "stored on the retry");
+    assert_eq!(net.server_store.load_now(&db()).unwrap().entries.len(), 1);
+}

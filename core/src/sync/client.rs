@@ -310,6 +310,11 @@ impl Client {
         let nonce = self.next_nonce;
         self.next_nonce = self.next_nonce.wrapping_add(1);
         self.send(Message::Ping { nonce });
+        // Also the retry tick for pushes the server failed to store.
+        let names: Vec<DbName> = self.dbs.keys().cloned().collect();
+        for name in names {
+            self.push(&name);
+        }
         true
     }
 
@@ -1133,6 +1138,15 @@ impl Client {
             let db = db.clone();
             self.send_subscribe(&db);
             return;
+        }
+        if code == ErrorCode::Internal
+            && let Some(db) = &e.db
+            && let Some(c) = self.dbs.get_mut(db)
+            && let Sync::Live { pushed } = &mut c.sync
+        {
+            // Nothing of those pushes was stored: send them again at the
+            // next heartbeat (not at once: the server's disk is failing).
+            *pushed = c.acked;
         }
         self.event(ClientEvent::Error {
             db: e.db,

@@ -205,6 +205,15 @@ impl<A: Authenticator> Net<A> {
         self.server_persists.clear();
     }
 
+    /// The held batches failed to write; the adapter says so, as the hub
+    /// does (the server answers their senders with `Internal`).
+    pub fn fail_server_persists(&mut self) {
+        while let Some((db, seq, _)) = self.server_persists.pop_front() {
+            self.server.persist_failed(&db, seq, "disk full");
+            self.route_server();
+        }
+    }
+
     /// Make client `i`'s pending writes durable; whether there were any.
     pub fn flush_client(&mut self, i: usize) -> bool {
         self.route_client(i);
