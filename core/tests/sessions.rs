@@ -878,3 +878,30 @@ fn a_push_the_server_failed_to_store_is_sent_again() {
     assert_eq!(net.nodes[a].client.acked(&db()), 1, "stored on the retry");
     assert_eq!(net.server_store.load_now(&db()).unwrap().entries.len(), 1);
 }
+
+struct Expiring;
+
+impl Authenticator for Expiring {
+    fn authenticate(&self, _token: &str) -> Result<Grants, AuthError> {
+        Ok(Grants::all().until(Some(100)))
+    }
+}
+
+/// `Server::expire` ends connections whose token expired, with a typed
+/// refusal; the others stay.
+#[test]
+fn connections_end_when_their_token_expires() {
+    let mut net = Net::new(Expiring);
+    let (a, _) = two_online(&mut net);
+    net.server.expire(99);
+    net.route_server();
+    net.run();
+    assert!(errors(&net, a).is_empty());
+    assert!(net.nodes[a].peer.is_some());
+    net.server.expire(100);
+    net.route_server();
+    net.run();
+    assert!(errors(&net, a).contains(&ErrorCode::Unauthorized));
+    assert!(net.nodes[a].peer.is_none(), "closed");
+    assert_eq!(net.server.connections(), 0);
+}

@@ -26,7 +26,8 @@ pub struct Claims {
     pub exp: Option<u64>,
 }
 
-fn now_secs() -> u64 {
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -127,7 +128,9 @@ impl Authenticator for TokenAuth {
             pattern: claims.db,
             right,
         });
-        Ok(grants)
+        // The whole connection ends with the token (anonymous rights too:
+        // a client reconnects, anonymously or with a fresh token).
+        Ok(grants.until(claims.exp))
     }
 }
 

@@ -555,6 +555,34 @@ async fn auth_matrix_over_the_wire() {
         &writer_token,
     ]);
     assert!(!ok && err.contains("Forbidden"), "{err}");
+
+    // A connection does not outlive its token: it is closed when it expires.
+    let brief = client(
+        "brief",
+        token(
+            &data,
+            &["--db", "org-*", "--rights", "write", "--expires", "5s"],
+        ),
+    )
+    .await;
+    let mut events = brief.events();
+    brief.open(&db("org-1")).await.unwrap();
+    synced(&brief, &db("org-1")).await;
+    let message = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(ClientEvent::Error {
+                code: ErrorCode::Unauthorized,
+                message,
+                ..
+            }) = events.recv().await
+            {
+                return message;
+            }
+        }
+    })
+    .await
+    .expect("the expired connection is closed");
+    assert!(message.contains("reconnect with a fresh one"), "{message}");
 }
 
 /// Read a stopped server's log for `db` with the store's own record decoder.

@@ -42,19 +42,23 @@ pub struct Grant {
     pub right: Right,
 }
 
-/// What one connection may do.
+/// What one connection may do, and until when.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Grants(Vec<Grant>);
+pub struct Grants {
+    grants: Vec<Grant>,
+    /// Unix seconds at which the token stops being valid (`None`: never).
+    expires: Option<u64>,
+}
 
 impl Grants {
     /// No rights at all.
     pub fn none() -> Self {
-        Grants(Vec::new())
+        Grants::default()
     }
 
     /// Admin on every database.
     pub fn all() -> Self {
-        Grants(vec![Grant {
+        Grants::new(vec![Grant {
             pattern: "*".into(),
             right: Right::Admin,
         }])
@@ -62,22 +66,38 @@ impl Grants {
 
     /// From explicit grants.
     pub fn new(grants: Vec<Grant>) -> Self {
-        Grants(grants)
+        Grants {
+            grants,
+            expires: None,
+        }
+    }
+
+    /// These grants, valid until `unix_secs` (see [`Server::expire`]).
+    ///
+    /// [`Server::expire`]: crate::sync::Server::expire
+    pub fn until(mut self, unix_secs: Option<u64>) -> Self {
+        self.expires = unix_secs;
+        self
+    }
+
+    /// When these grants stop being valid (Unix seconds), if ever.
+    pub fn expires(&self) -> Option<u64> {
+        self.expires
     }
 
     /// Add a grant.
     pub fn push(&mut self, grant: Grant) {
-        self.0.push(grant);
+        self.grants.push(grant);
     }
 
     /// Whether `right` is granted on some pattern.
     pub fn any(&self, right: Right) -> bool {
-        self.0.iter().any(|g| g.right >= right)
+        self.grants.iter().any(|g| g.right >= right)
     }
 
     /// Whether `right` is granted on `db`.
     pub fn allows(&self, db: &str, right: Right) -> bool {
-        self.0
+        self.grants
             .iter()
             .any(|g| g.right >= right && glob_match(&g.pattern, db))
     }

@@ -633,6 +633,31 @@ impl<A: Authenticator> Server<A> {
         }
     }
 
+    /// Close every connection whose token expired by `now_unix_secs`
+    /// (`Unauthorized`). Tokens are checked at `Hello`; adapters call this
+    /// periodically so a long-lived connection does not outlive its token.
+    pub fn expire(&mut self, now_unix_secs: u64) {
+        let expired: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| match &p.state {
+                PeerState::Ready { grants, .. } => {
+                    grants.expires().is_some_and(|t| t <= now_unix_secs)
+                }
+                PeerState::AwaitHello => false,
+            })
+            .map(|(&peer, _)| peer)
+            .collect();
+        for peer in expired {
+            self.fail(
+                peer,
+                ErrorCode::Unauthorized,
+                "token expired; reconnect with a fresh one",
+                None,
+            );
+        }
+    }
+
     fn grants(&self, peer: PeerId) -> Option<(ReplicaId, &Grants)> {
         match &self.peers.get(&peer)?.state {
             PeerState::Ready { replica, grants } => Some((*replica, grants)),

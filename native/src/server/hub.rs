@@ -166,6 +166,9 @@ pub async fn run(
         views_due: HashMap::new(),
         views_building: std::collections::HashSet::new(),
     };
+    // Tokens are checked at Hello; this ends connections that outlive theirs.
+    let mut expiry = tokio::time::interval(Duration::from_secs(1));
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // (A database whose build is still running waits for it to finish.)
         let next_due = hub
@@ -178,6 +181,11 @@ pub async fn run(
             msg = rx.recv() => msg,
             () = sleep_until(next_due) => {
                 hub.start_view_builds(&server);
+                continue;
+            }
+            _ = expiry.tick() => {
+                server.expire(crate::auth::now_secs());
+                hub.execute(&mut server);
                 continue;
             }
         };
