@@ -7,7 +7,7 @@
 //! futures carry no `Send` bound so the browser store (which holds `!Send` JS
 //! handles) fits; native implementations may refine their futures to be `Send`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
@@ -68,10 +68,29 @@ fn apply_batch(
     entries: &mut impl Entries,
 ) {
     entries.extend(batch.entries);
-    for s in batch.snapshots {
-        match snapshots.iter_mut().find(|x| x.doc == s.doc) {
-            Some(slot) => *slot = s,
-            None => snapshots.push(s),
+    if batch.snapshots.len() <= 8 {
+        for s in batch.snapshots {
+            match snapshots.iter_mut().find(|x| x.doc == s.doc) {
+                Some(slot) => *slot = s,
+                None => snapshots.push(s),
+            }
+        }
+    } else {
+        // A compaction's batch holds a snapshot per document: index the held
+        // ones once instead of scanning them per snapshot (O(n²) on load).
+        let mut at: HashMap<DocId, usize> = snapshots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.doc.clone(), i))
+            .collect();
+        for s in batch.snapshots {
+            match at.get(&s.doc) {
+                Some(&i) => snapshots[i] = s,
+                None => {
+                    at.insert(s.doc.clone(), snapshots.len());
+                    snapshots.push(s);
+                }
+            }
         }
     }
     if let Some(b) = &batch.base {
@@ -333,6 +352,42 @@ mod tests {
                 bytes: vec![9; 40],
             }],
             base: Some(base),
+        }
+    }
+
+    fn snaps(ids: impl IntoIterator<Item = usize>, tag: u8) -> Vec<Snapshot> {
+        ids.into_iter()
+            .map(|i| Snapshot {
+                doc: DocId::new(format!("doc-{i}")).expect("valid id"),
+                clock: VersionVector::new(),
+                bytes: vec![tag],
+            })
+            .collect()
+    }
+
+    /// Small and large snapshot batches (scan and index paths) both replace
+    /// a document's snapshot in place and append new documents in order.
+    #[test]
+    fn snapshots_replace_per_document_in_order() {
+        for (first, second) in [(3, 2), (50, 30)] {
+            let mut db = StoredDatabase::default();
+            db.apply(&Batch {
+                snapshots: snaps(0..first, 1),
+                ..Batch::default()
+            });
+            db.apply(&Batch {
+                snapshots: snaps(first - 1..first - 1 + second, 2),
+                ..Batch::default()
+            });
+            let got: Vec<(String, u8)> = db
+                .snapshots
+                .iter()
+                .map(|s| (s.doc.as_str().to_owned(), s.bytes[0]))
+                .collect();
+            let want: Vec<(String, u8)> = (0..first - 1 + second)
+                .map(|i| (format!("doc-{i}"), if i < first - 1 { 1 } else { 2 }))
+                .collect();
+            assert_eq!(got, want);
         }
     }
 
