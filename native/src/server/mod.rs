@@ -22,7 +22,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use syncline_core::ReplicaId;
 use syncline_core::protocol::{self, DecodeError, ErrorCode, Message};
 use syncline_core::sync::{Server, ServerConfig};
@@ -297,15 +297,22 @@ async fn connection(socket: WebSocket, state: AppState) {
                     return;
                 }
             };
-            let sent = tokio::select! {
-                sent = tokio::time::timeout(silent_after, sink.send(msg)) => match sent {
-                    Ok(sent) => sent.is_ok(),
-                    Err(_) => {
-                        state.metrics.dead_connections.inc();
-                        false
-                    }
+            // Most sends complete at once (the socket has room); only a
+            // blocked one arms the timer (one per frame would cost the
+            // fan-out a timer-wheel entry per delivery).
+            let mut send = sink.send(msg);
+            let sent = match (&mut send).now_or_never() {
+                Some(sent) => sent.is_ok(),
+                None => tokio::select! {
+                    sent = tokio::time::timeout(silent_after, send) => match sent {
+                        Ok(sent) => sent.is_ok(),
+                        Err(_) => {
+                            state.metrics.dead_connections.inc();
+                            false
+                        }
+                    },
+                    _ = &mut kill => false,
                 },
-                _ = &mut kill => false,
             };
             queued.fetch_sub(len, Ordering::Relaxed);
             if !sent {
