@@ -1,14 +1,13 @@
 // Tic-tac-toe demo end to end: three headless Chromium profiles (two
-// players and a spectator) against the real server serving site/tictactoe/.
+// players and a spectator) against the server and site/tictactoe/ that the
+// README's main command (scripts/demo) built and serves.
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { newUser, Server, until } from '../../js/e2e/harness.mjs';
+import { DEMO, newUser, Server, until } from '../../js/e2e/harness.mjs';
 
 const root = resolve(fileURLToPath(new URL('.', import.meta.url)), '../..');
-const site = resolve(root, 'site');
 const T = { timeout: 90_000 };
 const loaded = () => !!window.syncline;
 const viewport = { width: 520, height: 640 };
@@ -17,8 +16,7 @@ describe('tic-tac-toe demo', () => {
   let server;
   const cleanup = [];
   before(async () => {
-    assert.ok(existsSync(resolve(site, 'tictactoe/index.html')), 'run scripts/build-demos first');
-    server = await new Server(['--static', site, '--anonymous', 'ttt-*']).start();
+    server = await new Server([], { command: DEMO }).start();
   });
   after(async () => {
     for (const f of cleanup.reverse()) await f();

@@ -1,15 +1,13 @@
-// TodoMVC demo end to end: headless Chromium profiles against the real
-// server, which also serves the built demo (site/todo/, from
-// scripts/build-demos).
+// TodoMVC demo end to end: headless Chromium profiles against the server
+// and site/todo/ that the README's main command (scripts/demo) built and
+// serves.
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { newUser, Server, until } from '../../js/e2e/harness.mjs';
+import { DEMO, newUser, Server, until } from '../../js/e2e/harness.mjs';
 
 const root = resolve(fileURLToPath(new URL('.', import.meta.url)), '../..');
-const site = resolve(root, 'site');
 const T = { timeout: 60_000 };
 const loaded = () => !!window.syncline;
 
@@ -17,8 +15,7 @@ describe('TodoMVC demo', () => {
   let server;
   const cleanup = [];
   before(async () => {
-    assert.ok(existsSync(resolve(site, 'todo/index.html')), 'run scripts/build-demos first');
-    server = await new Server(['--static', site, '--anonymous', 'todo-*']).start();
+    server = await new Server([], { command: DEMO }).start();
   });
   after(async () => {
     for (const f of cleanup.reverse()) await f();

@@ -12,20 +12,27 @@ import { chromium } from 'playwright-core';
 const here = fileURLToPath(new URL('.', import.meta.url));
 const pkg = resolve(here, '..');
 export const BIN = process.env.SYNCLINE_BIN ?? resolve(pkg, '../target/debug/syncline');
+/** The README's main command, serving what its last run built (no rebuild). */
+export const DEMO = [resolve(pkg, '../scripts/demo'), '--no-build'];
 
-/** A running `syncline serve`; `restart()` brings it back on the same port and data. */
+/**
+ * A running `syncline serve`; `restart()` brings it back on the same port and
+ * data. `command` replaces `[BIN, 'serve']`, e.g. `DEMO`.
+ */
 export class Server {
-  constructor(args = []) {
+  constructor(args = [], { command = [BIN, 'serve'] } = {}) {
     this.data = mkdtempSync(join(tmpdir(), 'syncline-e2e-data-'));
+    this.command = command;
     this.args = args;
     this.port = 0;
     this.proc = null;
   }
 
   async start() {
+    const [program, ...first] = this.command;
     const proc = spawn(
-      BIN,
-      ['serve', '--listen', `127.0.0.1:${this.port}`, '--data', this.data, ...this.args],
+      program,
+      [...first, '--listen', `127.0.0.1:${this.port}`, '--data', this.data, ...this.args],
       { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' } },
     );
     this.proc = proc;
