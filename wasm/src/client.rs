@@ -1116,6 +1116,9 @@ impl WasmClient {
                 d.closed = true;
                 d.reconnect = None;
                 d.socket = None;
+                // An armed timer holds Node's event loop open: a script
+                // would run on for up to HEARTBEAT_MS after close().
+                d.heartbeat = None;
                 d.client.disconnected();
                 // Views not yet written go with the last transaction (as a
                 // batch of nothing: sequence 0 settles no write and no waiter).
