@@ -28,7 +28,7 @@ pub const RAW_CHANGE_MAX: usize = 16 << 10;
 /// Most out-of-order entries held while waiting for a gap to fill.
 pub const MAX_PENDING: usize = 1 << 20;
 
-/// Most remote changes a document shows patched ([`crate::patch`]) before
+/// Most remote changes a document shows patched (`src/patch.rs`) before
 /// they are handed to automerge. The waiting changes are the log's own
 /// entries (a patched document keeps only their dots), so the limit bounds
 /// the work of one catch-up, not memory: one automerge batch walks each
@@ -466,7 +466,7 @@ impl Database {
     }
 
     /// How many remote changes a document shows that automerge has not
-    /// applied yet (see [`Patched`]); they are in the log either way.
+    /// applied yet (shown patched); they are in the log either way.
     pub fn changes_behind(&self, doc: &DocId) -> usize {
         match self.docs.get(doc) {
             Some(Slot::Patched(p)) if p.loaded.get().is_none() => p.behind.len(),
