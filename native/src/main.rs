@@ -105,7 +105,10 @@ struct ServeArgs {
     /// Bytes queued for a connection before it is dropped as too slow [default: 33554432].
     #[arg(long, env = "SYNCLINE_MAX_QUEUED_BYTES")]
     max_queued_bytes: Option<usize>,
-    /// Directory of static files to serve (the built demos).
+    /// Directory of static files to serve (the built demos). Never served
+    /// from it: dotfiles and dot-directories, and symlinks that resolve
+    /// outside it (symlinks within it are followed). Refused if it contains
+    /// the data directory or lies inside it.
     #[arg(long = "static", env = "SYNCLINE_STATIC")]
     static_dir: Option<PathBuf>,
     /// Compact a database in the background once its log holds this many bytes of changes [default: 67108864].
@@ -357,6 +360,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     if !(64 << 10..=MAX_FRAME_LIMIT).contains(&max_frame) {
         bail!("--max-frame must be between 65536 and {MAX_FRAME_LIMIT} bytes, not {max_frame}");
     }
+    let static_dir = match args.static_dir.or(file.static_dir) {
+        Some(dir) => Some(static_root(&dir, &data)?),
+        None => None,
+    };
     let options = ServeOptions {
         secret: load_secret(args.secret.or(file.secret), &data, true)?,
         data,
@@ -374,7 +381,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             .max_queued_bytes
             .or(file.max_queued_bytes)
             .unwrap_or(32 << 20),
-        static_dir: args.static_dir.or(file.static_dir),
+        static_dir,
         compact_after_bytes: args
             .compact_after_bytes
             .or(file.compact_after_bytes)
@@ -405,6 +412,36 @@ fn serve(args: ServeArgs) -> Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// The static directory, canonical, refused when it contains the data
+/// directory (whose `secret` mints admin tokens) or lies inside it.
+fn static_root(dir: &Path, data: &Path) -> Result<PathBuf> {
+    let root = std::fs::canonicalize(dir)
+        .with_context(|| format!("the static directory {}", dir.display()))?;
+    if !root.is_dir() {
+        bail!("the static directory {} is not a directory", dir.display());
+    }
+    // The server creates the data directory anyway; now, so it resolves.
+    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    let data = std::fs::canonicalize(data)
+        .with_context(|| format!("the data directory {}", data.display()))?;
+    if data.starts_with(&root) {
+        bail!(
+            "the static directory {} contains the data directory {}, whose token secret \
+             it would serve: use directories apart",
+            root.display(),
+            data.display()
+        );
+    }
+    if root.starts_with(&data) {
+        bail!(
+            "the static directory {} is inside the data directory {}: use directories apart",
+            root.display(),
+            data.display()
+        );
+    }
+    Ok(root)
 }
 
 async fn shutdown_signal() {

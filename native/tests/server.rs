@@ -26,6 +26,22 @@ impl ServerProc {
     }
 
     fn start_with_env(data: &Path, listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(data, listen, extra, env, Stdio::inherit())
+    }
+
+    /// With the server's log (stderr) going to the file `log`.
+    fn start_logging_to(data: &Path, extra: &[&str], log: &Path) -> Self {
+        let log = std::fs::File::create(log).unwrap();
+        Self::spawn(data, "127.0.0.1:0", extra, &[], log.into())
+    }
+
+    fn spawn(
+        data: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_syncline"))
             .args(["serve", "--listen", listen, "--data"])
             .arg(data)
@@ -36,7 +52,7 @@ impl ServerProc {
             .env_remove("MIMALLOC_ALLOW_THP")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start syncline");
         let mut line = String::new();
@@ -1161,4 +1177,192 @@ async fn silent_connections_are_closed_and_live_ones_kept() {
         }
     }
     drop(dead);
+}
+
+/// `syncline serve ARGS` (run in `cwd`) refuses to start: it exits non-zero
+/// without listening. Its stderr.
+fn serve_refused(cwd: &Path, args: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_syncline"))
+        .arg("serve")
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--secret",
+            "test-secret-0123456789",
+        ])
+        .args(args)
+        .current_dir(cwd)
+        .env("SYNCLINE_LOG", "warn")
+        .env_remove("SYNCLINE_DATA")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > WAIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`syncline serve {}` kept running", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20)); // polling an exit, bounded by WAIT
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "serve {args:?} succeeded: {err}");
+    assert!(
+        !out.contains("listening on"),
+        "serve {args:?} listened: {out}"
+    );
+    err
+}
+
+/// The static directory must not hold the data directory (its `secret`
+/// mints admin tokens) nor lie inside it: refused at start, as is the
+/// `--static .` with the default `./syncline-data` of issue 28.
+#[test]
+fn a_static_dir_holding_the_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    let err = serve_refused(&site, &["--static", "."]);
+    assert!(err.contains("contains the data directory"), "{err}");
+    // A data dir that does not exist yet.
+    let new_data = site.join("new-data");
+    let err = serve_refused(
+        dir.path(),
+        &["--static", "site", "--data", new_data.to_str().unwrap()],
+    );
+    assert!(err.contains("contains the data directory"), "{err}");
+    // The reverse.
+    std::fs::create_dir_all(dir.path().join("srv/public")).unwrap();
+    let err = serve_refused(dir.path(), &["--static", "srv/public", "--data", "srv"]);
+    assert!(err.contains("is inside the data directory"), "{err}");
+}
+
+/// Dotfiles, dot-directories and symlinks leading out of the static root
+/// (or onto a dotfile) answer 404; symlinks within it are followed.
+#[cfg(unix)]
+#[test]
+fn static_files_skip_dotfiles_and_symlinks_out() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("site");
+    let write = |path: &Path, text: &str| {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    };
+    write(&site.join("index.html"), "home");
+    write(&site.join("app/main.js"), "main");
+    write(&site.join(".env"), "dotfile");
+    write(&site.join(".git/config"), "dot-directory");
+    write(&site.join("app/.hidden"), "nested dotfile");
+    write(&dir.path().join("outside/secret"), "outside");
+    symlink(dir.path().join("outside/secret"), site.join("leak")).unwrap();
+    symlink(dir.path().join("outside"), site.join("out")).unwrap();
+    symlink("../.env", site.join("app/env")).unwrap();
+    symlink("main.js", site.join("app/alias.js")).unwrap();
+
+    let server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &["--static", site.to_str().unwrap()],
+    );
+    for (path, status, body) in [
+        ("/", 200, "home"),
+        ("/app/main.js", 200, "main"),
+        ("/app/alias.js", 200, "main"),
+        ("/healthz", 200, "ok\n"),
+        ("/.env", 404, ""),
+        ("/%2eenv", 404, ""),
+        ("/.git/config", 404, ""),
+        ("/app/.hidden", 404, ""),
+        ("/leak", 404, ""),
+        ("/out/secret", 404, ""),
+        ("/app/env", 404, ""),
+    ] {
+        let (got, text) = http_get(server.addr, path);
+        assert_eq!(got, status, "GET {path}: {text}");
+        if status == 200 {
+            assert_eq!(text, body, "GET {path}");
+        }
+    }
+}
+
+/// A store error (here a log damaged in the middle) reaches the client as
+/// `Internal` with a generic text; the path it names goes to the log only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_load_tells_the_client_no_path() {
+    use syncline::store::FileStore;
+    use syncline_core::{Batch, Dot, Entry, ReplicaId, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let broken = db("demo-broken");
+    let log_file = data.join("dbs/demo-broken.log");
+    let mut ends = Vec::new();
+    {
+        let store = FileStore::open(&data).unwrap();
+        for counter in 1..=3 {
+            let entry = Entry {
+                dot: Dot {
+                    replica: ReplicaId([1; 16]),
+                    counter,
+                },
+                doc: doc("d"),
+                change: vec![7; 40],
+            };
+            store
+                .write(&broken, &Batch::entries(vec![entry]))
+                .await
+                .unwrap();
+            ends.push(std::fs::metadata(&log_file).unwrap().len());
+        }
+    }
+    // A flipped byte inside the second record, a valid one after it.
+    let mut bytes = std::fs::read(&log_file).unwrap();
+    bytes[ends[0] as usize + 12] ^= 0x40;
+    std::fs::write(&log_file, &bytes).unwrap();
+
+    let log = dir.path().join("server.log");
+    let mut server = ServerProc::start_logging_to(&data, &["--anonymous", "demo-*"], &log);
+    let client = SyncClient::in_memory(Some(&server.url()), "");
+    let mut events = client.events();
+    client.open(&broken).await.unwrap();
+    // `Internal` is transient: it does not settle `wait_synced`.
+    let (code, message) = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(ClientEvent::Error { code, message, .. }) = events.recv().await {
+                return (code, message);
+            }
+        }
+    })
+    .await
+    .expect("refused in time");
+    assert_eq!(code, ErrorCode::Internal);
+    let data_text = data.to_str().unwrap();
+    assert!(
+        !message.contains(data_text) && !message.contains("demo-broken.log"),
+        "the client was told a server path: {message}"
+    );
+    client.close().await;
+    server.kill9();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains(log_file.to_str().unwrap()),
+        "the log lacks the detail: {logged}"
+    );
 }

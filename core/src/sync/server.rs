@@ -400,13 +400,18 @@ impl<A: Authenticator> Server<A> {
     }
 
     /// The store could not load `db`: refuse the waiting requests.
+    ///
+    /// `reason` goes to the log, never to the clients: a store's errors name
+    /// files and directories, which are none of a client's business. They
+    /// get `Internal` and a generic text.
     pub fn load_failed(&mut self, db: &DbName, reason: &str) {
+        tracing::error!(%db, "load failed: {reason}");
         for (peer, _) in self.loading.remove(db).unwrap_or_default() {
             self.send(
                 peer,
                 Message::error(
                     ErrorCode::Internal,
-                    format!("could not load database: {reason}"),
+                    "could not load the database; the server log has the details",
                     Some(db.clone()),
                 ),
             );
@@ -499,7 +504,10 @@ impl<A: Authenticator> Server<A> {
 
     /// Writing batch `seq` of `db` failed: nothing from it (or later) is
     /// acknowledged; the senders are told and will push again.
+    ///
+    /// As with [`Server::load_failed`], `reason` is logged and not sent.
     pub fn persist_failed(&mut self, db: &DbName, seq: u64, reason: &str) {
+        tracing::error!(%db, seq, "write failed: {reason}");
         let Some(d) = self.dbs.get_mut(db) else {
             return;
         };
@@ -522,7 +530,7 @@ impl<A: Authenticator> Server<A> {
                 o,
                 Message::error(
                     ErrorCode::Internal,
-                    format!("storage failed, not saved: {reason}"),
+                    "storage failed, not saved; the server log has the details",
                     Some(db.clone()),
                 ),
             );

@@ -267,10 +267,8 @@ impl Hub {
                         self.maybe_compact(server, &db);
                         self.views_later(server, &db);
                     }
-                    Err(e) => {
-                        tracing::error!(%db, seq, "write failed: {e}");
-                        server.persist_failed(&db, seq, &e);
-                    }
+                    // The core server logs the reason and tells the clients less.
+                    Err(e) => server.persist_failed(&db, seq, &e),
                 }
             }
             HubMsg::Loaded { db, result } => {
@@ -280,10 +278,8 @@ impl Hub {
                         server.loaded(db.clone(), stored);
                         self.views_later(server, &db);
                     }
-                    Err(e) => {
-                        tracing::error!(%db, "load failed: {e}");
-                        server.load_failed(&db, &e);
-                    }
+                    // The core server logs the reason and tells the clients less.
+                    Err(e) => server.load_failed(&db, &e),
                 }
             }
             HubMsg::Listed { peer, req, names } => server.databases_listed(peer, req, names),

@@ -3,8 +3,10 @@
 //!
 //! `GET /sync` upgrades to the sync protocol, `GET /healthz` answers 200 while
 //! serving, `GET /metrics` is Prometheus text, anything else is a static file
-//! from the optional static directory (the demos).
+//! from the optional static directory (the demos; `files.rs` says what of it
+//! is never served).
 
+mod files;
 mod hub;
 mod metrics;
 
@@ -53,7 +55,9 @@ pub struct ServeOptions {
     pub max_entries_per_push: usize,
     /// Bytes queued for one connection before it is dropped as too slow.
     pub max_queued_bytes: usize,
-    /// Directory of static files to serve (the demos), if any.
+    /// Directory of static files to serve (the demos), if any. Dotfiles,
+    /// dot-directories and symlinks leading out of it are not served; it
+    /// must not hold the data directory (the binary checks that at start).
     pub static_dir: Option<PathBuf>,
     /// Compact a database once its log holds this many bytes of changes.
     pub compact_after_bytes: usize,
@@ -77,6 +81,14 @@ pub enum ServeError {
     /// Serving HTTP failed.
     #[error("http: {0}")]
     Http(#[from] std::io::Error),
+    /// The static directory cannot be served.
+    #[error("static directory {}: {source}", dir.display())]
+    Static {
+        /// The directory given.
+        dir: PathBuf,
+        /// Why not.
+        source: std::io::Error,
+    },
 }
 
 #[derive(Clone)]
@@ -96,6 +108,13 @@ pub async fn run(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let files = match &options.static_dir {
+        Some(dir) => Some(files::serve_dir(dir).map_err(|source| ServeError::Static {
+            dir: dir.clone(),
+            source,
+        })?),
+        None => None,
+    };
     let metrics = Arc::new(Metrics::new());
     let observer_metrics = metrics.clone();
     let store = FileStore::open_with_observer(
@@ -139,8 +158,8 @@ pub async fn run(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_text))
         .with_state(state);
-    if let Some(dir) = &options.static_dir {
-        app = app.fallback_service(tower_http::services::ServeDir::new(dir));
+    if let Some(files) = files {
+        app = app.fallback_service(files);
     }
     let hub_for_shutdown = hub_tx.clone();
     let graceful = async move {
