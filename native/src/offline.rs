@@ -3,29 +3,22 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use syncline::store::{FileStore, decode_records, valid_record_after};
+use syncline::store::{FileStore, decode_records, upgrade_legacy_names, valid_record_after};
 use syncline_core::{Batch, Database, DbName, Log, ReplicaId, Store, StoredDatabase};
 
 fn databases(data: &Path, only: Option<&str>) -> Result<Vec<DbName>> {
+    // Logs named by the old mapping get their new names, as a server would
+    // do at start.
+    let dbs = data.join("dbs");
+    upgrade_legacy_names(&dbs).with_context(|| format!("renaming logs in {}", dbs.display()))?;
     if let Some(name) = only {
         return Ok(vec![DbName::new(name)?]);
     }
-    let dir = data.join("dbs");
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-        let name = e?.file_name();
-        if let Some(n) = name.to_str().and_then(|n| n.strip_suffix(".log"))
-            && let Ok(db) = DbName::new(n)
-        {
-            out.push(db);
-        }
-    }
-    out.sort();
-    Ok(out)
+    Ok(FileStore::list_dir(data)?)
 }
 
 fn read(data: &Path, db: &DbName) -> Result<(StoredDatabase, Option<String>, usize)> {
-    let path = data.join("dbs").join(format!("{db}.log"));
+    let path = FileStore::log_path(data, db);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let (records, good, problem) = decode_records(&bytes);
     let n = records.len();

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use syncline::store::{FileStore, MAX_RECORD, RecordError, StoreError};
+use syncline::store::{FileStore, MAX_RECORD, Record, RecordError, StoreError, encode_record};
 use syncline_core::{Batch, DbName, DocId, Dot, Entry, ReplicaId, Snapshot, Store, VersionVector};
 
 fn entry(r: u8, counter: u64) -> Entry {
@@ -21,6 +21,8 @@ fn db(name: &str) -> DbName {
     DbName::new(name).unwrap()
 }
 
+/// `dbs/<name>.log`: the log of a name without upper-case letters or device
+/// names (its own file stem), and the old mapping's log of any name.
 fn log_path(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     dir.join("dbs").join(format!("{name}.log"))
 }
@@ -298,4 +300,173 @@ async fn metadata_round_trips_and_keys_cannot_escape() {
     );
     assert!(store.put_meta("../evil", b"x").await.is_err());
     assert!(store.get_meta("..").await.is_err());
+}
+
+/// The files in `dbs/`, lower-cased as a case-insensitive file system
+/// compares them.
+fn files_ignoring_case(dir: &std::path::Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(dir.join("dbs"))
+        .unwrap()
+        .map(|e| {
+            e.unwrap()
+                .file_name()
+                .into_string()
+                .unwrap()
+                .to_ascii_lowercase()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn names_differing_only_in_case_never_share_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(dir.path()).unwrap();
+    let names = ["ORG-1", "org-1", "Org-1"];
+    for (r, name) in names.iter().enumerate() {
+        for c in 1..=3 {
+            store
+                .write(&db(name), &Batch::entries(vec![entry(r as u8, c)]))
+                .await
+                .unwrap();
+        }
+    }
+    // A rewrite's `.compact` file is named by the same mapping.
+    store.rewrite(&db("ORG-1")).await.unwrap();
+    store
+        .write(&db("ORG-1"), &Batch::entries(vec![entry(0, 4)]))
+        .await
+        .unwrap();
+    drop(store);
+    let files = files_ignoring_case(dir.path());
+    let mut distinct = files.clone();
+    distinct.dedup();
+    assert_eq!(distinct, files, "files share a name ignoring case");
+    assert_eq!(files.len(), names.len(), "{files:?}");
+
+    let store = FileStore::open(dir.path()).unwrap();
+    let mut want: Vec<DbName> = names.iter().map(|n| db(n)).collect();
+    want.sort();
+    assert_eq!(store.list_databases().await.unwrap(), want);
+    for (r, name) in names.iter().enumerate() {
+        let last = if r == 0 { 4 } else { 3 };
+        assert_eq!(
+            store.load(&db(name)).await.unwrap().entries,
+            (1..=last).map(|c| entry(r as u8, c)).collect::<Vec<_>>(),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn windows_device_names_are_never_file_names() {
+    const DEVICES: [&str; 4] = ["con", "prn", "aux", "nul"];
+    let is_device = |base: &str| {
+        DEVICES.contains(&base)
+            || (base.len() == 4
+                && (base.starts_with("com") || base.starts_with("lpt"))
+                && base.as_bytes()[3].is_ascii_digit())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(dir.path()).unwrap();
+    let names = [
+        "CON",
+        "nul",
+        "com1.x",
+        "Aux",
+        "lpt9.tar.gz",
+        "prn",
+        "console",
+    ];
+    for (r, name) in names.iter().enumerate() {
+        store
+            .write(&db(name), &Batch::entries(vec![entry(r as u8, 1)]))
+            .await
+            .unwrap();
+    }
+    store.rewrite(&db("nul")).await.unwrap();
+    drop(store);
+    for file in files_ignoring_case(dir.path()) {
+        let base = file.split('.').next().unwrap();
+        assert!(!is_device(base), "{file} is a device on Windows");
+    }
+    let store = FileStore::open(dir.path()).unwrap();
+    let mut want: Vec<DbName> = names.iter().map(|n| db(n)).collect();
+    want.sort();
+    assert_eq!(store.list_databases().await.unwrap(), want);
+    for (r, name) in names.iter().enumerate() {
+        assert_eq!(
+            store.load(&db(name)).await.unwrap().entries,
+            vec![entry(r as u8, 1)],
+            "{name}"
+        );
+    }
+}
+
+/// A log as the old mapping named it: `dbs/<name>.log`.
+fn write_legacy_log(dir: &std::path::Path, name: &str, entries: Vec<Entry>) {
+    std::fs::create_dir_all(dir.join("dbs")).unwrap();
+    let bytes = encode_record(&Record::from(&Batch::entries(entries))).unwrap();
+    std::fs::write(log_path(dir, name), bytes).unwrap();
+}
+
+#[tokio::test]
+async fn a_data_dir_from_the_old_mapping_still_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    write_legacy_log(dir.path(), "ORG-1", vec![entry(1, 1), entry(1, 2)]);
+    write_legacy_log(dir.path(), "nul", vec![entry(2, 1)]);
+    write_legacy_log(dir.path(), "org-1", vec![entry(3, 1)]);
+    let store = FileStore::open(dir.path()).unwrap();
+    assert_eq!(
+        store.list_databases().await.unwrap(),
+        vec![db("ORG-1"), db("nul"), db("org-1")]
+    );
+    assert_eq!(
+        store.load(&db("ORG-1")).await.unwrap().entries,
+        vec![entry(1, 1), entry(1, 2)]
+    );
+    assert_eq!(
+        store.load(&db("nul")).await.unwrap().entries,
+        vec![entry(2, 1)]
+    );
+    // The old files were renamed, not copied: writes go to the only file.
+    store
+        .write(&db("ORG-1"), &Batch::entries(vec![entry(1, 3)]))
+        .await
+        .unwrap();
+    drop(store);
+    assert!(!log_path(dir.path(), "ORG-1").exists());
+    assert!(!log_path(dir.path(), "nul").exists());
+    let files = files_ignoring_case(dir.path());
+    assert_eq!(files.len(), 3, "{files:?}");
+    let store = FileStore::open(dir.path()).unwrap();
+    assert_eq!(
+        store.load(&db("ORG-1")).await.unwrap().entries,
+        vec![entry(1, 1), entry(1, 2), entry(1, 3)]
+    );
+    assert_eq!(
+        store.load(&db("org-1")).await.unwrap().entries,
+        vec![entry(3, 1)]
+    );
+}
+
+#[tokio::test]
+async fn an_old_log_whose_new_name_is_taken_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(dir.path()).unwrap();
+    store
+        .write(&db("ORG-1"), &Batch::entries(vec![entry(1, 1)]))
+        .await
+        .unwrap();
+    drop(store);
+    write_legacy_log(dir.path(), "ORG-1", vec![entry(2, 1)]);
+    let before = files_ignoring_case(dir.path());
+    let err = FileStore::open(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("ORG-1.log"), "{err}");
+    assert_eq!(files_ignoring_case(dir.path()), before);
+    assert_eq!(
+        std::fs::read(log_path(dir.path(), "ORG-1")).unwrap(),
+        encode_record(&Record::from(&Batch::entries(vec![entry(2, 1)]))).unwrap()
+    );
 }

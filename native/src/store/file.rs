@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use syncline_core::{Batch, DbName, Entry, Store, StoredDatabase, VersionVector};
 use tokio::sync::oneshot;
 
+use super::names::{db_from_stem, file_stem, upgrade_legacy_names};
 use super::record::{
     Record, RecordError, decode_records, encode_chunked, encode_record, valid_record_after,
 };
@@ -128,7 +129,9 @@ impl std::fmt::Debug for WriteReq {
 }
 
 impl FileStore {
-    /// Open (creating) a data directory and start its writer thread.
+    /// Open (creating) a data directory and start its writer thread. Logs
+    /// named by the old mapping (`<name>.log` for every name) are renamed
+    /// first (see [`upgrade_legacy_names`]).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
         Self::open_with_observer(dir, Arc::new(|_| {}))
     }
@@ -143,6 +146,9 @@ impl FileStore {
             fs::create_dir_all(dir.join(sub))
                 .map_err(io_err(format!("creating {}", dir.display())))?;
         }
+        let dbs = dir.join("dbs");
+        upgrade_legacy_names(&dbs)
+            .map_err(io_err(format!("renaming logs in {}", dbs.display())))?;
         let (tx, rx) = mpsc::channel::<WriteReq>();
         let stats = Arc::new(StoreStats::default());
         let writer = Writer {
@@ -168,16 +174,37 @@ impl FileStore {
         &self.stats
     }
 
-    fn db_path(dir: &Path, db: &DbName) -> PathBuf {
-        // DbName allows only [A-Za-z0-9._-] and never "." or "..".
-        dir.join("dbs").join(format!("{}.log", db.as_str()))
+    /// The log of `db` in the data directory `dir` (see [`file_stem`]).
+    pub fn log_path(dir: &Path, db: &DbName) -> PathBuf {
+        // DbName allows only [A-Za-z0-9._-] and never "." or "..", and the
+        // stem adds only '+', so the path stays in `dbs`.
+        dir.join("dbs").join(format!("{}.log", file_stem(db)))
+    }
+
+    /// Names of the databases with a log file in the data directory `dir`.
+    pub fn list_dir(dir: &Path) -> Result<Vec<DbName>, StoreError> {
+        let dir = dir.join("dbs");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(io_err(format!("listing {}", dir.display())))? {
+            let e = e.map_err(io_err("listing databases"))?;
+            let name = e.file_name();
+            if let Some(db) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".log"))
+                .and_then(db_from_stem)
+            {
+                out.push(db);
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// Read a database's log up to a torn tail (read-only). Damage in the
     /// middle of the log is an error ([`StoreError::Corrupt`]), not a
     /// shorter database.
     pub fn load_blocking(&self, db: &DbName) -> Result<StoredDatabase, StoreError> {
-        let path = Self::db_path(&self.dir, db);
+        let path = Self::log_path(&self.dir, db);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(StoredDatabase::default()),
@@ -196,20 +223,7 @@ impl FileStore {
 
     /// Names of the databases with a log file.
     pub fn list_blocking(&self) -> Result<Vec<DbName>, StoreError> {
-        let dir = self.dir.join("dbs");
-        let mut out = Vec::new();
-        for e in fs::read_dir(&dir).map_err(io_err(format!("listing {}", dir.display())))? {
-            let e = e.map_err(io_err("listing databases"))?;
-            let name = e.file_name();
-            let Some(name) = name.to_str().and_then(|n| n.strip_suffix(".log")) else {
-                continue;
-            };
-            if let Ok(db) = DbName::new(name) {
-                out.push(db);
-            }
-        }
-        out.sort();
-        Ok(out)
+        Self::list_dir(&self.dir)
     }
 
     /// Queue a batch for the writer; the receiver resolves after fsync.
@@ -239,7 +253,7 @@ impl FileStore {
     /// copies the records appended meanwhile and renames, so neither readers
     /// nor writers wait for the fold.
     pub async fn rewrite(&self, db: &DbName) -> Result<(), StoreError> {
-        let path = Self::db_path(&self.dir, db);
+        let path = Self::log_path(&self.dir, db);
         let tmp = path.with_extension("compact");
         let (p, t) = (path.clone(), tmp.clone());
         let from = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
@@ -397,7 +411,7 @@ impl Writer {
     /// in the middle is refused and left as it is.
     fn file(&mut self, db: &DbName) -> io::Result<&mut File> {
         if !self.files.contains_key(db) {
-            let path = FileStore::db_path(&self.dir, db);
+            let path = FileStore::log_path(&self.dir, db);
             let mut f = OpenOptions::new()
                 .read(true)
                 .append(true)
@@ -435,7 +449,7 @@ impl Writer {
     /// Copy the records appended after `from` onto the folded file, then
     /// rename it over the log and reopen.
     fn switch(&mut self, db: &DbName, tmp: &Path, from: u64) -> io::Result<()> {
-        let path = FileStore::db_path(&self.dir, db);
+        let path = FileStore::log_path(&self.dir, db);
         let current = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! DATA/
-//!   dbs/<db name>.log   records: [len u32 LE][crc32c u32 LE][rkyv Record]
+//!   dbs/<stem>.log      records: [len u32 LE][crc32c u32 LE][rkyv Record]
 //!   meta/<key>          small values, replaced atomically
 //! ```
 //!
@@ -24,13 +24,19 @@
 //!   most 32 MiB beside the old one and switches atomically (write, fsync,
 //!   rename, fsync dir).
 //! * Database names are validated (`[A-Za-z0-9._-]`, never `.`/`..`), so a
-//!   name can never leave the data directory. Files are plain: copying a
+//!   name can never leave the data directory. A name's file stem is the name
+//!   when it has no upper-case letter and is no Windows device name;
+//!   otherwise it is escaped with `+` (`ORG-1` → `org-1+7.log`, `nul` →
+//!   `+nul.log`; see [`file_stem`]), so distinct names never share a file,
+//!   even where the file system ignores case. Files are plain: copying a
 //!   closed data dir is a backup.
 
 mod file;
+mod names;
 mod record;
 
 pub use file::{FileStore, StoreError, StoreStats};
+pub use names::{db_from_stem, file_stem, upgrade_legacy_names};
 pub use record::{
     MAX_RECORD, Record, RecordError, decode_records, encode_chunked, encode_record,
     valid_record_after,
