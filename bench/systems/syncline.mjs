@@ -25,7 +25,7 @@ export async function startServer({ docs = [] } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'bench-syncline-'));
   const server = await startProcess(
     BIN,
-    ['serve', '--listen', '127.0.0.1:0', '--data', dir, '--anonymous', 'bench*', '--max-connections', '50000'],
+    ['serve', '--listen', '127.0.0.1:0', '--data', dir, '--anonymous', 'bench*', '--max-connections', '50000', '--max-connections-per-ip', '50000'],
     { ready: /^listening on http:\/\/(.+)$/, env: { RUST_LOG: 'warn' } },
   );
   if (docs.length) {

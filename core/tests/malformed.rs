@@ -188,3 +188,68 @@ fn corrupted_change_checksum_is_refused() {
         Err(InvalidChange::ZeroCounter { .. })
     ));
 }
+
+/// A deflate stream of stored (uncompressed) blocks: valid input for any
+/// inflater, built without a compressor.
+fn stored_deflate(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut chunks = data.chunks(65_535).peekable();
+    while let Some(c) = chunks.next() {
+        out.push(u8::from(chunks.peek().is_none()));
+        let len = c.len() as u16;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(c);
+    }
+    out
+}
+
+fn deflated_frame(body: &[u8]) -> Vec<u8> {
+    let z = stored_deflate(body);
+    let mut f = vec![PROTOCOL_VERSION, 1];
+    f.extend_from_slice(&(z.len() as u32).to_le_bytes());
+    f.extend_from_slice(&z);
+    f
+}
+
+#[test]
+fn the_first_frame_must_be_a_small_uncompressed_hello() {
+    use protocol::{Hello, MAX_HELLO_FRAME, MAX_TOKEN_LEN, decode_hello};
+    let hello = |token: String| {
+        Message::Hello(Box::new(Hello {
+            replica: ReplicaId([3; 16]),
+            token,
+        }))
+    };
+    // The longest token a Hello may carry fits, and encoders never compress
+    // a Hello, however compressible its token.
+    let longest = protocol::encode(&hello("a".repeat(MAX_TOKEN_LEN)));
+    assert!(longest.len() <= MAX_HELLO_FRAME, "{}", longest.len());
+    assert_eq!(longest[1], 0, "a Hello is sent uncompressed");
+    assert_eq!(decode_hello(&longest).unwrap().token.len(), MAX_TOKEN_LEN);
+    // The same Hello compressed is refused without being inflated.
+    let compressed = deflated_frame(&protocol::archive(&hello(String::new())));
+    assert!(matches!(
+        protocol::decode(&compressed, 1 << 20),
+        Ok(Message::Hello(_))
+    ));
+    assert_eq!(decode_hello(&compressed), Err(DecodeError::CompressedHello));
+    // Anything larger is refused by its length alone.
+    let big = deflated_frame(&vec![7; 1 << 20]);
+    assert!(matches!(
+        decode_hello(&big),
+        Err(DecodeError::TooLarge {
+            max: MAX_HELLO_FRAME,
+            ..
+        })
+    ));
+    // Another message first is a protocol violation.
+    let sub = protocol::encode(&Message::Subscribe(Box::new(Subscribe {
+        db: DbName::new("a").unwrap(),
+        since: Default::default(),
+        req: 1,
+    })));
+    let err = decode_hello(&sub).unwrap_err();
+    assert_eq!(err, DecodeError::NotHello("subscribe"));
+    assert_eq!(err.code(), protocol::ErrorCode::ProtocolViolation);
+}

@@ -96,6 +96,11 @@ struct ServeArgs {
     /// Most simultaneous connections [default: 10000].
     #[arg(long, env = "SYNCLINE_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Most simultaneous connections from one IP address, loopback
+    /// included (behind a reverse proxy every client shares its address:
+    /// raise this) [default: 256].
+    #[arg(long, env = "SYNCLINE_MAX_CONNECTIONS_PER_IP")]
+    max_connections_per_ip: Option<usize>,
     /// Largest frame in bytes, 65536 to 134217728 [default: 16777216].
     #[arg(long, env = "SYNCLINE_MAX_FRAME")]
     max_frame: Option<usize>,
@@ -140,6 +145,7 @@ struct FileConfig {
     #[serde(default)]
     anonymous: Vec<String>,
     max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
     max_frame: Option<usize>,
     max_entries_per_push: Option<usize>,
     max_queued_bytes: Option<usize>,
@@ -360,6 +366,13 @@ fn serve(args: ServeArgs) -> Result<()> {
     if !(64 << 10..=MAX_FRAME_LIMIT).contains(&max_frame) {
         bail!("--max-frame must be between 65536 and {MAX_FRAME_LIMIT} bytes, not {max_frame}");
     }
+    let max_connections_per_ip = args
+        .max_connections_per_ip
+        .or(file.max_connections_per_ip)
+        .unwrap_or(256);
+    if max_connections_per_ip == 0 {
+        bail!("--max-connections-per-ip must be at least 1");
+    }
     let static_dir = match args.static_dir.or(file.static_dir) {
         Some(dir) => Some(static_root(&dir, &data)?),
         None => None,
@@ -372,6 +385,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             .max_connections
             .or(file.max_connections)
             .unwrap_or(10_000),
+        max_connections_per_ip,
         max_frame,
         max_entries_per_push: args
             .max_entries_per_push

@@ -795,6 +795,11 @@ fn cli_get_put_delete_list_and_data_dir_tools() {
     // A frame limit a log record could not hold is refused at start.
     let (ok, _, err) = cli(&["serve", "--data", d, "--max-frame", "4294967296"]);
     assert!(!ok && err.contains("--max-frame must be between"), "{err}");
+    let (ok, _, err) = cli(&["serve", "--data", d, "--max-connections-per-ip", "0"]);
+    assert!(
+        !ok && err.contains("--max-connections-per-ip must be"),
+        "{err}"
+    );
 }
 
 mod raw {
@@ -967,6 +972,234 @@ async fn bad_frames_are_refused_and_slow_readers_dropped_while_others_are_served
         "server memory stays bounded: {rss_kb} kB"
     );
     drop(slow);
+}
+
+/// A deflate stream of stored blocks: valid for any inflater, no compressor.
+fn stored_deflate(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut chunks = data.chunks(65_535).peekable();
+    while let Some(c) = chunks.next() {
+        out.push(u8::from(chunks.peek().is_none()));
+        let len = c.len() as u16;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(c);
+    }
+    out
+}
+
+/// A frame whose body is `body` deflated (flags bit 0 set).
+fn deflated_frame(body: &[u8]) -> Vec<u8> {
+    let z = stored_deflate(body);
+    let mut f = vec![syncline_core::protocol::PROTOCOL_VERSION, 1];
+    f.extend_from_slice(&(z.len() as u32).to_le_bytes());
+    f.extend_from_slice(&z);
+    f
+}
+
+/// The value of one `/metrics` series (0 when absent).
+async fn metric(addr: SocketAddr, series: &'static str) -> f64 {
+    let (_, m) = tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))
+        .await
+        .unwrap();
+    m.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Send `frames` as a new connection's first frames: the server answers
+/// with one error and closes, well within `within`.
+async fn first_frames_refused(
+    url: &str,
+    frames: Vec<Vec<u8>>,
+    within: Duration,
+) -> syncline_core::protocol::ErrorMsg {
+    use futures_util::SinkExt;
+    use syncline_core::protocol::Message;
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let mut ws = raw::open(url).await;
+    // One write: the server has every frame at hand at once.
+    for f in frames {
+        let _ = ws.feed(Ws::Binary(f.into())).await;
+    }
+    let _ = ws.flush().await;
+    let first = tokio::time::timeout(within, raw::next(&mut ws))
+        .await
+        .expect("refused promptly");
+    let Some(Message::Error(e)) = first else {
+        panic!("expected an error, got {first:?}");
+    };
+    let rest = tokio::time::timeout(within, raw::next(&mut ws))
+        .await
+        .expect("closed promptly");
+    assert!(rest.is_none(), "closed after the error, got {rest:?}");
+    *e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_hello_only_one_small_uncompressed_hello_is_read() {
+    use syncline_core::protocol::{self, Hello, MAX_HELLO_FRAME, Message, Subscribe};
+    let dir = tempfile::tempdir().unwrap();
+    // The default frame limit (16 MiB) and a long Hello timeout: each
+    // refusal below comes from the first frame, not from the clock.
+    let server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &["--anonymous", "demo-*", "--hello-timeout", "60"],
+    );
+    let url = server.url();
+    let prompt = Duration::from_secs(5);
+    let list = db("demo-first");
+    let good = SyncClient::connect(Some(&url), "", dir.path().join("good"))
+        .await
+        .unwrap();
+    good.open(&list).await.unwrap();
+    synced(&good, &list).await;
+    let hello = |token: &str| {
+        Message::Hello(Box::new(Hello {
+            replica: syncline_core::ReplicaId([5; 16]),
+            token: token.into(),
+        }))
+    };
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let junk: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+
+    // 1 MiB of compressed junk: refused by its length, never inflated.
+    let e = first_frames_refused(&url, vec![deflated_frame(&junk)], prompt).await;
+    assert_eq!(e.code(), ErrorCode::TooLarge, "{}", e.message);
+    assert!(
+        e.message.contains(&MAX_HELLO_FRAME.to_string()),
+        "{}",
+        e.message
+    );
+
+    // A valid Hello, but compressed: refused, not inflated.
+    let zipped = deflated_frame(&protocol::archive(&hello("")));
+    assert!(matches!(
+        protocol::decode(&zipped, 1 << 20),
+        Ok(Message::Hello(_))
+    ));
+    let e = first_frames_refused(&url, vec![zipped], prompt).await;
+    assert_eq!(e.code(), ErrorCode::BadFrame, "{}", e.message);
+    assert!(e.message.contains("compressed"), "{}", e.message);
+
+    // Anything but a Hello first.
+    let sub = protocol::encode(&Message::Subscribe(Box::new(Subscribe {
+        db: list.clone(),
+        since: Default::default(),
+        req: 1,
+    })));
+    let e = first_frames_refused(&url, vec![sub.clone()], prompt).await;
+    assert_eq!(e.code(), ErrorCode::ProtocolViolation, "{}", e.message);
+    assert!(e.message.contains("not subscribe"), "{}", e.message);
+
+    // A refused Hello: whatever the peer sent after it is never read.
+    let bad_before = metric(server.addr, "syncline_errors_total{code=\"BadFrame\"}").await;
+    let read_before = metric(server.addr, "syncline_bytes_in_total").await;
+    let e = first_frames_refused(
+        &url,
+        vec![
+            protocol::encode(&hello("not-a-token")),
+            vec![protocol::PROTOCOL_VERSION, 0, 1, 0, 0, 0, 0xFF],
+            deflated_frame(&junk),
+        ],
+        prompt,
+    )
+    .await;
+    assert_eq!(e.code(), ErrorCode::Unauthorized, "{}", e.message);
+    let read = metric(server.addr, "syncline_bytes_in_total").await - read_before;
+    assert!(
+        read < 64.0 * 1024.0,
+        "{read} bytes read after a refused Hello"
+    );
+    let bad = metric(server.addr, "syncline_errors_total{code=\"BadFrame\"}").await;
+    assert_eq!(bad, bad_before, "a frame after a refused Hello was decoded");
+
+    // An honest Hello with pipelined Subscribe is still answered in order,
+    // and the honest client was served throughout.
+    let mut ws = raw::open(&url).await;
+    raw::send(&mut ws, protocol::encode(&hello(""))).await;
+    raw::send(&mut ws, sub).await;
+    let welcome = tokio::time::timeout(WAIT, raw::next(&mut ws))
+        .await
+        .unwrap();
+    assert!(matches!(welcome, Some(Message::Welcome(_))), "{welcome:?}");
+    loop {
+        match tokio::time::timeout(WAIT, raw::next(&mut ws))
+            .await
+            .unwrap()
+        {
+            Some(Message::Delta(d)) if d.req == 1 && d.last => break,
+            Some(Message::Error(e)) => panic!("refused: {}", e.message),
+            None => panic!("closed"),
+            Some(_) => {}
+        }
+    }
+    let d = doc("still-served");
+    good.put(&list, &d, json!({"ok": true})).await.unwrap();
+    synced(&good, &list).await;
+    let other = SyncClient::connect(Some(&url), "", dir.path().join("other"))
+        .await
+        .unwrap();
+    other.open(&list).await.unwrap();
+    until_value(&other, &list, &d, &json!({"ok": true})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_connection() {
+    use syncline_core::protocol::{self, Hello, Message};
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &["--anonymous", "demo-*", "--max-connections-per-ip", "2"],
+    );
+    let url = server.url();
+    let hello = protocol::encode(&Message::Hello(Box::new(Hello {
+        replica: syncline_core::ReplicaId([6; 16]),
+        token: String::new(),
+    })));
+    let mut a = raw::open(&url).await;
+    let mut b = raw::open(&url).await;
+    for ws in [&mut a, &mut b] {
+        raw::send(ws, hello.clone()).await;
+        let w = tokio::time::timeout(WAIT, raw::next(ws)).await.unwrap();
+        assert!(matches!(w, Some(Message::Welcome(_))), "{w:?}");
+    }
+    // A third from the same address is turned away at the upgrade.
+    match tokio_tungstenite::connect_async(url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!("expected 503, got {other:?}"),
+    }
+    // Once one closes, its slot is free again.
+    drop(a);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut c = loop {
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok((ws, _)) => break ws,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "slot never freed: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    raw::send(&mut c, hello).await;
+    let w = tokio::time::timeout(WAIT, raw::next(&mut c)).await.unwrap();
+    assert!(matches!(w, Some(Message::Welcome(_))), "{w:?}");
+    drop(b);
 }
 
 /// Poll `/metrics` (bounded) until `series` reports at least `min`.

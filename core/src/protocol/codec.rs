@@ -16,8 +16,10 @@ use flate2::write::DeflateEncoder;
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
-use super::message::Message;
-use super::{MAX_ERROR_TEXT, MAX_PRESENCE_LEN, MAX_TOKEN_LEN, PROTOCOL_VERSION};
+use super::message::{Hello, Message};
+use super::{
+    ErrorCode, MAX_ERROR_TEXT, MAX_HELLO_FRAME, MAX_PRESENCE_LEN, MAX_TOKEN_LEN, PROTOCOL_VERSION,
+};
 use crate::clock::VersionVector;
 use crate::entry::{Entry, Snapshot};
 use crate::ids::{DbName, DocId};
@@ -54,6 +56,28 @@ pub enum DecodeError {
     /// Structurally valid, but a name, id or field breaks a rule.
     #[error("invalid frame: {0}")]
     Invalid(String),
+    /// A connection's first frame is compressed ([`decode_hello`]).
+    #[error("a connection's first frame (Hello) must not be compressed")]
+    CompressedHello,
+    /// A connection's first frame is another message ([`decode_hello`]).
+    #[error("the first message must be Hello, not {0}")]
+    NotHello(&'static str),
+}
+
+impl DecodeError {
+    /// The error code a receiver reports for this refusal.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::TooLarge { .. } => ErrorCode::TooLarge,
+            DecodeError::UnknownVersion(_) => ErrorCode::UnknownVersion,
+            DecodeError::NotHello(_) => ErrorCode::ProtocolViolation,
+            DecodeError::Empty
+            | DecodeError::Length { .. }
+            | DecodeError::Malformed(_)
+            | DecodeError::Invalid(_)
+            | DecodeError::CompressedHello => ErrorCode::BadFrame,
+        }
+    }
 }
 
 /// Flag: the body is raw deflate.
@@ -62,9 +86,16 @@ const DEFLATE: u8 = 1;
 /// Bodies at least this long are deflated when that saves an eighth or more.
 pub const COMPRESS_MIN: usize = 1024;
 
-/// Encode a message into one frame.
+/// Encode a message into one frame. A `Hello` is never compressed: a
+/// server reads a connection's first frame only if it is a small
+/// uncompressed `Hello` ([`decode_hello`]).
 pub fn encode(msg: &Message) -> Vec<u8> {
-    frame(&archive(msg))
+    let body = archive(msg);
+    if matches!(msg, Message::Hello(_)) {
+        plain_frame(&body)
+    } else {
+        frame(&body)
+    }
 }
 
 /// The rkyv archive of a message: a frame's body before compression. With
@@ -96,6 +127,11 @@ pub fn frame(body: &[u8]) -> Vec<u8> {
             }
         }
     }
+    plain_frame(body)
+}
+
+/// One uncompressed frame around an archived body.
+fn plain_frame(body: &[u8]) -> Vec<u8> {
     let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
     let mut out = Vec::with_capacity(body.len() + HEADER_LEN);
     out.push(PROTOCOL_VERSION);
@@ -158,6 +194,28 @@ pub fn decode(frame: &[u8], max: usize) -> Result<Message, DecodeError> {
         .map_err(|e| DecodeError::Malformed(e.to_string()))?;
     validate(&mut msg)?;
     Ok(msg)
+}
+
+/// Decode a connection's first frame, which must be an uncompressed `Hello`
+/// of at most [`MAX_HELLO_FRAME`] bytes. The length and the flags are
+/// checked before anything else, so a peer that has not yet presented a
+/// token cannot make the receiver inflate, validate or deserialise a large
+/// body: an oversized frame is `TooLarge`, a compressed one
+/// `CompressedHello`, any other message `NotHello`.
+pub fn decode_hello(frame: &[u8]) -> Result<Hello, DecodeError> {
+    if frame.len() > MAX_HELLO_FRAME {
+        return Err(DecodeError::TooLarge {
+            len: frame.len(),
+            max: MAX_HELLO_FRAME,
+        });
+    }
+    if frame.len() >= 2 && frame[0] == PROTOCOL_VERSION && frame[1] & DEFLATE != 0 {
+        return Err(DecodeError::CompressedHello);
+    }
+    match decode(frame, MAX_HELLO_FRAME)? {
+        Message::Hello(h) => Ok(*h),
+        other => Err(DecodeError::NotHello(other.kind())),
+    }
 }
 
 /// Inflate a deflated body into an aligned buffer of at most `max` bytes.

@@ -8,7 +8,9 @@ mod codec;
 mod error_code;
 mod message;
 
-pub use codec::{DecodeError, HEADER_LEN, archive, decode, encode, encoded_len, frame};
+pub use codec::{
+    DecodeError, HEADER_LEN, archive, decode, decode_hello, encode, encoded_len, frame,
+};
 pub use error_code::ErrorCode;
 pub use message::{
     Ack, Databases, Delta, ErrorMsg, Hello, Message, PeerPresence, Presence, PresenceUpdate, Push,
@@ -23,6 +25,12 @@ pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 
 /// Largest token accepted in `Hello`.
 pub const MAX_TOKEN_LEN: usize = 4096;
+
+/// Largest first frame of a connection, which must be an uncompressed
+/// `Hello` ([`decode_hello`]): room for a token of [`MAX_TOKEN_LEN`] bytes,
+/// the replica id and the archive's overhead. A server reads nothing more
+/// from a connection before it has accepted its `Hello`.
+pub const MAX_HELLO_FRAME: usize = 8 * 1024;
 
 /// Largest presence state a peer may publish.
 pub const MAX_PRESENCE_LEN: usize = 16 * 1024;

@@ -278,6 +278,14 @@ impl<A: Authenticator> Server<A> {
         id
     }
 
+    /// Whether `peer` is connected and its `Hello` was accepted. An adapter
+    /// reads nothing more from a connection until this holds.
+    pub fn greeted(&self, peer: PeerId) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| matches!(p.state, PeerState::Ready { .. }))
+    }
+
     /// Connections open now.
     pub fn connections(&self) -> usize {
         self.peers.len()
@@ -316,16 +324,20 @@ impl<A: Authenticator> Server<A> {
 
     /// A frame arrived from `peer`.
     pub fn handle_frame(&mut self, peer: PeerId, frame: &[u8]) {
-        match protocol::decode(frame, self.config.max_frame) {
-            Ok(msg) => self.handle(peer, msg),
-            Err(e) => {
-                let code = match e {
-                    protocol::DecodeError::TooLarge { .. } => ErrorCode::TooLarge,
-                    protocol::DecodeError::UnknownVersion(_) => ErrorCode::UnknownVersion,
-                    _ => ErrorCode::BadFrame,
-                };
-                self.fail(peer, code, e.to_string(), None);
+        let Some(p) = self.peers.get(&peer) else {
+            return;
+        };
+        // Before its Hello is accepted a peer gets only the small,
+        // uncompressed first frame read: nothing is inflated for it.
+        let decoded = match p.state {
+            PeerState::AwaitHello => {
+                protocol::decode_hello(frame).map(|h| Message::Hello(Box::new(h)))
             }
+            PeerState::Ready { .. } => protocol::decode(frame, self.config.max_frame),
+        };
+        match decoded {
+            Ok(msg) => self.handle(peer, msg),
+            Err(e) => self.fail(peer, e.code(), e.to_string(), None),
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::body::Bytes;
-use syncline_core::protocol::{self, ErrorCode, Message};
+use syncline_core::protocol::{self, ErrorCode, Hello, Message};
 use syncline_core::sync::{PeerId, Server, ServerOutput};
 use syncline_core::{DbName, Store, StoredDatabase};
 use tokio::sync::{mpsc, oneshot};
@@ -48,6 +48,17 @@ pub enum HubMsg {
         conn: ConnHandle,
         /// Gets the peer id.
         reply: oneshot::Sender<PeerId>,
+    },
+    /// A connection's first frame, its `Hello`. The connection reads
+    /// nothing more until the hub answers whether it was accepted.
+    Hello {
+        /// Who.
+        peer: PeerId,
+        /// The decoded `Hello`.
+        hello: Hello,
+        /// Gets whether the server accepted it (if not, the server has
+        /// queued its error and the close).
+        accepted: oneshot::Sender<bool>,
     },
     /// A decoded frame from a peer.
     Message {
@@ -247,6 +258,14 @@ impl Hub {
                 self.conns.insert(peer, conn);
                 self.metrics.connections.set(self.conns.len() as i64);
                 let _ = reply.send(peer);
+            }
+            HubMsg::Hello {
+                peer,
+                hello,
+                accepted,
+            } => {
+                server.handle(peer, Message::Hello(Box::new(hello)));
+                let _ = accepted.send(server.greeted(peer));
             }
             HubMsg::Message { peer, msg } => {
                 if let Message::Push(p) = &msg {

@@ -10,23 +10,24 @@ mod files;
 mod hub;
 mod metrics;
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use syncline_core::ReplicaId;
-use syncline_core::protocol::{self, DecodeError, ErrorCode, Message};
+use syncline_core::protocol::{self, ErrorCode, Message};
 use syncline_core::sync::{Server, ServerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -49,6 +50,8 @@ pub struct ServeOptions {
     pub anonymous: Vec<String>,
     /// Most simultaneous connections.
     pub max_connections: usize,
+    /// Most simultaneous connections from one IP address (loopback too).
+    pub max_connections_per_ip: usize,
     /// Largest frame accepted.
     pub max_frame: usize,
     /// Most entries per push.
@@ -96,6 +99,7 @@ struct AppState {
     hub: mpsc::Sender<HubMsg>,
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
+    per_ip: Arc<PerIp>,
     max_frame: usize,
     hello_timeout: Duration,
     ping_interval: Duration,
@@ -149,6 +153,10 @@ pub async fn run(
         hub: hub_tx.clone(),
         metrics,
         permits: Arc::new(Semaphore::new(options.max_connections)),
+        per_ip: Arc::new(PerIp {
+            limit: options.max_connections_per_ip,
+            open: Mutex::new(HashMap::new()),
+        }),
         max_frame: options.max_frame,
         hello_timeout: options.hello_timeout,
         ping_interval: options.ping_interval.max(Duration::from_millis(10)),
@@ -182,9 +190,12 @@ pub async fn run(
             tracing::debug!("TCP_NODELAY not set: {e}");
         }
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(graceful)
-        .await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(graceful)
+    .await?;
     drop(hub_tx);
     hub_task.abort();
     Ok(())
@@ -225,7 +236,61 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn upgrade(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
+/// Connections open per IP address, so one address cannot take every slot.
+struct PerIp {
+    limit: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerIp {
+    /// A slot for one more connection from `ip`, if it has fewer than the limit.
+    fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            per_ip: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One connection's share of its address's limit, given back on drop.
+struct IpSlot {
+    per_ip: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.per_ip.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+async fn upgrade(
+    ws: WebSocketUpgrade,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    State(state): State<AppState>,
+) -> Response {
+    // An IPv4 peer on a dual-stack socket counts as its IPv4 address.
+    let ip = addr.ip().to_canonical();
+    let Some(slot) = state.per_ip.acquire(ip) else {
+        state.metrics.error(ErrorCode::Overloaded.as_str());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections from your address\n",
+        )
+            .into_response();
+    };
     let Ok(permit) = state.permits.clone().try_acquire_owned() else {
         state.metrics.error(ErrorCode::Overloaded.as_str());
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
@@ -246,6 +311,7 @@ async fn upgrade(ws: WebSocketUpgrade, State(state): State<AppState>) -> Respons
         .on_upgrade(move |socket| async move {
             connection(socket, state).await;
             drop(permit);
+            drop(slot);
         })
 }
 
@@ -346,8 +412,8 @@ async fn connection(socket: WebSocket, state: AppState) {
 
     // Returns true when it refused the peer (the writer must flush the error).
     let reader = async {
-        // Until the first protocol frame the deadline is fixed (pongs do
-        // not extend it); after it, any frame restarts the silence clock.
+        // Until the Hello the deadline is fixed (pongs do not extend it);
+        // after it, any frame restarts the silence clock.
         let mut deadline = tokio::time::Instant::now() + hello_timeout;
         let mut greeted = false;
         loop {
@@ -366,8 +432,7 @@ async fn connection(socket: WebSocket, state: AppState) {
                     return false;
                 }
             };
-            if greeted || matches!(msg, WsMessage::Binary(_)) {
-                greeted = true;
+            if greeted {
                 deadline = tokio::time::Instant::now() + silent_after;
             }
             let bytes = match msg {
@@ -384,6 +449,36 @@ async fn connection(socket: WebSocket, state: AppState) {
                 }
             };
             state.metrics.bytes_in.inc_by(bytes.len() as u64);
+            if !greeted {
+                // A peer that has presented no token gets one small frame
+                // read, which must be an uncompressed Hello: nothing of it
+                // is inflated, and nothing more is read until the hub has
+                // accepted it (pipelined Subscribes wait in the socket).
+                let hello = match protocol::decode_hello(&bytes) {
+                    Ok(hello) => hello,
+                    Err(e) => {
+                        state.metrics.error(e.code().as_str());
+                        refuse(&tx, e.code(), &e.to_string());
+                        return true;
+                    }
+                };
+                let (accepted, verdict) = oneshot::channel();
+                let hello = HubMsg::Hello {
+                    peer,
+                    hello,
+                    accepted,
+                };
+                if state.hub.send(hello).await.is_err() {
+                    return false;
+                }
+                // Refused: the hub has queued the error and the close.
+                if verdict.await != Ok(true) {
+                    return true;
+                }
+                greeted = true;
+                deadline = tokio::time::Instant::now() + silent_after;
+                continue;
+            }
             match protocol::decode(&bytes, state.max_frame) {
                 Ok(msg) => {
                     if state.hub.send(HubMsg::Message { peer, msg }).await.is_err() {
@@ -391,11 +486,7 @@ async fn connection(socket: WebSocket, state: AppState) {
                     }
                 }
                 Err(e) => {
-                    let code = match e {
-                        DecodeError::TooLarge { .. } => ErrorCode::TooLarge,
-                        DecodeError::UnknownVersion(_) => ErrorCode::UnknownVersion,
-                        _ => ErrorCode::BadFrame,
-                    };
+                    let code = e.code();
                     state.metrics.error(code.as_str());
                     refuse(&tx, code, &e.to_string());
                     return true;
