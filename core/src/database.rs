@@ -771,7 +771,6 @@ impl Database {
                 }
                 self.pending.insert(e.dot, e);
             }
-            Err(other) => tracing::warn!("unexpected log error: {other}"),
         }
     }
 
@@ -879,6 +878,7 @@ impl Database {
         Compaction {
             base: base.clone(),
             snapshots,
+            skipped: BTreeMap::new(),
         }
     }
 

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use automerge::TextEncoding;
+use automerge::{ReadDoc, TextEncoding};
 
 use crate::chunked::{self, Chunked};
 use crate::clock::{Dot, VersionVector};
@@ -23,14 +23,6 @@ pub enum LogError {
         expected: u64,
         /// What arrived.
         got: Dot,
-    },
-    /// A snapshot could not be built while compacting.
-    #[error("compacting {doc}: {reason}")]
-    Compaction {
-        /// The document.
-        doc: DocId,
-        /// Why.
-        reason: String,
     },
 }
 
@@ -63,6 +55,17 @@ pub struct Compaction {
     pub base: VersionVector,
     /// New or replaced snapshots.
     pub snapshots: Vec<Snapshot>,
+    /// Documents that could not be folded (automerge refused one of their
+    /// changes, or their snapshot did not load), with why. Their entries stay
+    /// above the horizon, which is lowered to keep them.
+    pub skipped: BTreeMap<DocId, String>,
+}
+
+/// What folding one document's entries gave.
+enum Folded {
+    Done(Snapshot),
+    /// Entries whose changes automerge held back for a missing dependency.
+    Held(Vec<Dot>),
 }
 
 /// Snapshots + entries of one database, with delta indexes.
@@ -290,47 +293,112 @@ impl Log {
     /// Fold every entry at or below `up_to` (clamped to what the log holds)
     /// into per-document snapshots. Pure: the log is unchanged until
     /// [`Log::apply_compaction`], so this can run on a copy in the background.
-    pub fn plan_compaction(&self, up_to: &VersionVector) -> Result<Compaction, LogError> {
+    ///
+    /// A document that cannot be folded (one crafted change automerge
+    /// refuses) does not stop the rest: it is listed in
+    /// [`Compaction::skipped`] and the horizon is lowered below each of its
+    /// entries, so they stay in the log, with whatever follows them from the
+    /// same replicas; a change automerge holds back for a dependency left
+    /// above the horizon is kept above it too.
+    pub fn plan_compaction(&self, up_to: &VersionVector) -> Compaction {
         let mut base = up_to.meet(&self.vv);
         base.merge(&self.base);
-        let mut folded: BTreeMap<&DocId, Vec<&Entry>> = BTreeMap::new();
-        for e in &self.entries {
-            if base.contains(&e.dot) {
-                folded.entry(&e.doc).or_default().push(e);
-            }
-        }
-        let actor = ReplicaId::default();
-        let mut snapshots = Vec::with_capacity(folded.len());
-        for (doc, entries) in folded {
-            let fail = |reason: String| LogError::Compaction {
-                doc: doc.clone(),
-                reason,
-            };
-            let (mut document, mut clock) = match self.snapshots.get(doc) {
-                Some(s) => (
-                    Document::load(&s.bytes, actor, TextEncoding::UnicodeCodePoint)
-                        .map_err(|e| fail(e.to_string()))?,
-                    s.clock.clone(),
-                ),
-                None => (
-                    Document::new(actor, TextEncoding::UnicodeCodePoint),
-                    VersionVector::new(),
-                ),
-            };
-            for e in entries {
-                let change = e.parse_change().map_err(|e| fail(e.to_string()))?;
-                document.apply(change).map_err(|e| fail(e.to_string()))?;
-                if e.dot.counter > clock.get(&e.dot.replica) {
-                    clock.set(e.dot.replica, e.dot.counter);
+        let mut skipped = BTreeMap::new();
+        // Each folded document, with how many entries went into it.
+        let mut done: BTreeMap<DocId, (usize, Snapshot)> = BTreeMap::new();
+        // Lowering the horizon shrinks what other documents fold, so fold
+        // again those that changed; every round skips one more document.
+        loop {
+            let mut folded: BTreeMap<&DocId, Vec<&Entry>> = BTreeMap::new();
+            for e in &self.entries {
+                if base.contains(&e.dot) && !skipped.contains_key(&e.doc) {
+                    folded.entry(&e.doc).or_default().push(e);
                 }
             }
-            snapshots.push(Snapshot {
-                doc: doc.clone(),
-                clock,
-                bytes: document.save(),
-            });
+            done.retain(|doc, (n, _)| folded.get(doc).is_some_and(|f| f.len() == *n));
+            let mut lowered = false;
+            for (doc, entries) in folded {
+                if done.contains_key(doc) {
+                    continue;
+                }
+                match self.fold(doc, &entries) {
+                    Ok(Folded::Done(snapshot)) => {
+                        done.insert(doc.clone(), (entries.len(), snapshot));
+                    }
+                    // Changes that depend on one left out (above the lowered
+                    // horizon) must stay out too, or the snapshot (automerge
+                    // saves only what it applied) would drop them.
+                    Ok(Folded::Held(dots)) => {
+                        for dot in dots {
+                            if dot.counter - 1 < base.get(&dot.replica) {
+                                base.set(dot.replica, dot.counter - 1);
+                            }
+                        }
+                        lowered = true;
+                    }
+                    Err(reason) => {
+                        // Entries come in counter order per replica: the
+                        // first one of each replica sets the new horizon.
+                        for e in &self.entries {
+                            if e.doc == *doc && base.contains(&e.dot) {
+                                base.set(e.dot.replica, e.dot.counter - 1);
+                            }
+                        }
+                        skipped.insert(doc.clone(), reason);
+                        lowered = true;
+                    }
+                }
+            }
+            if !lowered {
+                break;
+            }
         }
-        Ok(Compaction { base, snapshots })
+        Compaction {
+            base,
+            snapshots: done.into_values().map(|(_, s)| s).collect(),
+            skipped,
+        }
+    }
+
+    /// `doc`'s snapshot (if any) with `entries` applied, or the entries
+    /// automerge held back for a missing dependency.
+    fn fold(&self, doc: &DocId, entries: &[&Entry]) -> Result<Folded, String> {
+        let actor = ReplicaId::default();
+        let (mut document, mut clock) = match self.snapshots.get(doc) {
+            Some(s) => (
+                Document::load(&s.bytes, actor, TextEncoding::UnicodeCodePoint)
+                    .map_err(|e| e.to_string())?,
+                s.clock.clone(),
+            ),
+            None => (
+                Document::new(actor, TextEncoding::UnicodeCodePoint),
+                VersionVector::new(),
+            ),
+        };
+        let mut hashes = Vec::with_capacity(entries.len());
+        for e in entries {
+            let change = e.parse_change().map_err(|e| e.to_string())?;
+            hashes.push((e.dot, change.hash()));
+            document.apply(change).map_err(|e| e.to_string())?;
+            if e.dot.counter > clock.get(&e.dot.replica) {
+                clock.set(e.dot.replica, e.dot.counter);
+            }
+        }
+        if document.has_queued() {
+            let am = document.automerge();
+            return Ok(Folded::Held(
+                hashes
+                    .into_iter()
+                    .filter(|(_, h)| am.get_change_by_hash(h).is_none())
+                    .map(|(dot, _)| dot)
+                    .collect(),
+            ));
+        }
+        Ok(Folded::Done(Snapshot {
+            doc: doc.clone(),
+            clock,
+            bytes: document.save(),
+        }))
     }
 
     /// Install a compaction: replace snapshots, raise the horizon, prune the
@@ -377,5 +445,126 @@ impl Log {
             snapshots: self.snapshots.values().cloned().collect(),
             entries: self.entries.iter().cloned().collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use automerge::transaction::Transactable;
+    use automerge::{AutoCommit, ROOT};
+
+    use super::*;
+
+    fn id(s: &str) -> DocId {
+        DocId::new(s).expect("valid id")
+    }
+
+    /// One change per actor in turn, each on top of the ones before.
+    fn changes(actors: &[u8], key: &str) -> Vec<Vec<u8>> {
+        let mut doc = AutoCommit::new();
+        let mut out = Vec::new();
+        for (i, &actor) in actors.iter().enumerate() {
+            doc.set_actor(ReplicaId([actor; 16]).actor());
+            doc.put(ROOT, key, i as i64).expect("put");
+            doc.commit();
+            let change = doc.get_last_local_change().expect("a change");
+            out.push(change.raw_bytes().to_vec());
+        }
+        out
+    }
+
+    fn entry(replica: u8, counter: u64, doc: &str, change: &[u8]) -> Entry {
+        Entry {
+            dot: Dot {
+                replica: ReplicaId([replica; 16]),
+                counter,
+            },
+            doc: id(doc),
+            change: change.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_document_automerge_refuses_is_skipped_and_the_rest_compacts() {
+        // Two changes of "bad" by replica 1 with the same automerge seq but
+        // different content: automerge refuses the second.
+        let (bad1, bad2) = (changes(&[1], "x"), changes(&[1], "y"));
+        let ok = changes(&[1, 2, 2, 1, 2], "k");
+        let other = changes(&[3, 3], "o");
+        let stored = StoredDatabase {
+            entries: vec![
+                entry(1, 1, "ok", &ok[0]),
+                entry(1, 2, "bad", &bad1[0]),
+                entry(2, 1, "ok", &ok[1]),
+                entry(2, 2, "ok", &ok[2]),
+                entry(1, 3, "ok", &ok[3]),
+                // Depends on 1:3, which stays above the horizon: so does it.
+                entry(2, 3, "ok", &ok[4]),
+                entry(1, 4, "bad", &bad2[0]),
+                entry(3, 1, "other", &other[0]),
+                entry(3, 2, "other", &other[1]),
+            ],
+            ..StoredDatabase::default()
+        };
+        let (mut log, errors) = Log::from_stored(stored);
+        assert!(errors.is_empty(), "{errors:?}");
+
+        let plan = log.plan_compaction(&log.vv().clone());
+        assert_eq!(
+            plan.skipped.keys().collect::<Vec<_>>(),
+            [&id("bad")],
+            "{plan:?}"
+        );
+        assert!(
+            plan.skipped[&id("bad")].contains("duplicate seq"),
+            "{plan:?}"
+        );
+        // The horizon stops below "bad"'s first entry.
+        let r = |n: u8| ReplicaId([n; 16]);
+        assert_eq!(
+            (
+                plan.base.get(&r(1)),
+                plan.base.get(&r(2)),
+                plan.base.get(&r(3))
+            ),
+            (1, 2, 2)
+        );
+        let folded: Vec<(&str, VersionVector)> = plan
+            .snapshots
+            .iter()
+            .map(|s| (s.doc.as_str(), s.clock.clone()))
+            .collect();
+        let mut ok_clock = VersionVector::new();
+        ok_clock.set(r(1), 1);
+        ok_clock.set(r(2), 2);
+        let mut other_clock = VersionVector::new();
+        other_clock.set(r(3), 2);
+        assert_eq!(folded, [("ok", ok_clock), ("other", other_clock)]);
+
+        log.apply_compaction(plan);
+        let left: Vec<(Dot, &str)> = log.entries().map(|e| (e.dot, e.doc.as_str())).collect();
+        let dot = |replica: u8, counter: u64| Dot {
+            replica: r(replica),
+            counter,
+        };
+        // Nothing lost: both of "bad"'s entries, and the "ok" entries after
+        // the first of them, stay; the rest is in snapshots.
+        assert_eq!(
+            left,
+            [
+                (dot(1, 2), "bad"),
+                (dot(1, 3), "ok"),
+                (dot(2, 3), "ok"),
+                (dot(1, 4), "bad")
+            ]
+        );
+        let ok_snapshot = log.snapshot(&id("ok")).expect("snapshot");
+        let mut doc = AutoCommit::load(&ok_snapshot.bytes).expect("loads");
+        assert_eq!(doc.get_changes(&[]).len(), 3);
+
+        // Compacting again folds what is left of "ok" and skips "bad" again.
+        let again = log.plan_compaction(&log.vv().clone());
+        assert_eq!(again.skipped.len(), 1);
+        assert_eq!(again.snapshots.len(), 0, "{again:?}");
     }
 }

@@ -482,7 +482,7 @@ impl Sim {
                 up_to.set(r, c / 2);
             }
         }
-        self.server.compact(&db, &up_to).unwrap();
+        self.server.compact(&db, &up_to);
         self.route_server();
         self.note(format!("compact server {db}"));
     }

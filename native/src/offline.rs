@@ -74,9 +74,10 @@ pub fn compact(data: &Path, only: Option<&str>) -> Result<()> {
     for db in databases(data, only)? {
         let (stored, _, _) = read(data, &db)?;
         let (log, _) = Log::from_stored(stored);
-        let plan = log
-            .plan_compaction(log.vv())
-            .with_context(|| format!("compacting {db}"))?;
+        let plan = log.plan_compaction(log.vv());
+        for (doc, reason) in &plan.skipped {
+            eprintln!("{db}: {doc} left uncompacted, it cannot be folded: {reason}");
+        }
         let docs = plan.snapshots.len();
         runtime.block_on(async {
             store

@@ -1599,3 +1599,89 @@ async fn a_failed_load_tells_the_client_no_path() {
         "the log lacks the detail: {logged}"
     );
 }
+
+/// A document compaction cannot fold (two changes with one automerge actor
+/// and seq) is skipped and reported: the rest of the database compacts, its
+/// entries stay, and the hub does not plan again after every write although
+/// they keep the log above the threshold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_compaction_cannot_fold_is_skipped_and_not_retried_after_every_write() {
+    use automerge::transaction::Transactable;
+    use syncline::store::FileStore;
+    use syncline_core::{Batch, Dot, Entry, ReplicaId, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let list = db("demo-poisoned");
+    {
+        // Each change is larger than the threshold, and the second repeats
+        // the first one's seq: automerge refuses it.
+        let store = FileStore::open(&data).unwrap();
+        let replica = ReplicaId([1; 16]);
+        let mut entries = Vec::new();
+        for (counter, key) in [(1, "x"), (2, "y")] {
+            let mut am = automerge::AutoCommit::new().with_actor(replica.actor());
+            let big: String = (0..30_000u64)
+                .map(|i| char::from(b'a' + ((i * 7919 + counter * 13) % 26) as u8))
+                .collect();
+            am.put(automerge::ROOT, key, big).unwrap();
+            let change = am.get_last_local_change().unwrap();
+            entries.push(Entry {
+                dot: Dot { replica, counter },
+                doc: doc("bad"),
+                change: change.raw_bytes().to_vec(),
+            });
+        }
+        store.write(&list, &Batch::entries(entries)).await.unwrap();
+    }
+    let log = dir.path().join("server.log");
+    let mut server = ServerProc::start_logging_to(
+        &data,
+        &["--anonymous", "demo-*", "--compact-after-bytes", "20000"],
+        &log,
+    );
+    let w = SyncClient::connect(Some(&server.url()), "", dir.path().join("w"))
+        .await
+        .unwrap();
+    w.open(&list).await.unwrap();
+    for k in 0..400 {
+        let d = doc(&format!("d{}", k % 40));
+        w.put(
+            &list,
+            &d,
+            json!({"k": k, "note": format!("edit number {k} of the storm")}),
+        )
+        .await
+        .unwrap();
+    }
+    synced(&w, &list).await;
+    until_metric(server.addr, "syncline_compactions_total", 1.0).await;
+    let skipped = metric(server.addr, "syncline_compaction_skipped_documents_total").await;
+    // About 60 KB of new entries: a plan per 20 KB of growth, not per write.
+    assert!((1.0..=6.0).contains(&skipped), "{skipped} plans skipped it");
+    w.close().await;
+    server.kill9();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("compaction skipped a document")
+            && logged.contains("demo-poisoned")
+            && logged.contains("bad"),
+        "no warning naming the database and document: {logged}"
+    );
+    let stored = FileStore::open(&data)
+        .unwrap()
+        .load_blocking(&list)
+        .unwrap();
+    let bad = stored
+        .entries
+        .iter()
+        .filter(|e| e.doc == doc("bad"))
+        .count();
+    assert_eq!(
+        bad, 2,
+        "the document that cannot be folded keeps its entries"
+    );
+    assert!(
+        !stored.snapshots.is_empty() && stored.entries.len() - bad < 400,
+        "the other documents are compacted"
+    );
+}

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use crate::clock::VersionVector;
 use crate::entry::Entry;
 use crate::ids::{DbName, DocId, ReplicaId};
-use crate::log::{Compaction, Log, LogError};
+use crate::log::{Compaction, Log};
 use crate::protocol::{
     self, Ack, DEFAULT_MAX_FRAME, ErrorCode, Hello, Message, PeerPresence, Presence,
     PresenceUpdate, Push, Subscribe, Welcome,
@@ -551,21 +551,24 @@ impl<A: Authenticator> Server<A> {
 
     /// Plan and install a compaction of `db` up to `up_to` (clamped to the
     /// durable log), and emit the batch that makes it durable.
-    pub fn compact(&mut self, db: &DbName, up_to: &VersionVector) -> Result<(), LogError> {
+    pub fn compact(&mut self, db: &DbName, up_to: &VersionVector) {
         let Some(d) = self.dbs.get(db) else {
-            return Ok(());
+            return;
         };
-        let compaction = d.log.plan_compaction(up_to)?;
+        let compaction = d.log.plan_compaction(up_to);
         self.apply_compaction(db, compaction);
-        Ok(())
     }
 
     /// Install a compaction planned elsewhere (e.g. on a background thread
     /// from a copy of the log) and emit the batch that makes it durable.
+    /// Documents it skipped are logged; their entries stay in the log.
     pub fn apply_compaction(&mut self, db: &DbName, compaction: Compaction) {
         let Some(d) = self.dbs.get_mut(db) else {
             return;
         };
+        for (doc, reason) in &compaction.skipped {
+            tracing::warn!(%db, %doc, "compaction skipped a document it cannot fold: {reason}");
+        }
         d.log.apply_compaction(compaction.clone());
         // Documents with a snapshot are served without views.
         for s in &compaction.snapshots {

@@ -174,6 +174,7 @@ pub async fn run(
         in_flight: 0,
         shutdown: None,
         compacting: std::collections::HashSet::new(),
+        compacted_left: HashMap::new(),
         views_due: HashMap::new(),
         views_building: std::collections::HashSet::new(),
     };
@@ -236,10 +237,23 @@ struct Hub {
     in_flight: usize,
     shutdown: Option<oneshot::Sender<()>>,
     compacting: std::collections::HashSet<DbName>,
+    /// Bytes of entries each database's last compaction left in its log
+    /// (all of it when the plan failed): the next one waits until the log
+    /// has grown by `compact_after_bytes` past that, so a document that
+    /// cannot be folded is not retried, with a copy of the log, after
+    /// every write.
+    compacted_left: HashMap<DbName, usize>,
     /// When each database's missing views may be built (pushed back by
     /// every durable write).
     views_due: HashMap<DbName, Instant>,
     views_building: std::collections::HashSet<DbName>,
+}
+
+/// Whether a log holding `bytes` of entries should be compacted, when its
+/// last compaction left `left` bytes (of documents it could not fold, or of
+/// entries that arrived while it was planned): once it has grown by `limit`.
+fn compaction_due(bytes: usize, left: usize, limit: usize) -> bool {
+    bytes >= left.saturating_add(limit)
 }
 
 /// Sleep until `at`, or forever.
@@ -302,13 +316,23 @@ impl Hub {
                 }
             }
             HubMsg::Listed { peer, req, names } => server.databases_listed(peer, req, names),
-            HubMsg::Compacted { db, result } => match result {
-                Ok(c) => server.apply_compaction(&db, c),
-                Err(e) => {
-                    tracing::error!(%db, "compaction failed: {e}");
-                    self.compacting.remove(&db);
+            HubMsg::Compacted { db, result } => {
+                match result {
+                    Ok(c) => {
+                        // The core server logs each skipped document.
+                        self.metrics
+                            .compaction_skipped_docs
+                            .inc_by(c.skipped.len() as u64);
+                        server.apply_compaction(&db, c);
+                    }
+                    Err(e) => {
+                        tracing::error!(%db, "compaction failed: {e}");
+                        self.compacting.remove(&db);
+                    }
                 }
-            },
+                let left = server.log(&db).map_or(0, |l| l.entry_bytes());
+                self.compacted_left.insert(db, left);
+            }
             HubMsg::ViewsBuilt { db, built } => {
                 self.metrics.views_built.inc_by(built.views.len() as u64);
                 server.views_built(&db, built);
@@ -500,7 +524,10 @@ impl Hub {
     /// Start a background compaction when the log has grown past the limit.
     fn maybe_compact(&mut self, server: &Server<TokenAuth>, db: &DbName) {
         let Some(log) = server.log(db) else { return };
-        if log.entry_bytes() < self.config.compact_after_bytes || self.compacting.contains(db) {
+        let left = self.compacted_left.get(db).copied().unwrap_or(0);
+        if !compaction_due(log.entry_bytes(), left, self.config.compact_after_bytes)
+            || self.compacting.contains(db)
+        {
             return;
         }
         self.compacting.insert(db.clone());
@@ -508,11 +535,9 @@ impl Hub {
         let log = log.clone();
         let (tx, db) = (self.tx.clone(), db.clone());
         tokio::spawn(async move {
-            let planned = tokio::task::spawn_blocking(move || {
-                log.plan_compaction(log.vv()).map_err(|e| e.to_string())
-            })
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
+            let planned = tokio::task::spawn_blocking(move || log.plan_compaction(log.vv()))
+                .await
+                .map_err(|e| e.to_string());
             let _ = tx
                 .send(HubMsg::Compacted {
                     db,
@@ -543,5 +568,21 @@ impl Hub {
         }
         self.metrics.bytes_out.inc_by(len as u64);
         let _ = c.tx.send(Out::Frame(frame));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compaction_due;
+
+    #[test]
+    fn what_a_compaction_leaves_behind_waits_for_the_log_to_grow_again() {
+        assert!(!compaction_due(99, 0, 100));
+        assert!(compaction_due(100, 0, 100));
+        // A document that cannot be folded left 500 bytes: the next write
+        // does not plan again, only growth by the limit does.
+        assert!(!compaction_due(510, 500, 100));
+        assert!(compaction_due(600, 500, 100));
+        assert!(!compaction_due(usize::MAX - 1, usize::MAX, 100));
     }
 }

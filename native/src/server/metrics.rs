@@ -43,6 +43,8 @@ pub struct Metrics {
     pub fsync_seconds: Histogram,
     /// Compactions done (snapshots durable and the log file rewritten).
     pub compactions: Counter,
+    /// Documents a compaction could not fold (their entries stay in the log).
+    pub compaction_skipped_docs: Counter,
     /// Errors sent to peers, by code.
     pub errors: Family<CodeLabel, Counter>,
     /// Connections closed because the peer went silent or stopped taking frames.
@@ -68,6 +70,7 @@ impl Metrics {
             bytes_out: Counter::default(),
             fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             compactions: Counter::default(),
+            compaction_skipped_docs: Counter::default(),
             errors: Family::default(),
             dead_connections: Counter::default(),
             views_built: Counter::default(),
@@ -103,6 +106,11 @@ impl Metrics {
                 m.fsync_seconds.clone(),
             );
             r.register("compactions", "Compactions done", m.compactions.clone());
+            r.register(
+                "compaction_skipped_documents",
+                "Documents a compaction could not fold (left in the log)",
+                m.compaction_skipped_docs.clone(),
+            );
             r.register("errors", "Errors sent to peers, by code", m.errors.clone());
             r.register(
                 "dead_connections",
