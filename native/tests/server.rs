@@ -1202,6 +1202,22 @@ async fn one_address_cannot_take_every_connection() {
     drop(b);
 }
 
+/// 400 writes over 40 documents (~60 KB of entries), then wait until the
+/// server has made them all durable.
+async fn write_storm(w: &SyncClient, list: &DbName) {
+    for k in 0..400 {
+        let d = doc(&format!("d{}", k % 40));
+        w.put(
+            list,
+            &d,
+            json!({"k": k, "note": format!("edit number {k} of the storm")}),
+        )
+        .await
+        .unwrap();
+    }
+    synced(w, list).await;
+}
+
 /// Poll `/metrics` (bounded) until `series` reports at least `min`.
 async fn until_metric(addr: SocketAddr, series: &str, min: f64) {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -1242,17 +1258,7 @@ async fn background_compaction_folds_the_log_and_new_replicas_still_get_everythi
         .await
         .unwrap();
     w.open(&list).await.unwrap();
-    for k in 0..400 {
-        let d = doc(&format!("d{}", k % 40));
-        w.put(
-            &list,
-            &d,
-            json!({"k": k, "note": format!("edit number {k} of the storm")}),
-        )
-        .await
-        .unwrap();
-    }
-    synced(&w, &list).await;
+    write_storm(&w, &list).await;
     until_metric(server.addr, "syncline_compactions_total", 1.0).await;
     // A replica that starts from nothing gets every document (from snapshots).
     let fresh = SyncClient::connect(Some(&url), "", dir.path().join("fresh"))
@@ -1643,17 +1649,7 @@ async fn a_document_compaction_cannot_fold_is_skipped_and_not_retried_after_ever
         .await
         .unwrap();
     w.open(&list).await.unwrap();
-    for k in 0..400 {
-        let d = doc(&format!("d{}", k % 40));
-        w.put(
-            &list,
-            &d,
-            json!({"k": k, "note": format!("edit number {k} of the storm")}),
-        )
-        .await
-        .unwrap();
-    }
-    synced(&w, &list).await;
+    write_storm(&w, &list).await;
     until_metric(server.addr, "syncline_compactions_total", 1.0).await;
     let skipped = metric(server.addr, "syncline_compaction_skipped_documents_total").await;
     // About 60 KB of new entries: a plan per 20 KB of growth, not per write.
