@@ -79,6 +79,15 @@ pub enum DocError {
         /// Current length.
         len: usize,
     },
+    /// One edit would make more ops than a server accepts in one change
+    /// ([`crate::change_limits::DEFAULT_CHANGE_LIMITS`]): split it.
+    #[error("one edit of {ops} ops is over the limit of {limit} per change; split it")]
+    TooManyOps {
+        /// Ops the edit made.
+        ops: usize,
+        /// The limit.
+        limit: u64,
+    },
     /// automerge refused (corrupt save bytes, duplicate change, …).
     #[error("automerge: {0}")]
     Automerge(Box<automerge::AutomergeError>),
@@ -342,6 +351,12 @@ impl Document {
     ) -> Result<Option<Change>, DocError> {
         let mut tx = self.am.transaction();
         f(&mut tx)?; // dropping `tx` on error rolls it back
+        let limit = crate::change_limits::DEFAULT_CHANGE_LIMITS.max_ops;
+        if tx.pending_ops() as u64 > limit {
+            let ops = tx.pending_ops();
+            tx.rollback();
+            return Err(DocError::TooManyOps { ops, limit });
+        }
         let (hash, _) = tx.commit();
         Ok(hash.and_then(|h| self.am.get_change_by_hash(&h)))
     }
@@ -787,6 +802,22 @@ mod tests {
             Some((Value::Object(ObjType::Text), _))
         ));
         assert_eq!(c.to_json(), Some(json!({"title": "xy"})));
+    }
+
+    #[test]
+    fn an_edit_over_the_server_s_op_limit_is_refused_and_rolled_back() {
+        let mut d = doc(1);
+        d.update(&json!({"x": 1})).unwrap();
+        let limit = crate::change_limits::DEFAULT_CHANGE_LIMITS.max_ops as usize;
+        // A text object (one op) and a character per op.
+        let huge = "a".repeat(limit);
+        assert!(matches!(
+            d.splice_text(&["t".into()], 0, 0, &huge),
+            Err(DocError::TooManyOps { ops, .. }) if ops == limit + 1
+        ));
+        assert_eq!(d.to_json(), Some(json!({"x": 1})));
+        let fits = &huge[1..];
+        assert!(d.splice_text(&["t".into()], 0, 0, fits).unwrap().is_some());
     }
 
     #[test]

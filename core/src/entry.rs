@@ -2,6 +2,7 @@
 
 use rkyv::{Archive, Deserialize, Serialize};
 
+use crate::change_limits::{self, ChangeLimits, ChangeRefused, ChangeSummary};
 use crate::clock::{Dot, VersionVector};
 use crate::ids::DocId;
 
@@ -47,6 +48,15 @@ pub enum InvalidChange {
         /// The entry.
         dot: Dot,
     },
+    /// Over a [`ChangeLimits`] bound, or not a change chunk at all: found
+    /// before automerge was asked to parse it.
+    #[error("entry {dot:?}: {reason}")]
+    Refused {
+        /// The entry.
+        dot: Dot,
+        /// What the cheap pass found.
+        reason: ChangeRefused,
+    },
     /// Counter 0 is never used.
     #[error("entry {dot:?}: counters start at 1")]
     ZeroCounter {
@@ -56,11 +66,37 @@ pub enum InvalidChange {
 }
 
 impl Entry {
-    /// Parse the change and check it belongs to the dot's replica.
+    /// Parse the change and check it belongs to the dot's replica, within
+    /// the default [`ChangeLimits`].
     pub fn parse_change(&self) -> Result<automerge::Change, InvalidChange> {
+        self.parse_change_within(&ChangeLimits::default())
+    }
+
+    /// The cheap pass of [`crate::change_limits`]: bounds, author and hash,
+    /// without automerge.
+    pub fn inspect(&self, limits: &ChangeLimits) -> Result<ChangeSummary, InvalidChange> {
         if self.dot.counter == 0 {
             return Err(InvalidChange::ZeroCounter { dot: self.dot });
         }
+        let summary = change_limits::inspect(&self.change, limits).map_err(|reason| {
+            InvalidChange::Refused {
+                dot: self.dot,
+                reason,
+            }
+        })?;
+        if summary.actor != self.dot.replica.0 {
+            return Err(InvalidChange::WrongActor { dot: self.dot });
+        }
+        Ok(summary)
+    }
+
+    /// [`Entry::parse_change`] within `limits`: automerge parses only what
+    /// the cheap pass let through.
+    pub fn parse_change_within(
+        &self,
+        limits: &ChangeLimits,
+    ) -> Result<automerge::Change, InvalidChange> {
+        self.inspect(limits)?;
         let change = automerge::Change::try_from(&self.change[..]).map_err(|e| {
             InvalidChange::Unparsable {
                 dot: self.dot,

@@ -55,6 +55,7 @@
 //!             ServerOutput::Persist { db, seq, .. } => server.persisted(&db, seq),
 //!             ServerOutput::Load { db } => server.loaded(db, StoredDatabase::default()),
 //!             ServerOutput::ListDatabases { peer, req } => server.databases_listed(peer, req, vec![]),
+//!             ServerOutput::Validate { peer, job } => server.validated(peer, job.run()),
 //!             ServerOutput::Close { .. } => {}
 //!         }
 //!     }
@@ -69,6 +70,7 @@
 
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub mod change_limits;
 pub mod chunked;
 pub mod clock;
 pub mod database;
@@ -82,6 +84,7 @@ pub mod store;
 pub mod sync;
 pub mod view;
 
+pub use change_limits::{ChangeLimits, ChangeRefused, ChangeSummary};
 pub use clock::{Dot, VersionVector};
 pub use database::Database;
 pub use doc::{DocError, Document, PathSeg};

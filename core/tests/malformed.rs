@@ -172,9 +172,13 @@ fn corrupted_change_checksum_is_refused() {
         .unwrap();
     let last = e.change.len() - 1;
     e.change[last] ^= 0x55;
+    // Found by the cheap pass, before automerge is asked.
     assert!(matches!(
         e.parse_change(),
-        Err(InvalidChange::Unparsable { .. })
+        Err(InvalidChange::Refused {
+            reason: syncline_core::ChangeRefused::Malformed("checksum mismatch"),
+            ..
+        })
     ));
     let zero = Entry {
         dot: Dot {

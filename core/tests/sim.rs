@@ -24,6 +24,7 @@ use syncline_core::protocol::{self, Message};
 use syncline_core::store::{Batch, MemoryStore, StoredDatabase};
 use syncline_core::sync::{
     Client, ClientConfig, ClientOutput, OpenAccess, PeerId, Server, ServerConfig, ServerOutput,
+    ValidateJob,
 };
 use syncline_core::view::{BuiltViews, DocView};
 
@@ -83,6 +84,8 @@ struct Sim {
     server_store: MemoryStore,
     server_persists: VecDeque<(DbName, u64, Batch)>,
     loads: VecDeque<DbName>,
+    /// Pushes being parsed "off the hub" (the server defers validation).
+    validations: VecDeque<(PeerId, ValidateJob)>,
     /// Server views built and not yet handed back (they may go stale).
     built_views: Vec<(DbName, BuiltViews)>,
     replicas: Vec<Replica>,
@@ -153,6 +156,7 @@ impl Sim {
             server_store: MemoryStore::new(),
             server_persists: VecDeque::new(),
             loads: VecDeque::new(),
+            validations: VecDeque::new(),
             built_views: Vec::new(),
             replicas,
             acked: HashMap::new(),
@@ -168,6 +172,9 @@ impl Sim {
             max_entries_per_push: 8,
             serve_views: true,
             reply_part_bytes: 2048,
+            // Validate "off the hub", so a push waits while others run.
+            defer_validation: true,
+            ..ServerConfig::default()
         };
         Server::new(config, OpenAccess)
     }
@@ -268,6 +275,7 @@ impl Sim {
                     self.server_persists.push_back((db, seq, batch))
                 }
                 ServerOutput::Load { db } => self.loads.push_back(db),
+                ServerOutput::Validate { peer, job } => self.validations.push_back((peer, job)),
                 ServerOutput::ListDatabases { peer, req } => {
                     let names = self.server_store.list_now().unwrap();
                     self.server.databases_listed(peer, req, names);
@@ -346,6 +354,13 @@ impl Sim {
         if let Some(db) = self.loads.pop_front() {
             let stored = self.server_store.load_now(&db).unwrap();
             self.server.loaded(db, stored);
+            self.route_server();
+        }
+    }
+
+    fn validate(&mut self) {
+        if let Some((peer, job)) = self.validations.pop_front() {
+            self.server.validated(peer, job.run());
             self.route_server();
         }
     }
@@ -452,6 +467,7 @@ impl Sim {
         }
         self.server_persists.clear();
         self.loads.clear();
+        self.validations.clear();
         self.server = Self::boot_server(self.server_id);
         // Nothing acknowledged may be missing from the store.
         for db in self.dbs.clone() {
@@ -524,7 +540,10 @@ impl Sim {
                 let k = 1 + self.rng.below(3);
                 self.flush_server(k)
             }
-            86..=88 => self.load(),
+            86..=88 => {
+                self.load();
+                self.validate();
+            }
             89..=92 => self.connect(i),
             93..=94 => self.cut(i),
             95 => self.restart_client(i),
@@ -538,6 +557,7 @@ impl Sim {
     fn busy(&self) -> bool {
         !self.server_persists.is_empty()
             || !self.loads.is_empty()
+            || !self.validations.is_empty()
             || self.replicas.iter().any(|r| {
                 !r.persists.is_empty()
                     || r.conn
@@ -570,8 +590,9 @@ impl Sim {
                     self.deliver(i, true);
                 }
             }
-            while !self.loads.is_empty() {
+            while !self.loads.is_empty() || !self.validations.is_empty() {
                 self.load();
+                self.validate();
             }
             self.flush_server(usize::MAX);
             for i in 0..self.replicas.len() {

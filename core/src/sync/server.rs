@@ -14,6 +14,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
+use crate::change_limits::ChangeLimits;
 use crate::clock::VersionVector;
 use crate::entry::Entry;
 use crate::ids::{DbName, DocId, ReplicaId};
@@ -43,6 +44,17 @@ pub struct ServerConfig {
     pub max_frame: usize,
     /// Most entries in one `Push`.
     pub max_entries_per_push: usize,
+    /// Bounds on each pushed change, checked before automerge parses it.
+    pub change_limits: ChangeLimits,
+    /// Most bytes of changes one `Push` may inflate to, summed over its
+    /// entries (a frame of compressed changes could otherwise ask for
+    /// thousands of maximal inflations).
+    pub max_push_inflated: usize,
+    /// Hand pushed changes to the adapter to parse
+    /// ([`ServerOutput::Validate`]) instead of parsing them inline. An
+    /// adapter serving many connections from one task sets this, so an
+    /// expensive push delays its sender only.
+    pub defer_validation: bool,
     /// Send the views built by [`Server::views_built`] with replies to
     /// replicas that hold nothing of a document.
     pub serve_views: bool,
@@ -59,6 +71,9 @@ impl Default for ServerConfig {
             replica: ReplicaId::random(),
             max_frame: DEFAULT_MAX_FRAME,
             max_entries_per_push: 10_000,
+            change_limits: ChangeLimits::default(),
+            max_push_inflated: 64 << 20,
+            defer_validation: false,
             serve_views: true,
             reply_part_bytes: DEFAULT_REPLY_PART_BYTES,
         }
@@ -108,6 +123,15 @@ pub enum ServerOutput {
         /// The database.
         db: DbName,
     },
+    /// Run `job` (off the task serving other connections), then call
+    /// [`Server::validated`] with its result. Until then the peer's later
+    /// messages wait in order (with [`ServerConfig::defer_validation`]).
+    Validate {
+        /// The sender of the push.
+        peer: PeerId,
+        /// The parsing to do.
+        job: ValidateJob,
+    },
     /// List the databases in the store, then call [`Server::databases_listed`].
     ListDatabases {
         /// Who asked.
@@ -123,34 +147,129 @@ enum PeerState {
     Ready { replica: ReplicaId, grants: Grants },
 }
 
+/// Most messages a peer may send while one of its pushes is validated;
+/// an honest client waits for acknowledgements long before this.
+const MAX_WAITING_MESSAGES: usize = 256;
+
 #[derive(Debug)]
 struct Peer {
     state: PeerState,
     subs: BTreeSet<DbName>,
+    /// A push of this peer is being validated: later messages wait here.
+    waiting: Option<VecDeque<Message>>,
 }
 
-/// Why `e`, whose dot the server already holds, is not a resend of the
-/// held entry (None when it is, or when the held one was compacted away).
-fn conflicting(d: &ServerDb, e: &Entry) -> Option<String> {
-    let held = d.log.get(&e.dot).or_else(|| {
+/// The entry `d` holds under `e`'s dot (None when it was compacted away).
+fn held<'d>(d: &'d ServerDb, e: &Entry) -> Option<&'d Entry> {
+    d.log.get(&e.dot).or_else(|| {
         d.pending
             .iter()
             .flat_map(|b| b.entries.iter())
             .find(|x| x.dot == e.dot)
-    })?;
-    let same = held.doc == e.doc
-        && (held.change == e.change
-            || matches!(
-                (held.parse_change(), e.parse_change()),
-                (Ok(a), Ok(b)) if a.hash() == b.hash()
-            ));
-    (!same).then(|| {
-        format!(
-            "counter {} of this replica is already held with a different change: \
-             is this replica id in use by another client?",
-            e.dot.counter
-        )
     })
+}
+
+/// Whether `e` is a byte-for-byte resend of `held` (cheap; a resend in
+/// another encoding needs [`same_change`]).
+fn same_bytes(held: &Entry, e: &Entry) -> bool {
+    held.doc == e.doc && held.change == e.change
+}
+
+/// Whether `e` is a resend of `held`, by change hash (the bounded cheap
+/// pass, no automerge).
+fn same_change(held: &Entry, e: &Entry, limits: &ChangeLimits) -> bool {
+    same_bytes(held, e)
+        || (held.doc == e.doc
+            && matches!(
+                (held.inspect(limits), e.inspect(limits)),
+                (Ok(a), Ok(b)) if a.hash == b.hash
+            ))
+}
+
+fn conflict_message(counter: u64) -> String {
+    format!(
+        "counter {counter} of this replica is already held with a different change: \
+         is this replica id in use by another client?"
+    )
+}
+
+/// The parsing of one push, done off the task that serves every
+/// connection when [`ServerConfig::defer_validation`] is set.
+#[derive(Debug, Clone)]
+pub struct ValidateJob {
+    db: DbName,
+    /// Entries the database did not hold at push time: each is checked
+    /// against the limits and parsed by automerge.
+    new: Vec<Entry>,
+    /// Entries under held dots whose bytes differ from the held ones,
+    /// with the held entry: same change hash, or a conflict.
+    resent: Vec<(Entry, Entry)>,
+    limits: ChangeLimits,
+    max_inflated: usize,
+}
+
+/// The outcome of a [`ValidateJob`], for [`Server::validated`].
+#[derive(Debug, Clone)]
+pub struct Validated {
+    db: DbName,
+    entries: Vec<Entry>,
+    result: Result<(), String>,
+}
+
+impl Validated {
+    /// A job that could not run to the end (the adapter caught a panic):
+    /// the push is refused.
+    pub fn failed(db: DbName, reason: impl Into<String>) -> Self {
+        Validated {
+            db,
+            entries: Vec::new(),
+            result: Err(reason.into()),
+        }
+    }
+}
+
+impl ValidateJob {
+    /// The database pushed to.
+    pub fn db(&self) -> &DbName {
+        &self.db
+    }
+
+    /// Bytes of change data to check (for the adapter's metrics).
+    pub fn bytes(&self) -> usize {
+        self.new.iter().map(|e| e.change.len()).sum()
+    }
+
+    /// Check and parse. Pure: runs anywhere.
+    pub fn run(self) -> Validated {
+        let result = self.check();
+        Validated {
+            db: self.db,
+            entries: self.new,
+            result,
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let mut inflated = 0usize;
+        for e in &self.new {
+            let summary = e.inspect(&self.limits).map_err(|e| e.to_string())?;
+            inflated = inflated.saturating_add(summary.inflated);
+            if inflated > self.max_inflated {
+                return Err(format!(
+                    "the push's changes inflate to more than {} bytes; push fewer at a time",
+                    self.max_inflated
+                ));
+            }
+            e.parse_change_within(&self.limits)
+                .map_err(|e| e.to_string())?;
+        }
+        for (held, e) in &self.resent {
+            if !same_change(held, e, &self.limits) {
+                return Err(conflict_message(e.dot.counter));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -273,6 +392,7 @@ impl<A: Authenticator> Server<A> {
             Peer {
                 state: PeerState::AwaitHello,
                 subs: BTreeSet::new(),
+                waiting: None,
             },
         );
         id
@@ -343,9 +463,22 @@ impl<A: Authenticator> Server<A> {
 
     /// A decoded message arrived from `peer`.
     pub fn handle(&mut self, peer: PeerId, msg: Message) {
-        let Some(p) = self.peers.get(&peer) else {
+        let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
+        if let Some(waiting) = &mut p.waiting {
+            if waiting.len() < MAX_WAITING_MESSAGES {
+                waiting.push_back(msg);
+            } else {
+                self.fail(
+                    peer,
+                    ErrorCode::Overloaded,
+                    "too many messages while a push is validated; wait for its Ack",
+                    None,
+                );
+            }
+            return;
+        }
         let ready = matches!(p.state, PeerState::Ready { .. });
         match msg {
             Message::Hello(h) if !ready => self.hello(peer, *h),
@@ -407,7 +540,27 @@ impl<A: Authenticator> Server<A> {
             },
         );
         for (peer, msg) in self.loading.remove(&db).unwrap_or_default() {
-            self.db_message(peer, msg);
+            // A peer with a push being validated keeps its order.
+            match self.peers.get_mut(&peer).and_then(|p| p.waiting.as_mut()) {
+                Some(waiting) => waiting.push_back(msg),
+                None => self.db_message(peer, msg),
+            }
+        }
+    }
+
+    /// A [`ServerOutput::Validate`] job finished: store what it accepted,
+    /// or refuse the push; then handle the peer's messages that waited.
+    pub fn validated(&mut self, peer: PeerId, v: Validated) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let waiting = p.waiting.take().unwrap_or_default();
+        match v.result {
+            Ok(()) => self.accept(peer, v.db, v.entries),
+            Err(problem) => self.fail(peer, ErrorCode::InvalidChange, problem, Some(v.db)),
+        }
+        for msg in waiting {
+            self.handle(peer, msg);
         }
     }
 
@@ -897,32 +1050,81 @@ impl<A: Authenticator> Server<A> {
             );
             return;
         }
-        // Validate everything before storing anything.
-        for e in &p.entries {
+        // Resends of held dots are dropped by their bytes before anything
+        // is parsed; only what is new (or a resend in other bytes) goes to
+        // the validation job, off the hub when validation is deferred.
+        let Some(d) = self.dbs.get(&p.db) else {
+            return;
+        };
+        let have = d.accepted.get(&replica);
+        let mut new = Vec::new();
+        let mut resent = Vec::new();
+        for e in p.entries {
             let problem = if e.dot.replica != replica {
-                Some("entry is not the sender's own (dot replica differs)".to_string())
+                Some("entry is not the sender's own (dot replica differs)")
+            } else if e.dot.counter == 0 {
+                Some("counters start at 1")
             } else {
-                e.parse_change().err().map(|err| err.to_string())
+                None
             };
             if let Some(problem) = problem {
                 self.fail(peer, ErrorCode::InvalidChange, problem, Some(p.db));
                 return;
             }
+            if e.dot.counter > have {
+                new.push(e);
+                continue;
+            }
+            match held(d, &e) {
+                Some(h) if same_bytes(h, &e) => {}
+                Some(h) => resent.push((h.clone(), e)),
+                None => {} // compacted away: nothing to compare with
+            }
         }
-        let Some(d) = self.dbs.get_mut(&p.db) else {
+        let job = ValidateJob {
+            db: p.db,
+            new,
+            resent,
+            limits: self.config.change_limits,
+            max_inflated: self.config.max_push_inflated,
+        };
+        if self.config.defer_validation && !(job.new.is_empty() && job.resent.is_empty()) {
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.waiting = Some(VecDeque::new());
+            }
+            self.out.push(ServerOutput::Validate { peer, job });
+        } else {
+            let v = job.run();
+            match v.result {
+                Ok(()) => self.accept(peer, v.db, v.entries),
+                Err(problem) => self.fail(peer, ErrorCode::InvalidChange, problem, Some(v.db)),
+            }
+        }
+    }
+
+    /// Queue validated entries for the store; acknowledge a push that
+    /// held nothing new.
+    fn accept(&mut self, peer: PeerId, db: DbName, entries: Vec<Entry>) {
+        let Some(replica) = self.grants(peer).map(|(r, _)| r) else {
+            return;
+        };
+        let limits = self.config.change_limits;
+        let Some(d) = self.dbs.get_mut(&db) else {
             return;
         };
         let mut accepted = Vec::new();
         let mut gap = None;
-        for e in p.entries {
+        for e in entries {
             let have = d.accepted.get(&replica);
             if e.dot.counter <= have {
-                // A resend of what we hold is acknowledged again; a different
-                // change under a held dot means two writers use one replica
-                // id (or one impersonates another). Acking it would tell its
-                // sender it is stored when it was dropped.
-                if let Some(problem) = conflicting(d, &e) {
-                    self.fail(peer, ErrorCode::InvalidChange, problem, Some(p.db));
+                // Held meanwhile (another connection under this replica
+                // id): a resend is acknowledged again; a different change
+                // under a held dot means two writers use one replica id.
+                // Acking it would tell its sender it is stored when it
+                // was dropped.
+                if held(d, &e).is_some_and(|h| !same_change(h, &e, &limits)) {
+                    let problem = conflict_message(e.dot.counter);
+                    self.fail(peer, ErrorCode::InvalidChange, problem, Some(db));
                     return;
                 }
                 continue; // duplicate
@@ -937,13 +1139,7 @@ impl<A: Authenticator> Server<A> {
         if accepted.is_empty() {
             let vv = d.log.vv().clone();
             if gap.is_none() {
-                self.send(
-                    peer,
-                    Message::Ack(Box::new(Ack {
-                        db: p.db.clone(),
-                        vv,
-                    })),
-                );
+                self.send(peer, Message::Ack(Box::new(Ack { db: db.clone(), vv })));
             }
         } else {
             let seq = d.next_seq;
@@ -954,7 +1150,7 @@ impl<A: Authenticator> Server<A> {
                 entries: accepted.clone(),
             });
             self.out.push(ServerOutput::Persist {
-                db: p.db.clone(),
+                db: db.clone(),
                 seq,
                 batch: Batch::entries(accepted),
             });
@@ -964,7 +1160,7 @@ impl<A: Authenticator> Server<A> {
                 peer,
                 ErrorCode::OutOfOrder,
                 format!("expected counter {expected}, got {got}; resubscribe and push again"),
-                Some(p.db),
+                Some(db),
             );
         }
     }

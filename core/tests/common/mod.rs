@@ -174,6 +174,7 @@ impl<A: Authenticator> Net<A> {
                     let names = self.server_store.list_now().unwrap();
                     self.server.databases_listed(peer, req, names);
                 }
+                ServerOutput::Validate { peer, job } => self.server.validated(peer, job.run()),
             }
         }
     }

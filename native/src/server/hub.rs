@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::body::Bytes;
 use syncline_core::protocol::{self, ErrorCode, Hello, Message};
-use syncline_core::sync::{PeerId, Server, ServerOutput};
+use syncline_core::sync::{PeerId, Server, ServerOutput, ValidateJob, Validated};
 use syncline_core::{DbName, Store, StoredDatabase};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Duration, Instant};
@@ -71,6 +71,13 @@ pub enum HubMsg {
     Disconnect {
         /// Who.
         peer: PeerId,
+    },
+    /// A push's changes were checked and parsed off the hub.
+    Validated {
+        /// Who pushed.
+        peer: PeerId,
+        /// The outcome.
+        validated: Validated,
     },
     /// A store write finished.
     Persisted {
@@ -177,6 +184,7 @@ pub async fn run(
         compacted_left: HashMap::new(),
         views_due: HashMap::new(),
         views_building: std::collections::HashSet::new(),
+        validators: Arc::new(tokio::sync::Semaphore::new(validator_threads())),
     };
     // Tokens are checked at Hello; this ends connections that outlive theirs.
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
@@ -247,6 +255,13 @@ struct Hub {
     /// every durable write).
     views_due: HashMap<DbName, Instant>,
     views_building: std::collections::HashSet<DbName>,
+    /// Pushes parsed at once on the blocking pool: one core fewer than the
+    /// machine has, so the hub always has one.
+    validators: Arc<tokio::sync::Semaphore>,
+}
+
+fn validator_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }
 
 /// Whether a log holding `bytes` of entries should be compacted, when its
@@ -287,6 +302,7 @@ impl Hub {
                 }
                 server.handle(peer, msg);
             }
+            HubMsg::Validated { peer, validated } => server.validated(peer, validated),
             HubMsg::Disconnect { peer } => {
                 self.conns.remove(&peer);
                 self.metrics.connections.set(self.conns.len() as i64);
@@ -442,6 +458,7 @@ impl Hub {
                         }
                     });
                 }
+                ServerOutput::Validate { peer, job } => self.validate(peer, job),
                 ServerOutput::ListDatabases { peer, req } => {
                     let list = self.store.list_databases();
                     let tx = self.tx.clone();
@@ -464,6 +481,26 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Parse a push on the blocking pool; its sender's later messages wait
+    /// in the server meanwhile, nobody else's do.
+    fn validate(&self, peer: PeerId, job: ValidateJob) {
+        let (tx, permits) = (self.tx.clone(), self.validators.clone());
+        self.metrics.validated_bytes.inc_by(job.bytes() as u64);
+        tokio::spawn(async move {
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return; // the hub is gone
+            };
+            let db = job.db().clone();
+            let validated = tokio::task::spawn_blocking(move || job.run())
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::error!(peer, %db, "validating a push panicked: {e}");
+                    Validated::failed(db, "the server could not parse this change")
+                });
+            let _ = tx.send(HubMsg::Validated { peer, validated }).await;
+        });
     }
 
     /// Schedule building `db`'s missing views after a quiet period.

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub entries_in: Counter,
     /// Entries sent in deltas (counted per recipient).
     pub entries_out: Counter,
+    /// Bytes of pushed changes parsed off the hub (resends of held
+    /// entries are dropped before and not counted).
+    pub validated_bytes: Counter,
     /// Frame bytes received.
     pub bytes_in: Counter,
     /// Frame bytes sent.
@@ -66,6 +69,7 @@ impl Metrics {
             subscriptions: Family::default(),
             entries_in: Counter::default(),
             entries_out: Counter::default(),
+            validated_bytes: Counter::default(),
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
@@ -97,6 +101,11 @@ impl Metrics {
                 "entries_out",
                 "Entries sent in deltas",
                 m.entries_out.clone(),
+            );
+            r.register(
+                "validated_bytes",
+                "Bytes of pushed changes parsed off the hub",
+                m.validated_bytes.clone(),
             );
             r.register("bytes_in", "Frame bytes received", m.bytes_in.clone());
             r.register("bytes_out", "Frame bytes sent", m.bytes_out.clone());

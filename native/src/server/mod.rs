@@ -132,6 +132,9 @@ pub async fn run(
             max_frame: options.max_frame,
             max_entries_per_push: options.max_entries_per_push,
             serve_views: options.serve_views,
+            // Pushed changes are parsed on the blocking pool, not in the
+            // hub that serves every connection.
+            defer_validation: true,
             ..ServerConfig::default()
         },
         TokenAuth::new(options.secret.clone(), options.anonymous.clone()),
