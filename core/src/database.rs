@@ -18,7 +18,7 @@ use crate::doc::{DocError, Document, PathSeg, root_is_deleted, root_to_json};
 use crate::entry::{Entry, InvalidChange, Snapshot};
 use crate::ids::{DbName, DocId, ReplicaId};
 use crate::log::{Appended, Compaction, Log, LogError};
-use crate::patch::{self, patch_root};
+use crate::patch::{self, OpKey};
 use crate::store::StoredDatabase;
 use crate::view::DocView;
 
@@ -148,6 +148,10 @@ struct Patched {
     heads: Vec<automerge::ChangeHash>,
     /// The root map with `behind` applied, reserved keys included.
     root: serde_json::Map<String, Json>,
+    /// The ops holding each root key `behind` touched, with `behind`
+    /// applied; other keys are held as in `doc`. A patched change must
+    /// overwrite exactly these ([`crate::patch`]).
+    root_ops: BTreeMap<String, Vec<OpKey>>,
     /// `doc` with `behind` applied, once a read needed the automerge document.
     loaded: OnceLock<Document>,
 }
@@ -974,11 +978,12 @@ impl Database {
                     // A change automerge holds back for a missing dependency
                     // would apply with this one: only patch with none queued.
                     let plan = (heads == deps && !d.has_queued())
-                        .then(|| patch::plan(c))
+                        .then(|| patch::plan(c, &|k| d.root_holders(k)))
                         .flatten();
                     if let Some(plan) = plan {
                         let mut root = d.raw_root();
-                        plan.apply(&mut root);
+                        let mut root_ops = BTreeMap::new();
+                        plan.apply(&mut root, &mut root_ops);
                         let placeholder = Slot::Lazy {
                             loaded: OnceLock::new(),
                         };
@@ -989,6 +994,7 @@ impl Database {
                                 behind_bytes: 0,
                                 heads: Vec::new(),
                                 root,
+                                root_ops,
                                 loaded: OnceLock::new(),
                             }));
                         }
@@ -1003,8 +1009,19 @@ impl Database {
                         p.doc = d;
                         p.behind = Chunked::new();
                         p.behind_bytes = 0;
+                        p.root_ops.clear();
                     }
-                    p.heads == deps && patch_root(&mut p.root, c)
+                    let plan = (p.heads == deps)
+                        .then(|| {
+                            let held = |k: &str| match p.root_ops.get(k) {
+                                Some(ops) => ops.clone(),
+                                None => p.doc.root_holders(k),
+                            };
+                            patch::plan(c, &held)
+                        })
+                        .flatten();
+                    plan.map(|plan| plan.apply(&mut p.root, &mut p.root_ops))
+                        .is_some()
                 }
                 _ => false,
             };

@@ -229,6 +229,13 @@ impl Document {
         }
     }
 
+    /// The ops holding root key `key` now, sorted (more than one when
+    /// concurrent writes conflict).
+    pub(crate) fn root_holders(&self, key: &str) -> Vec<crate::patch::OpKey> {
+        let all = self.am.get_all(automerge::ROOT, key).unwrap_or_default();
+        crate::patch::op_keys(all.into_iter().map(|(_, id)| id))
+    }
+
     /// Whether automerge holds changes back for a missing dependency.
     pub(crate) fn has_queued(&self) -> bool {
         !self.am.get_missing_deps(&[]).is_empty()

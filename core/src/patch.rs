@@ -13,14 +13,21 @@
 //! [`patch_root`] reads such a change when every operation is one it can
 //! follow (edits of the root map, and of maps, lists and text the same
 //! change creates); anything else (counters, marks, edits inside objects
-//! made earlier) is left to automerge. The caller ([`crate::Database`])
+//! made earlier) is left to automerge.
+//!
+//! "Follow" includes each op's `pred`, the ops it overwrites or deletes:
+//! it must name exactly the ops that hold the key (or element) now. An
+//! honest change always does; a hostile one that names fewer (a delete
+//! with an empty `pred`, which automerge applies as deleting nothing, or a
+//! put that leaves a conflict) goes to automerge, so the JSON shown is
+//! always automerge's. The caller ([`crate::Database`])
 //! shows the patched JSON at once and hands the changes to automerge later,
 //! in one batch, when something needs the automerge document.
 
 use std::collections::BTreeMap;
 
-use automerge::legacy::{ElementId, Key, ObjectId, Op, OpType};
-use automerge::{ActorId, Change, ObjType};
+use automerge::legacy::{ElementId, Key, ObjectId, Op, OpId, OpType};
+use automerge::{ActorId, Change, ObjId as ExId, ObjType};
 use serde_json::{Map, Value as Json};
 
 use crate::doc::scalar_to_json;
@@ -33,6 +40,32 @@ const MAX_DEPTH: usize = 64;
 /// time linear in the sequence, so a long paste (or a hostile change) goes
 /// to automerge rather than costing quadratic time.
 const MAX_OPS: usize = 1024;
+
+/// An op id, ordered as automerge orders them: (counter, actor bytes).
+pub(crate) type OpKey = (u64, Vec<u8>);
+
+/// The ops that hold a root key now (sorted), as `Automerge::get_all` ids.
+pub(crate) fn op_keys(ids: impl IntoIterator<Item = ExId>) -> Vec<OpKey> {
+    let mut keys: Vec<OpKey> = ids
+        .into_iter()
+        .filter_map(|id| match id {
+            ExId::Id(counter, actor, _) => Some((counter, actor.to_bytes().to_vec())),
+            ExId::Root => None,
+        })
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+fn pred_keys(op: &Op) -> Vec<OpKey> {
+    let mut keys: Vec<OpKey> = op
+        .pred
+        .iter()
+        .map(|OpId(c, a)| (*c, a.to_bytes().to_vec()))
+        .collect();
+    keys.sort_unstable();
+    keys
+}
 
 /// A value inside an object the change creates.
 enum Val {
@@ -48,10 +81,12 @@ struct Node {
 }
 
 enum Kind {
-    Map(BTreeMap<String, Val>),
-    /// Elements in document order, by the counter of their insert op.
-    List(Vec<(u64, Val)>),
-    Text(Vec<(u64, String)>),
+    /// Each key's value and the counter of the op that put it.
+    Map(BTreeMap<String, (u64, Val)>),
+    /// Elements in document order: the counter of their insert op, of the
+    /// op that put their value, and the value.
+    List(Vec<(u64, u64, Val)>),
+    Text(Vec<(u64, u64, String)>),
 }
 
 /// What the change does to one root key.
@@ -65,12 +100,16 @@ enum RootEdit {
 pub(crate) struct Plan {
     root: BTreeMap<String, RootEdit>,
     nodes: BTreeMap<u64, Node>,
+    /// The ops holding each root key the change touched, after it.
+    root_ops: BTreeMap<String, Vec<OpKey>>,
 }
 
-/// The change's effect, if every operation is one this module follows. The
-/// caller applies it ([`Plan::apply`]) only to the root read at exactly the
-/// change's dependencies, with nothing queued in automerge behind them.
-pub(crate) fn plan(change: &Change) -> Option<Plan> {
+/// The change's effect, if every operation is one this module follows.
+/// `holders(key)` names the ops holding a root key at the change's
+/// dependencies ([`op_keys`]). The caller applies the plan
+/// ([`Plan::apply`]) only to the root read at exactly those dependencies,
+/// with nothing queued in automerge behind them.
+pub(crate) fn plan(change: &Change, holders: &dyn Fn(&str) -> Vec<OpKey>) -> Option<Plan> {
     // automerge refuses a second actor claiming an author it knows; that
     // takes its state, so a change carrying one goes to automerge.
     if change.len() > MAX_OPS || change.author().is_some() {
@@ -81,12 +120,19 @@ pub(crate) fn plan(change: &Change) -> Option<Plan> {
         &expanded.operations,
         change.actor_id(),
         change.start_op().get(),
+        holders,
     )
 }
 
 impl Plan {
-    /// Apply the change to `root` (reserved keys included).
-    pub(crate) fn apply(mut self, root: &mut Map<String, Json>) {
+    /// Apply the change to `root` (reserved keys included) and to
+    /// `root_ops`, the holders of the keys changes patched so far touched.
+    pub(crate) fn apply(
+        mut self,
+        root: &mut Map<String, Json>,
+        root_ops: &mut BTreeMap<String, Vec<OpKey>>,
+    ) {
+        root_ops.append(&mut self.root_ops);
         for (key, edit) in std::mem::take(&mut self.root) {
             match edit {
                 RootEdit::Set(v) => {
@@ -103,18 +149,41 @@ impl Plan {
     }
 }
 
+#[cfg(test)]
 /// [`plan`] then [`Plan::apply`]: whether the change was applied (`root`
-/// is untouched when not).
-pub(crate) fn patch_root(root: &mut Map<String, Json>, change: &Change) -> bool {
-    plan(change).map(|p| p.apply(root)).is_some()
+/// and `root_ops` are untouched when not).
+pub(crate) fn patch_root(
+    root: &mut Map<String, Json>,
+    root_ops: &mut BTreeMap<String, Vec<OpKey>>,
+    holders: &dyn Fn(&str) -> Vec<OpKey>,
+    change: &Change,
+) -> bool {
+    plan(change, holders)
+        .map(|p| p.apply(root, root_ops))
+        .is_some()
 }
 
 /// The change's effect, or `None` when an operation is not one we follow.
-fn read_ops(ops: &[Op], actor: &ActorId, start_op: u64) -> Option<Plan> {
+fn read_ops(
+    ops: &[Op],
+    actor: &ActorId,
+    start_op: u64,
+    holders: &dyn Fn(&str) -> Vec<OpKey>,
+) -> Option<Plan> {
     let mut root = BTreeMap::new();
+    let mut root_ops: BTreeMap<String, Vec<OpKey>> = BTreeMap::new();
     let mut nodes: BTreeMap<u64, Node> = BTreeMap::new();
+    let me = actor.to_bytes().to_vec();
     for (i, op) in ops.iter().enumerate() {
         let id = start_op.checked_add(i as u64)?;
+        let pred = pred_keys(op);
+        // Every pred inside a new object is this change's own op.
+        let own_pred = match pred.as_slice() {
+            [] => None,
+            [(c, a)] if *a == me => Some(*c),
+            _ if matches!(op.obj, ObjectId::Root) => None, // checked below
+            _ => return None,
+        };
         // The value this op stores, if it stores one (creating an object
         // registers the object first).
         let target_depth = match &op.obj {
@@ -142,41 +211,61 @@ fn read_ops(ops: &[Op], actor: &ActorId, start_op: u64) -> Option<Plan> {
         };
         match (&op.obj, &op.key, op.insert) {
             (ObjectId::Root, Key::Map(k), false) => {
+                let holding = root_ops
+                    .entry(k.to_string())
+                    .or_insert_with(|| holders(k.as_str()));
+                if *holding != pred {
+                    return None; // leaves a conflict, or deletes nothing
+                }
                 let edit = match value {
                     Some(Val::Scalar(v)) => RootEdit::Set(v),
                     Some(Val::Obj(o)) => RootEdit::Obj(o),
                     None => RootEdit::Remove,
                 };
+                *holding = match edit {
+                    RootEdit::Remove => Vec::new(),
+                    _ => vec![(id, me.clone())],
+                };
                 root.insert(k.to_string(), edit);
             }
             (ObjectId::Id(o), key, insert) => {
                 let node = nodes.get_mut(&o.counter())?;
-                edit_node(&mut node.kind, key, insert, id, value, actor)?;
+                edit_node(&mut node.kind, key, insert, id, own_pred, value, actor)?;
             }
             _ => return None,
         }
     }
-    Some(Plan { root, nodes })
+    Some(Plan {
+        root,
+        nodes,
+        root_ops,
+    })
 }
 
 /// One operation on an object the change created.
+/// `pred` is the counter of the one op of this change the op names, if
+/// it names one: it must be the op holding the key or element now.
 fn edit_node(
     kind: &mut Kind,
     key: &Key,
     insert: bool,
     id: u64,
+    pred: Option<u64>,
     value: Option<Val>,
     actor: &ActorId,
 ) -> Option<()> {
     match (kind, key) {
         (Kind::Map(m), Key::Map(k)) if !insert => {
+            if m.get(k.as_str()).map(|(held, _)| *held) != pred {
+                return None;
+            }
             match value {
-                Some(v) => m.insert(k.to_string(), v),
+                Some(v) => m.insert(k.to_string(), (id, v)),
                 None => m.remove(k.as_str()),
             };
         }
         (Kind::List(items), Key::Seq(elem)) => {
-            seq_edit(items, elem, insert, id, value, actor)?;
+            seq_edit(items, elem, insert, id, pred, value, actor)?;
         }
         (Kind::Text(chars), Key::Seq(elem)) => {
             let value = match value {
@@ -184,7 +273,7 @@ fn edit_node(
                 None => None,
                 Some(_) => return None,
             };
-            seq_edit(chars, elem, insert, id, value, actor)?;
+            seq_edit(chars, elem, insert, id, pred, value, actor)?;
         }
         _ => return None,
     }
@@ -195,25 +284,31 @@ fn edit_node(
 /// every element this change inserted. A new element goes right after its
 /// reference: every element already there has a lower op id (same actor,
 /// earlier op), so automerge's ordering puts the new one first.
+/// An insert names no pred; an overwrite or delete names the op holding
+/// the element's value now.
 fn seq_edit<T>(
-    items: &mut Vec<(u64, T)>,
+    items: &mut Vec<(u64, u64, T)>,
     elem: &ElementId,
     insert: bool,
     id: u64,
+    pred: Option<u64>,
     value: Option<T>,
     actor: &ActorId,
 ) -> Option<()> {
     let at = match elem {
         ElementId::Head => None,
         ElementId::Id(e) if e.actor() == actor => {
-            Some(items.iter().position(|(i, _)| *i == e.counter())?)
+            Some(items.iter().position(|(i, _, _)| *i == e.counter())?)
         }
         ElementId::Id(_) => return None,
     };
     match (insert, at, value) {
-        (true, at, Some(v)) => items.insert(at.map_or(0, |p| p + 1), (id, v)),
-        (false, Some(p), Some(v)) => items[p].1 = v,
-        (false, Some(p), None) => {
+        (true, at, Some(v)) if pred.is_none() => items.insert(at.map_or(0, |p| p + 1), (id, id, v)),
+        (false, Some(p), Some(v)) if pred == Some(items[p].1) => {
+            items[p].1 = id;
+            items[p].2 = v;
+        }
+        (false, Some(p), None) if pred == Some(items[p].1) => {
             items.remove(p);
         }
         _ => return None,
@@ -232,9 +327,15 @@ fn assemble(id: u64, nodes: &mut BTreeMap<u64, Node>) -> Json {
         Val::Obj(o) => assemble(o, nodes),
     };
     match node.kind {
-        Kind::Map(m) => Json::Object(m.into_iter().map(|(k, v)| (k, val(v, nodes))).collect()),
-        Kind::List(items) => Json::Array(items.into_iter().map(|(_, v)| val(v, nodes)).collect()),
-        Kind::Text(chars) => Json::String(chars.into_iter().map(|(_, s)| s).collect()),
+        Kind::Map(m) => Json::Object(
+            m.into_iter()
+                .map(|(k, (_, v))| (k, val(v, nodes)))
+                .collect(),
+        ),
+        Kind::List(items) => {
+            Json::Array(items.into_iter().map(|(_, _, v)| val(v, nodes)).collect())
+        }
+        Kind::Text(chars) => Json::String(chars.into_iter().map(|(_, _, s)| s).collect()),
     }
 }
 
@@ -259,12 +360,64 @@ mod tests {
         let mut truth = from.clone();
         truth.apply(change.clone()).expect("apply");
         let before = root.clone();
-        if !patch_root(&mut root, change) {
+        let mut root_ops = BTreeMap::new();
+        if !patch_root(&mut root, &mut root_ops, &|k| from.root_holders(k), change) {
             assert_eq!(root, before, "a refused change leaves the root alone");
             return false;
         }
         assert_eq!(root, truth.raw_root(), "patched JSON matches automerge");
         true
+    }
+
+    /// `change` with the preds of its ops rewritten by `edit`, re-encoded:
+    /// what a hostile peer can send (it passes validation: automerge parses
+    /// it, and its deps are the document's heads).
+    fn with_preds(change: &Change, edit: impl Fn(usize, &mut Vec<OpId>)) -> Change {
+        let mut expanded = change.decode();
+        for (i, op) in expanded.operations.iter_mut().enumerate() {
+            let mut pred: Vec<OpId> = op.pred.iter().cloned().collect();
+            edit(i, &mut pred);
+            op.pred = pred.into();
+        }
+        expanded.hash = None;
+        Change::from(expanded)
+    }
+
+    /// [`check`] for a change automerge may refuse (then nothing to compare).
+    fn check_hostile(from: &Document, change: &Change) -> bool {
+        let mut truth = from.clone();
+        if truth.apply(change.clone()).is_err() || truth.has_queued() {
+            return false;
+        }
+        check(from, change)
+    }
+
+    #[test]
+    fn a_delete_that_names_no_pred_is_left_to_automerge() {
+        let mut a = doc(1);
+        a.update(&json!({"keep": 1, "x": 2})).expect("update");
+        let before = a.clone();
+        let honest = a.update(&json!({"x": 2})).expect("update").expect("c");
+        let hostile = with_preds(&honest, |_, pred| pred.clear());
+        let mut truth = before.clone();
+        truth.apply(hostile.clone()).expect("automerge applies it");
+        assert_eq!(
+            truth.to_json(),
+            Some(json!({"keep": 1, "x": 2})),
+            "automerge deletes nothing"
+        );
+        assert!(!check_hostile(&before, &hostile), "so it is not patched");
+        assert!(check(&before, &honest), "the honest delete is");
+    }
+
+    #[test]
+    fn a_put_that_leaves_a_conflict_is_left_to_automerge() {
+        let mut a = doc(1);
+        a.update(&json!({"x": 1})).expect("update");
+        let before = a.clone();
+        let honest = a.update(&json!({"x": 2})).expect("update").expect("c");
+        let hostile = with_preds(&honest, |_, pred| pred.clear());
+        assert!(!check_hostile(&before, &hostile));
     }
 
     #[test]
@@ -418,6 +571,42 @@ mod tests {
                 if let Some(c) = change {
                     check(&before, &c);
                 }
+            }
+        }
+
+        /// The same for changes whose preds a hostile peer rewrote: the
+        /// patched root equals automerge's, or the change is not patched.
+        #[test]
+        fn hostile_preds_never_show_a_state_automerge_lacks(
+            steps in prop::collection::vec(prop::collection::btree_map("[a-c]", json_value(), 0..4), 1..6),
+            edits in prop::collection::vec((0usize..16, 0u8..5, 0u64..12, any::<bool>()), 1..4),
+        ) {
+            let mut a = doc(7);
+            for m in steps {
+                let before = a.clone();
+                let Some(c) = a.update(&Json::Object(m.into_iter().collect())).expect("update") else {
+                    continue;
+                };
+                let hostile = with_preds(&c, |i, pred| {
+                    for &(at, kind, counter, mine) in &edits {
+                        if at % c.len().max(1) != i {
+                            continue;
+                        }
+                        // An actor the document does not know makes automerge
+                        // 0.12 panic at apply; the server refuses those at push
+                        // (`sync::server`), so only known ones get this far.
+                        let _ = mine;
+                        let actor = ActorId::from([7u8; 16]);
+                        match kind {
+                            0 => pred.clear(),
+                            1 => { pred.pop(); }
+                            2 => pred.push(OpId(counter, actor)),
+                            3 => *pred = vec![OpId(counter, actor)],
+                            _ => pred.reverse(),
+                        }
+                    }
+                });
+                check_hostile(&before, &hostile);
             }
         }
 

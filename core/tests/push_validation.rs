@@ -277,3 +277,68 @@ fn measure_automerge_on_op_bombs() {
         );
     }
 }
+
+/// `e`'s change re-encoded after `edit` (what a hostile peer can send).
+fn rewritten(e: &Entry, edit: impl FnOnce(&mut automerge::ExpandedChange)) -> Entry {
+    let change = automerge::Change::try_from(&e.change[..]).unwrap();
+    let mut expanded = change.decode();
+    edit(&mut expanded);
+    expanded.hash = None;
+    Entry {
+        change: automerge::Change::from(expanded).raw_bytes().to_vec(),
+        ..e.clone()
+    }
+}
+
+#[test]
+fn a_change_automerge_would_panic_on_is_refused() {
+    let mut hub = Hub::new(false);
+    let a = hub.peer(1);
+    let es = entries(1, 2);
+    hub.push(a, vec![es[0].clone()]);
+    // The next change, with a pred naming an actor this document has never
+    // seen: automerge 0.12 panics applying it (an `unwrap` in its actor
+    // lookup), in the server's compaction and in every client.
+    let stranger = automerge::ActorId::from([9u8; 16]);
+    let hostile = rewritten(&es[1], |c| {
+        for op in &mut c.operations {
+            op.pred = vec![automerge::legacy::OpId(1, stranger.clone())].into();
+        }
+    });
+    let mut doc = automerge::Automerge::new();
+    doc.apply_changes([automerge::Change::try_from(&es[0].change[..]).unwrap()])
+        .unwrap();
+    let change = automerge::Change::try_from(&hostile.change[..]).unwrap();
+    let panicked = std::panic::catch_unwind(move || {
+        let _ = doc.apply_changes([change]);
+    });
+    assert!(panicked.is_err(), "automerge panics on it");
+    hub.push(a, vec![hostile]);
+    let Some((_, Message::Error(e))) = hub.sent.last() else {
+        panic!("{:?}", hub.kinds(a))
+    };
+    assert_eq!(e.code(), ErrorCode::InvalidChange);
+    assert!(e.message.contains("names an actor"), "{}", e.message);
+    assert_eq!(hub.server.log(&db()).unwrap().entries().count(), 1);
+}
+
+#[test]
+fn automerge_sequence_numbers_must_follow_the_document() {
+    let mut hub = Hub::new(false);
+    let a = hub.peer(1);
+    let es = entries(1, 2);
+    // A first change to the document claiming seq 5 (automerge registers
+    // an actor only at its seq 1).
+    let skipped = rewritten(&es[0], |c| c.seq = 5);
+    hub.push(a, vec![skipped]);
+    assert_eq!(hub.kinds(a).last().unwrap(), "Error(InvalidChange)");
+    hub.push(a, vec![es[0].clone()]);
+    assert_eq!(hub.kinds(a).last().unwrap(), "ack");
+    // A second seq 1 of the same actor to the same document.
+    let again = rewritten(&es[1], |c| c.seq = 1);
+    hub.push(a, vec![again]);
+    assert_eq!(hub.kinds(a).last().unwrap(), "Error(InvalidChange)");
+    hub.push(a, vec![es[1].clone()]);
+    assert_eq!(hub.kinds(a).last().unwrap(), "ack");
+    assert_eq!(hub.server.log(&db()).unwrap().entries().count(), 2);
+}

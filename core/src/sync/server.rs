@@ -204,6 +204,13 @@ pub struct ValidateJob {
     /// Entries under held dots whose bytes differ from the held ones,
     /// with the held entry: same change hash, or a conflict.
     resent: Vec<(Entry, Entry)>,
+    /// Per document the new entries touch, the replicas with a change to
+    /// it held or on its way to the store (automerge must know every actor
+    /// a change names; see [`ValidateJob::check_actors`]).
+    known: HashMap<DocId, BTreeSet<ReplicaId>>,
+    /// The counter expected and the one found where `new` stopped being
+    /// consecutive (what follows a gap is not parsed).
+    gap: Option<(u64, u64)>,
     limits: ChangeLimits,
     max_inflated: usize,
 }
@@ -213,6 +220,7 @@ pub struct ValidateJob {
 pub struct Validated {
     db: DbName,
     entries: Vec<Entry>,
+    gap: Option<(u64, u64)>,
     result: Result<(), String>,
 }
 
@@ -223,12 +231,42 @@ impl Validated {
         Validated {
             db,
             entries: Vec::new(),
+            gap: None,
             result: Err(reason.into()),
         }
     }
 }
 
 impl ValidateJob {
+    /// automerge 0.12 registers a change's author only at its seq 1, and
+    /// looks up every actor a change names (in preds, objects, keys) with
+    /// an `unwrap`: a change naming an actor the document has never seen
+    /// panics every replica that applies it. So: a replica's first change
+    /// to a document is its seq 1, its later ones are not, and every other
+    /// actor named has a change to this document already.
+    fn check_actors(
+        change: &automerge::Change,
+        known: &mut BTreeSet<ReplicaId>,
+    ) -> Result<(), String> {
+        let bytes = |a: &automerge::ActorId| <[u8; 16]>::try_from(a.to_bytes()).ok();
+        let author = bytes(change.actor_id()).map(ReplicaId);
+        let first = author.is_none_or(|a| !known.contains(&a));
+        if first != (change.seq() == 1) {
+            return Err(format!(
+                "automerge seq {} is not this replica's {} change to the document",
+                change.seq(),
+                if first { "first" } else { "next" }
+            ));
+        }
+        for a in change.other_actor_ids() {
+            if !bytes(a).is_some_and(|a| known.contains(&ReplicaId(a))) {
+                return Err("the change names an actor with no change to this document".into());
+            }
+        }
+        known.extend(author);
+        Ok(())
+    }
+
     /// The database pushed to.
     pub fn db(&self) -> &DbName {
         &self.db
@@ -245,12 +283,14 @@ impl ValidateJob {
         Validated {
             db: self.db,
             entries: self.new,
+            gap: self.gap,
             result,
         }
     }
 
     fn check(&self) -> Result<(), String> {
         let mut inflated = 0usize;
+        let mut known = self.known.clone();
         for e in &self.new {
             let summary = e.inspect(&self.limits).map_err(|e| e.to_string())?;
             inflated = inflated.saturating_add(summary.inflated);
@@ -260,8 +300,10 @@ impl ValidateJob {
                     self.max_inflated
                 ));
             }
-            e.parse_change_within(&self.limits)
+            let change = e
+                .parse_change_within(&self.limits)
                 .map_err(|e| e.to_string())?;
+            Self::check_actors(&change, known.entry(e.doc.clone()).or_default())?;
         }
         for (held, e) in &self.resent {
             if !same_change(held, e, &self.limits) {
@@ -556,7 +598,7 @@ impl<A: Authenticator> Server<A> {
         };
         let waiting = p.waiting.take().unwrap_or_default();
         match v.result {
-            Ok(()) => self.accept(peer, v.db, v.entries),
+            Ok(()) => self.accept(peer, v.db, v.entries, v.gap),
             Err(problem) => self.fail(peer, ErrorCode::InvalidChange, problem, Some(v.db)),
         }
         for msg in waiting {
@@ -1059,6 +1101,7 @@ impl<A: Authenticator> Server<A> {
         let have = d.accepted.get(&replica);
         let mut new = Vec::new();
         let mut resent = Vec::new();
+        let mut gap = None;
         for e in p.entries {
             let problem = if e.dot.replica != replica {
                 Some("entry is not the sender's own (dot replica differs)")
@@ -1072,7 +1115,15 @@ impl<A: Authenticator> Server<A> {
                 return;
             }
             if e.dot.counter > have {
-                new.push(e);
+                // Consecutive from `have + 1`; what follows a gap is not
+                // parsed (the sender resubscribes on `OutOfOrder`).
+                let expected = have + 1 + new.len() as u64;
+                if gap.is_none() && e.dot.counter != expected {
+                    gap = Some((expected, e.dot.counter));
+                }
+                if gap.is_none() {
+                    new.push(e);
+                }
                 continue;
             }
             match held(d, &e) {
@@ -1081,10 +1132,26 @@ impl<A: Authenticator> Server<A> {
                 None => {} // compacted away: nothing to compare with
             }
         }
+        let mut known: HashMap<DocId, BTreeSet<ReplicaId>> = HashMap::new();
+        for e in &new {
+            known.entry(e.doc.clone()).or_insert_with(|| {
+                let clock = d.log.doc_clock(&e.doc);
+                clock
+                    .map(|c| c.iter().map(|(r, _)| *r).collect())
+                    .unwrap_or_default()
+            });
+        }
+        for x in d.pending.iter().flat_map(|b| b.entries.iter()) {
+            if let Some(set) = known.get_mut(&x.doc) {
+                set.insert(x.dot.replica);
+            }
+        }
         let job = ValidateJob {
             db: p.db,
             new,
             resent,
+            known,
+            gap,
             limits: self.config.change_limits,
             max_inflated: self.config.max_push_inflated,
         };
@@ -1096,7 +1163,7 @@ impl<A: Authenticator> Server<A> {
         } else {
             let v = job.run();
             match v.result {
-                Ok(()) => self.accept(peer, v.db, v.entries),
+                Ok(()) => self.accept(peer, v.db, v.entries, v.gap),
                 Err(problem) => self.fail(peer, ErrorCode::InvalidChange, problem, Some(v.db)),
             }
         }
@@ -1104,7 +1171,13 @@ impl<A: Authenticator> Server<A> {
 
     /// Queue validated entries for the store; acknowledge a push that
     /// held nothing new.
-    fn accept(&mut self, peer: PeerId, db: DbName, entries: Vec<Entry>) {
+    fn accept(
+        &mut self,
+        peer: PeerId,
+        db: DbName,
+        entries: Vec<Entry>,
+        mut gap: Option<(u64, u64)>,
+    ) {
         let Some(replica) = self.grants(peer).map(|(r, _)| r) else {
             return;
         };
@@ -1113,7 +1186,6 @@ impl<A: Authenticator> Server<A> {
             return;
         };
         let mut accepted = Vec::new();
-        let mut gap = None;
         for e in entries {
             let have = d.accepted.get(&replica);
             if e.dot.counter <= have {
