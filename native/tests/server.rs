@@ -1156,6 +1156,49 @@ async fn before_hello_only_one_small_uncompressed_hello_is_read() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_hello_the_server_reads_a_hello_s_worth_and_no_more() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &["--anonymous", "demo-*", "--hello-timeout", "60"],
+    );
+    let url = server.url();
+    // A first message of 15 MiB (under the 16 MiB frame limit). Were it
+    // read, the send would complete (the socket buffers of both ends hold
+    // less than that); the server stops reading after 16 KiB and closes.
+    let mut ws = raw::open(&url).await;
+    let sent = tokio::time::timeout(WAIT, ws.send(Ws::Binary(vec![0u8; 15 << 20].into())))
+        .await
+        .expect("the send ends, one way or the other");
+    assert!(
+        sent.is_err(),
+        "the server read a 15 MiB message before any Hello"
+    );
+    // Many such peers at once cost the server no more than their budgets.
+    let mut peers = Vec::new();
+    for _ in 0..32 {
+        let mut ws = raw::open(&url).await;
+        peers.push(tokio::spawn(async move {
+            let _ = ws.send(Ws::Binary(vec![1u8; 8 << 20].into())).await;
+        }));
+    }
+    for p in peers {
+        tokio::time::timeout(WAIT, p).await.unwrap().unwrap();
+    }
+    // Still serving.
+    let list = db("demo-after");
+    let c = SyncClient::connect(Some(&url), "", dir.path().join("c"))
+        .await
+        .unwrap();
+    c.open(&list).await.unwrap();
+    c.put(&list, &doc("d"), json!({"ok": 1})).await.unwrap();
+    synced(&c, &list).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_cannot_take_every_connection() {
     use syncline_core::protocol::{self, Hello, Message};
     let dir = tempfile::tempdir().unwrap();

@@ -6,6 +6,7 @@
 //! from the optional static directory (the demos; `files.rs` says what of it
 //! is never served).
 
+mod budget;
 mod files;
 mod hub;
 mod metrics;
@@ -24,7 +25,6 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use syncline_core::ReplicaId;
 use syncline_core::protocol::{self, ErrorCode, Message};
@@ -185,17 +185,9 @@ pub async fn run(
             let _ = tokio::time::timeout(Duration::from_secs(30), wait).await;
         }
     };
-    // Live deltas are small frames: without TCP_NODELAY, Nagle's algorithm
-    // meeting the peer's delayed ACK holds some of them back ~40 ms (seen as
-    // the p99 of the fan-out benchmark, BENCHMARKS.md).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY not set: {e}");
-        }
-    });
     axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        budget::BudgetedListener(listener),
+        app.into_make_service_with_connect_info::<budget::PeerConn>(),
     )
     .with_graceful_shutdown(graceful)
     .await?;
@@ -281,9 +273,10 @@ impl Drop for IpSlot {
 
 async fn upgrade(
     ws: WebSocketUpgrade,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    ConnectInfo(conn): ConnectInfo<budget::PeerConn>,
     State(state): State<AppState>,
 ) -> Response {
+    let budget::PeerConn { addr, budget } = conn;
     // An IPv4 peer on a dual-stack socket counts as its IPv4 address.
     let ip = addr.ip().to_canonical();
     let Some(slot) = state.per_ip.acquire(ip) else {
@@ -312,7 +305,10 @@ async fn upgrade(
         .read_buffer_size(2 * 1024)
         .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
-            connection(socket, state).await;
+            // The request is read: from here until the Hello is accepted,
+            // only a Hello's worth of bytes is read from this peer.
+            budget.arm(budget::PRE_HELLO_BYTES);
+            connection(socket, state, budget).await;
             drop(permit);
             drop(slot);
         })
@@ -326,7 +322,7 @@ fn close_frame(code: ErrorCode) -> WsMessage {
     }))
 }
 
-async fn connection(socket: WebSocket, state: AppState) {
+async fn connection(socket: WebSocket, state: AppState, budget: budget::ReadBudget) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
     let queued = Arc::new(AtomicUsize::new(0));
     let (kill_tx, kill_rx) = oneshot::channel::<ErrorCode>();
@@ -422,6 +418,17 @@ async fn connection(socket: WebSocket, state: AppState) {
         loop {
             let msg = match tokio::time::timeout_at(deadline, stream.next()).await {
                 Ok(Some(Ok(msg))) => msg,
+                // Before the Hello, a read fails when the peer sends more
+                // than a Hello's worth (the read budget): tell it why.
+                Ok(Some(Err(_))) if !greeted => {
+                    state.metrics.error(ErrorCode::TooLarge.as_str());
+                    let text = format!(
+                        "the first frame must be a Hello of at most {} bytes",
+                        protocol::MAX_HELLO_FRAME
+                    );
+                    refuse(&tx, ErrorCode::TooLarge, &text);
+                    return true;
+                }
                 Ok(_) => return false,
                 Err(_) if !greeted => {
                     state.metrics.error(ErrorCode::ProtocolViolation.as_str());
@@ -479,6 +486,7 @@ async fn connection(socket: WebSocket, state: AppState) {
                     return true;
                 }
                 greeted = true;
+                budget.lift();
                 deadline = tokio::time::Instant::now() + silent_after;
                 continue;
             }
