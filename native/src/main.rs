@@ -101,6 +101,10 @@ struct ServeArgs {
     /// raise this) [default: 256].
     #[arg(long, env = "SYNCLINE_MAX_CONNECTIONS_PER_IP")]
     max_connections_per_ip: Option<usize>,
+    /// WebSocket handshakes per second one IP address may open, in bursts
+    /// of up to --max-connections-per-ip [default: 64].
+    #[arg(long, env = "SYNCLINE_HANDSHAKES_PER_IP")]
+    handshakes_per_ip: Option<u32>,
     /// Largest frame in bytes, 65536 to 134217728 [default: 16777216].
     #[arg(long, env = "SYNCLINE_MAX_FRAME")]
     max_frame: Option<usize>,
@@ -146,6 +150,7 @@ struct FileConfig {
     anonymous: Vec<String>,
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
+    handshakes_per_ip: Option<u32>,
     max_frame: Option<usize>,
     max_entries_per_push: Option<usize>,
     max_queued_bytes: Option<usize>,
@@ -373,6 +378,13 @@ fn serve(args: ServeArgs) -> Result<()> {
     if max_connections_per_ip == 0 {
         bail!("--max-connections-per-ip must be at least 1");
     }
+    let handshakes_per_ip = args
+        .handshakes_per_ip
+        .or(file.handshakes_per_ip)
+        .unwrap_or(64);
+    if handshakes_per_ip == 0 {
+        bail!("--handshakes-per-ip must be at least 1");
+    }
     let static_dir = match args.static_dir.or(file.static_dir) {
         Some(dir) => Some(static_root(&dir, &data)?),
         None => None,
@@ -386,6 +398,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             .or(file.max_connections)
             .unwrap_or(10_000),
         max_connections_per_ip,
+        handshakes_per_ip,
         max_frame,
         max_entries_per_push: args
             .max_entries_per_push

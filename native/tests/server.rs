@@ -1199,6 +1199,66 @@ async fn before_hello_the_server_reads_a_hello_s_worth_and_no_more() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_time_out_and_one_address_cannot_hold_every_socket() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &["--max-connections-per-ip", "2", "--handshakes-per-ip", "1"],
+    );
+    let closed_within = |s: &mut TcpStream, limit: Duration| {
+        s.set_read_timeout(Some(limit)).unwrap();
+        let mut buf = [0u8; 256];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue, // a 408 before the close is fine
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false, // timed out: still open
+            }
+        }
+    };
+    // Request headers that never end: closed after the header timeout
+    // (10 s), where before nothing ever closed them.
+    let started = std::time::Instant::now();
+    let mut slow = TcpStream::connect(server.addr).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    assert!(closed_within(&mut slow, Duration::from_secs(20)));
+    assert!(started.elapsed() >= Duration::from_secs(9));
+
+    // 2 × 2 connections still speaking HTTP, then the next is closed unread.
+    let held: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = TcpStream::connect(server.addr).unwrap();
+            s.write_all(b"GET").unwrap();
+            s
+        })
+        .collect();
+    let mut fifth = TcpStream::connect(server.addr).unwrap();
+    assert!(closed_within(&mut fifth, Duration::from_secs(5)));
+    drop(held);
+
+    // Handshakes (on a server of their own, so the sockets above are not
+    // counted): a burst of 2 (the per-address cap), then 1 per second. The
+    // third is refused by the rate or, if the server has not yet seen the
+    // first two close, by the cap; `server/http.rs` tests the rate alone.
+    let server = ServerProc::start(
+        &dir.path().join("srv2"),
+        "127.0.0.1:0",
+        &["--max-connections-per-ip", "2", "--handshakes-per-ip", "1"],
+    );
+    let url = server.url();
+    for _ in 0..2 {
+        let (ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        drop(ws);
+    }
+    let refused = tokio_tungstenite::connect_async(&url).await;
+    assert!(refused.is_err(), "a third handshake within the second");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_cannot_take_every_connection() {
     use syncline_core::protocol::{self, Hello, Message};
     let dir = tempfile::tempdir().unwrap();

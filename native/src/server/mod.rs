@@ -8,15 +8,15 @@
 
 mod budget;
 mod files;
+mod http;
 mod hub;
 mod metrics;
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -50,8 +50,12 @@ pub struct ServeOptions {
     pub anonymous: Vec<String>,
     /// Most simultaneous connections.
     pub max_connections: usize,
-    /// Most simultaneous connections from one IP address (loopback too).
+    /// Most simultaneous WebSocket connections from one IP address
+    /// (loopback too); twice as many TCP connections, HTTP included.
     pub max_connections_per_ip: usize,
+    /// WebSocket handshakes per second one address may open (in bursts of
+    /// up to `max_connections_per_ip`).
+    pub handshakes_per_ip: u32,
     /// Largest frame accepted.
     pub max_frame: usize,
     /// Most entries per push.
@@ -99,7 +103,7 @@ struct AppState {
     hub: mpsc::Sender<HubMsg>,
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
-    per_ip: Arc<PerIp>,
+    per_ip: Arc<http::PerIp>,
     max_frame: usize,
     hello_timeout: Duration,
     ping_interval: Duration,
@@ -156,10 +160,11 @@ pub async fn run(
         hub: hub_tx.clone(),
         metrics,
         permits: Arc::new(Semaphore::new(options.max_connections)),
-        per_ip: Arc::new(PerIp {
-            limit: options.max_connections_per_ip,
-            open: Mutex::new(HashMap::new()),
-        }),
+        per_ip: http::PerIp::with_rate(
+            options.max_connections_per_ip,
+            f64::from(options.handshakes_per_ip),
+            options.max_connections_per_ip as f64,
+        ),
         max_frame: options.max_frame,
         hello_timeout: options.hello_timeout,
         ping_interval: options.ping_interval.max(Duration::from_millis(10)),
@@ -185,12 +190,14 @@ pub async fn run(
             let _ = tokio::time::timeout(Duration::from_secs(30), wait).await;
         }
     };
-    axum::serve(
+    let tcp_per_ip = http::PerIp::new(options.max_connections_per_ip.saturating_mul(2));
+    http::serve(
         budget::BudgetedListener(listener),
-        app.into_make_service_with_connect_info::<budget::PeerConn>(),
+        app,
+        tcp_per_ip,
+        graceful,
     )
-    .with_graceful_shutdown(graceful)
-    .await?;
+    .await;
     drop(hub_tx);
     hub_task.abort();
     Ok(())
@@ -229,46 +236,6 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         state.metrics.render(),
     )
         .into_response()
-}
-
-/// Connections open per IP address, so one address cannot take every slot.
-struct PerIp {
-    limit: usize,
-    open: Mutex<HashMap<IpAddr, usize>>,
-}
-
-impl PerIp {
-    /// A slot for one more connection from `ip`, if it has fewer than the limit.
-    fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry(ip).or_insert(0);
-        if *n >= self.limit {
-            return None;
-        }
-        *n += 1;
-        Some(IpSlot {
-            per_ip: self.clone(),
-            ip,
-        })
-    }
-}
-
-/// One connection's share of its address's limit, given back on drop.
-struct IpSlot {
-    per_ip: Arc<PerIp>,
-    ip: IpAddr,
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut open = self.per_ip.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.ip);
-            }
-        }
-    }
 }
 
 async fn upgrade(
