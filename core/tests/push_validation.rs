@@ -39,6 +39,9 @@ struct Hub {
     /// Everything sent, per peer, in order.
     sent: Vec<(PeerId, Message)>,
     jobs: Vec<(PeerId, ValidateJob)>,
+    /// Loads not yet carried out (when `hold_loads`).
+    loads: Vec<DbName>,
+    hold_loads: bool,
 }
 
 impl Hub {
@@ -51,6 +54,8 @@ impl Hub {
             server: Server::new(config, OpenAccess),
             sent: Vec::new(),
             jobs: Vec::new(),
+            loads: Vec::new(),
+            hold_loads: false,
         }
     }
 
@@ -92,6 +97,7 @@ impl Hub {
             for o in outs {
                 match o {
                     ServerOutput::Send { peer, msg } => self.sent.push((peer, msg)),
+                    ServerOutput::Load { db } if self.hold_loads => self.loads.push(db),
                     ServerOutput::Load { db } => self.server.loaded(db, StoredDatabase::default()),
                     ServerOutput::Persist { db, seq, .. } => self.server.persisted(&db, seq),
                     ServerOutput::Validate { peer, job } => self.jobs.push((peer, job)),
@@ -341,4 +347,77 @@ fn automerge_sequence_numbers_must_follow_the_document() {
     hub.push(a, vec![es[1].clone()]);
     assert_eq!(hub.kinds(a).last().unwrap(), "ack");
     assert_eq!(hub.server.log(&db()).unwrap().entries().count(), 2);
+}
+
+#[test]
+fn messages_held_for_a_peer_are_bounded_in_bytes() {
+    let config = ServerConfig {
+        defer_validation: true,
+        max_queued_per_peer: 64 << 10,
+        ..ServerConfig::default()
+    };
+    let mut hub = Hub::new(true);
+    hub.server = Server::new(config, OpenAccess);
+    let a = hub.peer(1);
+    let b = hub.peer(2);
+    hub.push(a, entries(1, 1));
+    // Behind its push, 10 KiB presence states: the seventh is over 64 KiB.
+    let presence = |db: &str, n: u8| {
+        Message::Presence(Box::new(syncline_core::protocol::Presence {
+            db: DbName::new(db).unwrap(),
+            state: vec![n; 10 << 10],
+        }))
+    };
+    for n in 0..6 {
+        hub.server.handle(a, presence("pushes", n));
+    }
+    hub.drain();
+    assert!(hub.server.queued_bytes() > 60 << 10);
+    assert!(!hub.kinds(a).iter().any(|k| k.starts_with("Error")));
+    hub.server.handle(a, presence("pushes", 6));
+    hub.drain();
+    assert_eq!(hub.kinds(a).last().unwrap(), "Error(Overloaded)");
+    assert_eq!(hub.server.queued_bytes(), 0, "freed with the peer");
+    hub.run_jobs();
+
+    // Messages waiting for a database to load count the same way.
+    hub.hold_loads = true;
+    for n in 0..6 {
+        hub.server.handle(b, presence("elsewhere", n));
+    }
+    hub.drain();
+    assert_eq!(hub.loads.len(), 1);
+    assert!(hub.server.queued_bytes() > 60 << 10);
+    hub.server.handle(b, presence("elsewhere", 7));
+    hub.drain();
+    assert_eq!(hub.kinds(b).last().unwrap(), "Error(Overloaded)");
+    assert_eq!(hub.server.queued_bytes(), 0);
+}
+
+#[test]
+fn held_bytes_return_to_zero_once_handled() {
+    let mut hub = Hub::new(true);
+    let a = hub.peer(1);
+    hub.push(a, entries(1, 2));
+    hub.server.handle(a, Message::Ping { nonce: 1 });
+    hub.drain();
+    assert!(hub.server.queued_bytes() > 0);
+    hub.run_jobs();
+    assert_eq!(hub.server.queued_bytes(), 0);
+    hub.hold_loads = true;
+    hub.server.handle(
+        a,
+        Message::Subscribe(Box::new(Subscribe {
+            db: DbName::new("later").unwrap(),
+            since: Default::default(),
+            req: 3,
+        })),
+    );
+    hub.drain();
+    assert!(hub.server.queued_bytes() > 0);
+    for db in std::mem::take(&mut hub.loads) {
+        hub.server.loaded(db, StoredDatabase::default());
+    }
+    hub.drain();
+    assert_eq!(hub.server.queued_bytes(), 0);
 }

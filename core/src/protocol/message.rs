@@ -205,6 +205,17 @@ pub enum Message {
 }
 
 impl Message {
+    /// Roughly what a peer's message costs to hold: its variable parts
+    /// plus a fixed overhead (used to bound queues by bytes).
+    pub fn held_bytes(&self) -> usize {
+        64 + match self {
+            Message::Push(p) => p.entries.iter().map(crate::Entry::encoded_len).sum(),
+            Message::Presence(p) => p.state.len(),
+            Message::Subscribe(s) => 24 * s.since.len(),
+            _ => 0,
+        }
+    }
+
     /// Short name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

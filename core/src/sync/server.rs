@@ -50,6 +50,11 @@ pub struct ServerConfig {
     /// entries (a frame of compressed changes could otherwise ask for
     /// thousands of maximal inflations).
     pub max_push_inflated: usize,
+    /// Bytes of one peer's messages the server may hold while they wait
+    /// (for a database to load, or behind the peer's push being validated).
+    pub max_queued_per_peer: usize,
+    /// The same, summed over every peer.
+    pub max_queued_total: usize,
     /// Hand pushed changes to the adapter to parse
     /// ([`ServerOutput::Validate`]) instead of parsing them inline. An
     /// adapter serving many connections from one task sets this, so an
@@ -73,6 +78,8 @@ impl Default for ServerConfig {
             max_entries_per_push: 10_000,
             change_limits: ChangeLimits::default(),
             max_push_inflated: 64 << 20,
+            max_queued_per_peer: 32 << 20,
+            max_queued_total: 512 << 20,
             defer_validation: false,
             serve_views: true,
             reply_part_bytes: DEFAULT_REPLY_PART_BYTES,
@@ -157,6 +164,8 @@ struct Peer {
     subs: BTreeSet<DbName>,
     /// A push of this peer is being validated: later messages wait here.
     waiting: Option<VecDeque<Message>>,
+    /// Bytes of this peer's messages in `waiting` and in `Server::loading`.
+    queued: usize,
 }
 
 /// The entry `d` holds under `e`'s dot (None when it was compacted away).
@@ -353,6 +362,8 @@ pub struct Server<A> {
     dbs: HashMap<DbName, ServerDb>,
     /// Messages waiting for their database to load.
     loading: HashMap<DbName, Vec<(PeerId, Message)>>,
+    /// Bytes of messages held in `loading` and in peers' `waiting`.
+    queued_total: usize,
     next_peer: PeerId,
     out: Vec<ServerOutput>,
     /// Bytes of encoded frames in `out` (see [`Server::outbox_bytes`]).
@@ -370,6 +381,7 @@ impl<A: Authenticator> Server<A> {
             peers: HashMap::new(),
             dbs: HashMap::new(),
             loading: HashMap::new(),
+            queued_total: 0,
             next_peer: 1,
             out: Vec::new(),
             out_bytes: 0,
@@ -435,6 +447,7 @@ impl<A: Authenticator> Server<A> {
                 state: PeerState::AwaitHello,
                 subs: BTreeSet::new(),
                 waiting: None,
+                queued: 0,
             },
         );
         id
@@ -468,6 +481,7 @@ impl<A: Authenticator> Server<A> {
         let Some(p) = self.peers.remove(&peer) else {
             return;
         };
+        self.queued_total = self.queued_total.saturating_sub(p.queued);
         for db in p.subs {
             self.leave(peer, &db);
         }
@@ -508,9 +522,11 @@ impl<A: Authenticator> Server<A> {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
-        if let Some(waiting) = &mut p.waiting {
-            if waiting.len() < MAX_WAITING_MESSAGES {
-                waiting.push_back(msg);
+        if let Some(waiting) = &p.waiting {
+            if waiting.len() < MAX_WAITING_MESSAGES && self.enqueue(peer, &msg) {
+                if let Some(waiting) = self.peers.get_mut(&peer).and_then(|p| p.waiting.as_mut()) {
+                    waiting.push_back(msg);
+                }
             } else {
                 self.fail(
                     peer,
@@ -582,12 +598,47 @@ impl<A: Authenticator> Server<A> {
             },
         );
         for (peer, msg) in self.loading.remove(&db).unwrap_or_default() {
-            // A peer with a push being validated keeps its order.
+            // A peer with a push being validated keeps its order (the
+            // message stays counted as held).
             match self.peers.get_mut(&peer).and_then(|p| p.waiting.as_mut()) {
                 Some(waiting) => waiting.push_back(msg),
-                None => self.db_message(peer, msg),
+                None => {
+                    self.dequeue(peer, &msg);
+                    self.db_message(peer, msg);
+                }
             }
         }
+    }
+
+    /// Count `msg` as held for `peer`, if the per-peer and total limits
+    /// allow it.
+    fn enqueue(&mut self, peer: PeerId, msg: &Message) -> bool {
+        let n = msg.held_bytes();
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return false;
+        };
+        if p.queued + n > self.config.max_queued_per_peer
+            || self.queued_total + n > self.config.max_queued_total
+        {
+            return false;
+        }
+        p.queued += n;
+        self.queued_total += n;
+        true
+    }
+
+    /// `msg`, held for `peer`, leaves the queues.
+    fn dequeue(&mut self, peer: PeerId, msg: &Message) {
+        let n = msg.held_bytes();
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.queued = p.queued.saturating_sub(n);
+            self.queued_total = self.queued_total.saturating_sub(n);
+        }
+    }
+
+    /// Bytes of messages held waiting, over every peer.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_total
     }
 
     /// A [`ServerOutput::Validate`] job finished: store what it accepted,
@@ -602,6 +653,7 @@ impl<A: Authenticator> Server<A> {
             Err(problem) => self.fail(peer, ErrorCode::InvalidChange, problem, Some(v.db)),
         }
         for msg in waiting {
+            self.dequeue(peer, &msg);
             self.handle(peer, msg);
         }
     }
@@ -613,7 +665,8 @@ impl<A: Authenticator> Server<A> {
     /// get `Internal` and a generic text.
     pub fn load_failed(&mut self, db: &DbName, reason: &str) {
         tracing::error!(%db, "load failed: {reason}");
-        for (peer, _) in self.loading.remove(db).unwrap_or_default() {
+        for (peer, msg) in self.loading.remove(db).unwrap_or_default() {
+            self.dequeue(peer, &msg);
             self.send(
                 peer,
                 Message::error(
@@ -908,8 +961,12 @@ impl<A: Authenticator> Server<A> {
 
     /// Route a database message, loading the database first if needed.
     fn with_db(&mut self, peer: PeerId, db: DbName, msg: Message) {
-        if let Some(queue) = self.loading.get_mut(&db) {
-            queue.push((peer, msg));
+        if self.loading.contains_key(&db) {
+            if !self.enqueue(peer, &msg) {
+                self.overloaded_while_loading(peer, db);
+            } else if let Some(queue) = self.loading.get_mut(&db) {
+                queue.push((peer, msg));
+            }
         } else if self.dbs.contains_key(&db) {
             self.db_message(peer, msg);
         } else {
@@ -925,9 +982,22 @@ impl<A: Authenticator> Server<A> {
                 self.db_message(peer, msg);
                 return;
             }
+            if !self.enqueue(peer, &msg) {
+                self.overloaded_while_loading(peer, db);
+                return;
+            }
             self.loading.insert(db.clone(), vec![(peer, msg)]);
             self.out.push(ServerOutput::Load { db });
         }
+    }
+
+    fn overloaded_while_loading(&mut self, peer: PeerId, db: DbName) {
+        self.fail(
+            peer,
+            ErrorCode::Overloaded,
+            "too many bytes of messages waiting for databases to load",
+            Some(db),
+        );
     }
 
     fn db_message(&mut self, peer: PeerId, msg: Message) {

@@ -18,6 +18,11 @@ use super::metrics::Metrics;
 use crate::auth::TokenAuth;
 use crate::store::FileStore;
 
+/// KiB of decoded messages on their way from the connections to the hub
+/// (the hub channel holds up to 4,096 messages of up to a frame each):
+/// a connection waits for room before it reads on.
+pub const HELD_KIB: usize = 256 << 10;
+
 /// What a connection's writer sends.
 #[derive(Debug)]
 pub enum Out {
@@ -66,6 +71,9 @@ pub enum HubMsg {
         peer: PeerId,
         /// What.
         msg: Message,
+        /// Its share of the bytes messages may hold on their way to the
+        /// hub ([`HELD_KIB`]), given back once the server has taken it.
+        held: tokio::sync::OwnedSemaphorePermit,
     },
     /// The connection ended.
     Disconnect {
@@ -296,11 +304,12 @@ impl Hub {
                 server.handle(peer, Message::Hello(Box::new(hello)));
                 let _ = accepted.send(server.greeted(peer));
             }
-            HubMsg::Message { peer, msg } => {
+            HubMsg::Message { peer, msg, held } => {
                 if let Message::Push(p) = &msg {
                     self.metrics.entries_in.inc_by(p.entries.len() as u64);
                 }
                 server.handle(peer, msg);
+                drop(held);
             }
             HubMsg::Validated { peer, validated } => server.validated(peer, validated),
             HubMsg::Disconnect { peer } => {

@@ -104,6 +104,8 @@ struct AppState {
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
     per_ip: Arc<http::PerIp>,
+    /// KiB of messages on their way to the hub ([`hub::HELD_KIB`]).
+    held: Arc<Semaphore>,
     max_frame: usize,
     hello_timeout: Duration,
     ping_interval: Duration,
@@ -165,6 +167,7 @@ pub async fn run(
             f64::from(options.handshakes_per_ip),
             options.max_connections_per_ip as f64,
         ),
+        held: Arc::new(Semaphore::new(hub::HELD_KIB)),
         max_frame: options.max_frame,
         hello_timeout: options.hello_timeout,
         ping_interval: options.ping_interval.max(Duration::from_millis(10)),
@@ -459,7 +462,18 @@ async fn connection(socket: WebSocket, state: AppState, budget: budget::ReadBudg
             }
             match protocol::decode(&bytes, state.max_frame) {
                 Ok(msg) => {
-                    if state.hub.send(HubMsg::Message { peer, msg }).await.is_err() {
+                    // Wait for room before handing it on (and reading more).
+                    let kib = msg.held_bytes().div_ceil(1024).min(hub::HELD_KIB);
+                    let Ok(held) = state
+                        .held
+                        .clone()
+                        .acquire_many_owned(u32::try_from(kib).unwrap_or(u32::MAX))
+                        .await
+                    else {
+                        return false;
+                    };
+                    let msg = HubMsg::Message { peer, msg, held };
+                    if state.hub.send(msg).await.is_err() {
                         return false;
                     }
                 }
