@@ -347,6 +347,18 @@ fn automerge_sequence_numbers_must_follow_the_document() {
     hub.push(a, vec![es[1].clone()]);
     assert_eq!(hub.kinds(a).last().unwrap(), "ack");
     assert_eq!(hub.server.log(&db()).unwrap().entries().count(), 2);
+    // A repeated seq (2 again, for the third change) or a skipped one, in
+    // one push or across pushes.
+    let es = entries(1, 4);
+    let repeated = rewritten(&es[2], |c| c.seq = 2);
+    hub.push(a, vec![repeated]);
+    assert_eq!(hub.kinds(a).last().unwrap(), "Error(InvalidChange)");
+    let skipped = rewritten(&es[3], |c| c.seq = 5);
+    hub.push(a, vec![es[2].clone(), skipped]);
+    assert_eq!(hub.kinds(a).last().unwrap(), "Error(InvalidChange)");
+    hub.push(a, vec![es[2].clone(), es[3].clone()]);
+    assert_eq!(hub.kinds(a).last().unwrap(), "ack");
+    assert_eq!(hub.server.log(&db()).unwrap().entries().count(), 4);
 }
 
 #[test]

@@ -217,6 +217,9 @@ pub struct ValidateJob {
     /// it held or on its way to the store (automerge must know every actor
     /// a change names; see [`ValidateJob::check_actors`]).
     known: HashMap<DocId, BTreeSet<ReplicaId>>,
+    /// Per document, the pusher's latest change to it the server holds
+    /// (when not compacted away): the next must be its automerge seq + 1.
+    own_last: HashMap<DocId, Entry>,
     /// The counter expected and the one found where `new` stopped being
     /// consecutive (what follows a gap is not parsed).
     gap: Option<(u64, u64)>,
@@ -253,20 +256,35 @@ impl ValidateJob {
     /// panics every replica that applies it. So: a replica's first change
     /// to a document is its seq 1, its later ones are not, and every other
     /// actor named has a change to this document already.
+    /// `last_seq` is the author's latest seq in this document, when known:
+    /// then the change must be the next (two changes with one actor and
+    /// seq make automerge refuse the document at compaction and in every
+    /// client).
     fn check_actors(
         change: &automerge::Change,
         known: &mut BTreeSet<ReplicaId>,
+        last_seq: &mut Option<u64>,
     ) -> Result<(), String> {
         let bytes = |a: &automerge::ActorId| <[u8; 16]>::try_from(a.to_bytes()).ok();
         let author = bytes(change.actor_id()).map(ReplicaId);
         let first = author.is_none_or(|a| !known.contains(&a));
-        if first != (change.seq() == 1) {
+        let expected = match (first, *last_seq) {
+            (true, _) => Some(1),
+            (false, Some(last)) => Some(last + 1),
+            (false, None) => None, // compacted away: any but 1
+        };
+        let ok = match expected {
+            Some(seq) => change.seq() == seq,
+            None => change.seq() > 1,
+        };
+        if !ok {
             return Err(format!(
                 "automerge seq {} is not this replica's {} change to the document",
                 change.seq(),
                 if first { "first" } else { "next" }
             ));
         }
+        *last_seq = Some(change.seq());
         for a in change.other_actor_ids() {
             if !bytes(a).is_some_and(|a| known.contains(&ReplicaId(a))) {
                 return Err("the change names an actor with no change to this document".into());
@@ -300,6 +318,7 @@ impl ValidateJob {
     fn check(&self) -> Result<(), String> {
         let mut inflated = 0usize;
         let mut known = self.known.clone();
+        let mut last_seq: HashMap<&DocId, Option<u64>> = HashMap::new();
         for e in &self.new {
             let summary = e.inspect(&self.limits).map_err(|e| e.to_string())?;
             inflated = inflated.saturating_add(summary.inflated);
@@ -312,7 +331,11 @@ impl ValidateJob {
             let change = e
                 .parse_change_within(&self.limits)
                 .map_err(|e| e.to_string())?;
-            Self::check_actors(&change, known.entry(e.doc.clone()).or_default())?;
+            let last = last_seq.entry(&e.doc).or_insert_with(|| {
+                let held = self.own_last.get(&e.doc)?;
+                held.inspect(&self.limits).ok().map(|s| s.seq)
+            });
+            Self::check_actors(&change, known.entry(e.doc.clone()).or_default(), last)?;
         }
         for (held, e) in &self.resent {
             if !same_change(held, e, &self.limits) {
@@ -1211,9 +1234,23 @@ impl<A: Authenticator> Server<A> {
                     .unwrap_or_default()
             });
         }
+        let mut own_last: HashMap<DocId, Entry> = HashMap::new();
+        for doc in known.keys() {
+            let latest = d.log.doc_clock(doc).map_or(0, |c| c.get(&replica));
+            let dot = crate::clock::Dot {
+                replica,
+                counter: latest,
+            };
+            if let Some(e) = d.log.get(&dot).filter(|_| latest > 0) {
+                own_last.insert(doc.clone(), e.clone());
+            }
+        }
         for x in d.pending.iter().flat_map(|b| b.entries.iter()) {
             if let Some(set) = known.get_mut(&x.doc) {
                 set.insert(x.dot.replica);
+                if x.dot.replica == replica {
+                    own_last.insert(x.doc.clone(), x.clone());
+                }
             }
         }
         let job = ValidateJob {
@@ -1221,6 +1258,7 @@ impl<A: Authenticator> Server<A> {
             new,
             resent,
             known,
+            own_last,
             gap,
             limits: self.config.change_limits,
             max_inflated: self.config.max_push_inflated,
