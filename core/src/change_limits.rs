@@ -26,6 +26,7 @@ const CHUNK_COMPRESSED: u8 = 2;
 const ACTION_COLUMN: u64 = 4;
 const PRED_COLUMN: u64 = 7;
 const TYPE_GROUP: u64 = 0;
+const TYPE_ACTOR: u64 = 1;
 const TYPE_ULEB: u64 = 2;
 const DEFLATE_BIT: u64 = 8;
 
@@ -177,6 +178,8 @@ fn read_change(body: &[u8], limits: &ChangeLimits) -> Result<(Vec<u8>, u64, u64)
     r.sleb()?; // time
     r.prefixed()?; // message
     let others = r.uleb()?;
+    // The author is actor 0, the others follow.
+    let actors = others.saturating_add(1);
     for _ in 0..others {
         r.prefixed()?; // each iteration consumes at least a byte
     }
@@ -200,6 +203,8 @@ fn read_change(body: &[u8], limits: &ChangeLimits) -> Result<(Vec<u8>, u64, u64)
             (PRED_COLUMN, TYPE_GROUP) => {
                 rle_sum(col, limits.max_preds, "predecessor references")?;
             }
+            // automerge indexes its actor table with these unchecked.
+            (_, TYPE_ACTOR) => rle_values_below(col, actors)?,
             _ => {}
         }
     }
@@ -253,6 +258,29 @@ fn rle_walk(
         }
     }
     Ok(total)
+}
+
+/// Every value of an RLE column of uLEB values is below `bound`.
+fn rle_values_below(col: &[u8], bound: u64) -> Result<(), ChangeRefused> {
+    let mut r = Reader::new(col);
+    let out_of_range = ChangeRefused::Malformed("an actor index past the change's actors");
+    while !r.is_empty() {
+        let count = r.sleb()?;
+        if count > 0 {
+            if r.uleb()? >= bound {
+                return Err(out_of_range);
+            }
+        } else if count < 0 {
+            for _ in 0..count.unsigned_abs() {
+                if r.uleb()? >= bound {
+                    return Err(out_of_range);
+                }
+            }
+        } else {
+            r.uleb()?; // nulls
+        }
+    }
+    Ok(())
 }
 
 /// A bounds-checked cursor over bytes.
@@ -506,6 +534,36 @@ mod tests {
             inspect(&truncated, &DEFAULT_CHANGE_LIMITS),
             Err(ChangeRefused::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn an_actor_index_past_the_change_s_actors_is_refused() {
+        let mut doc = Automerge::new().with_actor(ActorId::from([7u8; 16]));
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "k", 1).unwrap();
+        tx.commit();
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "k", 2).unwrap();
+        tx.commit();
+        let raw = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
+        assert!(inspect(&raw, &DEFAULT_CHANGE_LIMITS).is_ok());
+        // The pred actor column (id 7) names actor 5 of a change with one.
+        let bad = with_column(&raw, PRED_COLUMN << 4 | TYPE_ACTOR, &run(1, 5));
+        assert_eq!(
+            inspect(&bad, &DEFAULT_CHANGE_LIMITS),
+            Err(ChangeRefused::Malformed(
+                "an actor index past the change's actors"
+            ))
+        );
+        // automerge itself parses it, and panics applying it.
+        let parsed = automerge::Change::try_from(&bad[..]).unwrap();
+        let first = doc.get_changes(&[])[0].clone();
+        let applied = std::panic::catch_unwind(move || {
+            let mut fresh = Automerge::new();
+            fresh.apply_changes([first]).unwrap();
+            let _ = fresh.apply_changes([parsed]);
+        });
+        assert!(applied.is_err(), "automerge 0.12 panics on it");
     }
 
     #[test]
