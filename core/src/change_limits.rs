@@ -172,7 +172,8 @@ fn read_change(body: &[u8], limits: &ChangeLimits) -> Result<(Vec<u8>, u64, u64)
     r.skip_items(deps, 32)?;
     let actor = r.prefixed()?.to_vec();
     let seq = r.uleb()?;
-    if r.uleb()? == 0 {
+    let start_op = r.uleb()?;
+    if start_op == 0 {
         return Err(ChangeRefused::Malformed("start op is zero"));
     }
     r.sleb()?; // time
@@ -207,6 +208,10 @@ fn read_change(body: &[u8], limits: &ChangeLimits) -> Result<(Vec<u8>, u64, u64)
             (_, TYPE_ACTOR) => rle_values_below(col, actors)?,
             _ => {}
         }
+    }
+    // automerge keeps op counters in 32 bits and unwraps the conversion.
+    if start_op.saturating_add(ops) > u64::from(u32::MAX) {
+        return Err(ChangeRefused::Malformed("op counters past 2^32"));
     }
     Ok((actor, seq, ops))
 }

@@ -88,6 +88,11 @@ pub enum DocError {
         /// The limit.
         limit: u64,
     },
+    /// automerge panicked on this input (automerge 0.12 unwraps on some
+    /// hostile but parseable changes). Caught where unwinding is possible
+    /// (native builds); the document must be discarded.
+    #[error("automerge failed on this input: {0}")]
+    Panicked(String),
     /// automerge refused (corrupt save bytes, duplicate change, …).
     #[error("automerge: {0}")]
     Automerge(Box<automerge::AutomergeError>),
@@ -96,6 +101,21 @@ pub enum DocError {
 impl From<automerge::AutomergeError> for DocError {
     fn from(e: automerge::AutomergeError) -> Self {
         DocError::Automerge(Box::new(e))
+    }
+}
+
+/// Run an automerge call that may panic on hostile input, as an error.
+fn guarded<T>(f: impl FnOnce() -> Result<T, automerge::AutomergeError>) -> Result<T, DocError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => Ok(result?),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            Err(DocError::Panicked(what))
+        }
     }
 }
 
@@ -146,26 +166,26 @@ impl Document {
         encoding: TextEncoding,
     ) -> Result<Self, DocError> {
         let opts = automerge::LoadOptions::new().text_encoding(encoding);
-        let am = Automerge::load_with_options(bytes, opts)?.with_actor(replica.actor());
+        let am = guarded(|| Automerge::load_with_options(bytes, opts))?.with_actor(replica.actor());
         Ok(Document { am })
     }
 
     /// Merge a snapshot's content (idempotent).
     pub fn merge_snapshot(&mut self, bytes: &[u8]) -> Result<(), DocError> {
-        self.am.load_incremental(bytes)?;
+        guarded(|| self.am.load_incremental(bytes))?;
         Ok(())
     }
 
     /// Apply one change (idempotent; changes with missing dependencies wait in
     /// automerge's queue until they arrive).
     pub fn apply(&mut self, change: Change) -> Result<(), DocError> {
-        self.am.apply_changes([change])?;
+        guarded(|| self.am.apply_changes([change]))?;
         Ok(())
     }
 
     /// Apply several changes in one automerge call (all-or-error).
     pub fn apply_batch(&mut self, changes: Vec<Change>) -> Result<(), DocError> {
-        self.am.apply_changes(changes)?;
+        guarded(|| self.am.apply_changes(changes))?;
         Ok(())
     }
 
@@ -825,6 +845,20 @@ mod tests {
         assert_eq!(d.to_json(), Some(json!({"x": 1})));
         let fits = &huge[1..];
         assert!(d.splice_text(&["t".into()], 0, 0, fits).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_change_automerge_panics_on_is_an_error_not_a_crash() {
+        use crate::change_limits::testing::{run, with_column};
+        let mut a = doc(1);
+        a.update(&json!({"k": 1})).unwrap();
+        let mut b = doc(2);
+        merge(&mut b, &a);
+        let honest = a.update(&json!({"k": 2})).unwrap().unwrap();
+        // The pred actor column (id 7, type 1) names actor 5 of 1.
+        let bad = with_column(honest.raw_bytes(), 7 << 4 | 1, &run(1, 5));
+        let bad = Change::try_from(&bad[..]).expect("automerge parses it");
+        assert!(matches!(b.apply(bad), Err(DocError::Panicked(_))));
     }
 
     #[test]

@@ -97,11 +97,16 @@ impl Entry {
         limits: &ChangeLimits,
     ) -> Result<automerge::Change, InvalidChange> {
         self.inspect(limits)?;
-        let change = automerge::Change::try_from(&self.change[..]).map_err(|e| {
-            InvalidChange::Unparsable {
-                dot: self.dot,
-                reason: e.to_string(),
-            }
+        // automerge's parser unwraps on some input the cheap pass lets
+        // through: where unwinding is possible, that is a refusal too.
+        let parsed = std::panic::catch_unwind(|| automerge::Change::try_from(&self.change[..]));
+        let change = match parsed {
+            Ok(parsed) => parsed.map_err(|e| e.to_string()),
+            Err(_) => Err("automerge failed parsing it".to_string()),
+        }
+        .map_err(|reason| InvalidChange::Unparsable {
+            dot: self.dot,
+            reason,
         })?;
         if change.actor_id().to_bytes() != self.dot.replica.0 {
             return Err(InvalidChange::WrongActor { dot: self.dot });

@@ -331,6 +331,7 @@ impl ValidateJob {
             let change = e
                 .parse_change_within(&self.limits)
                 .map_err(|e| e.to_string())?;
+            canonical(&change)?;
             let last = last_seq.entry(&e.doc).or_insert_with(|| {
                 let held = self.own_last.get(&e.doc)?;
                 held.inspect(&self.limits).ok().map(|s| s.seq)
@@ -343,6 +344,25 @@ impl ValidateJob {
             }
         }
         Ok(())
+    }
+}
+
+/// The change is in automerge's own encoding: decoded and encoded again,
+/// it has the same hash. automerge's parser accepts column encodings its
+/// encoder never writes (an actor column cut short, a run split oddly),
+/// and its apply path then panics on some of them (found by the `server`
+/// fuzz target); a replica in a browser cannot catch that. An honest
+/// change comes from automerge's encoder and always passes. (Decoding a
+/// hostile change may itself panic: caught, and refused.)
+fn canonical(change: &automerge::Change) -> Result<(), String> {
+    let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut expanded = change.decode();
+        expanded.hash = None;
+        automerge::Change::from(expanded).hash()
+    }));
+    match again {
+        Ok(hash) if hash == change.hash() => Ok(()),
+        _ => Err("the change is not in automerge's own encoding".into()),
     }
 }
 
