@@ -19,6 +19,12 @@ fn entries(r: u8, n: u64) -> Vec<Entry> {
     entries_of(r, n, 1)
 }
 
+/// Entries too large to be checked where they arrive (compressed, over
+/// 64 KiB in all): they go to a validation job.
+fn heavy(r: u8, n: u64) -> Vec<Entry> {
+    entries_of(r, n, 40_000)
+}
+
 /// `n` consecutive entries of replica `r`, each holding `len` bytes of text.
 fn entries_of(r: u8, n: u64, len: usize) -> Vec<Entry> {
     let mut d = syncline_core::database::Database::new(
@@ -193,7 +199,7 @@ fn deferred_validation_holds_only_the_sender_and_keeps_its_order() {
     let a = hub.peer(1);
     let b = hub.peer(2);
     let before = hub.sent.len();
-    hub.push(a, entries(1, 3));
+    hub.push(a, heavy(1, 3));
     assert_eq!(hub.jobs.len(), 1, "the push waits for its job");
     // The sender's next messages wait behind its push ...
     hub.server.handle(a, Message::Ping { nonce: 7 });
@@ -254,7 +260,7 @@ fn too_many_messages_behind_a_push_overload_the_sender_only() {
     let mut hub = Hub::new(true);
     let a = hub.peer(1);
     let b = hub.peer(2);
-    hub.push(a, entries(1, 1));
+    hub.push(a, heavy(1, 1));
     for n in 0..1000 {
         hub.server.handle(a, Message::Ping { nonce: n });
     }
@@ -372,7 +378,7 @@ fn messages_held_for_a_peer_are_bounded_in_bytes() {
     hub.server = Server::new(config, OpenAccess);
     let a = hub.peer(1);
     let b = hub.peer(2);
-    hub.push(a, entries(1, 1));
+    hub.push(a, heavy(1, 1));
     // Behind its push, 10 KiB presence states: the seventh is over 64 KiB.
     let presence = |db: &str, n: u8| {
         Message::Presence(Box::new(syncline_core::protocol::Presence {
@@ -410,7 +416,7 @@ fn messages_held_for_a_peer_are_bounded_in_bytes() {
 fn held_bytes_return_to_zero_once_handled() {
     let mut hub = Hub::new(true);
     let a = hub.peer(1);
-    hub.push(a, entries(1, 2));
+    hub.push(a, heavy(1, 2));
     hub.server.handle(a, Message::Ping { nonce: 1 });
     hub.drain();
     assert!(hub.server.queued_bytes() > 0);
@@ -432,4 +438,18 @@ fn held_bytes_return_to_zero_once_handled() {
     }
     hub.drain();
     assert_eq!(hub.server.queued_bytes(), 0);
+}
+
+#[test]
+fn a_small_push_is_checked_where_it_arrives_even_when_validation_is_deferred() {
+    let mut hub = Hub::new(true);
+    let a = hub.peer(1);
+    hub.push(a, entries(1, 3));
+    assert!(hub.jobs.is_empty(), "no job for three small changes");
+    assert_eq!(hub.kinds(a).last().unwrap(), "ack");
+    // A small bomb is not small: its ops are counted first.
+    let mut bomb = entries(1, 4).remove(3);
+    bomb.change = syncline_core::change_limits::testing::op_bomb(&[1; 16], 5000);
+    hub.push(a, vec![bomb]);
+    assert_eq!(hub.jobs.len(), 1);
 }

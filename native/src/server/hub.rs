@@ -179,6 +179,7 @@ pub async fn run(
     config: HubConfig,
     tx: mpsc::Sender<HubMsg>,
     mut rx: mpsc::Receiver<HubMsg>,
+    heavy: Arc<tokio::sync::Semaphore>,
 ) {
     let mut hub = Hub {
         conns: HashMap::new(),
@@ -192,7 +193,7 @@ pub async fn run(
         compacted_left: HashMap::new(),
         views_due: HashMap::new(),
         views_building: std::collections::HashSet::new(),
-        validators: Arc::new(tokio::sync::Semaphore::new(validator_threads())),
+        validators: heavy,
     };
     // Tokens are checked at Hello; this ends connections that outlive theirs.
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
@@ -263,12 +264,14 @@ struct Hub {
     /// every durable write).
     views_due: HashMap<DbName, Instant>,
     views_building: std::collections::HashSet<DbName>,
-    /// Pushes parsed at once on the blocking pool: one core fewer than the
-    /// machine has, so the hub always has one.
+    /// Expensive work (parsing pushes, decoding large frames) done at once
+    /// on the blocking pool: one core fewer than the machine has, so the
+    /// hub always has one ([`heavy_threads`]).
     validators: Arc<tokio::sync::Semaphore>,
 }
 
-fn validator_threads() -> usize {
+/// How many expensive jobs run at once: one core fewer than the machine.
+pub fn heavy_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }
 

@@ -106,6 +106,9 @@ struct AppState {
     per_ip: Arc<http::PerIp>,
     /// KiB of messages on their way to the hub ([`hub::HELD_KIB`]).
     held: Arc<Semaphore>,
+    /// Expensive work at once ([`hub::heavy_threads`]), shared with the
+    /// hub's push validation.
+    heavy: Arc<Semaphore>,
     max_frame: usize,
     hello_timeout: Duration,
     ping_interval: Duration,
@@ -146,6 +149,7 @@ pub async fn run(
         TokenAuth::new(options.secret.clone(), options.anonymous.clone()),
     );
     let (hub_tx, hub_rx) = mpsc::channel(4096);
+    let heavy = Arc::new(Semaphore::new(hub::heavy_threads()));
     let hub_task = tokio::spawn(hub::run(
         server,
         store,
@@ -157,6 +161,7 @@ pub async fn run(
         },
         hub_tx.clone(),
         hub_rx,
+        heavy.clone(),
     ));
     let state = AppState {
         hub: hub_tx.clone(),
@@ -168,6 +173,7 @@ pub async fn run(
             options.max_connections_per_ip as f64,
         ),
         held: Arc::new(Semaphore::new(hub::HELD_KIB)),
+        heavy,
         max_frame: options.max_frame,
         hello_timeout: options.hello_timeout,
         ping_interval: options.ping_interval.max(Duration::from_millis(10)),
@@ -460,7 +466,7 @@ async fn connection(socket: WebSocket, state: AppState, budget: budget::ReadBudg
                 deadline = tokio::time::Instant::now() + silent_after;
                 continue;
             }
-            match protocol::decode(&bytes, state.max_frame) {
+            match decode(&state, bytes).await {
                 Ok(msg) => {
                     // Wait for room before handing it on (and reading more).
                     let kib = msg.held_bytes().div_ceil(1024).min(hub::HELD_KIB);
@@ -498,6 +504,33 @@ async fn connection(socket: WebSocket, state: AppState, budget: budget::ReadBudg
         }
     }
     let _ = state.hub.send(HubMsg::Disconnect { peer }).await;
+}
+
+/// Frames up to this size on the wire, inflating to at most
+/// [`LIGHT_INFLATED`], are decoded where they arrive (most frames: live
+/// edits, pings, presence); larger ones on the blocking pool, a few at a
+/// time, so a peer sending large or inflating frames takes CPU from the
+/// other large frames, not from the hub's worker threads.
+const LIGHT_WIRE: usize = 64 << 10;
+const LIGHT_INFLATED: usize = 1 << 20;
+
+async fn decode(
+    state: &AppState,
+    bytes: axum::body::Bytes,
+) -> Result<Message, protocol::DecodeError> {
+    if bytes.len() <= LIGHT_WIRE {
+        match protocol::decode(&bytes, LIGHT_INFLATED) {
+            Err(protocol::DecodeError::TooLarge { .. }) if state.max_frame > LIGHT_INFLATED => {}
+            done => return done,
+        }
+    }
+    let Ok(_permit) = state.heavy.clone().acquire_owned().await else {
+        return Err(protocol::DecodeError::Empty); // shutting down
+    };
+    let max = state.max_frame;
+    tokio::task::spawn_blocking(move || protocol::decode(&bytes, max))
+        .await
+        .unwrap_or_else(|_| Err(protocol::DecodeError::Malformed("undecodable".into())))
 }
 
 fn refuse(tx: &mpsc::UnboundedSender<Out>, code: ErrorCode, text: &str) {
