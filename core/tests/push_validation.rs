@@ -453,3 +453,23 @@ fn a_small_push_is_checked_where_it_arrives_even_when_validation_is_deferred() {
     hub.push(a, vec![bomb]);
     assert_eq!(hub.jobs.len(), 1);
 }
+
+#[test]
+fn a_connection_that_keeps_sending_invalid_changes_is_closed() {
+    let mut hub = Hub::new(false);
+    let a = hub.peer(1);
+    let b = hub.peer(2);
+    for _ in 0..16 {
+        hub.push(a, vec![op_bomb(1, 1 << 40)]);
+    }
+    assert_eq!(hub.kinds(a).last().unwrap(), "Error(InvalidChange)");
+    assert!(hub.server.greeted(a), "sixteen refusals are answered");
+    hub.push(a, vec![op_bomb(1, 1 << 40)]);
+    assert_eq!(hub.kinds(a).last().unwrap(), "Error(ProtocolViolation)");
+    assert!(
+        !hub.server.greeted(a),
+        "the seventeenth closes the connection"
+    );
+    hub.push(b, entries(2, 1));
+    assert_eq!(hub.kinds(b).last().unwrap(), "ack");
+}

@@ -154,6 +154,9 @@ enum PeerState {
     Ready { replica: ReplicaId, grants: Grants },
 }
 
+/// Pushes refused as `InvalidChange` before a connection is closed.
+const MAX_INVALID_PUSHES: u32 = 16;
+
 /// Most messages a peer may send while one of its pushes is validated;
 /// an honest client waits for acknowledgements long before this.
 const MAX_WAITING_MESSAGES: usize = 256;
@@ -166,6 +169,8 @@ struct Peer {
     waiting: Option<VecDeque<Message>>,
     /// Bytes of this peer's messages in `waiting` and in `Server::loading`.
     queued: usize,
+    /// Its pushes refused as `InvalidChange`.
+    invalid: u32,
 }
 
 /// The entry `d` holds under `e`'s dot (None when it was compacted away).
@@ -519,6 +524,7 @@ impl<A: Authenticator> Server<A> {
                 subs: BTreeSet::new(),
                 waiting: None,
                 queued: 0,
+                invalid: 0,
             },
         );
         id
@@ -969,7 +975,28 @@ impl<A: Authenticator> Server<A> {
         let message = message.into();
         tracing::debug!(peer, %code, "refusing: {message}");
         self.send(peer, Message::error(code, message, db));
-        if code.is_fatal() {
+        // An honest client sends an invalid change rarely, and stops at the
+        // error; a connection that keeps sending them is made to reconnect
+        // (handshakes are rate-limited per address).
+        let refused = self.peers.get_mut(&peer).map(|p| {
+            p.invalid += u32::from(code == ErrorCode::InvalidChange);
+            p.invalid
+        });
+        if refused.is_some_and(|n| n > MAX_INVALID_PUSHES) {
+            self.send(
+                peer,
+                Message::error(
+                    ErrorCode::ProtocolViolation,
+                    format!("more than {MAX_INVALID_PUSHES} invalid changes on one connection"),
+                    None,
+                ),
+            );
+            self.out.push(ServerOutput::Close {
+                peer,
+                code: ErrorCode::ProtocolViolation,
+            });
+            self.disconnect(peer);
+        } else if code.is_fatal() {
             self.out.push(ServerOutput::Close { peer, code });
             self.disconnect(peer);
         }
