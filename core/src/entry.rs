@@ -97,6 +97,12 @@ impl Entry {
         limits: &ChangeLimits,
     ) -> Result<automerge::Change, InvalidChange> {
         self.inspect(limits)?;
+        self.parse_inspected()
+    }
+
+    /// The automerge half of [`Entry::parse_change_within`], for a caller
+    /// that has just run [`Entry::inspect`].
+    pub(crate) fn parse_inspected(&self) -> Result<automerge::Change, InvalidChange> {
         // automerge's parser unwraps on some input the cheap pass lets
         // through: where unwinding is possible, that is a refusal too.
         let parsed = std::panic::catch_unwind(|| automerge::Change::try_from(&self.change[..]));

@@ -222,8 +222,11 @@ pub struct ValidateJob {
     /// it held or on its way to the store (automerge must know every actor
     /// a change names; see [`ValidateJob::check_actors`]).
     known: HashMap<DocId, BTreeSet<ReplicaId>>,
-    /// Per document, the pusher's latest change to it the server holds
-    /// (when not compacted away): the next must be its automerge seq + 1.
+    /// Per document, the pusher's latest automerge seq in it, when known
+    /// (`ServerDb::seqs`)...
+    own_seq: HashMap<DocId, u64>,
+    /// ... or else its latest change the log holds (not compacted away):
+    /// the next must be its seq + 1.
     own_last: HashMap<DocId, Entry>,
     /// The counter expected and the one found where `new` stopped being
     /// consecutive (what follows a gap is not parsed).
@@ -237,6 +240,8 @@ pub struct ValidateJob {
 pub struct Validated {
     db: DbName,
     entries: Vec<Entry>,
+    /// Each entry's automerge seq (when the job succeeded).
+    seqs: Vec<u64>,
     gap: Option<(u64, u64)>,
     result: Result<(), String>,
 }
@@ -248,6 +253,7 @@ impl Validated {
         Validated {
             db,
             entries: Vec::new(),
+            seqs: Vec::new(),
             gap: None,
             result: Err(reason.into()),
         }
@@ -300,14 +306,16 @@ impl ValidateJob {
     }
 
     /// Whether the job is cheap enough to run where the push arrived: no
-    /// resend to compare, at most 64 KiB of uncompressed changes holding
-    /// at most 4,096 ops in all (counted by the cheap pass, which costs
-    /// microseconds here). An honest client's pushes are mostly this, so
-    /// they never queue behind someone's expensive ones.
+    /// resend to compare, at most 16 changes, uncompressed, of at most
+    /// 16 KiB and 1,024 ops in all (counted by the cheap pass, which costs
+    /// microseconds here). An honest client's live edits are this, so they
+    /// never queue behind someone's expensive pushes; bulk uploads (a
+    /// client catching up) are parsed off the hub.
     pub fn is_cheap(&self) -> bool {
-        const BYTES: usize = 64 << 10;
-        const OPS: u64 = 4096;
-        if !self.resent.is_empty() || self.bytes() > BYTES {
+        const ENTRIES: usize = 16;
+        const BYTES: usize = 16 << 10;
+        const OPS: u64 = 1024;
+        if !self.resent.is_empty() || self.new.len() > ENTRIES || self.bytes() > BYTES {
             return false;
         }
         let mut ops = 0u64;
@@ -339,16 +347,22 @@ impl ValidateJob {
 
     /// Check and parse. Pure: runs anywhere.
     pub fn run(self) -> Validated {
-        let result = self.check();
+        let (seqs, result) = match self.check() {
+            Ok(seqs) => (seqs, Ok(())),
+            Err(e) => (Vec::new(), Err(e)),
+        };
         Validated {
             db: self.db,
             entries: self.new,
+            seqs,
             gap: self.gap,
             result,
         }
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// The new entries' automerge seqs, or why the push is refused.
+    fn check(&self) -> Result<Vec<u64>, String> {
+        let mut seqs = Vec::with_capacity(self.new.len());
         let mut inflated = 0usize;
         let mut known = self.known.clone();
         let mut last_seq: HashMap<&DocId, Option<u64>> = HashMap::new();
@@ -361,22 +375,24 @@ impl ValidateJob {
                     self.max_inflated
                 ));
             }
-            let change = e
-                .parse_change_within(&self.limits)
-                .map_err(|e| e.to_string())?;
+            let change = e.parse_inspected().map_err(|e| e.to_string())?;
             canonical(&change)?;
             let last = last_seq.entry(&e.doc).or_insert_with(|| {
+                if let Some(seq) = self.own_seq.get(&e.doc) {
+                    return Some(*seq);
+                }
                 let held = self.own_last.get(&e.doc)?;
                 held.inspect(&self.limits).ok().map(|s| s.seq)
             });
             Self::check_actors(&change, known.entry(e.doc.clone()).or_default(), last)?;
+            seqs.push(change.seq());
         }
         for (held, e) in &self.resent {
             if !same_change(held, e, &self.limits) {
                 return Err(conflict_message(e.dot.counter));
             }
         }
-        Ok(())
+        Ok(seqs)
     }
 }
 
@@ -412,6 +428,10 @@ struct ServerDb {
     log: Log,
     /// Durable plus accepted-but-not-yet-durable: decides duplicates and gaps.
     accepted: VersionVector,
+    /// Per document, the automerge seq of each replica's latest change
+    /// accepted since the database loaded (the push checks need it, and
+    /// finding it among pending batches cost the hub O(pending) a push).
+    seqs: HashMap<DocId, HashMap<ReplicaId, u64>>,
     pending: VecDeque<PendingBatch>,
     next_seq: u64,
     subscribers: BTreeSet<PeerId>,
@@ -726,7 +746,7 @@ impl<A: Authenticator> Server<A> {
         };
         let waiting = p.waiting.take().unwrap_or_default();
         match v.result {
-            Ok(()) => self.accept(peer, v.db, v.entries, v.gap),
+            Ok(()) => self.accept(peer, v.db, v.entries, v.seqs, v.gap),
             Err(problem) => self.fail(peer, ErrorCode::InvalidChange, problem, Some(v.db)),
         }
         for msg in waiting {
@@ -861,6 +881,28 @@ impl<A: Authenticator> Server<A> {
             }
         }
         d.accepted = accepted;
+        // The failed entries' seqs go too: what is left pending (or else
+        // the log) says where each of those replicas stands.
+        let mut lost: BTreeSet<(DocId, ReplicaId)> = BTreeSet::new();
+        for e in failed.iter().flat_map(|b| b.entries.iter()) {
+            lost.insert((e.doc.clone(), e.dot.replica));
+        }
+        for (doc, replica) in &lost {
+            if let Some(m) = d.seqs.get_mut(doc) {
+                m.remove(replica);
+            }
+        }
+        let limits = self.config.change_limits;
+        for e in d.pending.iter().flat_map(|b| b.entries.iter()) {
+            if lost.contains(&(e.doc.clone(), e.dot.replica))
+                && let Ok(summary) = e.inspect(&limits)
+            {
+                d.seqs
+                    .entry(e.doc.clone())
+                    .or_default()
+                    .insert(e.dot.replica, summary.seq);
+            }
+        }
         let origins: BTreeSet<PeerId> = failed.iter().map(|b| b.origin).collect();
         for o in origins {
             self.send(
@@ -1309,8 +1351,17 @@ impl<A: Authenticator> Server<A> {
                     .unwrap_or_default()
             });
         }
-        let mut own_last: HashMap<DocId, Entry> = HashMap::new();
-        for doc in known.keys() {
+        // What was accepted since the database loaded is in `seqs` (held
+        // or pending); what came with the load, in the log.
+        let mut own_seq = HashMap::new();
+        let mut own_last = HashMap::new();
+        for (doc, set) in known.iter_mut() {
+            let accepted = d.seqs.get(doc);
+            set.extend(accepted.iter().flat_map(|m| m.keys().copied()));
+            if let Some(seq) = accepted.and_then(|m| m.get(&replica)) {
+                own_seq.insert(doc.clone(), *seq);
+                continue;
+            }
             let latest = d.log.doc_clock(doc).map_or(0, |c| c.get(&replica));
             let dot = crate::clock::Dot {
                 replica,
@@ -1320,19 +1371,12 @@ impl<A: Authenticator> Server<A> {
                 own_last.insert(doc.clone(), e.clone());
             }
         }
-        for x in d.pending.iter().flat_map(|b| b.entries.iter()) {
-            if let Some(set) = known.get_mut(&x.doc) {
-                set.insert(x.dot.replica);
-                if x.dot.replica == replica {
-                    own_last.insert(x.doc.clone(), x.clone());
-                }
-            }
-        }
         let job = ValidateJob {
             db: p.db,
             new,
             resent,
             known,
+            own_seq,
             own_last,
             gap,
             limits: self.config.change_limits,
@@ -1346,7 +1390,7 @@ impl<A: Authenticator> Server<A> {
         } else {
             let v = job.run();
             match v.result {
-                Ok(()) => self.accept(peer, v.db, v.entries, v.gap),
+                Ok(()) => self.accept(peer, v.db, v.entries, v.seqs, v.gap),
                 Err(problem) => self.fail(peer, ErrorCode::InvalidChange, problem, Some(v.db)),
             }
         }
@@ -1359,6 +1403,7 @@ impl<A: Authenticator> Server<A> {
         peer: PeerId,
         db: DbName,
         entries: Vec<Entry>,
+        seqs: Vec<u64>,
         mut gap: Option<(u64, u64)>,
     ) {
         let Some(replica) = self.grants(peer).map(|(r, _)| r) else {
@@ -1369,7 +1414,7 @@ impl<A: Authenticator> Server<A> {
             return;
         };
         let mut accepted = Vec::new();
-        for e in entries {
+        for (e, seq) in entries.into_iter().zip(seqs) {
             let have = d.accepted.get(&replica);
             if e.dot.counter <= have {
                 // Held meanwhile (another connection under this replica
@@ -1389,6 +1434,10 @@ impl<A: Authenticator> Server<A> {
                 break;
             }
             d.accepted.set(replica, e.dot.counter);
+            d.seqs
+                .entry(e.doc.clone())
+                .or_default()
+                .insert(replica, seq);
             accepted.push(e);
         }
         if accepted.is_empty() {
