@@ -20,7 +20,7 @@ fn entries(r: u8, n: u64) -> Vec<Entry> {
 }
 
 /// Entries too large to be checked where they arrive (compressed, over
-/// 64 KiB in all): they go to a validation job.
+/// 16 KiB in all): they go to a validation job.
 fn heavy(r: u8, n: u64) -> Vec<Entry> {
     entries_of(r, n, 40_000)
 }
