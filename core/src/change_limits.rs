@@ -448,6 +448,17 @@ pub mod testing {
         out
     }
 
+    /// A compressed change chunk around a raw deflate stream (checksum
+    /// zero): a deflate bomb when `deflated` inflates past the limit.
+    pub fn compressed_chunk(deflated: &[u8]) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.extend([0; 4]);
+        out.push(CHUNK_COMPRESSED);
+        write_uleb(&mut out, deflated.len() as u64);
+        out.extend_from_slice(deflated);
+        out
+    }
+
     /// A complete change by `actor` of `ops` puts of null to root key "k",
     /// every column one run: a few dozen bytes for any number of ops.
     pub fn op_bomb(actor: &[u8], ops: u64) -> Vec<u8> {
@@ -577,11 +588,7 @@ mod tests {
         let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
         std::io::Write::write_all(&mut e, &vec![0u8; 64 << 20]).unwrap();
         let deflated = e.finish().unwrap();
-        let mut bomb = MAGIC.to_vec();
-        bomb.extend([0; 4]);
-        bomb.push(CHUNK_COMPRESSED);
-        write_uleb(&mut bomb, deflated.len() as u64);
-        bomb.extend(deflated);
+        let bomb = super::testing::compressed_chunk(&deflated);
         assert_eq!(
             inspect(&bomb, &DEFAULT_CHANGE_LIMITS),
             Err(over("its inflated size in bytes", 16 << 20))

@@ -654,18 +654,6 @@ fn random_bytes(len: usize) -> Vec<u8> {
     out
 }
 
-fn uleb(out: &mut Vec<u8>, mut v: u64) {
-    loop {
-        let b = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(b);
-            return;
-        }
-        out.push(b | 0x80);
-    }
-}
-
 /// Entries of ~`size` bytes of noise each for `replica`, one document each.
 fn noisy_entries(db: &DbName, replica: ReplicaId, size: usize, budget: usize) -> Vec<Entry> {
     let mut local = Database::new(
@@ -725,10 +713,9 @@ async fn prepare(url: &str) -> Prepared {
     // stream after the 6-byte header.
     let frame_bomb = protocol::frame(&zeros);
     drop(zeros);
-    let deflated = &frame_bomb[protocol::HEADER_LEN..];
-    let mut deflate_chunk = vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 2];
-    uleb(&mut deflate_chunk, deflated.len() as u64);
-    deflate_chunk.extend_from_slice(deflated);
+    let deflate_chunk = syncline_core::change_limits::testing::compressed_chunk(
+        &frame_bomb[protocol::HEADER_LEN..],
+    );
 
     // A database with a few MB of log for the Subscribe flood.
     let big_db = DbName::new("open-big").expect("db name");
