@@ -65,8 +65,9 @@ pub struct ChangeSummary {
     pub actor: Vec<u8>,
     /// automerge's sequence number of this change for its actor.
     pub seq: u64,
-    /// The change hash (as automerge computes it).
-    pub hash: [u8; 32],
+    /// The change hash (as automerge computes it); `None` from
+    /// [`inspect_unhashed`].
+    pub hash: Option<[u8; 32]>,
     /// Ops in the change.
     pub ops: u64,
     /// Bytes of the change once inflated.
@@ -93,8 +94,28 @@ fn over(what: &'static str, limit: u64) -> ChangeRefused {
     ChangeRefused::OverLimit { what, limit }
 }
 
-/// Read a change's headers and column lengths within `limits`.
+/// Read a change's headers and column lengths within `limits`, and
+/// compute its hash (checking the chunk's checksum).
 pub fn inspect(bytes: &[u8], limits: &ChangeLimits) -> Result<ChangeSummary, ChangeRefused> {
+    inspect_with(bytes, limits, true)
+}
+
+/// [`inspect`] without the hash: for a change parsed next by
+/// [`crate::Entry::parse_change_within`], which checks the checksum
+/// against the hash automerge computes while parsing (the SHA-256 is most
+/// of the cheap pass's cost on small changes; one is enough).
+pub fn inspect_unhashed(
+    bytes: &[u8],
+    limits: &ChangeLimits,
+) -> Result<ChangeSummary, ChangeRefused> {
+    inspect_with(bytes, limits, false)
+}
+
+fn inspect_with(
+    bytes: &[u8],
+    limits: &ChangeLimits,
+    hashed: bool,
+) -> Result<ChangeSummary, ChangeRefused> {
     if bytes.len() > limits.max_bytes {
         return Err(over("its size in bytes", limits.max_bytes as u64));
     }
@@ -127,10 +148,15 @@ pub fn inspect(bytes: &[u8], limits: &ChangeLimits) -> Result<ChangeSummary, Cha
             limits.max_inflated as u64,
         ));
     }
-    let hash = chunk_hash(body);
-    if hash[..4] != checksum {
-        return Err(ChangeRefused::Malformed("checksum mismatch"));
-    }
+    let hash = if hashed {
+        let hash = chunk_hash(body);
+        if hash[..4] != checksum {
+            return Err(ChangeRefused::Malformed("checksum mismatch"));
+        }
+        Some(hash)
+    } else {
+        None
+    };
     let (actor, seq, ops) = read_change(body, limits)?;
     Ok(ChangeSummary {
         actor,
@@ -144,7 +170,8 @@ pub fn inspect(bytes: &[u8], limits: &ChangeLimits) -> Result<ChangeSummary, Cha
 /// automerge's change hash: SHA-256 over the uncompressed chunk type,
 /// length and body.
 fn chunk_hash(body: &[u8]) -> [u8; 32] {
-    let mut head = vec![CHUNK_CHANGE];
+    let mut head = Vec::with_capacity(11);
+    head.push(CHUNK_CHANGE);
     write_uleb(&mut head, body.len() as u64);
     let mut h = Sha256::new();
     h.update(&head);
@@ -519,12 +546,40 @@ mod tests {
             let mut c = change(n);
             for bytes in [c.raw_bytes().to_vec(), c.bytes().into_owned()] {
                 let s = inspect(&bytes, &DEFAULT_CHANGE_LIMITS).unwrap();
-                assert_eq!(s.hash, c.hash().0);
+                assert_eq!(s.hash, Some(c.hash().0));
                 assert_eq!(s.ops, n as u64);
                 assert_eq!(s.seq, c.seq());
                 assert_eq!(s.actor, c.actor_id().to_bytes());
             }
         }
+    }
+
+    #[test]
+    fn a_bad_checksum_is_refused_hashed_here_and_unhashed_by_automerge() {
+        let mut bytes = change(2).raw_bytes().to_vec();
+        assert!(inspect_unhashed(&bytes, &DEFAULT_CHANGE_LIMITS).is_ok());
+        bytes[4] ^= 1; // the first checksum byte
+        assert!(matches!(
+            inspect(&bytes, &DEFAULT_CHANGE_LIMITS),
+            Err(ChangeRefused::Malformed("checksum mismatch"))
+        ));
+        let s = inspect_unhashed(&bytes, &DEFAULT_CHANGE_LIMITS).unwrap();
+        assert_eq!(s.hash, None);
+        // automerge's parser does not check it (so the entry's parse does:
+        // a stored change with a bad checksum would fail document loads).
+        assert!(automerge::Change::try_from(&bytes[..]).is_ok());
+        let entry = crate::Entry {
+            dot: crate::clock::Dot {
+                replica: crate::ReplicaId([7; 16]),
+                counter: 1,
+            },
+            doc: crate::DocId::new("d").unwrap(),
+            change: bytes,
+        };
+        assert!(matches!(
+            entry.parse_change(),
+            Err(crate::entry::InvalidChange::Unparsable { .. })
+        ));
     }
 
     #[test]

@@ -75,14 +75,26 @@ impl Entry {
     /// The cheap pass of [`crate::change_limits`]: bounds, author and hash,
     /// without automerge.
     pub fn inspect(&self, limits: &ChangeLimits) -> Result<ChangeSummary, InvalidChange> {
+        self.inspect_with(limits, change_limits::inspect)
+    }
+
+    /// [`Entry::inspect`] without the hash, for an entry automerge parses
+    /// next ([`change_limits::inspect_unhashed`]).
+    pub fn inspect_unhashed(&self, limits: &ChangeLimits) -> Result<ChangeSummary, InvalidChange> {
+        self.inspect_with(limits, change_limits::inspect_unhashed)
+    }
+
+    fn inspect_with(
+        &self,
+        limits: &ChangeLimits,
+        pass: fn(&[u8], &ChangeLimits) -> Result<ChangeSummary, change_limits::ChangeRefused>,
+    ) -> Result<ChangeSummary, InvalidChange> {
         if self.dot.counter == 0 {
             return Err(InvalidChange::ZeroCounter { dot: self.dot });
         }
-        let summary = change_limits::inspect(&self.change, limits).map_err(|reason| {
-            InvalidChange::Refused {
-                dot: self.dot,
-                reason,
-            }
+        let summary = pass(&self.change, limits).map_err(|reason| InvalidChange::Refused {
+            dot: self.dot,
+            reason,
         })?;
         if summary.actor != self.dot.replica.0 {
             return Err(InvalidChange::WrongActor { dot: self.dot });
@@ -91,17 +103,17 @@ impl Entry {
     }
 
     /// [`Entry::parse_change`] within `limits`: automerge parses only what
-    /// the cheap pass let through.
+    /// the cheap pass let through (and checks the checksum it skipped).
     pub fn parse_change_within(
         &self,
         limits: &ChangeLimits,
     ) -> Result<automerge::Change, InvalidChange> {
-        self.inspect(limits)?;
+        self.inspect_unhashed(limits)?;
         self.parse_inspected()
     }
 
     /// The automerge half of [`Entry::parse_change_within`], for a caller
-    /// that has just run [`Entry::inspect`].
+    /// that has just run [`Entry::inspect`] or [`Entry::inspect_unhashed`].
     pub(crate) fn parse_inspected(&self) -> Result<automerge::Change, InvalidChange> {
         // automerge's parser unwraps on some input the cheap pass lets
         // through: where unwinding is possible, that is a refusal too.
@@ -114,6 +126,14 @@ impl Entry {
             dot: self.dot,
             reason,
         })?;
+        // automerge computes the hash but does not compare the chunk's
+        // checksum (its first four bytes) with it.
+        if self.change.get(4..8) != Some(&change.hash().0[..4]) {
+            return Err(InvalidChange::Unparsable {
+                dot: self.dot,
+                reason: "checksum mismatch".into(),
+            });
+        }
         if change.actor_id().to_bytes() != self.dot.replica.0 {
             return Err(InvalidChange::WrongActor { dot: self.dot });
         }

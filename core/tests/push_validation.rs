@@ -20,7 +20,7 @@ fn entries(r: u8, n: u64) -> Vec<Entry> {
 }
 
 /// Entries too large to be checked where they arrive (compressed, over
-/// 16 KiB in all): they go to a validation job.
+/// 64 KiB in all): they go to a validation job.
 fn heavy(r: u8, n: u64) -> Vec<Entry> {
     entries_of(r, n, 40_000)
 }
@@ -106,7 +106,7 @@ impl Hub {
                     ServerOutput::Load { db } if self.hold_loads => self.loads.push(db),
                     ServerOutput::Load { db } => self.server.loaded(db, StoredDatabase::default()),
                     ServerOutput::Persist { db, seq, .. } => self.server.persisted(&db, seq),
-                    ServerOutput::Validate { peer, job } => self.jobs.push((peer, job)),
+                    ServerOutput::Validate { peer, job } => self.jobs.push((peer, *job)),
                     _ => {}
                 }
             }
@@ -452,6 +452,23 @@ fn a_small_push_is_checked_where_it_arrives_even_when_validation_is_deferred() {
     bomb.change = syncline_core::change_limits::testing::op_bomb(&[1; 16], 5000);
     hub.push(a, vec![bomb]);
     assert_eq!(hub.jobs.len(), 1);
+}
+
+#[test]
+fn a_busy_writer_s_batch_is_checked_inline_and_a_bulk_upload_is_not() {
+    // W4's shape: 128 small changes in one push. Deferred, each such push
+    // was accepted alone, and the store's groups (one fsync each) shrank
+    // to a third.
+    let mut hub = Hub::new(true);
+    let a = hub.peer(1);
+    let all = entries(1, 128 + 257);
+    hub.push(a, all[..128].to_vec());
+    assert!(hub.jobs.is_empty(), "128 small changes are checked inline");
+    assert_eq!(hub.kinds(a).last().unwrap(), "ack");
+    hub.push(a, all[128..].to_vec());
+    assert_eq!(hub.jobs.len(), 1, "257 changes go to a job");
+    hub.run_jobs();
+    assert_eq!(hub.kinds(a).last().unwrap(), "ack");
 }
 
 #[test]

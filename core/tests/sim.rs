@@ -275,7 +275,7 @@ impl Sim {
                     self.server_persists.push_back((db, seq, batch))
                 }
                 ServerOutput::Load { db } => self.loads.push_back(db),
-                ServerOutput::Validate { peer, job } => self.validations.push_back((peer, job)),
+                ServerOutput::Validate { peer, job } => self.validations.push_back((peer, *job)),
                 ServerOutput::ListDatabases { peer, req } => {
                     let names = self.server_store.list_now().unwrap();
                     self.server.databases_listed(peer, req, names);

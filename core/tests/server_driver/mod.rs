@@ -1061,7 +1061,7 @@ impl Driver {
                     self.persists.entry(db).or_default().push_back((seq, batch));
                 }
                 ServerOutput::Load { db } => self.loads.push_back(db),
-                ServerOutput::Validate { peer, job } => self.jobs.push((peer, job)),
+                ServerOutput::Validate { peer, job } => self.jobs.push((peer, *job)),
                 ServerOutput::ListDatabases { peer, req } => self.lists.push_back((peer, req)),
             }
         }

@@ -497,7 +497,7 @@ impl Hub {
 
     /// Parse a push on the blocking pool; its sender's later messages wait
     /// in the server meanwhile, nobody else's do.
-    fn validate(&self, peer: PeerId, job: ValidateJob) {
+    fn validate(&self, peer: PeerId, job: Box<ValidateJob>) {
         let (tx, permits) = (self.tx.clone(), self.validators.clone());
         self.metrics.validated_bytes.inc_by(job.bytes() as u64);
         tokio::spawn(async move {
