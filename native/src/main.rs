@@ -135,6 +135,15 @@ struct ServeArgs {
     /// take a frame) for two intervals is closed [default: 30].
     #[arg(long, env = "SYNCLINE_PING_INTERVAL")]
     ping_interval: Option<f64>,
+    /// Serve /metrics on this address only (not beside /sync), e.g. a
+    /// private interface; port 0 picks a free one [default: beside /sync].
+    #[arg(long, env = "SYNCLINE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Let /metrics name databases (per-database subscriptions and view
+    /// builds). Off by default: database names can be secrets (shared by
+    /// link) and /metrics needs no token [default: false].
+    #[arg(long, env = "SYNCLINE_METRICS_DB_LABELS")]
+    metrics_db_labels: Option<bool>,
     /// TOML file with any of the settings above (flags and environment win).
     #[arg(long, env = "SYNCLINE_CONFIG")]
     config: Option<PathBuf>,
@@ -160,6 +169,8 @@ struct FileConfig {
     views: Option<bool>,
     hello_timeout: Option<f64>,
     ping_interval: Option<f64>,
+    metrics_listen: Option<SocketAddr>,
+    metrics_db_labels: Option<bool>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -422,19 +433,36 @@ fn serve(args: ServeArgs) -> Result<()> {
             "--ping-interval",
             args.ping_interval.or(file.ping_interval).unwrap_or(30.0),
         )?,
+        metrics_listener: None,
+        metrics_db_labels: args
+            .metrics_db_labels
+            .or(file.metrics_db_labels)
+            .unwrap_or(false),
     };
+    let metrics_listen = args.metrics_listen.or(file.metrics_listen);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async move {
+        let mut options = options;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("listening on {listen}"))?;
         let addr = listener.local_addr().context("reading the bound address")?;
+        let mut metrics_line = String::new();
+        if let Some(at) = metrics_listen {
+            let l = tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("listening on {at} for metrics"))?;
+            let at = l.local_addr().context("reading the bound address")?;
+            metrics_line = format!("\nmetrics on http://{at}/metrics");
+            options.metrics_listener = Some(l);
+        }
         tracing::info!(data = %options.data.display(), anonymous = ?options.anonymous, "serving");
-        // Tests and scripts read this line to find an ephemeral port.
-        println!("listening on http://{addr}");
+        // Tests and scripts read the first line to find an ephemeral port
+        // (one write: a reader may close the pipe after that line).
+        println!("listening on http://{addr}{metrics_line}");
         run(listener, options, shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())

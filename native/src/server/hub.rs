@@ -193,6 +193,7 @@ pub async fn run(
         compacted_left: HashMap::new(),
         views_due: HashMap::new(),
         views_building: std::collections::HashSet::new(),
+        views_pending: std::collections::HashSet::new(),
         validators: heavy,
     };
     // Tokens are checked at Hello; this ends connections that outlive theirs.
@@ -264,6 +265,8 @@ struct Hub {
     /// every durable write).
     views_due: HashMap<DbName, Instant>,
     views_building: std::collections::HashSet<DbName>,
+    /// Databases counted in the `views_pending` metric.
+    views_pending: std::collections::HashSet<DbName>,
     /// Expensive work (parsing pushes, decoding large frames) done at once
     /// on the blocking pool: one core fewer than the machine has, so the
     /// hub always has one ([`heavy_threads`]).
@@ -525,11 +528,25 @@ impl Hub {
         self.views_gauge(db, true);
     }
 
-    fn views_gauge(&self, db: &DbName, pending: bool) {
-        self.metrics
-            .views_pending
-            .get_or_create(&super::metrics::DbLabel { db: db.to_string() })
-            .set(i64::from(pending));
+    fn views_gauge(&mut self, db: &DbName, pending: bool) {
+        let changed = if pending {
+            self.views_pending.insert(db.clone())
+        } else {
+            self.views_pending.remove(db)
+        };
+        if !changed {
+            return;
+        }
+        let m = &self.metrics;
+        m.views_pending_all.set(self.views_pending.len() as i64);
+        if m.db_labels {
+            let label = super::metrics::DbLabel { db: db.to_string() };
+            if pending {
+                m.views_pending.get_or_create(&label).set(1);
+            } else {
+                m.views_pending.remove(&label);
+            }
+        }
     }
 
     /// Build the missing views of every database that has been quiet long

@@ -1,4 +1,10 @@
 //! Prometheus metrics, every series prefixed `syncline_`.
+//!
+//! No series names a database unless the operator opts in
+//! (`--metrics-db-labels`): database names can be secrets (the TodoMVC
+//! demo shares lists by name), and a label per database ever seen would
+//! grow without bound. Opted in, a database's series go when it has none
+//! to report.
 
 use std::sync::Mutex;
 
@@ -29,7 +35,11 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     /// Open WebSocket connections.
     pub connections: Gauge,
-    /// Subscribed connections per database.
+    /// Whether series name databases (`--metrics-db-labels`).
+    pub db_labels: bool,
+    /// Subscriptions, over all databases.
+    pub subscriptions_all: Gauge,
+    /// Subscribed connections per database (with `db_labels`).
     pub subscriptions: Family<DbLabel, Gauge>,
     /// Entries received in pushes.
     pub entries_in: Counter,
@@ -56,16 +66,21 @@ pub struct Metrics {
     pub views_built: Counter,
     /// Document views sent with replies (counted per recipient).
     pub views_out: Counter,
-    /// 1 while a database has view building scheduled or running, else 0.
+    /// Databases with view building scheduled or running.
+    pub views_pending_all: Gauge,
+    /// 1 while a database has view building scheduled or running (with
+    /// `db_labels`; its series is removed when done).
     pub views_pending: Family<DbLabel, Gauge>,
 }
 
 impl Metrics {
-    /// Register every series.
-    pub fn new() -> Self {
+    /// Register every series; per-database ones only with `db_labels`.
+    pub fn new(db_labels: bool) -> Self {
         let m = Metrics {
             registry: Mutex::new(Registry::with_prefix("syncline")),
             connections: Gauge::default(),
+            db_labels,
+            subscriptions_all: Gauge::default(),
             subscriptions: Family::default(),
             entries_in: Counter::default(),
             entries_out: Counter::default(),
@@ -79,6 +94,7 @@ impl Metrics {
             dead_connections: Counter::default(),
             views_built: Counter::default(),
             views_out: Counter::default(),
+            views_pending_all: Gauge::default(),
             views_pending: Family::default(),
         };
         if let Ok(mut r) = m.registry.lock() {
@@ -87,11 +103,19 @@ impl Metrics {
                 "Open WebSocket connections",
                 m.connections.clone(),
             );
-            r.register(
-                "subscriptions",
-                "Subscribed connections per database",
-                m.subscriptions.clone(),
-            );
+            if db_labels {
+                r.register(
+                    "subscriptions",
+                    "Subscribed connections per database",
+                    m.subscriptions.clone(),
+                );
+            } else {
+                r.register(
+                    "subscriptions",
+                    "Subscriptions over all databases",
+                    m.subscriptions_all.clone(),
+                );
+            }
             r.register(
                 "entries_in",
                 "Entries received in pushes",
@@ -136,11 +160,19 @@ impl Metrics {
                 "Document views sent with replies",
                 m.views_out.clone(),
             );
-            r.register(
-                "views_pending",
-                "1 while a database has view building scheduled or running",
-                m.views_pending.clone(),
-            );
+            if db_labels {
+                r.register(
+                    "views_pending",
+                    "1 while a database has view building scheduled or running",
+                    m.views_pending.clone(),
+                );
+            } else {
+                r.register(
+                    "views_pending",
+                    "Databases with view building scheduled or running",
+                    m.views_pending_all.clone(),
+                );
+            }
         }
         m
     }
@@ -164,6 +196,6 @@ impl Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(false)
     }
 }

@@ -40,7 +40,7 @@ use crate::store::{FileStore, StoreError};
 use hub::{ConnHandle, HubMsg, Out};
 
 /// Everything `syncline serve` can be told.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ServeOptions {
     /// Data directory.
     pub data: PathBuf,
@@ -77,6 +77,11 @@ pub struct ServeOptions {
     /// nothing (not even a pong) arrives for two intervals is closed, and so
     /// is one whose frame cannot be written within two intervals.
     pub ping_interval: Duration,
+    /// Where `/metrics` is served instead of the main listener
+    /// (`--metrics-listen`); `None` serves it beside `/sync`.
+    pub metrics_listener: Option<TcpListener>,
+    /// Let metrics name databases (`--metrics-db-labels`).
+    pub metrics_db_labels: bool,
 }
 
 /// Why the server could not run.
@@ -112,6 +117,8 @@ struct AppState {
     max_frame: usize,
     hello_timeout: Duration,
     ping_interval: Duration,
+    /// When `/metrics` last asked the hub for its counts.
+    last_stats: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 /// Serve on `listener` until `shutdown` resolves; then close every
@@ -128,7 +135,7 @@ pub async fn run(
         })?),
         None => None,
     };
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(options.metrics_db_labels));
     let observer_metrics = metrics.clone();
     let store = FileStore::open_with_observer(
         &options.data,
@@ -177,12 +184,25 @@ pub async fn run(
         max_frame: options.max_frame,
         hello_timeout: options.hello_timeout,
         ping_interval: options.ping_interval.max(Duration::from_millis(10)),
+        last_stats: Arc::new(std::sync::Mutex::new(None)),
     };
+    let metrics_app = Router::new().route("/metrics", get(metrics_text));
+    let mut metrics_task = None;
     let mut app = Router::new()
         .route("/sync", get(upgrade))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics_text))
-        .with_state(state);
+        .route("/healthz", get(|| async { "ok\n" }));
+    match options.metrics_listener {
+        Some(listener) => {
+            let metrics_app = metrics_app.with_state(state.clone());
+            metrics_task = Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, metrics_app).await {
+                    tracing::error!("serving metrics: {e}");
+                }
+            }));
+        }
+        None => app = app.merge(metrics_app),
+    }
+    let mut app = app.with_state(state);
     if let Some(files) = files {
         app = app.fallback_service(files);
     }
@@ -209,6 +229,9 @@ pub async fn run(
     .await;
     drop(hub_tx);
     hub_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     Ok(())
 }
 
@@ -225,19 +248,38 @@ async fn server_replica(store: &FileStore) -> Result<ReplicaId, StoreError> {
     Ok(id)
 }
 
+/// How often a scrape may cost the hub a `Stats` message (more frequent
+/// scrapes get the counts of the last one).
+const STATS_EVERY: Duration = Duration::from_secs(1);
+
 async fn metrics_text(State(state): State<AppState>) -> Response {
+    let due = match state.last_stats.lock() {
+        Ok(mut last) => {
+            let now = std::time::Instant::now();
+            let due = last.is_none_or(|t| now.duration_since(t) >= STATS_EVERY);
+            if due {
+                *last = Some(now);
+            }
+            due
+        }
+        Err(_) => false,
+    };
     let (reply, rx) = oneshot::channel();
-    if state.hub.send(HubMsg::Stats { reply }).await.is_ok()
+    if due
+        && state.hub.send(HubMsg::Stats { reply }).await.is_ok()
         && let Ok((connections, subs)) = rx.await
     {
-        state.metrics.connections.set(connections as i64);
-        state.metrics.subscriptions.clear();
-        for (db, n) in subs {
-            state
-                .metrics
-                .subscriptions
-                .get_or_create(&metrics::DbLabel { db: db.to_string() })
-                .set(n as i64);
+        let m = &state.metrics;
+        m.connections.set(connections as i64);
+        m.subscriptions_all
+            .set(subs.iter().map(|(_, n)| *n as i64).sum());
+        if m.db_labels {
+            m.subscriptions.clear();
+            for (db, n) in subs.into_iter().filter(|(_, n)| *n > 0) {
+                m.subscriptions
+                    .get_or_create(&metrics::DbLabel { db: db.to_string() })
+                    .set(n as i64);
+            }
         }
     }
     (
