@@ -879,6 +879,44 @@ fn a_push_the_server_failed_to_store_is_sent_again() {
     assert_eq!(net.server_store.load_now(&db()).unwrap().entries.len(), 1);
 }
 
+/// The server's disk is behind (more than `max_pending_bytes` accepted but
+/// not yet durable): pushes are refused (`Internal`, the connection stays),
+/// the server's memory stays bounded, and the client sends them again at
+/// its next heartbeat.
+#[test]
+fn pushes_beyond_the_pending_bytes_are_refused_then_sent_again() {
+    let config = syncline_core::sync::ServerConfig {
+        max_pending_bytes: 1,
+        ..Default::default()
+    };
+    let mut net = Net::with_config(OpenAccess, config);
+    let (a, _) = two_online(&mut net);
+    net.hold_server_persists = true;
+    let id = DocId::new("x").unwrap();
+    for v in [1, 2] {
+        net.nodes[a]
+            .client
+            .update(&db(), &id, &json!({ "v": v }))
+            .unwrap();
+        net.run();
+    }
+    assert_eq!(
+        net.pending_server_persists(),
+        1,
+        "the second push was refused"
+    );
+    assert_eq!(errors(&net, a), [ErrorCode::Internal]);
+    assert!(net.nodes[a].peer.is_some(), "still connected");
+    net.hold_server_persists = false;
+    net.flush_server();
+    net.run();
+    assert_eq!(net.nodes[a].client.acked(&db()), 1);
+    assert!(net.nodes[a].client.heartbeat());
+    net.run();
+    assert_eq!(net.nodes[a].client.acked(&db()), 2, "stored on the retry");
+    assert_eq!(net.server_store.load_now(&db()).unwrap().entries.len(), 2);
+}
+
 struct Expiring;
 
 impl Authenticator for Expiring {

@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the sync server (WebSocket /sync, /healthz, /metrics, static demos).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Mint a signed access token for databases matching a pattern.
     Token(TokenArgs),
     /// Print a document as JSON (from a server, as a native client).
@@ -135,6 +135,27 @@ struct ServeArgs {
     /// take a frame) for two intervals is closed [default: 30].
     #[arg(long, env = "SYNCLINE_PING_INTERVAL")]
     ping_interval: Option<f64>,
+    /// Most databases one connection may subscribe to at once [default: 1000].
+    #[arg(long, env = "SYNCLINE_MAX_SUBSCRIPTIONS_PER_CONNECTION")]
+    max_subscriptions_per_connection: Option<usize>,
+    /// Largest presence state a client may publish, in bytes, 1 to 16384
+    /// (read-only clients may publish presence too) [default: 16384].
+    #[arg(long, env = "SYNCLINE_MAX_PRESENCE_BYTES")]
+    max_presence_bytes: Option<usize>,
+    /// Presence updates per second one connection may cause; faster ones
+    /// are coalesced, the latest announced a second later [default: 10].
+    #[arg(long, env = "SYNCLINE_PRESENCE_PER_SECOND")]
+    presence_per_second: Option<u32>,
+    /// Database log files kept open at once; the least recently written
+    /// are closed past it (each database ever written would otherwise
+    /// hold a descriptor) [default: 256].
+    #[arg(long, env = "SYNCLINE_MAX_OPEN_FILES")]
+    max_open_files: Option<usize>,
+    /// Bytes of databases kept in memory; past it, databases with no
+    /// subscriber and no write on its way are unloaded, least recently
+    /// used first (checked every 10 s) [default: 1073741824].
+    #[arg(long, env = "SYNCLINE_MAX_LOADED_BYTES")]
+    max_loaded_bytes: Option<usize>,
     /// Serve /metrics on this address only (not beside /sync), e.g. a
     /// private interface; port 0 picks a free one [default: beside /sync].
     #[arg(long, env = "SYNCLINE_METRICS_LISTEN")]
@@ -171,6 +192,11 @@ struct FileConfig {
     ping_interval: Option<f64>,
     metrics_listen: Option<SocketAddr>,
     metrics_db_labels: Option<bool>,
+    max_subscriptions_per_connection: Option<usize>,
+    max_presence_bytes: Option<usize>,
+    presence_per_second: Option<u32>,
+    max_open_files: Option<usize>,
+    max_loaded_bytes: Option<usize>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -204,7 +230,7 @@ fn main() -> Result<()> {
     // Before the work allocates (tracing's set-up above takes a few bytes).
     memory::tune();
     match Cli::parse().command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Token(args) => token(args),
         Command::Get(a) => remote("get", a),
         Command::Put(a) => remote("put", a),
@@ -396,6 +422,29 @@ fn serve(args: ServeArgs) -> Result<()> {
     if handshakes_per_ip == 0 {
         bail!("--handshakes-per-ip must be at least 1");
     }
+    let max_subscriptions_per_peer = args
+        .max_subscriptions_per_connection
+        .or(file.max_subscriptions_per_connection)
+        .unwrap_or(1_000);
+    if max_subscriptions_per_peer == 0 {
+        bail!("--max-subscriptions-per-connection must be at least 1");
+    }
+    let max_presence_bytes = args
+        .max_presence_bytes
+        .or(file.max_presence_bytes)
+        .unwrap_or(syncline_core::protocol::MAX_PRESENCE_LEN);
+    // The protocol's own limit, a quarter of the smallest --max-frame: a
+    // presence update of one state always fits a frame.
+    if !(1..=16 << 10).contains(&max_presence_bytes) {
+        bail!("--max-presence-bytes must be between 1 and 16384, not {max_presence_bytes}");
+    }
+    let presence_per_second = args
+        .presence_per_second
+        .or(file.presence_per_second)
+        .unwrap_or(10);
+    if presence_per_second == 0 {
+        bail!("--presence-per-second must be at least 1");
+    }
     let static_dir = match args.static_dir.or(file.static_dir) {
         Some(dir) => Some(static_root(&dir, &data)?),
         None => None,
@@ -434,6 +483,18 @@ fn serve(args: ServeArgs) -> Result<()> {
             args.ping_interval.or(file.ping_interval).unwrap_or(30.0),
         )?,
         metrics_listener: None,
+        max_subscriptions_per_peer,
+        max_presence_bytes,
+        presence_per_second,
+        max_open_files: args
+            .max_open_files
+            .or(file.max_open_files)
+            .unwrap_or(syncline::store::DEFAULT_MAX_OPEN_FILES)
+            .max(1),
+        max_loaded_bytes: args
+            .max_loaded_bytes
+            .or(file.max_loaded_bytes)
+            .unwrap_or(1 << 30),
         metrics_db_labels: args
             .metrics_db_labels
             .or(file.metrics_db_labels)

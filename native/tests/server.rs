@@ -1851,3 +1851,33 @@ async fn metrics_can_move_to_their_own_address_and_name_databases_on_request() {
     .await
     .expect("the series goes with the last subscriber");
 }
+
+/// Past `--max-loaded-bytes`, a database nobody is subscribed to is
+/// unloaded (checked every 10 s), and the next client loads it again whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_databases_are_unloaded_and_load_again_on_demand() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        dir.path(),
+        "127.0.0.1:0",
+        &["--anonymous", "idle-*", "--max-loaded-bytes", "0"],
+    );
+    let list = db("idle-list");
+    let writer = SyncClient::in_memory(Some(&server.url()), "");
+    writer.open(&list).await.unwrap();
+    writer
+        .put(&list, &doc("t1"), json!({"title": "kept"}))
+        .await
+        .unwrap();
+    synced(&writer, &list).await;
+    writer.close().await;
+    tokio::time::timeout(
+        WAIT,
+        until_metric(server.addr, "syncline_unloaded_databases_total", 1.0),
+    )
+    .await
+    .expect("unloaded within a check or two");
+    let reader = SyncClient::in_memory(Some(&server.url()), "");
+    reader.open(&list).await.unwrap();
+    until_value(&reader, &list, &doc("t1"), &json!({"title": "kept"})).await;
+}

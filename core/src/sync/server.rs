@@ -68,6 +68,22 @@ pub struct ServerConfig {
     /// low (each part is archived, compressed, sent and parsed on its own;
     /// wasm memory never shrinks) at the cost of a little compression.
     pub reply_part_bytes: usize,
+    /// Databases one connection may subscribe to (or wait to join) at
+    /// once: each costs the server a loaded database and a presence slot.
+    pub max_subscriptions_per_peer: usize,
+    /// Largest presence state one peer may publish (bytes; keep it well
+    /// under a quarter of `max_frame`). Presence updates are split into
+    /// frames of half `max_frame`.
+    pub max_presence_bytes: usize,
+    /// Bytes of accepted changes not yet durable, over every database,
+    /// past which pushes are refused (`Internal`) until the store
+    /// catches up: the store's queue is bounded by this, and a client
+    /// pushing faster than the disk cannot grow the server's memory.
+    pub max_pending_bytes: usize,
+    /// Presence announcements one peer may cause per [`Server::expire`]
+    /// tick (about a second): states sent faster are kept, and the latest
+    /// is announced at the next tick.
+    pub presence_per_tick: u32,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +99,10 @@ impl Default for ServerConfig {
             defer_validation: false,
             serve_views: true,
             reply_part_bytes: DEFAULT_REPLY_PART_BYTES,
+            max_subscriptions_per_peer: 1_000,
+            max_presence_bytes: protocol::MAX_PRESENCE_LEN,
+            max_pending_bytes: 64 << 20,
+            presence_per_tick: 10,
         }
     }
 }
@@ -171,6 +191,11 @@ struct Peer {
     queued: usize,
     /// Its pushes refused as `InvalidChange`.
     invalid: u32,
+    /// Databases it asked to join that are still loading (they count
+    /// toward [`ServerConfig::max_subscriptions_per_peer`]).
+    joining: BTreeSet<DbName>,
+    /// Presence announcements used in this tick.
+    presence_used: u32,
 }
 
 /// The entry `d` holds under `e`'s dot (None when it was compacted away).
@@ -439,6 +464,8 @@ struct PendingBatch {
     seq: u64,
     origin: PeerId,
     entries: Vec<Entry>,
+    /// Bytes of its changes (counted in `Server::pending_bytes`).
+    bytes: usize,
 }
 
 #[derive(Debug, Default)]
@@ -453,6 +480,9 @@ struct ServerDb {
     seqs: HashMap<DocId, HashMap<ReplicaId, u64>>,
     pending: VecDeque<PendingBatch>,
     next_seq: u64,
+    /// When a message last touched it ([`Server::unload_idle`] picks the
+    /// least recent).
+    last_used: u64,
     subscribers: BTreeSet<PeerId>,
     presence: BTreeMap<PeerId, (ReplicaId, Option<Vec<u8>>)>,
     /// Presence changes not yet announced (the latest per peer).
@@ -485,6 +515,13 @@ pub struct Server<A> {
     out_bytes: usize,
     /// Databases with presence changes to announce.
     presence_dirty: BTreeSet<DbName>,
+    /// Bytes of changes in every database's pending batches.
+    pending_bytes: usize,
+    /// Messages routed to loaded databases so far (a logical clock).
+    uses: u64,
+    /// Peers over their presence rate with a state not yet announced: the
+    /// next [`Server::expire`] tick announces the latest.
+    presence_later: BTreeSet<(DbName, PeerId)>,
 }
 
 impl<A: Authenticator> Server<A> {
@@ -501,6 +538,9 @@ impl<A: Authenticator> Server<A> {
             out: Vec::new(),
             out_bytes: 0,
             presence_dirty: BTreeSet::new(),
+            pending_bytes: 0,
+            uses: 0,
+            presence_later: BTreeSet::new(),
         }
     }
 
@@ -548,7 +588,9 @@ impl<A: Authenticator> Server<A> {
                 online,
                 peers,
             };
-            self.broadcast(&to, &Message::PresenceUpdate(Box::new(update)));
+            for part in presence_parts(update, self.config.max_frame / 2) {
+                self.broadcast(&to, &Message::PresenceUpdate(Box::new(part)));
+            }
         }
     }
 
@@ -564,6 +606,8 @@ impl<A: Authenticator> Server<A> {
                 waiting: None,
                 queued: 0,
                 invalid: 0,
+                joining: BTreeSet::new(),
+                presence_used: 0,
             },
         );
         id
@@ -670,7 +714,11 @@ impl<A: Authenticator> Server<A> {
             Message::Error(e) => {
                 tracing::debug!(peer, code = %e.code(), "peer reported: {}", e.message);
             }
-            Message::Subscribe(s) => self.with_db(peer, s.db.clone(), Message::Subscribe(s)),
+            Message::Subscribe(s) => {
+                if self.may_join(peer, &s.db) {
+                    self.with_db(peer, s.db.clone(), Message::Subscribe(s));
+                }
+            }
             Message::Unsubscribe { db } => {
                 self.with_db(peer, db.clone(), Message::Unsubscribe { db })
             }
@@ -696,6 +744,47 @@ impl<A: Authenticator> Server<A> {
                 None,
             ),
         }
+    }
+
+    /// Unload the least recently used idle databases (no subscriber, no
+    /// write on its way to the store, not in `busy`) until the loaded ones
+    /// hold about `budget` bytes or none is idle; returns those unloaded,
+    /// for the adapter to forget (a later message loads one again). A
+    /// long-running server otherwise keeps every database it ever served.
+    pub fn unload_idle(&mut self, budget: usize, busy: &BTreeSet<DbName>) -> Vec<DbName> {
+        let mut held: usize = self.dbs.values().map(held_bytes).sum();
+        if held <= budget {
+            return Vec::new();
+        }
+        let mut idle: Vec<(u64, DbName)> = self
+            .dbs
+            .iter()
+            .filter(|(db, d)| {
+                d.subscribers.is_empty() && d.pending.is_empty() && !busy.contains(*db)
+            })
+            .map(|(db, d)| (d.last_used, db.clone()))
+            .collect();
+        idle.sort_unstable();
+        let mut gone = Vec::new();
+        for (_, db) in idle {
+            if held <= budget {
+                break;
+            }
+            if let Some(d) = self.dbs.remove(&db) {
+                held = held.saturating_sub(held_bytes(&d));
+                self.presence_dirty.remove(&db);
+                gone.push(db);
+            }
+        }
+        if !gone.is_empty() {
+            self.presence_later.retain(|(db, _)| !gone.contains(db));
+        }
+        gone
+    }
+
+    /// Bytes the loaded databases hold, roughly ([`Server::unload_idle`]).
+    pub fn loaded_bytes(&self) -> usize {
+        self.dbs.values().map(held_bytes).sum()
     }
 
     /// The store delivered a database requested by [`ServerOutput::Load`].
@@ -783,6 +872,9 @@ impl<A: Authenticator> Server<A> {
         tracing::error!(%db, "load failed: {reason}");
         for (peer, msg) in self.loading.remove(db).unwrap_or_default() {
             self.dequeue(peer, &msg);
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.joining.remove(db);
+            }
             self.send(
                 peer,
                 Message::error(
@@ -820,6 +912,7 @@ impl<A: Authenticator> Server<A> {
         let mut done = Vec::new();
         while d.pending.front().is_some_and(|b| b.seq <= seq) {
             if let Some(b) = d.pending.pop_front() {
+                self.pending_bytes = self.pending_bytes.saturating_sub(b.bytes);
                 done.push(b);
             }
         }
@@ -893,6 +986,8 @@ impl<A: Authenticator> Server<A> {
             .position(|b| b.seq >= seq)
             .map(|i| d.pending.drain(i..).collect())
             .unwrap_or_default();
+        let failed_bytes: usize = failed.iter().map(|b| b.bytes).sum();
+        self.pending_bytes = self.pending_bytes.saturating_sub(failed_bytes);
         let mut accepted = d.log.vv().clone();
         for b in &d.pending {
             for e in &b.entries {
@@ -1066,7 +1161,24 @@ impl<A: Authenticator> Server<A> {
     /// Close every connection whose token expired by `now_unix_secs`
     /// (`Unauthorized`). Tokens are checked at `Hello`; adapters call this
     /// periodically so a long-lived connection does not outlive its token.
+    ///
+    /// It is also the presence tick: each peer's presence rate
+    /// ([`ServerConfig::presence_per_tick`]) starts again, and the latest
+    /// state of a peer that went over it is announced.
     pub fn expire(&mut self, now_unix_secs: u64) {
+        for p in self.peers.values_mut() {
+            p.presence_used = 0;
+        }
+        for (db, peer) in std::mem::take(&mut self.presence_later) {
+            let subscribed = self
+                .dbs
+                .get(&db)
+                .is_some_and(|d| d.subscribers.contains(&peer));
+            if let Some(p) = self.peers.get_mut(&peer).filter(|_| subscribed) {
+                p.presence_used += 1;
+                self.announce_presence(&db, peer);
+            }
+        }
         let expired: Vec<PeerId> = self
             .peers
             .iter()
@@ -1123,8 +1235,11 @@ impl<A: Authenticator> Server<A> {
         if self.loading.contains_key(&db) {
             if !self.enqueue(peer, &msg) {
                 self.overloaded_while_loading(peer, db);
-            } else if let Some(queue) = self.loading.get_mut(&db) {
-                queue.push((peer, msg));
+            } else {
+                self.joining(peer, &db, &msg);
+                if let Some(queue) = self.loading.get_mut(&db) {
+                    queue.push((peer, msg));
+                }
             }
         } else if self.dbs.contains_key(&db) {
             self.db_message(peer, msg);
@@ -1145,8 +1260,40 @@ impl<A: Authenticator> Server<A> {
                 self.overloaded_while_loading(peer, db);
                 return;
             }
+            self.joining(peer, &db, &msg);
             self.loading.insert(db.clone(), vec![(peer, msg)]);
             self.out.push(ServerOutput::Load { db });
+        }
+    }
+
+    /// Whether `peer` may subscribe to `db`: already subscribed or joining
+    /// (a resubscribe), or under [`ServerConfig::max_subscriptions_per_peer`].
+    /// Checked before anything is loaded.
+    fn may_join(&mut self, peer: PeerId, db: &DbName) -> bool {
+        let max = self.config.max_subscriptions_per_peer;
+        let Some(p) = self.peers.get(&peer) else {
+            return false;
+        };
+        if p.subs.contains(db) || p.joining.contains(db) || p.subs.len() + p.joining.len() < max {
+            return true;
+        }
+        self.fail(
+            peer,
+            ErrorCode::TooLarge,
+            format!(
+                "more than {max} databases subscribed on one connection; unsubscribe from one first"
+            ),
+            Some(db.clone()),
+        );
+        false
+    }
+
+    /// Count a Subscribe waiting for its database to load.
+    fn joining(&mut self, peer: PeerId, db: &DbName, msg: &Message) {
+        if matches!(msg, Message::Subscribe(_))
+            && let Some(p) = self.peers.get_mut(&peer)
+        {
+            p.joining.insert(db.clone());
         }
     }
 
@@ -1162,6 +1309,17 @@ impl<A: Authenticator> Server<A> {
     fn db_message(&mut self, peer: PeerId, msg: Message) {
         if !self.peers.contains_key(&peer) {
             return;
+        }
+        let db = match &msg {
+            Message::Subscribe(s) => Some(&s.db),
+            Message::Unsubscribe { db } => Some(db),
+            Message::Push(p) => Some(&p.db),
+            Message::Presence(p) => Some(&p.db),
+            _ => None,
+        };
+        if let Some(d) = db.and_then(|db| self.dbs.get_mut(db)) {
+            self.uses += 1;
+            d.last_used = self.uses;
         }
         match msg {
             Message::Subscribe(s) => self.subscribe(peer, *s),
@@ -1193,6 +1351,9 @@ impl<A: Authenticator> Server<A> {
     }
 
     fn subscribe(&mut self, peer: PeerId, s: Subscribe) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.joining.remove(&s.db);
+        }
         let Some(replica) = self.check(peer, &s.db, Right::Read) else {
             return;
         };
@@ -1262,7 +1423,9 @@ impl<A: Authenticator> Server<A> {
         }
         self.out.extend(frames);
         self.out_bytes += encoded;
-        self.send(peer, Message::PresenceUpdate(Box::new(full)));
+        for part in presence_parts(full, self.config.max_frame / 2) {
+            self.send(peer, Message::PresenceUpdate(Box::new(part)));
+        }
         if newly {
             if let Some(d) = self.dbs.get_mut(&s.db) {
                 d.presence_fresh.push((peer, online));
@@ -1304,6 +1467,18 @@ impl<A: Authenticator> Server<A> {
                 peer,
                 ErrorCode::NotSubscribed,
                 "subscribe before pushing",
+                Some(p.db),
+            );
+            return;
+        }
+        if self.pending_bytes > self.config.max_pending_bytes {
+            // `Internal`, not `Overloaded` (which closes the connection):
+            // nothing was stored, and a client sends its unacknowledged
+            // pushes again at its next heartbeat.
+            self.fail(
+                peer,
+                ErrorCode::Internal,
+                "the server's disk is behind; nothing of this push was stored, push again in a moment",
                 Some(p.db),
             );
             return;
@@ -1471,10 +1646,13 @@ impl<A: Authenticator> Server<A> {
         } else {
             let seq = d.next_seq;
             d.next_seq += 1;
+            let bytes = accepted.iter().map(|e| e.change.len()).sum();
+            self.pending_bytes += bytes;
             d.pending.push_back(PendingBatch {
                 seq,
                 origin: peer,
                 entries: accepted.clone(),
+                bytes,
             });
             self.out.push(ServerOutput::Persist {
                 db: db.clone(),
@@ -1508,16 +1686,48 @@ impl<A: Authenticator> Server<A> {
             );
             return;
         }
+        let max = self.config.max_presence_bytes;
+        if p.state.len() > max {
+            self.fail(
+                peer,
+                ErrorCode::TooLarge,
+                format!(
+                    "a presence state of {} bytes; the limit is {max}",
+                    p.state.len()
+                ),
+                Some(p.db),
+            );
+            return;
+        }
         let state = (!p.state.is_empty()).then_some(p.state);
-        d.presence.insert(peer, (replica, state.clone()));
+        d.presence.insert(peer, (replica, state));
+        // Over its rate, the peer's latest state waits for the next tick:
+        // a flood costs every subscriber one update a tick, not one a
+        // message.
+        let Some(sender) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if sender.presence_used >= self.config.presence_per_tick {
+            self.presence_later.insert((p.db, peer));
+            return;
+        }
+        sender.presence_used += 1;
+        self.announce_presence(&p.db, peer);
+    }
+
+    /// Queue `peer`'s current presence in `db` for every subscriber.
+    fn announce_presence(&mut self, db: &DbName, peer: PeerId) {
+        let Some((replica, state)) = self.dbs.get(db).and_then(|d| d.presence.get(&peer)) else {
+            return;
+        };
         let change = PeerPresence {
             peer,
-            replica,
+            replica: *replica,
             // A cleared state takes the peer off the list (it stays counted).
             left: state.is_none(),
-            state,
+            state: state.clone(),
         };
-        self.presence_change(&p.db, Some(change));
+        self.presence_change(db, Some(change));
     }
 
     /// Queue the news that a peer published or cleared its state, or left
@@ -1581,6 +1791,47 @@ impl<A: Authenticator> Server<A> {
 
 /// Documents with entries only (no snapshot) whose view is missing or older
 /// than their clock.
+/// `update` cut into updates of about `budget` bytes of states each (a
+/// thousand peers with large states would not fit one frame, and nobody
+/// could join): the first keeps `full`, the rest are changes on top of it.
+fn presence_parts(update: PresenceUpdate, budget: usize) -> Vec<PresenceUpdate> {
+    // A peer's id, replica and flags, archived.
+    const PEER_OVERHEAD: usize = 48;
+    let part = |full| PresenceUpdate {
+        db: update.db.clone(),
+        full,
+        online: update.online,
+        peers: Vec::new(),
+    };
+    let mut parts = Vec::new();
+    let mut current = part(update.full);
+    let mut bytes = 0usize;
+    for p in update.peers {
+        let n = p.state.as_ref().map_or(0, Vec::len) + PEER_OVERHEAD;
+        if !current.peers.is_empty() && bytes + n > budget {
+            parts.push(std::mem::replace(&mut current, part(false)));
+            bytes = 0;
+        }
+        bytes += n;
+        current.peers.push(p);
+    }
+    parts.push(current);
+    parts
+}
+
+/// What a loaded database costs in memory, roughly: its changes,
+/// snapshots and views, and a kilobyte for its maps (so a million empty
+/// databases count too).
+fn held_bytes(d: &ServerDb) -> usize {
+    let snapshots: usize = d.log.snapshots().map(|s| s.bytes.len()).sum();
+    let views: usize = d
+        .views
+        .values()
+        .map(|v| v.json.as_ref().map_or(0, String::len))
+        .sum();
+    1024 + d.log.entry_bytes() + snapshots + views
+}
+
 fn stale_docs(d: &ServerDb) -> impl Iterator<Item = &DocId> {
     d.log.doc_clocks().iter().filter_map(|(doc, clock)| {
         let fresh = d.views.get(doc).is_some_and(|v| &v.clock == clock)

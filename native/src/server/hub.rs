@@ -158,7 +158,14 @@ pub struct HubConfig {
     /// Most changes one background view build applies (then it yields
     /// to the hub and the next build continues).
     pub view_job_changes: usize,
+    /// Bytes the loaded databases may hold before idle ones (no
+    /// subscriber, no write on its way) are unloaded, least recently used
+    /// first; checked every [`UNLOAD_EVERY`] seconds.
+    pub max_loaded_bytes: usize,
 }
+
+/// Seconds between checks of [`HubConfig::max_loaded_bytes`].
+const UNLOAD_EVERY: u64 = 10;
 
 impl Default for HubConfig {
     fn default() -> Self {
@@ -167,6 +174,7 @@ impl Default for HubConfig {
             compact_after_bytes: 64 << 20,
             view_quiet: Duration::from_millis(100),
             view_job_changes: 50_000,
+            max_loaded_bytes: 1 << 30,
         }
     }
 }
@@ -198,6 +206,7 @@ pub async fn run(
     };
     // Tokens are checked at Hello; this ends connections that outlive theirs.
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks = 0u64;
     expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // (A database whose build is still running waits for it to finish.)
@@ -214,7 +223,11 @@ pub async fn run(
                 continue;
             }
             _ = expiry.tick() => {
+                ticks += 1;
                 server.expire(crate::auth::now_secs());
+                if ticks.is_multiple_of(UNLOAD_EVERY) {
+                    hub.unload_idle(&mut server);
+                }
                 hub.execute(&mut server);
                 continue;
             }
@@ -516,6 +529,28 @@ impl Hub {
                 });
             let _ = tx.send(HubMsg::Validated { peer, validated }).await;
         });
+    }
+
+    /// Unload idle databases past the memory budget, and forget them here
+    /// (their metric series included).
+    fn unload_idle(&mut self, server: &mut Server<TokenAuth>) {
+        let busy = self
+            .compacting
+            .iter()
+            .chain(&self.views_building)
+            .cloned()
+            .collect();
+        let gone = server.unload_idle(self.config.max_loaded_bytes, &busy);
+        for db in &gone {
+            self.views_due.remove(db);
+            self.compacted_left.remove(db);
+            self.views_gauge(db, false);
+        }
+        if !gone.is_empty() {
+            self.metrics.unloaded.inc_by(gone.len() as u64);
+            tracing::debug!(count = gone.len(), "unloaded idle databases");
+        }
+        self.metrics.loaded_bytes.set(server.loaded_bytes() as i64);
     }
 
     /// Schedule building `db`'s missing views after a quiet period.

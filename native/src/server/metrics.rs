@@ -66,6 +66,10 @@ pub struct Metrics {
     pub views_built: Counter,
     /// Document views sent with replies (counted per recipient).
     pub views_out: Counter,
+    /// Idle databases unloaded to stay within `--max-loaded-bytes`.
+    pub unloaded: Counter,
+    /// Bytes the loaded databases hold, roughly (as of the last check).
+    pub loaded_bytes: Gauge,
     /// Databases with view building scheduled or running.
     pub views_pending_all: Gauge,
     /// 1 while a database has view building scheduled or running (with
@@ -95,6 +99,8 @@ impl Metrics {
             views_built: Counter::default(),
             views_out: Counter::default(),
             views_pending_all: Gauge::default(),
+            unloaded: Counter::default(),
+            loaded_bytes: Gauge::default(),
             views_pending: Family::default(),
         };
         if let Ok(mut r) = m.registry.lock() {
@@ -145,6 +151,16 @@ impl Metrics {
                 m.compaction_skipped_docs.clone(),
             );
             r.register("errors", "Errors sent to peers, by code", m.errors.clone());
+            r.register(
+                "unloaded_databases",
+                "Idle databases unloaded to stay within --max-loaded-bytes",
+                m.unloaded.clone(),
+            );
+            r.register(
+                "loaded_bytes",
+                "Bytes the loaded databases hold, roughly",
+                m.loaded_bytes.clone(),
+            );
             r.register(
                 "dead_connections",
                 "Connections closed as silent or unable to take frames",

@@ -82,6 +82,17 @@ pub struct ServeOptions {
     pub metrics_listener: Option<TcpListener>,
     /// Let metrics name databases (`--metrics-db-labels`).
     pub metrics_db_labels: bool,
+    /// Most databases one connection may subscribe to at once.
+    pub max_subscriptions_per_peer: usize,
+    /// Largest presence state a client may publish.
+    pub max_presence_bytes: usize,
+    /// Presence announcements per second one connection may cause.
+    pub presence_per_second: u32,
+    /// Log files the store keeps open at once (least recently written
+    /// closed past it).
+    pub max_open_files: usize,
+    /// Bytes the loaded databases may hold before idle ones are unloaded.
+    pub max_loaded_bytes: usize,
 }
 
 /// Why the server could not run.
@@ -137,9 +148,10 @@ pub async fn run(
     };
     let metrics = Arc::new(Metrics::new(options.metrics_db_labels));
     let observer_metrics = metrics.clone();
-    let store = FileStore::open_with_observer(
+    let store = FileStore::open_with(
         &options.data,
         Arc::new(move |d: Duration| observer_metrics.fsync_seconds.observe(d.as_secs_f64())),
+        options.max_open_files,
     )?;
     let replica = server_replica(&store).await?;
     let server = Server::new(
@@ -151,6 +163,10 @@ pub async fn run(
             // Pushed changes are parsed on the blocking pool, not in the
             // hub that serves every connection.
             defer_validation: true,
+            max_subscriptions_per_peer: options.max_subscriptions_per_peer,
+            max_presence_bytes: options.max_presence_bytes,
+            // The hub ticks `Server::expire` once a second.
+            presence_per_tick: options.presence_per_second,
             ..ServerConfig::default()
         },
         TokenAuth::new(options.secret.clone(), options.anonymous.clone()),
@@ -164,6 +180,7 @@ pub async fn run(
         HubConfig {
             max_queued_bytes: options.max_queued_bytes,
             compact_after_bytes: options.compact_after_bytes,
+            max_loaded_bytes: options.max_loaded_bytes,
             ..HubConfig::default()
         },
         hub_tx.clone(),

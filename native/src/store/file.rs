@@ -98,7 +98,15 @@ pub struct StoreStats {
     pub fsync_micros: AtomicU64,
     /// Records dropped by recovery (torn or corrupt tails).
     pub truncations: AtomicU64,
+    /// Log files the writer holds open now (at most `max_open_files`).
+    pub open_files: AtomicU64,
 }
+
+/// Log files the writer keeps open by default: one per database written
+/// recently, the least recently used closed past this (a server whose
+/// clients write to a million databases must not run out of descriptors,
+/// and then fail `accept()` and every write).
+pub const DEFAULT_MAX_OPEN_FILES: usize = 256;
 
 struct WriteReq {
     db: DbName,
@@ -141,6 +149,16 @@ impl FileStore {
         dir: impl AsRef<Path>,
         observer: Arc<dyn Fn(Duration) + Send + Sync>,
     ) -> Result<Self, StoreError> {
+        Self::open_with(dir, observer, DEFAULT_MAX_OPEN_FILES)
+    }
+
+    /// Like [`FileStore::open_with_observer`], keeping at most
+    /// `max_open_files` logs open (at least one).
+    pub fn open_with(
+        dir: impl AsRef<Path>,
+        observer: Arc<dyn Fn(Duration) + Send + Sync>,
+        max_open_files: usize,
+    ) -> Result<Self, StoreError> {
         let dir = dir.as_ref().to_path_buf();
         for sub in ["dbs", "meta"] {
             fs::create_dir_all(dir.join(sub))
@@ -156,6 +174,10 @@ impl FileStore {
             files: HashMap::new(),
             stats: stats.clone(),
             observer,
+            max_open: max_open_files.max(1),
+            used: HashMap::new(),
+            tick: 0,
+            closed_at: HashMap::new(),
         };
         std::thread::Builder::new()
             .name("syncline-writer".into())
@@ -326,6 +348,14 @@ struct Writer {
     files: HashMap<DbName, File>,
     stats: Arc<StoreStats>,
     observer: Arc<dyn Fn(Duration) + Send + Sync>,
+    /// Most files kept open ([`DEFAULT_MAX_OPEN_FILES`]).
+    max_open: usize,
+    /// When each open file was last written (a counter of groups).
+    used: HashMap<DbName, u64>,
+    tick: u64,
+    /// The length of each log this writer closed after a successful fsync:
+    /// reopened at that length, it needs no recovery read.
+    closed_at: HashMap<DbName, u64>,
 }
 
 impl Writer {
@@ -394,6 +424,15 @@ impl Writer {
                 self.files.remove(db);
             }
         }
+        // Everything written is fsynced: close what is over the budget
+        // before answering (an answered writer sees the budget kept).
+        self.tick += 1;
+        for db in &order {
+            if self.files.contains_key(db) {
+                self.used.insert(db.clone(), self.tick);
+            }
+        }
+        self.close_least_used();
         for (done, answer) in answers {
             let r = match answer {
                 Answer::Now(r) => r,
@@ -407,6 +446,37 @@ impl Writer {
         }
     }
 
+    /// Close the least recently written logs past `max_open` (everything
+    /// written is fsynced by now).
+    fn close_least_used(&mut self) {
+        let over = self.files.len().saturating_sub(self.max_open);
+        if over > 0 {
+            let mut by_use: Vec<(u64, DbName)> = self
+                .files
+                .keys()
+                .map(|db| (self.used.get(db).copied().unwrap_or(0), db.clone()))
+                .collect();
+            by_use.sort_unstable();
+            for (_, db) in by_use.into_iter().take(over) {
+                self.used.remove(&db);
+                if let Some(f) = self.files.remove(&db)
+                    && let Ok(meta) = f.metadata()
+                {
+                    // Bounded too: past it, reopening reads the log again.
+                    if self.closed_at.len() >= 64 * self.max_open {
+                        self.closed_at.clear();
+                    }
+                    self.closed_at.insert(db, meta.len());
+                }
+            }
+        }
+        let files = &self.files;
+        self.used.retain(|db, _| files.contains_key(db));
+        self.stats
+            .open_files
+            .store(self.files.len() as u64, Ordering::Relaxed);
+    }
+
     /// Open a log for appending, truncating a torn tail first. A log damaged
     /// in the middle is refused and left as it is.
     fn file(&mut self, db: &DbName) -> io::Result<&mut File> {
@@ -417,6 +487,14 @@ impl Writer {
                 .append(true)
                 .create(true)
                 .open(&path)?;
+            let clean = self.closed_at.remove(db);
+            if clean.is_some() && clean == Some(f.metadata()?.len()) {
+                self.files.insert(db.clone(), f);
+                return self
+                    .files
+                    .get_mut(db)
+                    .ok_or_else(|| io::Error::other("log handle vanished"));
+            }
             let bytes = fs::read(&path)?;
             let (_, good, problem) = decode_log(&path, &bytes).map_err(io::Error::other)?;
             if let Some(p) = problem {
@@ -463,6 +541,7 @@ impl Writer {
         f.sync_all()?;
         drop(f);
         self.files.remove(db);
+        self.closed_at.remove(db);
         fs::rename(tmp, &path)?;
         if let Some(parent) = path.parent() {
             File::open(parent)?.sync_all()?;

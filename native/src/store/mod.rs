@@ -35,7 +35,7 @@ mod file;
 mod names;
 mod record;
 
-pub use file::{FileStore, StoreError, StoreStats};
+pub use file::{DEFAULT_MAX_OPEN_FILES, FileStore, StoreError, StoreStats};
 pub use names::{db_from_stem, file_stem, upgrade_legacy_names};
 pub use record::{
     MAX_RECORD, Record, RecordError, decode_records, encode_chunked, encode_record,
