@@ -156,6 +156,11 @@ struct ServeArgs {
     /// used first (checked every 10 s) [default: 1073741824].
     #[arg(long, env = "SYNCLINE_MAX_LOADED_BYTES")]
     max_loaded_bytes: Option<usize>,
+    /// Bytes a second one connection's frames are read at, at most (each
+    /// frame counted as at least 512 bytes); a faster peer waits in its
+    /// own socket [default: 16777216].
+    #[arg(long, env = "SYNCLINE_MAX_READ_BYTES_PER_SECOND")]
+    max_read_bytes_per_second: Option<u64>,
     /// Serve /metrics on this address only (not beside /sync), e.g. a
     /// private interface; port 0 picks a free one [default: beside /sync].
     #[arg(long, env = "SYNCLINE_METRICS_LISTEN")]
@@ -197,6 +202,7 @@ struct FileConfig {
     presence_per_second: Option<u32>,
     max_open_files: Option<usize>,
     max_loaded_bytes: Option<usize>,
+    max_read_bytes_per_second: Option<u64>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -495,6 +501,11 @@ fn serve(args: ServeArgs) -> Result<()> {
             .max_loaded_bytes
             .or(file.max_loaded_bytes)
             .unwrap_or(1 << 30),
+        read_bytes_per_sec: args
+            .max_read_bytes_per_second
+            .or(file.max_read_bytes_per_second)
+            .unwrap_or(16 << 20)
+            .max(1),
         metrics_db_labels: args
             .metrics_db_labels
             .or(file.metrics_db_labels)

@@ -1881,3 +1881,54 @@ async fn idle_databases_are_unloaded_and_load_again_on_demand() {
     reader.open(&list).await.unwrap();
     until_value(&reader, &list, &doc("t1"), &json!({"title": "kept"})).await;
 }
+
+/// A connection sending faster than `--max-read-bytes-per-second` is read
+/// at that rate (it waits in its own socket); what it sent is all handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_over_its_read_rate_waits_and_loses_nothing() {
+    use syncline_core::protocol::{self, Hello, Message};
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        dir.path(),
+        "127.0.0.1:0",
+        &[
+            "--anonymous",
+            "rate-*",
+            "--max-frame",
+            "65536",
+            "--max-read-bytes-per-second",
+            "65536",
+        ],
+    );
+    let mut ws = raw::open(&server.url()).await;
+    let hello = Message::Hello(Box::new(Hello {
+        replica: syncline_core::ReplicaId([9; 16]),
+        token: String::new(),
+    }));
+    raw::send(&mut ws, protocol::encode(&hello)).await;
+    let welcome = tokio::time::timeout(WAIT, raw::next(&mut ws))
+        .await
+        .unwrap();
+    assert!(matches!(welcome, Some(Message::Welcome(_))), "{welcome:?}");
+    // 700 pings, each charged 512 bytes: the burst (four seconds, 256 KiB)
+    // holds 512; the rest wait about 1.5 s.
+    for nonce in 0..700u64 {
+        raw::send(&mut ws, protocol::encode(&Message::Ping { nonce })).await;
+    }
+    let mut pongs = 0u64;
+    tokio::time::timeout(WAIT, async {
+        while let Some(m) = raw::next(&mut ws).await {
+            if let Message::Pong { nonce } = m {
+                assert_eq!(nonce, pongs, "in order, none lost");
+                pongs += 1;
+                if nonce == 699 {
+                    return;
+                }
+            }
+        }
+        panic!("closed after {pongs} pongs");
+    })
+    .await
+    .expect("every ping answered");
+    assert!(metric(server.addr, "syncline_read_waits_total").await >= 1.0);
+}

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub views_built: Counter,
     /// Document views sent with replies (counted per recipient).
     pub views_out: Counter,
+    /// Frames after which a connection waited for its read rate.
+    pub read_waits: Counter,
     /// Idle databases unloaded to stay within `--max-loaded-bytes`.
     pub unloaded: Counter,
     /// Bytes the loaded databases hold, roughly (as of the last check).
@@ -100,6 +102,7 @@ impl Metrics {
             views_out: Counter::default(),
             views_pending_all: Gauge::default(),
             unloaded: Counter::default(),
+            read_waits: Counter::default(),
             loaded_bytes: Gauge::default(),
             views_pending: Family::default(),
         };
@@ -151,6 +154,11 @@ impl Metrics {
                 m.compaction_skipped_docs.clone(),
             );
             r.register("errors", "Errors sent to peers, by code", m.errors.clone());
+            r.register(
+                "read_waits",
+                "Frames after which a connection waited for its read rate",
+                m.read_waits.clone(),
+            );
             r.register(
                 "unloaded_databases",
                 "Idle databases unloaded to stay within --max-loaded-bytes",

@@ -11,6 +11,7 @@ mod files;
 mod http;
 mod hub;
 mod metrics;
+mod rate;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -93,6 +94,10 @@ pub struct ServeOptions {
     pub max_open_files: usize,
     /// Bytes the loaded databases may hold before idle ones are unloaded.
     pub max_loaded_bytes: usize,
+    /// Bytes a second one connection's frames are read at, at most (every
+    /// frame counted as at least [`rate::MIN_CHARGE`]), in bursts of up to
+    /// four seconds' worth or one largest frame.
+    pub read_bytes_per_sec: u64,
 }
 
 /// Why the server could not run.
@@ -128,6 +133,8 @@ struct AppState {
     max_frame: usize,
     hello_timeout: Duration,
     ping_interval: Duration,
+    /// Per connection read rate, bytes a second.
+    read_bytes_per_sec: u64,
     /// When `/metrics` last asked the hub for its counts.
     last_stats: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
@@ -201,6 +208,7 @@ pub async fn run(
         max_frame: options.max_frame,
         hello_timeout: options.hello_timeout,
         ping_interval: options.ping_interval.max(Duration::from_millis(10)),
+        read_bytes_per_sec: options.read_bytes_per_sec,
         last_stats: Arc::new(std::sync::Mutex::new(None)),
     };
     let metrics_app = Router::new().route("/metrics", get(metrics_text));
@@ -450,6 +458,11 @@ async fn connection(socket: WebSocket, state: AppState, budget: budget::ReadBudg
         // after it, any frame restarts the silence clock.
         let mut deadline = tokio::time::Instant::now() + hello_timeout;
         let mut greeted = false;
+        let mut rate = rate::ReadRate::new(
+            state.read_bytes_per_sec,
+            (4 * state.read_bytes_per_sec).max(state.max_frame as u64),
+            std::time::Instant::now(),
+        );
         loop {
             let msg = match tokio::time::timeout_at(deadline, stream.next()).await {
                 Ok(Some(Ok(msg))) => msg,
@@ -494,6 +507,15 @@ async fn connection(socket: WebSocket, state: AppState, budget: budget::ReadBudg
                 }
             };
             state.metrics.bytes_in.inc_by(bytes.len() as u64);
+            if greeted {
+                // Over its rate, this peer waits (in its own socket) before
+                // anything more of it is decoded or handled.
+                let wait = rate.spend(bytes.len(), std::time::Instant::now());
+                if !wait.is_zero() {
+                    state.metrics.read_waits.inc();
+                    tokio::time::sleep(wait).await;
+                }
+            }
             if !greeted {
                 // A peer that has presented no token gets one small frame
                 // read, which must be an uncompressed Hello: nothing of it
