@@ -9,6 +9,14 @@
 //! subscribers) stalled for 0.1–0.4 s at the 512th and 1,024th change while
 //! the kernel zeroed the fresh pages. Fixed chunks allocate the same small
 //! amount every [`CHUNK`] appends and never move an element.
+//!
+//! Chunks are shared (`Arc`): a clone costs a reference count per chunk, not
+//! a copy of the elements, so the server can hand a cold sync's reply a
+//! snapshot of the log and encode it elsewhere. Appending to a last chunk
+//! that a clone still holds copies that one chunk (at most [`CHUNK`]
+//! elements) first.
+
+use std::sync::Arc;
 
 /// Elements per chunk: 64 entries of a log are about 4.6 KB, an allocation
 /// the allocator serves from pages it already holds.
@@ -17,7 +25,7 @@ pub const CHUNK: usize = 64;
 /// An append-only sequence in chunks of [`CHUNK`] elements.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Chunked<T> {
-    chunks: Vec<Vec<T>>,
+    chunks: Vec<Arc<Vec<T>>>,
     len: usize,
 }
 
@@ -46,19 +54,6 @@ impl<T> Chunked<T> {
         self.len == 0
     }
 
-    /// Append one element.
-    pub fn push(&mut self, value: T) {
-        match self.chunks.last_mut() {
-            Some(last) if last.len() < CHUNK => last.push(value),
-            _ => {
-                let mut chunk = Vec::with_capacity(CHUNK);
-                chunk.push(value);
-                self.chunks.push(chunk);
-            }
-        }
-        self.len += 1;
-    }
-
     /// The element at `index`, if there is one.
     pub fn get(&self, index: usize) -> Option<&T> {
         self.chunks.get(index / CHUNK)?.get(index % CHUNK)
@@ -66,10 +61,26 @@ impl<T> Chunked<T> {
 
     /// The elements in order.
     pub fn iter(&self) -> Iter<'_, T> {
+        let chunk: ChunkIter<'_, T> = |c| c.iter();
         Iter {
-            inner: self.chunks.iter().flatten(),
+            inner: self.chunks.iter().flat_map(chunk),
             left: self.len,
         }
+    }
+}
+
+impl<T: Clone> Chunked<T> {
+    /// Append one element.
+    pub fn push(&mut self, value: T) {
+        match self.chunks.last_mut() {
+            Some(last) if last.len() < CHUNK => Arc::make_mut(last).push(value),
+            _ => {
+                let mut chunk = Vec::with_capacity(CHUNK);
+                chunk.push(value);
+                self.chunks.push(Arc::new(chunk));
+            }
+        }
+        self.len += 1;
     }
 
     /// Take the first `n` elements (all of them if fewer) out, in order.
@@ -87,7 +98,7 @@ impl<T> Chunked<T> {
     }
 }
 
-impl<T> Extend<T> for Chunked<T> {
+impl<T: Clone> Extend<T> for Chunked<T> {
     fn extend<I: IntoIterator<Item = T>>(&mut self, iter: I) {
         for v in iter {
             self.push(v);
@@ -95,7 +106,7 @@ impl<T> Extend<T> for Chunked<T> {
     }
 }
 
-impl<T> FromIterator<T> for Chunked<T> {
+impl<T: Clone> FromIterator<T> for Chunked<T> {
     fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
         let mut out = Chunked::new();
         out.extend(iter);
@@ -103,12 +114,16 @@ impl<T> FromIterator<T> for Chunked<T> {
     }
 }
 
-impl<T> IntoIterator for Chunked<T> {
+/// A chunk's elements, moved out when no clone shares it, copied otherwise.
+type OwnedChunk<T> = fn(Arc<Vec<T>>) -> Vec<T>;
+
+impl<T: Clone> IntoIterator for Chunked<T> {
     type Item = T;
-    type IntoIter = std::iter::Flatten<std::vec::IntoIter<Vec<T>>>;
+    type IntoIter = std::iter::FlatMap<std::vec::IntoIter<Arc<Vec<T>>>, Vec<T>, OwnedChunk<T>>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.chunks.into_iter().flatten()
+        let owned: OwnedChunk<T> = Arc::unwrap_or_clone;
+        self.chunks.into_iter().flat_map(owned)
     }
 }
 
@@ -121,10 +136,17 @@ impl<'a, T> IntoIterator for &'a Chunked<T> {
     }
 }
 
+/// A chunk's elements, borrowed.
+type ChunkIter<'a, T> = fn(&'a Arc<Vec<T>>) -> std::slice::Iter<'a, T>;
+
 /// The elements of a [`Chunked`] in order (it knows how many are left).
 #[derive(Debug, Clone)]
 pub struct Iter<'a, T> {
-    inner: std::iter::Flatten<std::slice::Iter<'a, Vec<T>>>,
+    inner: std::iter::FlatMap<
+        std::slice::Iter<'a, Arc<Vec<T>>>,
+        std::slice::Iter<'a, T>,
+        ChunkIter<'a, T>,
+    >,
     left: usize,
 }
 
@@ -174,6 +196,16 @@ mod tests {
                 prop_assert_eq!(c.get(i), Some(v));
             }
             prop_assert_eq!(c.get(values.len()), None);
+            // A clone shares the chunks; appending to either leaves the other as it was.
+            let mut shared = c.clone();
+            shared.push(7);
+            prop_assert_eq!(shared.len(), values.len() + 1);
+            prop_assert_eq!(c.iter().copied().collect::<Vec<_>>(), values.clone());
+            c.push(9);
+            prop_assert_eq!(shared.iter().next_back(), Some(&7));
+            prop_assert_eq!(c.iter().next_back(), Some(&9));
+            drop(shared);
+            c = values.iter().copied().collect();
             c.retain(|v| *v < cut);
             let kept: Vec<u16> = values.iter().copied().filter(|v| *v < cut).collect();
             prop_assert_eq!(c.len(), kept.len());

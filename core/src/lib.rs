@@ -52,6 +52,12 @@
 //!                     clients[i].handle_frame(&frame)?;
 //!                 }
 //!             }
+//!             ServerOutput::Reply { peer, reply } => {
+//!                 let i = peers.iter().position(|p| *p == peer).unwrap();
+//!                 for frame in reply.frames() {
+//!                     clients[i].handle_frame(&frame)?;
+//!                 }
+//!             }
 //!             ServerOutput::Persist { db, seq, .. } => server.persisted(&db, seq),
 //!             ServerOutput::Load { db } => server.loaded(db, StoredDatabase::default()),
 //!             ServerOutput::ListDatabases { peer, req } => server.databases_listed(peer, req, vec![]),

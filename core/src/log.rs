@@ -2,10 +2,11 @@
 //! it, and the indexes that make a delta cost O(replicas + missing entries).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use automerge::{ReadDoc, TextEncoding};
 
-use crate::chunked::{self, Chunked};
+use crate::chunked::Chunked;
 use crate::clock::{Dot, VersionVector};
 use crate::doc::Document;
 use crate::entry::{Entry, Snapshot};
@@ -47,6 +48,56 @@ pub struct Delta<'a> {
     pub entries: Vec<&'a Entry>,
 }
 
+/// What a peer lacks, holding its own share of the log: see
+/// [`Log::missing_since`].
+#[derive(Debug, Clone, Default)]
+pub struct Missing {
+    /// As [`Delta::base`].
+    pub base: Option<VersionVector>,
+    /// As [`Delta::snapshots`].
+    pub snapshots: Vec<Arc<Snapshot>>,
+    /// The log's entries when this was taken (shared chunks).
+    entries: Chunked<Arc<Entry>>,
+    /// Which of them the peer lacks, in log order.
+    positions: Vec<u32>,
+}
+
+impl Missing {
+    /// Entries alone (a live update): all of them, in order.
+    pub fn from_entries(entries: Vec<Entry>) -> Self {
+        let positions = (0..u32::try_from(entries.len()).unwrap_or(u32::MAX)).collect();
+        Missing {
+            base: None,
+            snapshots: Vec::new(),
+            entries: entries.into_iter().map(Arc::new).collect(),
+            positions,
+        }
+    }
+
+    /// How many entries the peer lacks.
+    pub fn entry_count(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// Whether the peer lacks every entry the log held.
+    pub fn lacks_all_entries(&self) -> bool {
+        self.positions.len() == self.entries.len()
+    }
+
+    /// The `i`th entry the peer lacks.
+    pub fn entry(&self, i: usize) -> Option<&Entry> {
+        let p = *self.positions.get(i)?;
+        self.entries.get(p as usize).map(Arc::as_ref)
+    }
+
+    /// The entries the peer lacks, in log order.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.positions
+            .iter()
+            .filter_map(|&p| self.entries.get(p as usize).map(Arc::as_ref))
+    }
+}
+
 /// A compaction, planned by [`Log::plan_compaction`] and applied by
 /// [`Log::apply_compaction`] (and by stores, which prune what it covers).
 #[derive(Debug, Clone, PartialEq)]
@@ -77,8 +128,10 @@ enum Folded {
 pub struct Log {
     base: VersionVector,
     vv: VersionVector,
-    snapshots: BTreeMap<DocId, Snapshot>,
-    entries: Chunked<Entry>,
+    snapshots: BTreeMap<DocId, Arc<Snapshot>>,
+    /// Each entry in its own `Arc`, so a chunk a reply still shares is
+    /// copied on append at the cost of 64 reference counts, not 64 changes.
+    entries: Chunked<Arc<Entry>>,
     /// Positions in `entries` of each replica's entries, in counter order.
     by_replica: HashMap<ReplicaId, Vec<u32>>,
     /// Per document, the highest counter per replica of any change to it.
@@ -106,7 +159,7 @@ impl Log {
                 .entry(s.doc.clone())
                 .or_default()
                 .merge(&s.clock);
-            log.snapshots.insert(s.doc.clone(), s);
+            log.snapshots.insert(s.doc.clone(), Arc::new(s));
         }
         let mut problems = Vec::new();
         for e in stored.entries {
@@ -128,18 +181,18 @@ impl Log {
     }
 
     /// Entries above the horizon, in log order.
-    pub fn entries(&self) -> chunked::Iter<'_, Entry> {
-        self.entries.iter()
+    pub fn entries(&self) -> impl DoubleEndedIterator<Item = &Entry> + ExactSizeIterator {
+        self.entries.iter().map(Arc::as_ref)
     }
 
     /// Snapshots below the horizon.
     pub fn snapshots(&self) -> impl Iterator<Item = &Snapshot> {
-        self.snapshots.values()
+        self.snapshots.values().map(Arc::as_ref)
     }
 
     /// The snapshot of one document, if it has one below the horizon.
     pub fn snapshot(&self, doc: &DocId) -> Option<&Snapshot> {
-        self.snapshots.get(doc)
+        self.snapshots.get(doc).map(Arc::as_ref)
     }
 
     /// Bytes of change data held in entries (a compaction trigger).
@@ -232,17 +285,25 @@ impl Log {
             }
         }
         self.entry_bytes += entry.change.len();
-        self.entries.push(entry);
+        self.entries.push(Arc::new(entry));
         Ok(Appended::Added)
     }
 
     /// The entry with this dot, if it is above the horizon.
     pub fn get(&self, dot: &Dot) -> Option<&Entry> {
+        self.entries.get(self.position(dot)?).map(Arc::as_ref)
+    }
+
+    /// [`Log::get`], sharing the entry.
+    pub fn get_shared(&self, dot: &Dot) -> Option<Arc<Entry>> {
+        self.entries.get(self.position(dot)?).cloned()
+    }
+
+    fn position(&self, dot: &Dot) -> Option<usize> {
         let base = self.base.get(&dot.replica);
         let idx = dot.counter.checked_sub(base + 1)?;
         let positions = self.by_replica.get(&dot.replica)?;
-        let pos = *positions.get(usize::try_from(idx).ok()?)?;
-        self.entries.get(pos as usize)
+        Some(*positions.get(usize::try_from(idx).ok()?)? as usize)
     }
 
     /// `replica`'s entries with counters in `from..=to` (those above the horizon).
@@ -255,7 +316,7 @@ impl Log {
         let end = to.saturating_sub(base).min(positions.len() as u64);
         (start..end)
             .filter_map(|i| positions.get(i as usize))
-            .filter_map(|&p| self.entries.get(p as usize))
+            .filter_map(|&p| self.entries.get(p as usize).map(Arc::as_ref))
             .collect()
     }
 
@@ -264,14 +325,57 @@ impl Log {
     /// O(replicas + missing · log missing), plus a scan of the snapshots only
     /// when the peer is behind the horizon.
     pub fn changes_since(&self, since: &VersionVector) -> Delta<'_> {
-        let mut delta = Delta::default();
-        if !since.dominates(&self.base) {
-            delta.base = Some(self.base.clone());
-            delta.snapshots = self
-                .snapshots
-                .values()
-                .filter(|s| !since.dominates(&s.clock))
-                .collect();
+        let (base, snapshots) = self.snapshots_since(since);
+        Delta {
+            base,
+            snapshots: snapshots.into_iter().map(|s| s.as_ref()).collect(),
+            entries: self
+                .positions_since(since)
+                .into_iter()
+                .filter_map(|p| self.entries.get(p as usize).map(Arc::as_ref))
+                .collect(),
+        }
+    }
+
+    /// [`Log::changes_since`] as a value that owns a snapshot of the log
+    /// (shared chunks and snapshots: reference counts, no copies), so the
+    /// entries can be read and encoded later, elsewhere, while the log moves
+    /// on.
+    pub fn missing_since(&self, since: &VersionVector) -> Missing {
+        let (base, snapshots) = self.snapshots_since(since);
+        Missing {
+            base,
+            snapshots: snapshots.into_iter().cloned().collect(),
+            positions: self.positions_since(since),
+            entries: self.entries.clone(),
+        }
+    }
+
+    fn snapshots_since(
+        &self,
+        since: &VersionVector,
+    ) -> (Option<VersionVector>, Vec<&Arc<Snapshot>>) {
+        if since.dominates(&self.base) {
+            return (None, Vec::new());
+        }
+        let snapshots = self
+            .snapshots
+            .values()
+            .filter(|s| !since.dominates(&s.clock))
+            .collect();
+        (Some(self.base.clone()), snapshots)
+    }
+
+    /// Positions in `entries` of those `since` lacks, in log order.
+    fn positions_since(&self, since: &VersionVector) -> Vec<u32> {
+        // A cold sync (or any peer with nothing above the horizon) lacks
+        // every entry: all positions, already in order.
+        let lacks_all = self
+            .by_replica
+            .keys()
+            .all(|r| since.get(r) <= self.base.get(r));
+        if lacks_all {
+            return (0..u32::try_from(self.entries.len()).unwrap_or(u32::MAX)).collect();
         }
         let mut positions = Vec::new();
         for (r, idxs) in &self.by_replica {
@@ -283,11 +387,7 @@ impl Log {
             }
         }
         positions.sort_unstable();
-        delta.entries = positions
-            .into_iter()
-            .filter_map(|p| self.entries.get(p as usize))
-            .collect();
-        delta
+        positions
     }
 
     /// Fold every entry at or below `up_to` (clamped to what the log holds)
@@ -411,7 +511,7 @@ impl Log {
                 .entry(s.doc.clone())
                 .or_default()
                 .merge(&s.clock);
-            self.snapshots.insert(s.doc.clone(), s);
+            self.snapshots.insert(s.doc.clone(), Arc::new(s));
         }
         let entries = std::mem::take(&mut self.entries);
         self.by_replica.clear();
@@ -442,8 +542,8 @@ impl Log {
     pub fn to_stored(&self) -> StoredDatabase {
         StoredDatabase {
             base: self.base.clone(),
-            snapshots: self.snapshots.values().cloned().collect(),
-            entries: self.entries.iter().cloned().collect(),
+            snapshots: self.snapshots().cloned().collect(),
+            entries: self.entries().cloned().collect(),
         }
     }
 }

@@ -82,6 +82,13 @@ impl Hub {
                             self.got.push((p, msg.clone()));
                         }
                     }
+                    ServerOutput::Reply { peer, reply } => {
+                        for frame in reply.frames() {
+                            self.frames.push(frame.len());
+                            let msg = protocol::decode(&frame, usize::MAX).unwrap();
+                            self.got.push((peer, msg));
+                        }
+                    }
                     ServerOutput::Load { db } if self.hold_loads => self.loads.push(db),
                     ServerOutput::Load { db } => self.server.loaded(db, StoredDatabase::default()),
                     _ => {}

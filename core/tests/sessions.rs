@@ -12,7 +12,7 @@ use syncline_core::protocol::{self, ErrorCode, Hello, Message, Push, Subscribe};
 use syncline_core::store::StoredDatabase;
 use syncline_core::sync::{
     AuthError, Authenticator, Client, ClientConfig, ClientEvent, ClientOutput, Grant, Grants,
-    OpenAccess, Right, Status,
+    OpenAccess, Right, ServerOutput, Status,
 };
 
 struct Tokens;
@@ -656,38 +656,67 @@ fn a_live_delta_in_several_parts_does_not_look_like_a_gap() {
     assert_eq!(d.list().len(), 20);
 }
 
-/// A burst of repeated Subscribes is visible to the adapter as outbox bytes
-/// (each reply is an encoded copy of the database), so it can drain and let
-/// its per-connection limit drop a peer that asks faster than it reads.
+/// A reply to Subscribe is handed out unencoded, holding a share of the log
+/// (no copy, no outbox bytes): the adapter encodes it part by part as the
+/// connection drains. It answers for the log as it was when asked, however
+/// much the log grows before it is sent.
 #[test]
-fn outbox_bytes_count_subscribe_replies_until_drained() {
+fn a_subscribe_reply_shares_the_log_as_it_was_when_asked() {
     let mut net = Net::new(OpenAccess);
     let (a, b) = two_online(&mut net);
-    for i in 0..20 {
-        let id = DocId::new(format!("doc-{i}")).unwrap();
-        // Text that does not compress, so the reply's size is the data's.
-        let body = json!({ "text": common::incompressible(500, i), "i": i });
-        net.nodes[a].client.update(&db(), &id, &body).unwrap();
-    }
-    net.route_client(a);
-    net.run();
-    assert_eq!(net.server.outbox_bytes(), 0);
-    let peer = net.nodes[b].peer.unwrap();
-    let subscribe = |req| {
-        Message::Subscribe(Box::new(Subscribe {
-            db: db(),
-            since: VersionVector::new(),
-            req,
-        }))
+    let write = |net: &mut Net<OpenAccess>, range: std::ops::Range<u64>| {
+        for i in range {
+            let id = DocId::new(format!("doc-{i}")).unwrap();
+            let body = json!({ "text": common::incompressible(500, i), "i": i });
+            net.nodes[a].client.update(&db(), &id, &body).unwrap();
+        }
+        net.route_client(a);
+        net.run();
     };
-    net.server.handle(peer, subscribe(7));
-    let one = net.server.outbox_bytes();
-    assert!(one > 5_000, "one reply holds the database: {one} bytes");
-    net.server.handle(peer, subscribe(8));
-    net.server.handle(peer, subscribe(9));
-    assert!(net.server.outbox_bytes() >= 3 * one);
-    let _ = net.server.take_outputs();
+    write(&mut net, 0..20);
     assert_eq!(net.server.outbox_bytes(), 0);
+    let vv_then = net.server.log(&db()).unwrap().vv().clone();
+    let peer = net.nodes[b].peer.unwrap();
+    for req in [7, 8, 9] {
+        net.server.handle(
+            peer,
+            Message::Subscribe(Box::new(Subscribe {
+                db: db(),
+                since: VersionVector::new(),
+                req,
+            })),
+        );
+    }
+    // Three replies of the whole database cost no encoded bytes.
+    assert_eq!(net.server.outbox_bytes(), 0);
+    let mut replies: Vec<_> = net
+        .server
+        .take_outputs()
+        .into_iter()
+        .filter_map(|o| match o {
+            ServerOutput::Reply { peer: to, reply } if to == peer => Some(reply),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(replies.len(), 3);
+    let left = replies[0].bytes_left();
+    assert!(left > 20 * 500, "{left}");
+    // The log moves on before the replies are sent.
+    write(&mut net, 20..30);
+    assert_ne!(net.server.log(&db()).unwrap().vv(), &vv_then);
+    for reply in replies {
+        let mut entries = 0;
+        let frames = reply.frames();
+        for (i, frame) in frames.iter().enumerate() {
+            let Message::Delta(d) = protocol::decode(frame, usize::MAX).unwrap() else {
+                panic!("a reply part that is not a Delta");
+            };
+            assert_eq!((d.part as usize, d.last), (i, i + 1 == frames.len()));
+            assert_eq!(d.vv, vv_then);
+            entries += d.entries.len();
+        }
+        assert_eq!(entries, 20);
+    }
 }
 
 /// `heartbeat` pings while connected and reports a connection on which

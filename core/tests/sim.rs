@@ -265,6 +265,14 @@ impl Sim {
                         }
                     }
                 }
+                ServerOutput::Reply { peer, reply } => {
+                    for frame in reply.frames() {
+                        self.record_acks(&frame);
+                        if let Some(c) = self.conn_of_peer(peer) {
+                            c.to_client.push_back(frame);
+                        }
+                    }
+                }
                 ServerOutput::Close { peer, .. } => {
                     if let Some(c) = self.conn_of_peer(peer) {
                         c.closing = true;

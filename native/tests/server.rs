@@ -1932,3 +1932,101 @@ async fn a_connection_over_its_read_rate_waits_and_loses_nothing() {
     .expect("every ping answered");
     assert!(metric(server.addr, "syncline_read_waits_total").await >= 1.0);
 }
+
+/// `len` letters that deflate does not shrink much.
+fn incompressible(len: usize, seed: u64) -> String {
+    let mut x = 0x2545_F491_4F6C_DD1Du64 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
+/// Replies to Subscribe are encoded part by part as the socket drains, not
+/// queued whole: a cold sync three times the per-connection send queue
+/// arrives complete (it used to get the reader dropped as too slow), and
+/// Subscribes sent back to back are answered one after another, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_cold_syncs_larger_than_the_send_queue_stream_in_order() {
+    use syncline_core::protocol::{self, Hello, Message, Subscribe};
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &[
+            "--anonymous",
+            "big-*",
+            "--max-frame",
+            "65536",
+            "--max-queued-bytes",
+            "1048576",
+        ],
+    );
+    let url = server.url();
+    let list = db("big-1");
+    let writer = SyncClient::connect(Some(&url), "", dir.path().join("w"))
+        .await
+        .unwrap();
+    writer.open(&list).await.unwrap();
+    const PUTS: u64 = 200;
+    for k in 0..PUTS {
+        let body = json!({ "k": k, "blob": incompressible(16_000, k) });
+        writer
+            .put(&list, &doc(&format!("d{}", k % 20)), body)
+            .await
+            .unwrap();
+    }
+    synced(&writer, &list).await;
+
+    let mut ws = raw::open(&url).await;
+    let hello = Message::Hello(Box::new(Hello {
+        replica: syncline_core::ReplicaId([5; 16]),
+        token: String::new(),
+    }));
+    raw::send(&mut ws, protocol::encode(&hello)).await;
+    const REPLIES: u32 = 4;
+    for req in 1..=REPLIES {
+        let sub = Message::Subscribe(Box::new(Subscribe {
+            db: list.clone(),
+            since: Default::default(),
+            req,
+        }));
+        raw::send(&mut ws, protocol::encode(&sub)).await;
+    }
+    let (mut req, mut part, mut entries) = (1u32, 0u32, 0usize);
+    tokio::time::timeout(WAIT, async {
+        while let Some(m) = raw::next(&mut ws).await {
+            match m {
+                Message::Delta(d) => {
+                    assert_eq!(
+                        (d.req, d.part),
+                        (req, part),
+                        "replies in order, parts in order"
+                    );
+                    entries += d.entries.len();
+                    part += 1;
+                    if d.last {
+                        assert_eq!(entries as u64, PUTS, "reply {req} is complete");
+                        (req, part, entries) = (req + 1, 0, 0);
+                        if req > REPLIES {
+                            return;
+                        }
+                    }
+                }
+                Message::Error(e) => panic!("refused: {e:?}"),
+                _ => {}
+            }
+        }
+        panic!("closed during reply {req}, part {part}");
+    })
+    .await
+    .expect("every reply arrives");
+    assert_eq!(
+        metric(server.addr, "syncline_errors_total{code=\"Overloaded\"}").await,
+        0.0
+    );
+}

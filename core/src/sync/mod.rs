@@ -14,4 +14,5 @@ pub use client::{
     CATCH_UP_IDLE_MS, CATCH_UP_STEP, Client, ClientConfig, ClientError, ClientEvent, ClientOutput,
     PeerInfo, PresenceView, Status, VIEW_REFRESH_ENTRIES,
 };
+pub use parts::Reply;
 pub use server::{PeerId, Server, ServerConfig, ServerOutput, ValidateJob, Validated};

@@ -10,7 +10,6 @@
 //! [`Server::persisted`] are they acknowledged to their sender, added to the
 //! log that answers `Subscribe`, and fanned out to the other subscribers.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -18,7 +17,7 @@ use crate::change_limits::{ChangeLimits, ChangeSummary};
 use crate::clock::VersionVector;
 use crate::entry::Entry;
 use crate::ids::{DbName, DocId, ReplicaId};
-use crate::log::{Compaction, Log};
+use crate::log::{Compaction, Log, Missing};
 use crate::protocol::{
     self, Ack, DEFAULT_MAX_FRAME, ErrorCode, Hello, Message, PeerPresence, Presence,
     PresenceUpdate, Push, Subscribe, Welcome,
@@ -27,7 +26,7 @@ use crate::store::{Batch, StoredDatabase};
 use crate::view::{BuiltViews, DocView, ViewJob};
 
 use super::auth::{Authenticator, Grants, Right};
-use super::parts::Parts;
+use super::parts::Reply;
 
 /// A connection's id, assigned by [`Server::connect`].
 pub type PeerId = u64;
@@ -150,6 +149,15 @@ pub enum ServerOutput {
         /// The database.
         db: DbName,
     },
+    /// Send a reply to `Subscribe`, built part by part as the connection
+    /// drains (see [`Reply`]); frames queued for the peer after this output
+    /// go after the reply's last part.
+    Reply {
+        /// Recipient.
+        peer: PeerId,
+        /// The reply.
+        reply: Box<Reply>,
+    },
     /// Run `job` (off the task serving other connections), then call
     /// [`Server::validated`] with its result. Until then the peer's later
     /// messages wait in order (with [`ServerConfig::defer_validation`]).
@@ -208,6 +216,13 @@ fn held<'d>(d: &'d ServerDb, e: &Entry) -> Option<&'d Entry> {
     })
 }
 
+/// [`held`], sharing the log's copy (a pending one is copied: rare).
+fn held_shared(d: &ServerDb, e: &Entry) -> Option<Arc<Entry>> {
+    d.log
+        .get_shared(&e.dot)
+        .or_else(|| held(d, e).map(|h| Arc::new(h.clone())))
+}
+
 /// Whether `e` is a byte-for-byte resend of `held` (cheap; a resend in
 /// another encoding needs [`same_change`]).
 fn same_bytes(held: &Entry, e: &Entry) -> bool {
@@ -240,9 +255,11 @@ pub struct ValidateJob {
     /// Entries the database did not hold at push time: each is checked
     /// against the limits and parsed by automerge.
     new: Vec<Entry>,
-    /// Entries under held dots whose bytes differ from the held ones,
-    /// with the held entry: same change hash, or a conflict.
-    resent: Vec<(Entry, Entry)>,
+    /// Entries under held dots with the held entry (shared with the log):
+    /// in a small push only those whose bytes differ (same change hash, or
+    /// a conflict); in a large one all of them, so comparing megabytes of
+    /// resent bytes happens here, not in the hub.
+    resent: Vec<(Arc<Entry>, Entry)>,
     /// Per document the new entries touch, the replicas with a change to
     /// it held or on its way to the store (automerge must know every actor
     /// a change names; see [`ValidateJob::check_actors`]).
@@ -492,7 +509,7 @@ struct ServerDb {
     presence_fresh: Vec<(PeerId, u32)>,
     /// Views built off the hot path; one is served only while its clock is
     /// the document's clock in `log`.
-    views: HashMap<DocId, DocView>,
+    views: HashMap<DocId, Arc<DocView>>,
     /// Documents whose view could not be built at this clock (not retried
     /// until they change).
     views_failed: HashMap<DocId, VersionVector>,
@@ -560,10 +577,10 @@ impl<A: Authenticator> Server<A> {
         std::mem::take(&mut self.out)
     }
 
-    /// Bytes of encoded frames waiting in the outbox. An adapter batching a
-    /// burst of messages drains when this grows large: a burst of repeated
-    /// Subscribes would otherwise hold one encoded copy of the database per
-    /// request before any per-connection limit sees them.
+    /// Bytes of encoded frames waiting in the outbox (live updates,
+    /// presence; replies to Subscribe are not encoded here). An adapter
+    /// batching a burst of messages drains when this grows large, so its
+    /// per-connection limits see the frames before they pile up.
     pub fn outbox_bytes(&self) -> usize {
         self.out_bytes
     }
@@ -1106,7 +1123,7 @@ impl<A: Authenticator> Server<A> {
         for v in built.views {
             if d.log.doc_clock(&v.doc) == Some(&v.clock) {
                 d.views_failed.remove(&v.doc);
-                d.views.insert(v.doc.clone(), v);
+                d.views.insert(v.doc.clone(), Arc::new(v));
             }
         }
         for (doc, clock) in built.failed {
@@ -1364,36 +1381,20 @@ impl<A: Authenticator> Server<A> {
         let Some(d) = self.dbs.get_mut(&s.db) else {
             return;
         };
-        let delta = d.log.changes_since(&s.since);
+        let missing = d.log.missing_since(&s.since);
         let views = if self.config.serve_views {
-            fresh_views_for(&d.log, &d.views, &delta.entries, budget / 2)
+            fresh_views_for(&d.log, &d.views, &missing, budget / 2)
         } else {
             HashMap::new()
         };
-        // Each part is encoded as soon as it is cut, so a cold sync holds
-        // one part's copy of the log at a time, not the whole reply's.
-        let mut frames = Vec::new();
-        let mut encoded = 0usize;
-        let base = delta.base.unwrap_or_default();
-        let parts = Parts {
-            db: &s.db,
-            req: s.req,
-            base: &base,
-            vv: d.log.vv(),
+        let reply = Reply::new(
+            s.db.clone(),
+            s.req,
+            d.log.vv().clone(),
             budget,
-        };
-        let entries = delta.entries.iter().map(|e| Cow::Borrowed(*e));
-        parts.emit(&delta.snapshots, entries, views, |part| {
-            let (entries, views) = (part.entries.len(), part.views.len());
-            let frame = Arc::new(protocol::encode(&Message::Delta(Box::new(part))));
-            encoded += frame.len();
-            frames.push(ServerOutput::Broadcast {
-                peers: vec![peer],
-                frame,
-                entries,
-                views,
-            });
-        });
+            missing,
+            views,
+        );
         let newly = d.subscribers.insert(peer);
         if newly {
             d.presence.insert(peer, (replica, None));
@@ -1421,8 +1422,10 @@ impl<A: Authenticator> Server<A> {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.subs.insert(s.db.clone());
         }
-        self.out.extend(frames);
-        self.out_bytes += encoded;
+        self.out.push(ServerOutput::Reply {
+            peer,
+            reply: Box::new(reply),
+        });
         for part in presence_parts(full, self.config.max_frame / 2) {
             self.send(peer, Message::PresenceUpdate(Box::new(part)));
         }
@@ -1498,10 +1501,15 @@ impl<A: Authenticator> Server<A> {
         }
         // Resends of held dots are dropped by their bytes before anything
         // is parsed; only what is new (or a resend in other bytes) goes to
-        // the validation job, off the hub when validation is deferred.
+        // the validation job, off the hub when validation is deferred. In a
+        // push over 64 KiB every resend goes to the job, which compares the
+        // bytes there (the hub only takes a reference to the held entry).
         let Some(d) = self.dbs.get(&p.db) else {
             return;
         };
+        const COMPARE_INLINE: usize = 64 << 10;
+        let compare_inline =
+            p.entries.iter().map(|e| e.change.len()).sum::<usize>() <= COMPARE_INLINE;
         let have = d.accepted.get(&replica);
         let mut new = Vec::new();
         let mut resent = Vec::new();
@@ -1530,10 +1538,14 @@ impl<A: Authenticator> Server<A> {
                 }
                 continue;
             }
-            match held(d, &e) {
-                Some(h) if same_bytes(h, &e) => {}
-                Some(h) => resent.push((h.clone(), e)),
-                None => {} // compacted away: nothing to compare with
+            if compare_inline {
+                match held(d, &e) {
+                    Some(h) if same_bytes(h, &e) => {}
+                    Some(h) => resent.push((Arc::new(h.clone()), e)),
+                    None => {} // compacted away: nothing to compare with
+                }
+            } else if let Some(h) = held_shared(d, &e) {
+                resent.push((h, e));
             }
         }
         let mut known: HashMap<DocId, BTreeSet<ReplicaId>> = HashMap::new();
@@ -1772,18 +1784,10 @@ impl<A: Authenticator> Server<A> {
         if peers.is_empty() || entries.is_empty() {
             return;
         }
-        let none = VersionVector::new();
-        let parts = Parts {
-            db,
-            req: 0,
-            base: &none,
-            vv,
-            budget: self.config.max_frame / 2,
-        };
-        let mut out = Vec::new();
-        let entries = entries.into_iter().map(Cow::Owned);
-        parts.emit(&[], entries, HashMap::new(), |part| out.push(part));
-        for part in out {
+        let budget = self.config.max_frame / 2;
+        let missing = Missing::from_entries(entries);
+        let mut reply = Reply::new(db.clone(), 0, vv.clone(), budget, missing, HashMap::new());
+        while let Some(part) = reply.next_part() {
             self.broadcast(peers, &Message::Delta(Box::new(part)));
         }
     }
@@ -1843,17 +1847,29 @@ fn stale_docs(d: &ServerDb) -> impl Iterator<Item = &DocId> {
 /// The current views of the documents whose whole history is in `entries`,
 /// leaving out views over `max_len` (a view rides with an entry in one
 /// part; both together must stay under the frame limit).
-fn fresh_views_for<'a>(
+fn fresh_views_for(
     log: &Log,
-    views: &'a HashMap<DocId, DocView>,
-    entries: &[&'a Entry],
+    views: &HashMap<DocId, Arc<DocView>>,
+    missing: &Missing,
     max_len: usize,
-) -> HashMap<&'a DocId, &'a DocView> {
+) -> HashMap<DocId, Arc<DocView>> {
     if views.is_empty() {
         return HashMap::new();
     }
+    let fresh = |doc: &DocId, v: &DocView| {
+        v.encoded_len() <= max_len && log.doc_clock(doc) == Some(&v.clock)
+    };
+    if missing.lacks_all_entries() {
+        // A cold sync: every document without a snapshot comes whole, so
+        // look at the views, not at every entry.
+        return views
+            .iter()
+            .filter(|(doc, v)| log.is_whole_history(doc, log.doc_entry_count(doc)) && fresh(doc, v))
+            .map(|(doc, v)| (doc.clone(), v.clone()))
+            .collect();
+    }
     let mut counts: HashMap<&DocId, u32> = HashMap::new();
-    for e in entries {
+    for e in missing.entries() {
         *counts.entry(&e.doc).or_default() += 1;
     }
     counts
@@ -1861,8 +1877,7 @@ fn fresh_views_for<'a>(
         .filter(|(doc, n)| log.is_whole_history(doc, *n))
         .filter_map(|(doc, _)| {
             let v = views.get(doc)?;
-            let fits = v.encoded_len() <= max_len;
-            (fits && log.doc_clock(doc) == Some(&v.clock)).then_some((doc, v))
+            fresh(doc, v).then(|| (doc.clone(), v.clone()))
         })
         .collect()
 }

@@ -158,6 +158,11 @@ impl<A: Authenticator> Net<A> {
                         }
                     }
                 }
+                ServerOutput::Reply { peer, reply } => {
+                    if let Some(n) = self.node_of(peer) {
+                        n.to_client.extend(reply.frames());
+                    }
+                }
                 ServerOutput::Close { peer, .. } => {
                     if let Some(n) = self.node_of(peer) {
                         n.closed = true;

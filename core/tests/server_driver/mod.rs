@@ -1043,6 +1043,22 @@ impl Driver {
                     assert_eq!((entries, views), counted, "broadcast counts");
                     self.check_frame(&msg, frame.len());
                 }
+                ServerOutput::Reply { reply, .. } => {
+                    let expected = reply.counts();
+                    let mut counted = (0, 0);
+                    for frame in reply.frames() {
+                        bytes += frame.len();
+                        let msg = protocol::decode(&frame, usize::MAX).unwrap_or_else(|e| {
+                            panic!("the server sent a frame it cannot read: {e}")
+                        });
+                        if let Message::Delta(d) = &msg {
+                            counted.0 += d.entries.len();
+                            counted.1 += d.views.len();
+                        }
+                        self.check_frame(&msg, frame.len());
+                    }
+                    assert_eq!(expected, counted, "reply counts");
+                }
                 ServerOutput::Close { peer, .. } => {
                     for c in self.conns.iter_mut().flatten() {
                         if c.peer == peer {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::body::Bytes;
 use syncline_core::protocol::{self, ErrorCode, Hello, Message};
-use syncline_core::sync::{PeerId, Server, ServerOutput, ValidateJob, Validated};
+use syncline_core::sync::{PeerId, Reply, Server, ServerOutput, ValidateJob, Validated};
 use syncline_core::{DbName, Store, StoredDatabase};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Duration, Instant};
@@ -29,6 +29,15 @@ pub enum Out {
     /// One encoded frame (shared by every recipient of a broadcast: cloning
     /// it counts a reference, the bytes are not copied per connection).
     Frame(Bytes),
+    /// A reply to `Subscribe`, encoded part by part as the socket drains
+    /// (the frames queued after it wait for its last part).
+    Reply {
+        /// The reply.
+        reply: Box<Reply>,
+        /// The connection's reply slot ([`ConnHandle::slot`]), given back
+        /// after the last part is written.
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    },
     /// Close after the frames before this.
     Close(ErrorCode),
 }
@@ -42,6 +51,10 @@ pub struct ConnHandle {
     pub queued: Arc<AtomicUsize>,
     /// Fired when the connection must be dropped at once (slow reader).
     pub kill: Option<oneshot::Sender<ErrorCode>>,
+    /// The connection's reply slot while the server handles its Subscribe:
+    /// moved into the reply, or given back if the Subscribe produced none
+    /// now (refused, or waiting for its database to load).
+    pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Messages to the hub.
@@ -74,6 +87,11 @@ pub enum HubMsg {
         /// Its share of the bytes messages may hold on their way to the
         /// hub ([`HELD_KIB`]), given back once the server has taken it.
         held: tokio::sync::OwnedSemaphorePermit,
+        /// For a `Subscribe`, the connection's only reply slot: its next
+        /// Subscribe is not read until this one's reply is written, so one
+        /// small frame cannot queue the encoding of a whole database many
+        /// times over.
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
     },
     /// The connection ended.
     Disconnect {
@@ -187,7 +205,7 @@ pub async fn run(
     config: HubConfig,
     tx: mpsc::Sender<HubMsg>,
     mut rx: mpsc::Receiver<HubMsg>,
-    heavy: Arc<tokio::sync::Semaphore>,
+    heavy: super::heavy::Heavy,
 ) {
     let mut hub = Hub {
         conns: HashMap::new(),
@@ -203,6 +221,7 @@ pub async fn run(
         views_building: std::collections::HashSet::new(),
         views_pending: std::collections::HashSet::new(),
         validators: heavy,
+        slotted: Vec::new(),
     };
     // Tokens are checked at Hello; this ends connections that outlive theirs.
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
@@ -237,10 +256,10 @@ pub async fn run(
         // Take in what else is already queued (bounded) before carrying out
         // the outputs: a burst (a thousand joins, many pushes) then costs
         // one presence update per subscriber and fewer store requests.
-        // Stop taking in early once the replies encoded so far exceed one
-        // connection's send limit: carrying them out then lets that limit
-        // drop a peer that repeats Subscribe without reading, instead of
-        // holding one copy of the database per request.
+        // Stop taking in early once the frames encoded so far (live
+        // updates, presence) exceed one connection's send limit: carrying
+        // them out then lets that limit drop a peer that does not read.
+        // (Replies to Subscribe are encoded later, by their connection.)
         for _ in 0..255 {
             if server.outbox_bytes() > hub.config.max_queued_bytes {
                 break;
@@ -280,10 +299,13 @@ struct Hub {
     views_building: std::collections::HashSet<DbName>,
     /// Databases counted in the `views_pending` metric.
     views_pending: std::collections::HashSet<DbName>,
-    /// Expensive work (parsing pushes, decoding large frames) done at once
-    /// on the blocking pool: one core fewer than the machine has, so the
-    /// hub always has one ([`heavy_threads`]).
-    validators: Arc<tokio::sync::Semaphore>,
+    /// Threads for expensive work (parsing pushes, decoding large frames,
+    /// encoding replies): one fewer than the machine has cores, at a lower
+    /// priority, so the hub always has one ([`heavy_threads`]).
+    validators: super::heavy::Heavy,
+    /// Connections whose reply slot the hub holds until the outputs are
+    /// carried out.
+    slotted: Vec<PeerId>,
 }
 
 /// How many expensive jobs run at once: one core fewer than the machine.
@@ -323,9 +345,20 @@ impl Hub {
                 server.handle(peer, Message::Hello(Box::new(hello)));
                 let _ = accepted.send(server.greeted(peer));
             }
-            HubMsg::Message { peer, msg, held } => {
+            HubMsg::Message {
+                peer,
+                msg,
+                held,
+                slot,
+            } => {
                 if let Message::Push(p) = &msg {
                     self.metrics.entries_in.inc_by(p.entries.len() as u64);
+                }
+                if let Some(c) = self.conns.get_mut(&peer)
+                    && slot.is_some()
+                {
+                    c.slot = slot;
+                    self.slotted.push(peer);
                 }
                 server.handle(peer, msg);
                 drop(held);
@@ -411,10 +444,17 @@ impl Hub {
         loop {
             let outs = server.take_outputs();
             if outs.is_empty() {
-                return;
+                break;
             }
             for out in outs {
                 self.execute_one(server, out);
+            }
+        }
+        // A Subscribe answered later (its database loading) or not at all
+        // gives its slot back now.
+        for peer in self.slotted.drain(..) {
+            if let Some(c) = self.conns.get_mut(&peer) {
+                c.slot = None;
             }
         }
     }
@@ -452,6 +492,15 @@ impl Hub {
                     let frame = Bytes::from(Arc::unwrap_or_clone(frame));
                     for peer in peers {
                         self.send(server, peer, frame.clone());
+                    }
+                }
+                ServerOutput::Reply { peer, reply } => {
+                    let (entries, views) = reply.counts();
+                    self.metrics.entries_out.inc_by(entries as u64);
+                    self.metrics.views_out.inc_by(views as u64);
+                    if let Some(c) = self.conns.get_mut(&peer) {
+                        let slot = c.slot.take();
+                        let _ = c.tx.send(Out::Reply { reply, slot });
                     }
                 }
                 ServerOutput::Close { peer, code } => {
@@ -511,22 +560,17 @@ impl Hub {
         }
     }
 
-    /// Parse a push on the blocking pool; its sender's later messages wait
+    /// Parse a push on a heavy thread; its sender's later messages wait
     /// in the server meanwhile, nobody else's do.
     fn validate(&self, peer: PeerId, job: Box<ValidateJob>) {
-        let (tx, permits) = (self.tx.clone(), self.validators.clone());
+        let (tx, heavy) = (self.tx.clone(), self.validators.clone());
         self.metrics.validated_bytes.inc_by(job.bytes() as u64);
         tokio::spawn(async move {
-            let Ok(_permit) = permits.acquire_owned().await else {
-                return; // the hub is gone
-            };
             let db = job.db().clone();
-            let validated = tokio::task::spawn_blocking(move || job.run())
-                .await
-                .unwrap_or_else(|e| {
-                    tracing::error!(peer, %db, "validating a push panicked: {e}");
-                    Validated::failed(db, "the server could not parse this change")
-                });
+            let validated = heavy.run(move || job.run()).await.unwrap_or_else(|| {
+                tracing::error!(peer, %db, "validating a push panicked");
+                Validated::failed(db, "the server could not parse this change")
+            });
             let _ = tx.send(HubMsg::Validated { peer, validated }).await;
         });
     }

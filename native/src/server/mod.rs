@@ -8,6 +8,7 @@
 
 mod budget;
 mod files;
+mod heavy;
 mod http;
 mod hub;
 mod metrics;
@@ -21,6 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
@@ -29,9 +31,9 @@ use axum::routing::get;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use syncline_core::ReplicaId;
 use syncline_core::protocol::{self, ErrorCode, Message};
-use syncline_core::sync::{Server, ServerConfig};
+use syncline_core::sync::{Reply, Server, ServerConfig};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 pub use hub::HubConfig;
 pub use metrics::Metrics;
@@ -127,9 +129,9 @@ struct AppState {
     per_ip: Arc<http::PerIp>,
     /// KiB of messages on their way to the hub ([`hub::HELD_KIB`]).
     held: Arc<Semaphore>,
-    /// Expensive work at once ([`hub::heavy_threads`]), shared with the
-    /// hub's push validation.
-    heavy: Arc<Semaphore>,
+    /// Threads for expensive work ([`hub::heavy_threads`] of them, at a
+    /// lower priority), shared with the hub's push validation.
+    heavy: heavy::Heavy,
     max_frame: usize,
     hello_timeout: Duration,
     ping_interval: Duration,
@@ -167,7 +169,7 @@ pub async fn run(
             max_frame: options.max_frame,
             max_entries_per_push: options.max_entries_per_push,
             serve_views: options.serve_views,
-            // Pushed changes are parsed on the blocking pool, not in the
+            // Large pushes are parsed on the heavy threads, not in the
             // hub that serves every connection.
             defer_validation: true,
             max_subscriptions_per_peer: options.max_subscriptions_per_peer,
@@ -179,7 +181,7 @@ pub async fn run(
         TokenAuth::new(options.secret.clone(), options.anonymous.clone()),
     );
     let (hub_tx, hub_rx) = mpsc::channel(4096);
-    let heavy = Arc::new(Semaphore::new(hub::heavy_threads()));
+    let heavy = heavy::Heavy::start(hub::heavy_threads())?;
     let hub_task = tokio::spawn(hub::run(
         server,
         store,
@@ -374,7 +376,10 @@ async fn connection(socket: WebSocket, state: AppState, budget: budget::ReadBudg
         tx: tx.clone(),
         queued: queued.clone(),
         kill: Some(kill_tx),
+        slot: None,
     };
+    // One reply to Subscribe at a time (see `HubMsg::Message`).
+    let reply_slot = Arc::new(Semaphore::new(1));
     if state
         .hub
         .send(HubMsg::Connect { conn, reply })
@@ -403,21 +408,49 @@ async fn connection(socket: WebSocket, state: AppState, budget: budget::ReadBudg
         let mut ping =
             tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The reply being sent, with the slot it gives back when done.
+        let mut replying: Option<(Box<Reply>, Option<OwnedSemaphorePermit>)> = None;
         loop {
-            let (msg, len, last) = tokio::select! {
-                out = rx.recv() => match out {
-                    Some(Out::Frame(frame)) => {
-                        let len = frame.len();
-                        (WsMessage::Binary(frame), len, false)
-                    }
-                    Some(Out::Close(code)) => (close_frame(code), 0, true),
-                    None => return,
+            let next = match replying.take() {
+                // While a reply is under way, its parts go first (the frames
+                // queued behind it were meant to follow it) and pings wait:
+                // the peer hears from us anyway.
+                Some((reply, slot)) => tokio::select! {
+                    biased;
+                    code = &mut kill => Err(code),
+                    part = encode_part(&state, reply) => match part {
+                        Some((reply, frame)) => {
+                            replying = Some((reply, slot));
+                            state.metrics.bytes_out.inc_by(frame.len() as u64);
+                            Ok((WsMessage::Binary(frame), 0, false))
+                        }
+                        None => continue,
+                    },
                 },
-                _ = ping.tick() => (WsMessage::Ping(Default::default()), 0, false),
-                code = &mut kill => {
+                None => tokio::select! {
+                    out = rx.recv() => match out {
+                        Some(Out::Frame(frame)) => {
+                            let len = frame.len();
+                            Ok((WsMessage::Binary(frame), len, false))
+                        }
+                        Some(Out::Reply { reply, slot }) => {
+                            replying = Some((reply, slot));
+                            continue;
+                        }
+                        Some(Out::Close(code)) => Ok((close_frame(code), 0, true)),
+                        None => return,
+                    },
+                    _ = ping.tick() => Ok((WsMessage::Ping(Default::default()), 0, false)),
+                    code = &mut kill => Err(code),
+                },
+            };
+            let (msg, len, last) = match next {
+                Ok(next) => next,
+                Err(code) => {
                     let err = Message::error(code, "you read too slowly; disconnected", None);
                     let bye = async {
-                        sink.send(WsMessage::Binary(protocol::encode(&err).into())).await?;
+                        sink.send(WsMessage::Binary(protocol::encode(&err).into()))
+                            .await?;
                         sink.send(close_frame(code)).await
                     };
                     let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
@@ -549,6 +582,16 @@ async fn connection(socket: WebSocket, state: AppState, budget: budget::ReadBudg
             }
             match decode(&state, bytes).await {
                 Ok(msg) => {
+                    // A Subscribe waits (unread further) for the reply to
+                    // the one before it to be written.
+                    let slot = if matches!(msg, Message::Subscribe(_)) {
+                        let Ok(slot) = reply_slot.clone().acquire_owned().await else {
+                            return false;
+                        };
+                        Some(slot)
+                    } else {
+                        None
+                    };
                     // Wait for room before handing it on (and reading more).
                     let kib = msg.held_bytes().div_ceil(1024).min(hub::HELD_KIB);
                     let Ok(held) = state
@@ -559,7 +602,12 @@ async fn connection(socket: WebSocket, state: AppState, budget: budget::ReadBudg
                     else {
                         return false;
                     };
-                    let msg = HubMsg::Message { peer, msg, held };
+                    let msg = HubMsg::Message {
+                        peer,
+                        msg,
+                        held,
+                        slot,
+                    };
                     if state.hub.send(msg).await.is_err() {
                         return false;
                     }
@@ -589,29 +637,50 @@ async fn connection(socket: WebSocket, state: AppState, budget: budget::ReadBudg
 
 /// Frames up to this size on the wire, inflating to at most
 /// [`LIGHT_INFLATED`], are decoded where they arrive (most frames: live
-/// edits, pings, presence); larger ones on the blocking pool, a few at a
-/// time, so a peer sending large or inflating frames takes CPU from the
-/// other large frames, not from the hub's worker threads.
+/// edits, pings, presence); larger ones on the heavy threads, so a peer
+/// sending large or inflating frames takes CPU from the other large frames,
+/// not from the hub's worker threads.
 const LIGHT_WIRE: usize = 64 << 10;
 const LIGHT_INFLATED: usize = 1 << 20;
 
-async fn decode(
-    state: &AppState,
-    bytes: axum::body::Bytes,
-) -> Result<Message, protocol::DecodeError> {
+async fn decode(state: &AppState, bytes: Bytes) -> Result<Message, protocol::DecodeError> {
     if bytes.len() <= LIGHT_WIRE {
         match protocol::decode(&bytes, LIGHT_INFLATED) {
             Err(protocol::DecodeError::TooLarge { .. }) if state.max_frame > LIGHT_INFLATED => {}
             done => return done,
         }
     }
-    let Ok(_permit) = state.heavy.clone().acquire_owned().await else {
-        return Err(protocol::DecodeError::Empty); // shutting down
-    };
     let max = state.max_frame;
-    tokio::task::spawn_blocking(move || protocol::decode(&bytes, max))
+    state
+        .heavy
+        .run(move || protocol::decode(&bytes, max))
         .await
-        .unwrap_or_else(|_| Err(protocol::DecodeError::Malformed("undecodable".into())))
+        .unwrap_or_else(|| Err(protocol::DecodeError::Malformed("undecodable".into())))
+}
+
+/// Reply parts holding up to this many bytes are encoded where they are
+/// sent; larger ones on the heavy threads.
+const LIGHT_PART: usize = 32 << 10;
+
+/// The next part of `reply`, encoded, with the rest of the reply; `None`
+/// after the last part.
+async fn encode_part(state: &AppState, mut reply: Box<Reply>) -> Option<(Box<Reply>, Bytes)> {
+    let encode = |mut reply: Box<Reply>| {
+        let part = reply.next_part()?;
+        let frame = Bytes::from(protocol::encode(&Message::Delta(Box::new(part))));
+        Some((reply, frame))
+    };
+    if reply.bytes_left() <= LIGHT_PART {
+        return encode(reply);
+    }
+    let db = reply.db().clone();
+    let encoded = state.heavy.run(move || encode(reply)).await;
+    encoded.unwrap_or_else(|| {
+        // Nothing here is expected to panic; if it did, the reply ends and
+        // the client's next resume asks again.
+        tracing::error!(%db, "encoding a reply failed");
+        None
+    })
 }
 
 fn refuse(tx: &mpsc::UnboundedSender<Out>, code: ErrorCode, text: &str) {
