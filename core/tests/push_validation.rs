@@ -258,7 +258,10 @@ fn resends_of_held_entries_are_acknowledged_without_a_parse() {
     assert_eq!(hub.jobs[0].1.bytes(), 0, "no new change to parse");
     hub.run_jobs();
     assert_eq!(hub.kinds(a).last().unwrap(), "ack");
-    assert_eq!(hub.kinds(a).iter().filter(|k| *k == "ack").count(), acks + 1);
+    assert_eq!(
+        hub.kinds(a).iter().filter(|k| *k == "ack").count(),
+        acks + 1
+    );
     // A different change under a held dot is a conflict, in a small push
     // or among the resends of a large one.
     let mut forged = es[0].clone();

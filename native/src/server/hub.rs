@@ -205,7 +205,7 @@ pub async fn run(
     config: HubConfig,
     tx: mpsc::Sender<HubMsg>,
     mut rx: mpsc::Receiver<HubMsg>,
-    heavy: super::heavy::Heavy,
+    pools: super::heavy::Pools,
 ) {
     let mut hub = Hub {
         conns: HashMap::new(),
@@ -220,7 +220,8 @@ pub async fn run(
         views_due: HashMap::new(),
         views_building: std::collections::HashSet::new(),
         views_pending: std::collections::HashSet::new(),
-        validators: heavy,
+        validators: pools.heavy,
+        background: pools.background,
         slotted: Vec::new(),
     };
     // Tokens are checked at Hello; this ends connections that outlive theirs.
@@ -303,6 +304,8 @@ struct Hub {
     /// encoding replies): one fewer than the machine has cores, at a lower
     /// priority, so the hub always has one ([`heavy_threads`]).
     validators: super::heavy::Heavy,
+    /// One thread, lower still, for view builds and compaction plans.
+    background: super::heavy::Heavy,
     /// Connections whose reply slot the hub holds until the outputs are
     /// carried out.
     slotted: Vec<PeerId>,
@@ -645,15 +648,16 @@ impl Hub {
                 continue;
             };
             self.views_building.insert(db.clone());
-            let tx = self.tx.clone();
+            let (tx, background) = (self.tx.clone(), self.background.clone());
             tokio::spawn(async move {
                 let (docs, changes, targets) = (job.len(), job.changes(), job.targets());
                 let started = Instant::now();
-                let built = tokio::task::spawn_blocking(move || job.build())
+                let built = background
+                    .run(move || job.build())
                     .await
-                    .unwrap_or_else(|e| {
+                    .unwrap_or_else(|| {
                         // Not retried until these documents change.
-                        tracing::error!(%db, "building views failed: {e}");
+                        tracing::error!(%db, "building views failed");
                         syncline_core::BuiltViews {
                             views: Vec::new(),
                             failed: targets,
@@ -676,13 +680,15 @@ impl Hub {
             return;
         }
         self.compacting.insert(db.clone());
-        // Plan on a copy, on a blocking thread: the hub keeps serving.
+        // Plan on a copy (shared chunks), on the background thread: the
+        // hub keeps serving.
         let log = log.clone();
-        let (tx, db) = (self.tx.clone(), db.clone());
+        let (tx, db, background) = (self.tx.clone(), db.clone(), self.background.clone());
         tokio::spawn(async move {
-            let planned = tokio::task::spawn_blocking(move || log.plan_compaction(log.vv()))
+            let planned = background
+                .run(move || log.plan_compaction(log.vv()))
                 .await
-                .map_err(|e| e.to_string());
+                .ok_or_else(|| "planning panicked".to_string());
             let _ = tx
                 .send(HubMsg::Compacted {
                     db,

@@ -181,7 +181,8 @@ pub async fn run(
         TokenAuth::new(options.secret.clone(), options.anonymous.clone()),
     );
     let (hub_tx, hub_rx) = mpsc::channel(4096);
-    let heavy = heavy::Heavy::start(hub::heavy_threads())?;
+    let pools = heavy::Pools::start(hub::heavy_threads())?;
+    let heavy = pools.heavy.clone();
     let hub_task = tokio::spawn(hub::run(
         server,
         store,
@@ -194,7 +195,7 @@ pub async fn run(
         },
         hub_tx.clone(),
         hub_rx,
-        heavy.clone(),
+        pools,
     ));
     let state = AppState {
         hub: hub_tx.clone(),
