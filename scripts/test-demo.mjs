@@ -66,6 +66,8 @@ try {
   const cli = (...args) =>
     promisify(execFile)(join(root, 'target/release/syncline'), [...args, '--url', `ws://${addr}/sync`], {
       timeout: STEP_MS,
+      // Its replica beside the server's data, not in the user's config directory.
+      env: { ...process.env, SYNCLINE_CLI_DIR: join(data, 'cli') },
     }).then((r) => r.stdout.trim());
   const ids = (await cli('list', `todo-${list}`)).split('\n');
   assert.equal(ids.length, 1, `one document in todo-${list}: ${ids}`);

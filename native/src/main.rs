@@ -10,6 +10,7 @@ use syncline::auth::{Claims, mint};
 use syncline::server::{ServeOptions, run};
 use syncline_core::sync::Right;
 
+mod cli_replica;
 mod memory;
 mod offline;
 
@@ -58,6 +59,11 @@ struct RemoteArgs {
     /// Seconds to wait for the server.
     #[arg(long, default_value_t = 10)]
     timeout: u64,
+    /// Where the command keeps its replica between calls (one per server,
+    /// and one more per command running at the same time) [default: the
+    /// user's config directory, e.g. ~/.config/syncline/cli].
+    #[arg(long, env = "SYNCLINE_CLI_DIR")]
+    replica_dir: Option<PathBuf>,
     /// List the databases (admin token) instead of a database's documents.
     #[arg(long)]
     databases: bool,
@@ -248,7 +254,7 @@ fn main() -> Result<()> {
     }
 }
 
-/// get/put/delete/list through a throw-away local replica.
+/// get/put/delete/list through the user's replica for this server.
 fn remote(op: &str, a: RemoteArgs) -> Result<()> {
     use syncline_core::{DbName, DocId};
     if a.databases {
@@ -313,13 +319,21 @@ fn list_databases(a: &RemoteArgs) -> Result<()> {
     })
 }
 
-/// Run `f` with a native client on a throw-away local replica, then clean up.
+/// Run `f` with a native client on the user's replica for this server
+/// (`cli_replica`), or, with no config directory, on a throw-away one.
 fn with_client<F, Fut>(a: &RemoteArgs, f: F) -> Result<()>
 where
     F: FnOnce(syncline::client::SyncClient) -> Fut,
     Fut: std::future::Future<Output = Result<()>>,
 {
-    let local = tempfile_dir()?;
+    let kept = match a.replica_dir.clone().or_else(cli_replica::default_root) {
+        Some(root) => Some(cli_replica::take(&root, &a.url)?),
+        None => None,
+    };
+    let local = match &kept {
+        Some(r) => r.dir.clone(),
+        None => tempfile_dir()?,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -330,7 +344,9 @@ where
         client.close().await;
         r
     });
-    let _ = std::fs::remove_dir_all(&local);
+    if kept.is_none() {
+        let _ = std::fs::remove_dir_all(&local);
+    }
     result
 }
 

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -739,10 +739,17 @@ async fn kill_9_during_a_push_storm_loses_nothing_acknowledged() {
     }
 }
 
+/// Where the CLI keeps its replicas in these tests (not the user's config
+/// directory).
+fn cli_replicas() -> PathBuf {
+    std::env::temp_dir().join(format!("syncline-cli-tests-{}", std::process::id()))
+}
+
 fn cli(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_syncline"))
         .args(args)
         .env("SYNCLINE_LOG", "error")
+        .env("SYNCLINE_CLI_DIR", cli_replicas())
         .output()
         .unwrap();
     (
@@ -785,7 +792,16 @@ fn cli_get_put_delete_list_and_data_dir_tools() {
     let (ok, _, err) = cli(&["put", "--url", u, "demo-cli", "d3", "not json"]);
     assert!(!ok && err.contains("JSON"), "{err}");
 
+    // Every call ran on one replica, kept between calls: the database's
+    // version vector names one replica, not one per call.
     server.kill9();
+    let vv = stored_vv(&data, "demo-cli");
+    assert_eq!(vv.iter().count(), 1, "{vv:?}");
+    assert_eq!(
+        vv.iter().next().map(|(_, c)| *c),
+        Some(3),
+        "put, put, delete"
+    );
     let d = data.to_str().unwrap();
     let (ok, out, _) = cli(&["verify", "--data", d]);
     assert!(ok && out.contains("demo-cli: ok"), "{out}");
