@@ -66,6 +66,10 @@ pub struct Delta {
     /// stores them). Only in replies to `Subscribe`; may be empty.
     pub views: Vec<DocView>,
     /// The sender's durable version vector (for the client: also an ack).
+    /// A reply sends it (and `base`) in its last part only, the parts
+    /// before carry empty vectors; a live update carries only the replicas
+    /// whose entries it holds. Frames then stay small however many
+    /// replicas a database has seen.
     pub vv: VersionVector,
 }
 
@@ -83,7 +87,8 @@ pub struct Push {
 pub struct Ack {
     /// The database.
     pub db: DbName,
-    /// The server's durable version vector.
+    /// What is durable on the server: the pusher's own replica's counter
+    /// (a server may send more of its vector; it need not).
     pub vv: VersionVector,
 }
 

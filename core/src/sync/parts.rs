@@ -102,16 +102,17 @@ impl Reply {
         if self.done {
             return None;
         }
+        // The vectors go in the last part only (see `Delta::vv`).
         let mut part = Delta {
             db: self.db.clone(),
             req: self.req,
             part: self.part,
             last: false,
-            base: self.base.clone(),
+            base: VersionVector::new(),
             snapshots: Vec::new(),
             entries: Vec::new(),
             views: Vec::new(),
-            vv: self.vv.clone(),
+            vv: VersionVector::new(),
         };
         self.part += 1;
         let mut used = 0usize;
@@ -142,6 +143,8 @@ impl Reply {
         self.left = Some(0);
         self.done = true;
         part.last = true;
+        part.base = std::mem::take(&mut self.base);
+        part.vv = std::mem::take(&mut self.vv);
         Some(part)
     }
 

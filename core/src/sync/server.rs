@@ -976,12 +976,13 @@ impl<A: Authenticator> Server<A> {
             }
         }
         for o in origins {
-            if self.peers.contains_key(&o) {
+            if let Some((replica, _)) = self.grants(o) {
+                let ack = own_counter(&vv, replica);
                 self.send(
                     o,
                     Message::Ack(Box::new(Ack {
                         db: db.clone(),
-                        vv: vv.clone(),
+                        vv: ack,
                     })),
                 );
             }
@@ -1390,7 +1391,7 @@ impl<A: Authenticator> Server<A> {
         let reply = Reply::new(
             s.db.clone(),
             s.req,
-            d.log.vv().clone(),
+            reply_vv(d.log.vv(), &s.since, replica),
             budget,
             missing,
             views,
@@ -1651,7 +1652,7 @@ impl<A: Authenticator> Server<A> {
             accepted.push(e);
         }
         if accepted.is_empty() {
-            let vv = d.log.vv().clone();
+            let vv = own_counter(d.log.vv(), replica);
             if gap.is_none() {
                 self.send(peer, Message::Ack(Box::new(Ack { db: db.clone(), vv })));
             }
@@ -1785,12 +1786,42 @@ impl<A: Authenticator> Server<A> {
             return;
         }
         let budget = self.config.max_frame / 2;
+        // Only the replicas these entries come from: a live update's size
+        // does not grow with every replica the database has seen.
+        let mut changed = VersionVector::new();
+        for e in &entries {
+            changed.set(e.dot.replica, vv.get(&e.dot.replica));
+        }
         let missing = Missing::from_entries(entries);
-        let mut reply = Reply::new(db.clone(), 0, vv.clone(), budget, missing, HashMap::new());
+        let mut reply = Reply::new(db.clone(), 0, changed, budget, missing, HashMap::new());
         while let Some(part) = reply.next_part() {
             self.broadcast(peers, &Message::Delta(Box::new(part)));
         }
     }
+}
+
+/// A reply's vector: what `vv` holds beyond `since`, and the subscriber's
+/// own counter (its acknowledgement). A receiver holding `since` plus the
+/// reply holds `vv` exactly when it dominates this, and a resume costs
+/// O(replicas that wrote since), not O(replicas ever).
+fn reply_vv(vv: &VersionVector, since: &VersionVector, replica: ReplicaId) -> VersionVector {
+    let mut out = own_counter(vv, replica);
+    for (r, &c) in vv.iter() {
+        if c > since.get(r) {
+            out.set(*r, c);
+        }
+    }
+    out
+}
+
+/// An Ack's vector: `replica`'s counter in `vv`, alone.
+fn own_counter(vv: &VersionVector, replica: ReplicaId) -> VersionVector {
+    let mut own = VersionVector::new();
+    let counter = vv.get(&replica);
+    if counter > 0 {
+        own.set(replica, counter);
+    }
+    own
 }
 
 /// Documents with entries only (no snapshot) whose view is missing or older
