@@ -139,6 +139,8 @@ pub struct Log {
     /// Per document, how many of its entries are above the horizon.
     doc_entries: HashMap<DocId, u32>,
     entry_bytes: usize,
+    /// Bytes of snapshot data.
+    snapshot_bytes: usize,
 }
 
 impl Log {
@@ -159,7 +161,10 @@ impl Log {
                 .entry(s.doc.clone())
                 .or_default()
                 .merge(&s.clock);
-            log.snapshots.insert(s.doc.clone(), Arc::new(s));
+            log.snapshot_bytes += s.bytes.len();
+            if let Some(old) = log.snapshots.insert(s.doc.clone(), Arc::new(s)) {
+                log.snapshot_bytes -= old.bytes.len();
+            }
         }
         let mut problems = Vec::new();
         for e in stored.entries {
@@ -198,6 +203,11 @@ impl Log {
     /// Bytes of change data held in entries (a compaction trigger).
     pub fn entry_bytes(&self) -> usize {
         self.entry_bytes
+    }
+
+    /// Bytes of snapshot data held below the horizon.
+    pub fn snapshot_bytes(&self) -> usize {
+        self.snapshot_bytes
     }
 
     /// Documents ever changed, with their last-change clock.
@@ -511,7 +521,10 @@ impl Log {
                 .entry(s.doc.clone())
                 .or_default()
                 .merge(&s.clock);
-            self.snapshots.insert(s.doc.clone(), Arc::new(s));
+            self.snapshot_bytes += s.bytes.len();
+            if let Some(old) = self.snapshots.insert(s.doc.clone(), Arc::new(s)) {
+                self.snapshot_bytes -= old.bytes.len();
+            }
         }
         let entries = std::mem::take(&mut self.entries);
         self.by_replica.clear();

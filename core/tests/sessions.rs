@@ -951,6 +951,37 @@ fn pushes_beyond_the_pending_bytes_are_refused_then_sent_again() {
     assert_eq!(net.server_store.load_now(&db()).unwrap().entries.len(), 2);
 }
 
+/// A database over its quota refuses pushes with `TooLarge` and stores
+/// nothing of them; the client keeps its changes and pushes them again at
+/// its next heartbeat instead of dropping them.
+#[test]
+fn a_database_over_its_quota_refuses_pushes_and_the_client_keeps_them() {
+    let config = syncline_core::sync::ServerConfig {
+        max_database_bytes: 2_000,
+        ..Default::default()
+    };
+    let mut net = Net::with_config(OpenAccess, config);
+    let (a, _) = two_online(&mut net);
+    for i in 0..3 {
+        let id = DocId::new(format!("doc-{i}")).unwrap();
+        let body = json!({ "text": common::incompressible(1_500, i) });
+        net.nodes[a].client.update(&db(), &id, &body).unwrap();
+        net.run();
+    }
+    // Two pushes fit under 2,000 bytes before them; the third does not.
+    assert_eq!(errors(&net, a), [ErrorCode::TooLarge]);
+    assert_eq!(net.server_store.load_now(&db()).unwrap().entries.len(), 2);
+    assert_eq!(net.nodes[a].client.acked(&db()), 2);
+    assert!(net.nodes[a].peer.is_some(), "still connected");
+    let d = net.nodes[a].client.database(&db()).unwrap();
+    assert_eq!(d.list().len(), 3, "the refused change is kept locally");
+    // Pushed again at the heartbeat (and refused again: still full).
+    assert!(net.nodes[a].client.heartbeat());
+    net.run();
+    assert_eq!(errors(&net, a), [ErrorCode::TooLarge, ErrorCode::TooLarge]);
+    assert_eq!(net.server_store.load_now(&db()).unwrap().entries.len(), 2);
+}
+
 struct Expiring;
 
 impl Authenticator for Expiring {

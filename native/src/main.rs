@@ -162,6 +162,11 @@ struct ServeArgs {
     /// used first (checked every 10 s) [default: 1073741824].
     #[arg(long, env = "SYNCLINE_MAX_LOADED_BYTES")]
     max_loaded_bytes: Option<usize>,
+    /// Bytes one database may hold (changes and snapshots); pushes to a
+    /// database past it are refused with TooLarge and stored nowhere, the
+    /// clients keep them and push again later [default: 1073741824].
+    #[arg(long, env = "SYNCLINE_MAX_DATABASE_BYTES")]
+    max_database_bytes: Option<usize>,
     /// Bytes a second one connection's frames are read at, at most (each
     /// frame counted as at least 512 bytes); a faster peer waits in its
     /// own socket [default: 16777216].
@@ -208,6 +213,7 @@ struct FileConfig {
     presence_per_second: Option<u32>,
     max_open_files: Option<usize>,
     max_loaded_bytes: Option<usize>,
+    max_database_bytes: Option<usize>,
     max_read_bytes_per_second: Option<u64>,
 }
 
@@ -516,6 +522,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_loaded_bytes: args
             .max_loaded_bytes
             .or(file.max_loaded_bytes)
+            .unwrap_or(1 << 30),
+        max_database_bytes: args
+            .max_database_bytes
+            .or(file.max_database_bytes)
             .unwrap_or(1 << 30),
         read_bytes_per_sec: args
             .max_read_bytes_per_second

@@ -1139,13 +1139,14 @@ impl Client {
             self.send_subscribe(&db);
             return;
         }
-        if code == ErrorCode::Internal
+        if matches!(code, ErrorCode::Internal | ErrorCode::TooLarge)
             && let Some(db) = &e.db
             && let Some(c) = self.dbs.get_mut(db)
             && let Sync::Live { pushed } = &mut c.sync
         {
-            // Nothing of those pushes was stored: send them again at the
-            // next heartbeat (not at once: the server's disk is failing).
+            // Nothing of those pushes was stored (the server's disk is
+            // failing, or the database is over its quota): they stay here
+            // and go again at the next heartbeat, not at once.
             *pushed = c.acked;
         }
         self.event(ClientEvent::Error {

@@ -83,6 +83,12 @@ pub struct ServerConfig {
     /// tick (about a second): states sent faster are kept, and the latest
     /// is announced at the next tick.
     pub presence_per_tick: u32,
+    /// Bytes a database may hold (changes and snapshots, durable or on
+    /// their way to the store) before pushes to it are refused
+    /// (`TooLarge`, nothing stored; the client keeps its changes and pushes
+    /// them again later). A push is checked against what the database
+    /// holds before it, so one push may pass the quota by its own size.
+    pub max_database_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -102,6 +108,7 @@ impl Default for ServerConfig {
             max_presence_bytes: protocol::MAX_PRESENCE_LEN,
             max_pending_bytes: 64 << 20,
             presence_per_tick: 10,
+            max_database_bytes: 1 << 30,
         }
     }
 }
@@ -1486,6 +1493,24 @@ impl<A: Authenticator> Server<A> {
                 Some(p.db),
             );
             return;
+        }
+        if let Some(d) = self.dbs.get(&p.db) {
+            let pending: usize = d.pending.iter().map(|b| b.bytes).sum();
+            let held = d.log.entry_bytes() + d.log.snapshot_bytes() + pending;
+            if held >= self.config.max_database_bytes {
+                let quota = self.config.max_database_bytes;
+                self.fail(
+                    peer,
+                    ErrorCode::TooLarge,
+                    format!(
+                        "database {} holds {held} bytes, its quota is {quota}; \
+                         nothing of this push was stored",
+                        p.db
+                    ),
+                    Some(p.db),
+                );
+                return;
+            }
         }
         if p.entries.len() > self.config.max_entries_per_push {
             self.fail(

@@ -96,6 +96,8 @@ pub struct ServeOptions {
     pub max_open_files: usize,
     /// Bytes the loaded databases may hold before idle ones are unloaded.
     pub max_loaded_bytes: usize,
+    /// Bytes one database may hold before pushes to it are refused.
+    pub max_database_bytes: usize,
     /// Bytes a second one connection's frames are read at, at most (every
     /// frame counted as at least [`rate::MIN_CHARGE`]), in bursts of up to
     /// four seconds' worth or one largest frame.
@@ -176,6 +178,7 @@ pub async fn run(
             max_presence_bytes: options.max_presence_bytes,
             // The hub ticks `Server::expire` once a second.
             presence_per_tick: options.presence_per_second,
+            max_database_bytes: options.max_database_bytes,
             ..ServerConfig::default()
         },
         TokenAuth::new(options.secret.clone(), options.anonymous.clone()),
