@@ -970,20 +970,9 @@ async fn bad_frames_are_refused_and_slow_readers_dropped_while_others_are_served
         .unwrap();
     writer.open(&list).await.unwrap();
     // Incompressible text: automerge deflates large changes.
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    let mut blob = move || -> String {
-        (0..16_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                char::from(b'a' + (x % 26) as u8)
-            })
-            .collect()
-    };
     let mut last = json!(null);
     for k in 0..2_000 {
-        last = json!({"k": k, "blob": blob()});
+        last = json!({"k": k, "blob": incompressible(16_000, k)});
         let d = doc(&format!("d{}", k % 50));
         writer.put(&list, &d, last.clone()).await.unwrap();
     }
