@@ -167,6 +167,16 @@ struct ServeArgs {
     /// clients keep them and push again later [default: 1073741824].
     #[arg(long, env = "SYNCLINE_MAX_DATABASE_BYTES")]
     max_database_bytes: Option<usize>,
+    /// Databases each --anonymous pattern may hold; a push that would
+    /// create one more is refused with TooLarge (an admin token may still
+    /// create one) [default: 10000].
+    #[arg(long, env = "SYNCLINE_MAX_ANONYMOUS_DATABASES")]
+    max_anonymous_databases: Option<usize>,
+    /// Bytes the database logs may take on disk in all; past it, every
+    /// push is refused with TooLarge until compaction or an operator frees
+    /// space (0: no limit) [default: 0].
+    #[arg(long, env = "SYNCLINE_MAX_DISK_BYTES")]
+    max_disk_bytes: Option<u64>,
     /// Bytes a second one connection's frames are read at, at most (each
     /// frame counted as at least 512 bytes); a faster peer waits in its
     /// own socket [default: 16777216].
@@ -214,6 +224,8 @@ struct FileConfig {
     max_open_files: Option<usize>,
     max_loaded_bytes: Option<usize>,
     max_database_bytes: Option<usize>,
+    max_anonymous_databases: Option<usize>,
+    max_disk_bytes: Option<u64>,
     max_read_bytes_per_second: Option<u64>,
 }
 
@@ -527,6 +539,11 @@ fn serve(args: ServeArgs) -> Result<()> {
             .max_database_bytes
             .or(file.max_database_bytes)
             .unwrap_or(1 << 30),
+        max_anonymous_databases: args
+            .max_anonymous_databases
+            .or(file.max_anonymous_databases)
+            .unwrap_or(10_000),
+        max_disk_bytes: args.max_disk_bytes.or(file.max_disk_bytes).unwrap_or(0),
         read_bytes_per_sec: args
             .max_read_bytes_per_second
             .or(file.max_read_bytes_per_second)

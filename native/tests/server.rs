@@ -2035,3 +2035,104 @@ async fn pipelined_cold_syncs_larger_than_the_send_queue_stream_in_order() {
         0.0
     );
 }
+
+/// Put `value` into `name`/`d` and wait for the server's answer: `None`
+/// when it is stored, or the code of the refusal.
+async fn put_answered(c: &SyncClient, name: &str, d: &str, value: Json) -> Option<ErrorCode> {
+    let mut events = c.events();
+    c.open(&db(name)).await.unwrap();
+    c.put(&db(name), &doc(d), value).await.unwrap();
+    let at = db(name);
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match events.recv().await {
+                Ok(ClientEvent::Acked { db, .. }) if db == at => return None,
+                Ok(ClientEvent::Error {
+                    db: Some(db), code, ..
+                }) if db == at => return Some(code),
+                Ok(_) => {}
+                Err(e) => panic!("events: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("answered in time")
+}
+
+/// Bytes of the logs in a data directory.
+fn logs_on_disk(data: &Path) -> u64 {
+    std::fs::read_dir(data.join("dbs"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
+/// An anonymous pattern holds at most `--max-anonymous-databases`
+/// databases and the logs at most `--max-disk-bytes`, both counted again
+/// when the server restarts: a push past either is refused with
+/// `TooLarge` and stored nowhere, and what exists stays readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_and_disk_quotas_hold_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let quota = ["--anonymous", "todo-*", "--max-anonymous-databases", "2"];
+    let mut server = ServerProc::start(&data, "127.0.0.1:0", &quota);
+    let c = SyncClient::connect(Some(&server.url()), "", dir.path().join("c1"))
+        .await
+        .unwrap();
+    for name in ["todo-a", "todo-b"] {
+        assert_eq!(put_answered(&c, name, "d", json!({"n": 1})).await, None);
+    }
+    let refused = put_answered(&c, "todo-c", "d", json!({"n": 1})).await;
+    assert_eq!(refused, Some(ErrorCode::TooLarge));
+    drop(c);
+    assert!(server.sigterm().success());
+    assert!(!data.join("dbs").join("todo-c.log").exists());
+
+    // Counted again at start; the logs' size too.
+    let on_disk = logs_on_disk(&data);
+    let limit = (on_disk + 2_000).to_string();
+    let mut args = quota.to_vec();
+    args.extend(["--max-disk-bytes", &limit]);
+    let mut server = ServerProc::start(&data, "127.0.0.1:0", &args);
+    let c = SyncClient::connect(Some(&server.url()), "", dir.path().join("c2"))
+        .await
+        .unwrap();
+    let refused = put_answered(&c, "todo-c", "d", json!({"n": 2})).await;
+    assert_eq!(refused, Some(ErrorCode::TooLarge));
+    let big = json!({"text": incompressible(3_000, 1)});
+    assert_eq!(put_answered(&c, "todo-a", "big", big).await, None);
+    let full = put_answered(&c, "todo-b", "more", json!({"n": 3})).await;
+    assert_eq!(
+        full,
+        Some(ErrorCode::TooLarge),
+        "the logs are past the quota"
+    );
+    let counted = metric(server.addr, "syncline_disk_bytes").await as u64;
+    drop(c);
+    assert!(server.sigterm().success());
+    assert_eq!(
+        counted,
+        logs_on_disk(&data),
+        "the writer's count is the files'"
+    );
+
+    let server = ServerProc::start(&data, "127.0.0.1:0", &args);
+    let c = SyncClient::connect(Some(&server.url()), "", dir.path().join("c3"))
+        .await
+        .unwrap();
+    let still = put_answered(&c, "todo-b", "more", json!({"n": 4})).await;
+    assert_eq!(
+        still,
+        Some(ErrorCode::TooLarge),
+        "still past it after a restart"
+    );
+    c.open(&db("todo-a")).await.unwrap();
+    synced(&c, &db("todo-a")).await;
+    assert_eq!(
+        c.get(&db("todo-a"), &doc("d")).await.unwrap(),
+        Some(json!({"n": 1}))
+    );
+}

@@ -15,4 +15,6 @@ pub use client::{
     PeerInfo, PresenceView, Status, VIEW_REFRESH_ENTRIES,
 };
 pub use parts::Reply;
-pub use server::{PeerId, Server, ServerConfig, ServerOutput, ValidateJob, Validated};
+pub use server::{
+    DatabaseQuota, PeerId, Server, ServerConfig, ServerOutput, ValidateJob, Validated,
+};

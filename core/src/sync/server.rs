@@ -25,7 +25,7 @@ use crate::protocol::{
 use crate::store::{Batch, StoredDatabase};
 use crate::view::{BuiltViews, DocView, ViewJob};
 
-use super::auth::{Authenticator, Grants, Right};
+use super::auth::{Authenticator, Grants, Right, glob_match};
 use super::parts::Reply;
 
 /// A connection's id, assigned by [`Server::connect`].
@@ -89,6 +89,22 @@ pub struct ServerConfig {
     /// them again later). A push is checked against what the database
     /// holds before it, so one push may pass the quota by its own size.
     pub max_database_bytes: usize,
+    /// Caps on how many databases matching a pattern may exist (the
+    /// operator's anonymous patterns, which anyone may write to). A push
+    /// that would create one more is refused (`TooLarge`, nothing stored)
+    /// unless its sender has `Admin` on the database. The adapter counts
+    /// what the store holds at start ([`Server::count_databases`]).
+    pub database_quotas: Vec<DatabaseQuota>,
+}
+
+/// At most `max_databases` databases whose names match `pattern`
+/// ([`ServerConfig::database_quotas`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseQuota {
+    /// A glob pattern, as in a grant.
+    pub pattern: String,
+    /// How many databases matching it may exist.
+    pub max_databases: usize,
 }
 
 impl Default for ServerConfig {
@@ -109,6 +125,7 @@ impl Default for ServerConfig {
             max_pending_bytes: 64 << 20,
             presence_per_tick: 10,
             max_database_bytes: 1 << 30,
+            database_quotas: Vec::new(),
         }
     }
 }
@@ -520,6 +537,12 @@ struct ServerDb {
     /// Documents whose view could not be built at this clock (not retried
     /// until they change).
     views_failed: HashMap<DocId, VersionVector>,
+    /// Counted against [`ServerConfig::database_quotas`] while it held
+    /// nothing: a push is creating it.
+    counted: bool,
+    /// Pushes to it being validated off the hub (a creation is released
+    /// only once none is left).
+    validating: u32,
 }
 
 /// The server state machine.
@@ -546,13 +569,17 @@ pub struct Server<A> {
     /// Peers over their presence rate with a state not yet announced: the
     /// next [`Server::expire`] tick announces the latest.
     presence_later: BTreeSet<(DbName, PeerId)>,
+    /// Databases that exist per entry of [`ServerConfig::database_quotas`].
+    created: Vec<usize>,
+    /// Set by the adapter while its storage is over its quota: pushes are
+    /// refused ([`Server::storage_full`]).
+    storage_full: bool,
 }
 
 impl<A: Authenticator> Server<A> {
     /// A server with no connections and no loaded databases.
     pub fn new(config: ServerConfig, auth: A) -> Self {
         Server {
-            config,
             auth,
             peers: HashMap::new(),
             dbs: HashMap::new(),
@@ -565,7 +592,35 @@ impl<A: Authenticator> Server<A> {
             pending_bytes: 0,
             uses: 0,
             presence_later: BTreeSet::new(),
+            created: vec![0; config.database_quotas.len()],
+            storage_full: false,
+            config,
         }
+    }
+
+    /// Count the databases the store holds against
+    /// [`ServerConfig::database_quotas`] (once, at start).
+    pub fn count_databases<'a>(&mut self, names: impl IntoIterator<Item = &'a DbName>) {
+        for db in names {
+            for (i, q) in self.config.database_quotas.iter().enumerate() {
+                if glob_match(&q.pattern, db.as_str()) {
+                    self.created[i] += 1;
+                }
+            }
+        }
+    }
+
+    /// How many databases exist per entry of
+    /// [`ServerConfig::database_quotas`] (in its order).
+    pub fn databases_created(&self) -> &[usize] {
+        &self.created
+    }
+
+    /// The adapter's storage is over its quota (`true`) or back under it:
+    /// while full, every push is refused (`TooLarge`, nothing stored; the
+    /// client pushes again later). Compaction, which shrinks it, goes on.
+    pub fn storage_full(&mut self, full: bool) {
+        self.storage_full = full;
     }
 
     /// The configuration.
@@ -784,7 +839,10 @@ impl<A: Authenticator> Server<A> {
             .dbs
             .iter()
             .filter(|(db, d)| {
-                d.subscribers.is_empty() && d.pending.is_empty() && !busy.contains(*db)
+                d.subscribers.is_empty()
+                    && d.pending.is_empty()
+                    && d.validating == 0
+                    && !busy.contains(*db)
             })
             .map(|(db, d)| (d.last_used, db.clone()))
             .collect();
@@ -794,6 +852,8 @@ impl<A: Authenticator> Server<A> {
             if held <= budget {
                 break;
             }
+            // A creation that stored nothing stops counting.
+            self.release_creation(&db);
             if let Some(d) = self.dbs.remove(&db) {
                 held = held.saturating_sub(held_bytes(&d));
                 self.presence_dirty.remove(&db);
@@ -873,7 +933,12 @@ impl<A: Authenticator> Server<A> {
     /// A [`ServerOutput::Validate`] job finished: store what it accepted,
     /// or refuse the push; then handle the peer's messages that waited.
     pub fn validated(&mut self, peer: PeerId, v: Validated) {
+        let db = v.db.clone();
+        if let Some(d) = self.dbs.get_mut(&db) {
+            d.validating = d.validating.saturating_sub(1);
+        }
         let Some(p) = self.peers.get_mut(&peer) else {
+            self.release_creation(&db);
             return;
         };
         let waiting = p.waiting.take().unwrap_or_default();
@@ -881,6 +946,7 @@ impl<A: Authenticator> Server<A> {
             Ok(()) => self.accept(peer, v.db, v.entries, v.seqs, v.gap),
             Err(problem) => self.fail(peer, ErrorCode::InvalidChange, problem, Some(v.db)),
         }
+        self.release_creation(&db);
         for msg in waiting {
             self.dequeue(peer, &msg);
             self.handle(peer, msg);
@@ -1494,6 +1560,15 @@ impl<A: Authenticator> Server<A> {
             );
             return;
         }
+        if self.storage_full {
+            self.fail(
+                peer,
+                ErrorCode::TooLarge,
+                "the server's storage is at its quota; nothing of this push was stored",
+                Some(p.db),
+            );
+            return;
+        }
         if let Some(d) = self.dbs.get(&p.db) {
             let pending: usize = d.pending.iter().map(|b| b.bytes).sum();
             let held = d.log.entry_bytes() + d.log.snapshot_bytes() + pending;
@@ -1603,6 +1678,10 @@ impl<A: Authenticator> Server<A> {
                 own_last.insert(doc.clone(), e.clone());
             }
         }
+        if let Some(refusal) = self.reserve_creation(peer, &p.db) {
+            self.fail(peer, ErrorCode::TooLarge, refusal, Some(p.db));
+            return;
+        }
         let mut job = ValidateJob {
             db: p.db,
             new,
@@ -1619,15 +1698,73 @@ impl<A: Authenticator> Server<A> {
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.waiting = Some(VecDeque::new());
             }
+            if let Some(d) = self.dbs.get_mut(&job.db) {
+                d.validating += 1;
+            }
             self.out.push(ServerOutput::Validate {
                 peer,
                 job: Box::new(job),
             });
         } else {
             let v = job.run();
+            let db = v.db.clone();
             match v.result {
                 Ok(()) => self.accept(peer, v.db, v.entries, v.seqs, v.gap),
                 Err(problem) => self.fail(peer, ErrorCode::InvalidChange, problem, Some(v.db)),
+            }
+            self.release_creation(&db);
+        }
+    }
+
+    /// Count a push that creates `db` against the quotas its name matches,
+    /// or say why it may not create it. Databases that hold something, and
+    /// pushes from a peer with `Admin` on `db`, pass.
+    fn reserve_creation(&mut self, peer: PeerId, db: &DbName) -> Option<String> {
+        let admin = self
+            .grants(peer)
+            .is_some_and(|(_, g)| g.allows(db.as_str(), Right::Admin));
+        let d = self.dbs.get_mut(db)?;
+        if d.counted || !d.accepted.is_empty() {
+            return None;
+        }
+        let quotas = &self.config.database_quotas;
+        let matching: Vec<usize> = (0..quotas.len())
+            .filter(|&i| glob_match(&quotas[i].pattern, db.as_str()))
+            .collect();
+        if matching.is_empty() {
+            return None;
+        }
+        if !admin
+            && let Some(&i) = matching
+                .iter()
+                .find(|&&i| self.created[i] >= quotas[i].max_databases)
+        {
+            return Some(format!(
+                "{} databases matching {:?} exist, the most this server allows; \
+                 {db} was not created",
+                self.created[i], quotas[i].pattern
+            ));
+        }
+        for i in matching {
+            self.created[i] += 1;
+        }
+        d.counted = true;
+        None
+    }
+
+    /// A push that was creating `db` stored nothing, and none is still
+    /// being validated: it no longer counts against the quotas.
+    fn release_creation(&mut self, db: &DbName) {
+        let Some(d) = self.dbs.get_mut(db) else {
+            return;
+        };
+        if !d.counted || d.validating > 0 || !d.accepted.is_empty() {
+            return;
+        }
+        d.counted = false;
+        for (i, q) in self.config.database_quotas.iter().enumerate() {
+            if glob_match(&q.pattern, db.as_str()) {
+                self.created[i] = self.created[i].saturating_sub(1);
             }
         }
     }

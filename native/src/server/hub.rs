@@ -180,6 +180,9 @@ pub struct HubConfig {
     /// subscriber, no write on its way) are unloaded, least recently used
     /// first; checked every [`UNLOAD_EVERY`] seconds.
     pub max_loaded_bytes: usize,
+    /// Bytes the store's logs may take before every push is refused
+    /// (0: no limit); checked after each write and each second.
+    pub max_disk_bytes: u64,
 }
 
 /// Seconds between checks of [`HubConfig::max_loaded_bytes`].
@@ -193,6 +196,7 @@ impl Default for HubConfig {
             view_quiet: Duration::from_millis(100),
             view_job_changes: 50_000,
             max_loaded_bytes: 1 << 30,
+            max_disk_bytes: 0,
         }
     }
 }
@@ -223,7 +227,9 @@ pub async fn run(
         validators: pools.heavy,
         background: pools.background,
         slotted: Vec::new(),
+        disk_full: false,
     };
+    hub.check_disk(&mut server);
     // Tokens are checked at Hello; this ends connections that outlive theirs.
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
     let mut ticks = 0u64;
@@ -245,6 +251,7 @@ pub async fn run(
             _ = expiry.tick() => {
                 ticks += 1;
                 server.expire(crate::auth::now_secs());
+                hub.check_disk(&mut server);
                 if ticks.is_multiple_of(UNLOAD_EVERY) {
                     hub.unload_idle(&mut server);
                 }
@@ -309,6 +316,8 @@ struct Hub {
     /// Connections whose reply slot the hub holds until the outputs are
     /// carried out.
     slotted: Vec<PeerId>,
+    /// Whether the core server was told the logs are over their quota.
+    disk_full: bool,
 }
 
 /// How many expensive jobs run at once: one core fewer than the machine.
@@ -332,6 +341,30 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 impl Hub {
+    /// Tell the core server whether the logs are over `max_disk_bytes`
+    /// (and update the store's gauges).
+    fn check_disk(&mut self, server: &mut Server<TokenAuth>) {
+        let stats = self.store.stats();
+        let bytes = stats.log_bytes.load(Ordering::Relaxed);
+        self.metrics.disk_bytes.set(bytes as i64);
+        let open = stats.open_files.load(Ordering::Relaxed);
+        self.metrics.open_files.set(open as i64);
+        let full = self.config.max_disk_bytes > 0 && bytes >= self.config.max_disk_bytes;
+        if full != self.disk_full {
+            if full {
+                tracing::warn!(
+                    bytes,
+                    quota = self.config.max_disk_bytes,
+                    "the logs are at --max-disk-bytes: refusing pushes"
+                );
+            } else {
+                tracing::info!(bytes, "the logs are under --max-disk-bytes again");
+            }
+            self.disk_full = full;
+            server.storage_full(full);
+        }
+    }
+
     fn handle(&mut self, server: &mut Server<TokenAuth>, msg: HubMsg) {
         match msg {
             HubMsg::Connect { conn, reply } => {
@@ -377,6 +410,7 @@ impl Hub {
                 match result {
                     Ok(()) => {
                         server.persisted(&db, seq);
+                        self.check_disk(server);
                         self.maybe_compact(server, &db);
                         self.views_later(server, &db);
                     }

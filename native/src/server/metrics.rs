@@ -72,6 +72,10 @@ pub struct Metrics {
     pub unloaded: Counter,
     /// Bytes the loaded databases hold, roughly (as of the last check).
     pub loaded_bytes: Gauge,
+    /// Bytes the database logs take on disk (`--max-disk-bytes`).
+    pub disk_bytes: Gauge,
+    /// Log files the store holds open (`--max-open-files`).
+    pub open_files: Gauge,
     /// Databases with view building scheduled or running.
     pub views_pending_all: Gauge,
     /// 1 while a database has view building scheduled or running (with
@@ -104,6 +108,8 @@ impl Metrics {
             unloaded: Counter::default(),
             read_waits: Counter::default(),
             loaded_bytes: Gauge::default(),
+            disk_bytes: Gauge::default(),
+            open_files: Gauge::default(),
             views_pending: Family::default(),
         };
         if let Ok(mut r) = m.registry.lock() {
@@ -168,6 +174,16 @@ impl Metrics {
                 "loaded_bytes",
                 "Bytes the loaded databases hold, roughly",
                 m.loaded_bytes.clone(),
+            );
+            r.register(
+                "disk_bytes",
+                "Bytes the database logs take on disk",
+                m.disk_bytes.clone(),
+            );
+            r.register(
+                "open_files",
+                "Log files the store holds open",
+                m.open_files.clone(),
             );
             r.register(
                 "dead_connections",

@@ -31,7 +31,7 @@ use axum::routing::get;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use syncline_core::ReplicaId;
 use syncline_core::protocol::{self, ErrorCode, Message};
-use syncline_core::sync::{Reply, Server, ServerConfig};
+use syncline_core::sync::{DatabaseQuota, Reply, Server, ServerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
@@ -98,6 +98,12 @@ pub struct ServeOptions {
     pub max_loaded_bytes: usize,
     /// Bytes one database may hold before pushes to it are refused.
     pub max_database_bytes: usize,
+    /// Databases each anonymous pattern may hold (creating one more is
+    /// refused, except to an admin).
+    pub max_anonymous_databases: usize,
+    /// Bytes the logs may take on disk before every push is refused
+    /// (0: no limit).
+    pub max_disk_bytes: u64,
     /// Bytes a second one connection's frames are read at, at most (every
     /// frame counted as at least [`rate::MIN_CHARGE`]), in bursts of up to
     /// four seconds' worth or one largest frame.
@@ -165,7 +171,7 @@ pub async fn run(
         options.max_open_files,
     )?;
     let replica = server_replica(&store).await?;
-    let server = Server::new(
+    let mut server = Server::new(
         ServerConfig {
             replica,
             max_frame: options.max_frame,
@@ -179,10 +185,23 @@ pub async fn run(
             // The hub ticks `Server::expire` once a second.
             presence_per_tick: options.presence_per_second,
             max_database_bytes: options.max_database_bytes,
+            database_quotas: options
+                .anonymous
+                .iter()
+                .map(|pattern| DatabaseQuota {
+                    pattern: pattern.clone(),
+                    max_databases: options.max_anonymous_databases,
+                })
+                .collect(),
             ..ServerConfig::default()
         },
         TokenAuth::new(options.secret.clone(), options.anonymous.clone()),
     );
+    if !options.anonymous.is_empty() {
+        // Anonymous patterns have a quota of databases: count what exists.
+        let names = store.list_blocking()?;
+        server.count_databases(&names);
+    }
     let (hub_tx, hub_rx) = mpsc::channel(4096);
     let pools = heavy::Pools::start(hub::heavy_threads())?;
     let heavy = pools.heavy.clone();
@@ -194,6 +213,7 @@ pub async fn run(
             max_queued_bytes: options.max_queued_bytes,
             compact_after_bytes: options.compact_after_bytes,
             max_loaded_bytes: options.max_loaded_bytes,
+            max_disk_bytes: options.max_disk_bytes,
             ..HubConfig::default()
         },
         hub_tx.clone(),

@@ -100,6 +100,9 @@ pub struct StoreStats {
     pub truncations: AtomicU64,
     /// Log files the writer holds open now (at most `max_open_files`).
     pub open_files: AtomicU64,
+    /// Bytes the database logs take (summed at open, then kept by the
+    /// writer: appends add, recovery cuts and rewrites subtract).
+    pub log_bytes: AtomicU64,
 }
 
 /// Log files the writer keeps open by default: one per database written
@@ -169,6 +172,10 @@ impl FileStore {
             .map_err(io_err(format!("renaming logs in {}", dbs.display())))?;
         let (tx, rx) = mpsc::channel::<WriteReq>();
         let stats = Arc::new(StoreStats::default());
+        stats.log_bytes.store(
+            logs_size(&dbs).map_err(io_err(format!("listing {}", dbs.display())))?,
+            Ordering::Relaxed,
+        );
         let writer = Writer {
             dir: dir.clone(),
             files: HashMap::new(),
@@ -326,6 +333,26 @@ impl FileStore {
             Err(StoreError::BadKey(key.to_owned()))
         }
     }
+}
+
+/// `counter -= n`, stopping at zero (a count that drifted under the truth,
+/// say after a torn append, must not wrap to "full").
+fn subtract(counter: &AtomicU64, n: u64) {
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(n))
+    });
+}
+
+/// Bytes of the `.log` files in `dbs`.
+fn logs_size(dbs: &Path) -> io::Result<u64> {
+    let mut total = 0;
+    for e in fs::read_dir(dbs)? {
+        let e = e?;
+        if e.file_name().to_str().is_some_and(|n| n.ends_with(".log")) {
+            total += e.metadata()?.len();
+        }
+    }
+    Ok(total)
 }
 
 /// Write `bytes` to `path` atomically and durably.
@@ -502,6 +529,8 @@ impl Writer {
                 f.set_len(good)?;
                 f.sync_all()?;
                 self.stats.truncations.fetch_add(1, Ordering::Relaxed);
+                let cut = (bytes.len() as u64).saturating_sub(good);
+                subtract(&self.stats.log_bytes, cut);
             }
             if let Some(parent) = path.parent() {
                 File::open(parent)?.sync_all()?;
@@ -515,7 +544,13 @@ impl Writer {
     }
 
     fn append(&mut self, db: &DbName, bytes: &[u8]) -> io::Result<()> {
+        let stats = self.stats.clone();
         let f = self.file(db)?;
+        // Counted before the write: a torn append is subtracted again when
+        // reopening cuts it.
+        stats
+            .log_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         if let Err(e) = f.write_all(bytes) {
             // A partial append is a torn tail: reopening truncates it.
             self.files.remove(db);
@@ -539,6 +574,7 @@ impl Writer {
         let mut f = OpenOptions::new().append(true).open(tmp)?;
         f.write_all(&tail[..good as usize])?;
         f.sync_all()?;
+        let new_len = f.metadata()?.len();
         drop(f);
         self.files.remove(db);
         self.closed_at.remove(db);
@@ -546,6 +582,9 @@ impl Writer {
         if let Some(parent) = path.parent() {
             File::open(parent)?.sync_all()?;
         }
+        let old_len = current.len() as u64;
+        self.stats.log_bytes.fetch_add(new_len, Ordering::Relaxed);
+        subtract(&self.stats.log_bytes, old_len);
         Ok(())
     }
 }
