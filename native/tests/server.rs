@@ -2136,3 +2136,58 @@ async fn database_and_disk_quotas_hold_across_restarts() {
         Some(json!({"n": 1}))
     );
 }
+
+/// A client subscribing to new databases faster than the ten-second check
+/// does not outrun `--max-loaded-bytes`: every quarter of the budget's
+/// worth of loads (2 KiB counted per empty database), idle ones are
+/// unloaded at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_new_databases_is_unloaded_as_it_loads() {
+    use syncline_core::protocol::{self, Hello, Message, Subscribe};
+    let dir = tempfile::tempdir().unwrap();
+    // 512 KiB: a check after every 64 loads; at the fifth (320 loaded,
+    // 640 KiB) down to 384 KiB (192 empty databases).
+    let server = ServerProc::start(
+        dir.path(),
+        "127.0.0.1:0",
+        &["--anonymous", "storm-*", "--max-loaded-bytes", "524288"],
+    );
+    let mut ws = raw::open(&server.url()).await;
+    let hello = Message::Hello(Box::new(Hello {
+        replica: syncline_core::ReplicaId([7; 16]),
+        token: String::new(),
+    }));
+    raw::send(&mut ws, protocol::encode(&hello)).await;
+    // Pipelined: each database is loaded, subscribed and left.
+    for k in 0..400u32 {
+        let name = db(&format!("storm-{k}"));
+        let sub = Message::Subscribe(Box::new(Subscribe {
+            db: name.clone(),
+            since: Default::default(),
+            req: k + 1,
+        }));
+        raw::send(&mut ws, protocol::encode(&sub)).await;
+        raw::send(
+            &mut ws,
+            protocol::encode(&Message::Unsubscribe { db: name }),
+        )
+        .await;
+    }
+    // Every reply came, so every load and Unsubscribe was handled.
+    let mut replies = 0;
+    tokio::time::timeout(WAIT, async {
+        while replies < 400 {
+            match raw::next(&mut ws).await {
+                Some(Message::Delta(d)) if d.last => replies += 1,
+                Some(_) => {}
+                None => panic!("closed after {replies} replies"),
+            }
+        }
+    })
+    .await
+    .expect("every reply in time");
+    let unloaded = metric(server.addr, "syncline_unloaded_databases_total").await;
+    let loaded = metric(server.addr, "syncline_loaded_bytes").await;
+    assert!(unloaded >= 64.0, "unloaded {unloaded}, loaded {loaded}");
+    assert!(loaded <= 524_288.0, "loaded {loaded}");
+}

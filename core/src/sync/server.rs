@@ -835,7 +835,8 @@ impl<A: Authenticator> Server<A> {
         if held <= budget {
             return Vec::new();
         }
-        let mut idle: Vec<(u64, DbName)> = self
+        // Sorted by reference; only the names unloaded are copied.
+        let mut idle: Vec<(u64, &DbName, usize)> = self
             .dbs
             .iter()
             .filter(|(db, d)| {
@@ -844,18 +845,22 @@ impl<A: Authenticator> Server<A> {
                     && d.validating == 0
                     && !busy.contains(*db)
             })
-            .map(|(db, d)| (d.last_used, db.clone()))
+            .map(|(db, d)| (d.last_used, db, held_bytes(d)))
             .collect();
-        idle.sort_unstable();
-        let mut gone = Vec::new();
-        for (_, db) in idle {
+        idle.sort_unstable_by_key(|x| x.0);
+        let mut chosen = Vec::new();
+        for (_, db, bytes) in idle {
             if held <= budget {
                 break;
             }
+            held = held.saturating_sub(bytes);
+            chosen.push(db.clone());
+        }
+        let mut gone = Vec::with_capacity(chosen.len());
+        for db in chosen {
             // A creation that stored nothing stops counting.
             self.release_creation(&db);
-            if let Some(d) = self.dbs.remove(&db) {
-                held = held.saturating_sub(held_bytes(&d));
+            if self.dbs.remove(&db).is_some() {
                 self.presence_dirty.remove(&db);
                 gone.push(db);
             }
@@ -2017,7 +2022,7 @@ fn presence_parts(update: PresenceUpdate, budget: usize) -> Vec<PresenceUpdate> 
 }
 
 /// What a loaded database costs in memory, roughly: its changes,
-/// snapshots and views, and a kilobyte for its maps (so a million empty
+/// snapshots and views, and two kilobytes for its maps (so a million empty
 /// databases count too).
 fn held_bytes(d: &ServerDb) -> usize {
     let snapshots: usize = d.log.snapshots().map(|s| s.bytes.len()).sum();
@@ -2026,7 +2031,9 @@ fn held_bytes(d: &ServerDb) -> usize {
         .values()
         .map(|v| v.json.as_ref().map_or(0, String::len))
         .sum();
-    1024 + d.log.entry_bytes() + snapshots + views
+    // An empty database costs about 1.5 KB in `Server` (measured with
+    // 100,000 of them) and some more in the adapter's maps.
+    2048 + d.log.entry_bytes() + snapshots + views
 }
 
 fn stale_docs(d: &ServerDb) -> impl Iterator<Item = &DocId> {

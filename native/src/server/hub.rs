@@ -188,6 +188,11 @@ pub struct HubConfig {
 /// Seconds between checks of [`HubConfig::max_loaded_bytes`].
 const UNLOAD_EVERY: u64 = 10;
 
+/// What the core server counts for an empty loaded database: after a
+/// quarter of [`HubConfig::max_loaded_bytes`] of loads,
+/// the budget is checked at once (not only every ten seconds).
+const EMPTY_DATABASE_BYTES: usize = 2048;
+
 impl Default for HubConfig {
     fn default() -> Self {
         HubConfig {
@@ -228,6 +233,7 @@ pub async fn run(
         background: pools.background,
         slotted: Vec::new(),
         disk_full: false,
+        loads_since_unload: 0,
     };
     hub.check_disk(&mut server);
     // Tokens are checked at Hello; this ends connections that outlive theirs.
@@ -318,6 +324,8 @@ struct Hub {
     slotted: Vec<PeerId>,
     /// Whether the core server was told the logs are over their quota.
     disk_full: bool,
+    /// Databases loaded since idle ones were last unloaded.
+    loads_since_unload: usize,
 }
 
 /// How many expensive jobs run at once: one core fewer than the machine.
@@ -424,6 +432,14 @@ impl Hub {
                     Ok(stored) => {
                         server.loaded(db.clone(), stored);
                         self.views_later(server, &db);
+                        // A client loading thousands of databases a second
+                        // must not outrun the check every ten seconds.
+                        self.loads_since_unload += 1;
+                        if self.loads_since_unload.saturating_mul(EMPTY_DATABASE_BYTES)
+                            >= self.config.max_loaded_bytes / 4
+                        {
+                            self.unload_idle(server);
+                        }
                     }
                     // The core server logs the reason and tells the clients less.
                     Err(e) => server.load_failed(&db, &e),
@@ -615,13 +631,21 @@ impl Hub {
     /// Unload idle databases past the memory budget, and forget them here
     /// (their metric series included).
     fn unload_idle(&mut self, server: &mut Server<TokenAuth>) {
+        self.loads_since_unload = 0;
         let busy = self
             .compacting
             .iter()
             .chain(&self.views_building)
             .cloned()
             .collect();
-        let gone = server.unload_idle(self.config.max_loaded_bytes, &busy);
+        // Past the budget, down to three quarters of it: the next check
+        // that has work to do is a quarter of the budget of loads away.
+        let budget = self.config.max_loaded_bytes;
+        let gone = if server.loaded_bytes() > budget {
+            server.unload_idle(budget - budget / 4, &busy)
+        } else {
+            Vec::new()
+        };
         for db in &gone {
             self.views_due.remove(db);
             self.compacted_left.remove(db);
