@@ -36,6 +36,9 @@
 //! connection, no answer in 5 s) counts as 5 s. Under a heavy attack a
 //! sample can take longer than the 10 ms period, so fewer are taken.
 //!
+//! With `--soak` it runs the soak benchmark instead (`soak.rs`,
+//! `./scripts/bench-soak`).
+//!
 //! `./scripts/bench-abuse [--seconds 5] [--conns 4] [--only 1b,3]`
 //! (`SYNCLINE_LOG=debug` shows the server's log), or against a running
 //! server started with `--anonymous 'open-*'`:
@@ -58,6 +61,8 @@ use syncline_core::{Database, DbName, DocId, Dot, Entry, ReplicaId, VersionVecto
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::{self, Bytes, Message as WsMsg};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+mod soak;
 
 type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -327,14 +332,7 @@ async fn send_raw(ws: &mut Ws, frame: Bytes) -> bool {
     let sending = ws.send(WsMsg::Binary(frame));
     match tokio::time::timeout(Duration::from_secs(10), sending).await {
         Ok(Ok(())) => true,
-        Ok(Err(e)) => {
-            eprintln!("DEBUG send: {e}");
-            false
-        }
-        Err(_) => {
-            eprintln!("DEBUG send timeout");
-            false
-        }
+        Ok(Err(_)) | Err(_) => false,
     }
 }
 
@@ -1329,7 +1327,8 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() {
-    let seconds = arg_u64("--seconds", 5);
+    let soak = std::env::args().any(|a| a == "--soak");
+    let seconds = arg_u64("--seconds", if soak { 120 } else { 5 });
     let conns = arg_u64("--conns", 4) as usize;
     let only: Option<Vec<String>> =
         arg("--only").map(|s| s.split(',').map(|x| x.trim().to_owned()).collect());
@@ -1354,6 +1353,7 @@ fn main() {
             let mut server = Server(
                 Command::new(&binary)
                     .args(["serve", "--listen", "127.0.0.1:0", "--anonymous", "open-*"])
+                    .args(if soak { &soak::SERVER_ARGS[..] } else { &[] })
                     .arg("--data")
                     .arg(&data)
                     .arg("--secret")
@@ -1411,6 +1411,13 @@ fn main() {
     };
     let setup_settle = settle(&env.pid);
     let rss_start = rss_kib(&env.pid);
+    if soak {
+        let conns = arg_u64("--conns", 10_000) as usize;
+        let dbs = arg_u64("--dbs", 2_000) as usize;
+        let sample = Duration::from_secs(arg_u64("--sample", 5));
+        soak::run(&env, Duration::from_secs(seconds), conns, dbs, sample);
+        return;
+    }
 
     let within = PER_IP_CAP - 16;
     let over = 2 * PER_IP_CAP;
