@@ -16,5 +16,6 @@ pub use client::{
 };
 pub use parts::Reply;
 pub use server::{
-    DatabaseQuota, PeerId, Server, ServerConfig, ServerOutput, ValidateJob, Validated,
+    DatabaseQuota, EMPTY_DATABASE_BYTES, PeerId, Server, ServerConfig, ServerOutput, ValidateJob,
+    Validated,
 };

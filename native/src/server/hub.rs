@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::body::Bytes;
 use syncline_core::protocol::{self, ErrorCode, Hello, Message};
-use syncline_core::sync::{PeerId, Reply, Server, ServerOutput, ValidateJob, Validated};
+use syncline_core::sync::{
+    EMPTY_DATABASE_BYTES, PeerId, Reply, Server, ServerOutput, ValidateJob, Validated,
+};
 use syncline_core::{DbName, Store, StoredDatabase};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Duration, Instant};
@@ -187,11 +189,6 @@ pub struct HubConfig {
 
 /// Seconds between checks of [`HubConfig::max_loaded_bytes`].
 const UNLOAD_EVERY: u64 = 10;
-
-/// What the core server counts for an empty loaded database: after a
-/// quarter of [`HubConfig::max_loaded_bytes`] of loads,
-/// the budget is checked at once (not only every ten seconds).
-const EMPTY_DATABASE_BYTES: usize = 2048;
 
 impl Default for HubConfig {
     fn default() -> Self {
@@ -433,7 +430,9 @@ impl Hub {
                         server.loaded(db.clone(), stored);
                         self.views_later(server, &db);
                         // A client loading thousands of databases a second
-                        // must not outrun the check every ten seconds.
+                        // must not outrun the check every ten seconds: after
+                        // a quarter of the budget of loads (each counted as
+                        // an empty database), it is checked at once.
                         self.loads_since_unload += 1;
                         if self.loads_since_unload.saturating_mul(EMPTY_DATABASE_BYTES)
                             >= self.config.max_loaded_bytes / 4
