@@ -230,6 +230,15 @@ struct Peer {
     presence_used: u32,
 }
 
+/// Indices of the quotas whose pattern `db` matches.
+fn quotas_of<'a>(quotas: &'a [DatabaseQuota], db: &'a DbName) -> impl Iterator<Item = usize> + 'a {
+    quotas
+        .iter()
+        .enumerate()
+        .filter(move |(_, q)| glob_match(&q.pattern, db.as_str()))
+        .map(|(i, _)| i)
+}
+
 /// The entry `d` holds under `e`'s dot (None when it was compacted away).
 fn held<'d>(d: &'d ServerDb, e: &Entry) -> Option<&'d Entry> {
     d.log.get(&e.dot).or_else(|| {
@@ -602,10 +611,8 @@ impl<A: Authenticator> Server<A> {
     /// [`ServerConfig::database_quotas`] (once, at start).
     pub fn count_databases<'a>(&mut self, names: impl IntoIterator<Item = &'a DbName>) {
         for db in names {
-            for (i, q) in self.config.database_quotas.iter().enumerate() {
-                if glob_match(&q.pattern, db.as_str()) {
-                    self.created[i] += 1;
-                }
+            for i in quotas_of(&self.config.database_quotas, db) {
+                self.created[i] += 1;
             }
         }
     }
@@ -1733,9 +1740,7 @@ impl<A: Authenticator> Server<A> {
             return None;
         }
         let quotas = &self.config.database_quotas;
-        let matching: Vec<usize> = (0..quotas.len())
-            .filter(|&i| glob_match(&quotas[i].pattern, db.as_str()))
-            .collect();
+        let matching: Vec<usize> = quotas_of(quotas, db).collect();
         if matching.is_empty() {
             return None;
         }
@@ -1767,10 +1772,8 @@ impl<A: Authenticator> Server<A> {
             return;
         }
         d.counted = false;
-        for (i, q) in self.config.database_quotas.iter().enumerate() {
-            if glob_match(&q.pattern, db.as_str()) {
-                self.created[i] = self.created[i].saturating_sub(1);
-            }
+        for i in quotas_of(&self.config.database_quotas, db) {
+            self.created[i] = self.created[i].saturating_sub(1);
         }
     }
 
