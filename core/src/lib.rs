@@ -14,18 +14,23 @@
 //!
 //! ```
 //! use serde_json::json;
-//! use syncline_core::{DbName, DocId, ReplicaId, StoredDatabase, protocol};
+//! use syncline_core::{DbName, DocId, Identity, StoredDatabase, protocol};
 //! use syncline_core::sync::{Client, ClientConfig, ClientOutput, OpenAccess, Server, ServerConfig, ServerOutput};
 //!
 //! let db = DbName::new("org-42")?;
 //! let mut server = Server::new(ServerConfig::default(), OpenAccess);
-//! let mut clients = [ReplicaId([1; 16]), ReplicaId([2; 16])]
-//!     .map(|id| Client::new(id, "token", ClientConfig::default()));
+//! server.set_clock(1_700_000_000_000);
+//! // Each replica owns a key; its id is derived from the public key.
+//! let ids = [Identity::generate(), Identity::generate()];
+//! let mut clients = ids
+//!     .each_ref()
+//!     .map(|id| Client::new(id.replica(), "token", ClientConfig::default()));
 //! let mut peers = Vec::new();
-//! for c in &mut clients {
+//! for (c, id) in clients.iter_mut().zip(&ids) {
 //!     c.open(db.clone(), StoredDatabase::default());
-//!     peers.push(server.connect());
-//!     c.connected();
+//!     peers.push(server.connect_to(Some("sync.example.com")));
+//!     // A fresh proof of the replica's key for every connection.
+//!     c.connected(id.prove("sync.example.com", 1_700_000_000_000));
 //! }
 //! clients[0].update(&db, &DocId::new("todo:1")?, &json!({"title": "milk"}))?;
 //!
@@ -82,6 +87,7 @@ pub mod clock;
 pub mod database;
 pub mod doc;
 pub mod entry;
+pub mod identity;
 pub mod ids;
 pub mod log;
 mod patch;
@@ -95,6 +101,7 @@ pub use clock::{Dot, VersionVector};
 pub use database::Database;
 pub use doc::{DocError, Document, PathSeg};
 pub use entry::{Entry, Snapshot};
+pub use identity::{Identity, Proof, ProofError};
 pub use ids::{DbName, DocId, IdError, ReplicaId};
 pub use log::{Compaction, Log};
 pub use store::{

@@ -1,7 +1,8 @@
 //! What one connection may cost everyone else: databases it subscribes to,
 //! and presence (state size, announcement rate, frames a join takes).
 
-use syncline_core::ids::{DbName, ReplicaId};
+use syncline_core::Identity;
+use syncline_core::ids::DbName;
 use syncline_core::protocol::{
     self, ErrorCode, Hello, Message, Presence, PresenceUpdate, Subscribe,
 };
@@ -35,10 +36,7 @@ impl Hub {
 
     fn peer(&mut self, r: u8) -> PeerId {
         let p = self.server.connect();
-        let hello = Hello {
-            replica: ReplicaId([r; 16]),
-            token: String::new(),
-        };
+        let hello = Hello::signed(&Identity::from_seed([r; 32]), String::new(), "", 0);
         self.server.handle(p, Message::Hello(Box::new(hello)));
         self.drain();
         p

@@ -3,10 +3,11 @@
 
 use proptest::prelude::*;
 use serde_json::json;
+use syncline_core::Identity;
 use syncline_core::clock::Dot;
 use syncline_core::database::Database;
 use syncline_core::entry::{Entry, InvalidChange};
-use syncline_core::ids::{DbName, DocId, ReplicaId};
+use syncline_core::ids::{DbName, DocId};
 use syncline_core::protocol::{self, DecodeError, Message, PROTOCOL_VERSION, Subscribe};
 
 fn vectors() -> Vec<Vec<u8>> {
@@ -148,12 +149,12 @@ proptest! {
     #[test]
     fn random_change_bytes_are_typed_errors(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         let e = Entry {
-            dot: Dot { replica: ReplicaId([1; 16]), counter: 1 },
+            dot: Dot { replica: Identity::from_seed([1; 32]).replica(), counter: 1 },
             doc: DocId::new("d").unwrap(),
             change: bytes,
         };
         prop_assert!(e.parse_change().is_err());
-        let mut db = Database::new(DbName::new("x").unwrap(), ReplicaId([2; 16]), automerge::TextEncoding::UnicodeCodePoint);
+        let mut db = Database::new(DbName::new("x").unwrap(), Identity::from_seed([2; 32]).replica(), automerge::TextEncoding::UnicodeCodePoint);
         let applied = db.apply_entries([e]);
         prop_assert_eq!(applied.errors.len(), 1);
         prop_assert!(db.vv().is_empty());
@@ -164,7 +165,7 @@ proptest! {
 fn corrupted_change_checksum_is_refused() {
     let mut db = Database::new(
         DbName::new("x").unwrap(),
-        ReplicaId([1; 16]),
+        Identity::from_seed([1; 32]).replica(),
         automerge::TextEncoding::UnicodeCodePoint,
     );
     let mut e = db
@@ -186,7 +187,7 @@ fn corrupted_change_checksum_is_refused() {
     assert!(e.parse_change().is_err());
     let zero = Entry {
         dot: Dot {
-            replica: ReplicaId([1; 16]),
+            replica: Identity::from_seed([1; 32]).replica(),
             counter: 0,
         },
         ..e
@@ -224,10 +225,14 @@ fn deflated_frame(body: &[u8]) -> Vec<u8> {
 fn the_first_frame_must_be_a_small_uncompressed_hello() {
     use protocol::{Hello, MAX_HELLO_FRAME, MAX_TOKEN_LEN, decode_hello};
     let hello = |token: String| {
-        Message::Hello(Box::new(Hello {
-            replica: ReplicaId([3; 16]),
+        // With the longest host a proof may carry.
+        let host = "h".repeat(syncline_core::identity::MAX_HOST_LEN);
+        Message::Hello(Box::new(Hello::signed(
+            &Identity::from_seed([3; 32]),
             token,
-        }))
+            &host,
+            0,
+        )))
     };
     // The longest token a Hello may carry fits, and encoders never compress
     // a Hello, however compressible its token.

@@ -3,9 +3,10 @@
 //! dropped by their bytes without being parsed.
 
 use serde_json::json;
+use syncline_core::Identity;
 use syncline_core::change_limits::{ChangeLimits, ChangeRefused, inspect};
 use syncline_core::entry::Entry;
-use syncline_core::ids::{DbName, DocId, ReplicaId};
+use syncline_core::ids::{DbName, DocId};
 use syncline_core::protocol::{ErrorCode, Hello, Message, Push, Subscribe};
 use syncline_core::store::StoredDatabase;
 use syncline_core::sync::{OpenAccess, PeerId, Server, ServerConfig, ServerOutput, ValidateJob};
@@ -29,7 +30,7 @@ fn heavy(r: u8, n: u64) -> Vec<Entry> {
 fn entries_of(r: u8, n: u64, len: usize) -> Vec<Entry> {
     let mut d = syncline_core::database::Database::new(
         db(),
-        ReplicaId([r; 16]),
+        Identity::from_seed([r; 32]).replica(),
         automerge::TextEncoding::UnicodeCodePoint,
     );
     (0..n)
@@ -69,10 +70,12 @@ impl Hub {
         let p = self.server.connect();
         self.server.handle(
             p,
-            Message::Hello(Box::new(Hello {
-                replica: ReplicaId([r; 16]),
-                token: String::new(),
-            })),
+            Message::Hello(Box::new(Hello::signed(
+                &Identity::from_seed([r; 32]),
+                String::new(),
+                "",
+                0,
+            ))),
         );
         self.server.handle(
             p,
@@ -172,7 +175,7 @@ fn the_limits_are_the_server_s_configuration() {
     let a = hub.peer(1);
     let mut d = syncline_core::database::Database::new(
         db(),
-        ReplicaId([1; 16]),
+        Identity::from_seed([1; 32]).replica(),
         automerge::TextEncoding::UnicodeCodePoint,
     );
     let three = d

@@ -6,8 +6,9 @@
 use std::collections::HashMap;
 
 use serde_json::json;
+use syncline_core::Identity;
 use syncline_core::entry::Entry;
-use syncline_core::ids::{DbName, DocId, ReplicaId};
+use syncline_core::ids::{DbName, DocId};
 use syncline_core::protocol::{ErrorCode, Hello, Message, Push, Subscribe};
 use syncline_core::store::StoredDatabase;
 use syncline_core::sync::{
@@ -43,7 +44,7 @@ fn name(s: &str) -> DbName {
 fn change(db: &str, r: u8, counter: u64, len: usize) -> Entry {
     let mut d = syncline_core::database::Database::new(
         name(db),
-        ReplicaId([r; 16]),
+        Identity::from_seed([r; 32]).replica(),
         automerge::TextEncoding::UnicodeCodePoint,
     );
     let mut last = None;
@@ -94,10 +95,12 @@ impl Hub {
         let p = self.server.connect();
         self.server.handle(
             p,
-            Message::Hello(Box::new(Hello {
-                replica: ReplicaId([r; 16]),
-                token: token.into(),
-            })),
+            Message::Hello(Box::new(Hello::signed(
+                &Identity::from_seed([r; 32]),
+                token,
+                "",
+                0,
+            ))),
         );
         self.drain();
         p

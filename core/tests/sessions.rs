@@ -5,6 +5,7 @@ mod common;
 
 use common::Net;
 use serde_json::json;
+use syncline_core::Identity;
 use syncline_core::clock::{Dot, VersionVector};
 use syncline_core::entry::Entry;
 use syncline_core::ids::{DbName, DocId, ReplicaId};
@@ -137,10 +138,12 @@ fn messages_before_hello_and_a_second_hello_close_the_connection() {
     net.run();
     net.raw(
         b,
-        protocol::encode(&Message::Hello(Box::new(Hello {
-            replica: ReplicaId([2; 16]),
-            token: String::new(),
-        }))),
+        protocol::encode(&Message::Hello(Box::new(Hello::signed(
+            &Identity::from_seed([2; 32]),
+            String::new(),
+            "",
+            0,
+        )))),
     );
     net.run();
     assert_eq!(errors(&net, b), [ErrorCode::ProtocolViolation]);
@@ -149,7 +152,7 @@ fn messages_before_hello_and_a_second_hello_close_the_connection() {
 fn entry_of(author: u8, counter: u64, as_replica: u8) -> Entry {
     let mut d = syncline_core::database::Database::new(
         db(),
-        ReplicaId([author; 16]),
+        Identity::from_seed([author; 32]).replica(),
         automerge::TextEncoding::UnicodeCodePoint,
     );
     let mut last = None;
@@ -159,7 +162,7 @@ fn entry_of(author: u8, counter: u64, as_replica: u8) -> Entry {
             .unwrap();
     }
     let mut e = last.unwrap();
-    e.dot.replica = ReplicaId([as_replica; 16]);
+    e.dot.replica = Identity::from_seed([as_replica; 32]).replica();
     e
 }
 
@@ -286,7 +289,7 @@ fn presence_is_broadcast_and_cleared_on_leave() {
     let ada = seen
         .peers
         .iter()
-        .find(|p| p.replica == ReplicaId([1; 16]))
+        .find(|p| p.replica == Identity::from_seed([1; 32]).replica())
         .unwrap();
     assert_eq!(ada.state.as_deref(), Some(&br#"{"name":"ada"}"#[..]));
     // Presence is never stored.
@@ -304,7 +307,11 @@ fn presence_is_broadcast_and_cleared_on_leave() {
     net.run();
     let seen = net.nodes[b].client.presence(&db());
     assert_eq!(seen.online, 1);
-    assert!(seen.peers.iter().all(|p| p.replica != ReplicaId([1; 16])));
+    assert!(
+        seen.peers
+            .iter()
+            .all(|p| p.replica != Identity::from_seed([1; 32]).replica())
+    );
     assert_eq!(net.nodes[a].client.status(), Status::Offline);
 
     // A late joiner sees the current state in full.
@@ -394,7 +401,11 @@ fn config_with_views() -> ClientConfig {
 
 #[test]
 fn views_ride_along_every_few_entries_and_on_request() {
-    let mut c = Client::new(ReplicaId([1; 16]), "", config_with_views());
+    let mut c = Client::new(
+        Identity::from_seed([1; 32]).replica(),
+        "",
+        config_with_views(),
+    );
     c.open(db(), StoredDatabase::default());
     let put = |c: &mut Client, doc: &str, n: i64| -> Vec<String> {
         let id = DocId::new(doc).unwrap();
@@ -431,7 +442,11 @@ fn views_ride_along_every_few_entries_and_on_request() {
             .collect(),
         ..StoredDatabase::default()
     };
-    let mut again = Client::new(ReplicaId([1; 16]), "", config_with_views());
+    let mut again = Client::new(
+        Identity::from_seed([1; 32]).replica(),
+        "",
+        config_with_views(),
+    );
     again.open(db(), stored);
     let mut docs: Vec<String> = again
         .take_views(&db())
@@ -441,7 +456,11 @@ fn views_ride_along_every_few_entries_and_on_request() {
     docs.sort();
     assert_eq!(docs, ["a", "b", "c"]);
     // Without keep_views there are none.
-    let mut plain = Client::new(ReplicaId([2; 16]), "", ClientConfig::default());
+    let mut plain = Client::new(
+        Identity::from_seed([2; 32]).replica(),
+        "",
+        ClientConfig::default(),
+    );
     plain.open(db(), StoredDatabase::default());
     for i in 0..100 {
         assert!(put(&mut plain, "a", i).is_empty());
@@ -488,7 +507,7 @@ fn offline_edits_merge_on_reconnect() {
         );
     }
     let dot = Dot {
-        replica: ReplicaId([1; 16]),
+        replica: Identity::from_seed([1; 32]).replica(),
         counter: 2,
     };
     assert!(net.server.log(&db()).unwrap().get(&dot).is_some());
@@ -805,7 +824,7 @@ fn an_entry_the_client_cannot_apply_does_not_loop_subscriptions() {
     let mut net = Net::new(OpenAccess);
     let bad = Entry {
         dot: Dot {
-            replica: ReplicaId([7; 16]),
+            replica: Identity::from_seed([7; 32]).replica(),
             counter: 1,
         },
         doc: DocId::new("broken").unwrap(),

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use proptest::prelude::*;
 use serde_json::{Value as Json, json};
+use syncline_core::Identity;
 use syncline_core::clock::VersionVector;
 use syncline_core::database::Database;
 use syncline_core::doc::PathSeg;
@@ -60,6 +61,7 @@ struct Conn {
 
 struct Replica {
     id: ReplicaId,
+    identity: Identity,
     client: Client,
     store: MemoryStore,
     /// Cached document views, written with their batch (replicas with an
@@ -92,6 +94,8 @@ struct Sim {
     /// Everything the server ever acknowledged (Ack or reply vv), per database.
     acked: HashMap<DbName, VersionVector>,
     log: Vec<String>,
+    /// `Hello`s sent so far (each one's nonce).
+    hellos: u64,
 }
 
 const DOCS: [&str; 5] = ["a", "b", "c", "todo:1", "todo:2"];
@@ -130,15 +134,17 @@ impl Sim {
         let server_id = ReplicaId([0xEE; 16]);
         let replicas = (0..n)
             .map(|i| {
-                let mut id = [0u8; 16];
-                id[0] = i as u8 + 1;
-                id[1..9].copy_from_slice(&rng.next().to_le_bytes());
-                let id = ReplicaId(id);
+                let mut seed = [0u8; 32];
+                seed[0] = i as u8 + 1;
+                seed[1..9].copy_from_slice(&rng.next().to_le_bytes());
+                let identity = Identity::from_seed(seed);
+                let id = identity.replica();
                 let store = MemoryStore::new();
                 let views = Views::new();
                 let client = Self::boot_client(id, &store, &views, &dbs);
                 Replica {
                     id,
+                    identity,
                     client,
                     store,
                     views,
@@ -161,6 +167,7 @@ impl Sim {
             replicas,
             acked: HashMap::new(),
             log: Vec::new(),
+            hellos: 0,
         }
     }
 
@@ -384,7 +391,12 @@ impl Sim {
             to_client: VecDeque::new(),
             closing: false,
         });
-        self.replicas[i].client.connected();
+        // A counter for the nonce keeps the run deterministic.
+        self.hellos += 1;
+        let mut nonce = [0u8; 16];
+        nonce[..8].copy_from_slice(&self.hellos.to_le_bytes());
+        let proof = self.replicas[i].identity.prove_with_nonce("", 0, nonce);
+        self.replicas[i].client.connected(proof);
         self.route_client(i);
     }
 

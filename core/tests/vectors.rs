@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use serde_json::json;
+use syncline_core::Identity;
 use syncline_core::clock::VersionVector;
 use syncline_core::database::Database;
 use syncline_core::entry::Snapshot;
@@ -60,8 +61,15 @@ fn sample_messages() -> Vec<(&'static str, Message)> {
         (
             "hello",
             Message::Hello(Box::new(Hello {
-                replica: a,
+                replica: Identity::from_seed([0xAA; 32]).replica(),
                 token: "tok".into(),
+                // Ed25519 signatures are deterministic: a fixed nonce and
+                // clock give fixed bytes.
+                proof: Identity::from_seed([0xAA; 32]).prove_with_nonce(
+                    "sync.example.com",
+                    1_700_000_000_000,
+                    [9; 16],
+                ),
             })),
         ),
         (

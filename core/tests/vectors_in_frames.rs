@@ -4,6 +4,7 @@
 //! whole vector is over a MB, and a frame of it over 100 KB deflated).
 
 use serde_json::json;
+use syncline_core::Identity;
 use syncline_core::clock::{Dot, VersionVector};
 use syncline_core::entry::Entry;
 use syncline_core::ids::{DbName, DocId, ReplicaId};
@@ -33,10 +34,7 @@ struct Hub {
 impl Hub {
     fn peer(&mut self, r: u8, since: VersionVector) -> PeerId {
         let p = self.server.connect();
-        let hello = Hello {
-            replica: ReplicaId([r; 16]),
-            token: String::new(),
-        };
+        let hello = Hello::signed(&Identity::from_seed([r; 32]), String::new(), "", 0);
         self.server.handle(p, Message::Hello(Box::new(hello)));
         let s = Subscribe {
             db: db(),
@@ -102,7 +100,7 @@ fn a_hundred_thousand_replicas_leave_live_frames_acks_and_resumes_small() {
     // without parsing again; nothing here parses them).
     let mut writer_db = syncline_core::database::Database::new(
         db(),
-        ReplicaId([2; 16]),
+        Identity::from_seed([2; 32]).replica(),
         automerge::TextEncoding::UnicodeCodePoint,
     );
     let old = DocId::new("old").unwrap();
@@ -113,7 +111,7 @@ fn a_hundred_thousand_replicas_leave_live_frames_acks_and_resumes_small() {
         .change;
     let mut writer_db = syncline_core::database::Database::new(
         db(),
-        ReplicaId([2; 16]),
+        Identity::from_seed([2; 32]).replica(),
         automerge::TextEncoding::UnicodeCodePoint,
     );
     let mut all = VersionVector::new();
@@ -212,6 +210,10 @@ fn a_hundred_thousand_replicas_leave_live_frames_acks_and_resumes_small() {
         panic!("no reply");
     };
     assert_eq!(d.entries.len(), 1);
-    assert_eq!(d.vv.get(&ReplicaId([2; 16])), 1, "what it lacked");
+    assert_eq!(
+        d.vv.get(&Identity::from_seed([2; 32]).replica()),
+        1,
+        "what it lacked"
+    );
     assert!(d.vv.len() <= 2, "{:?}", d.vv);
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use syncline_core::protocol::{self, Hello, Message, Push, Subscribe};
-use syncline_core::{Database, DbName, DocId, Entry, ReplicaId, VersionVector};
+use syncline_core::{Database, DbName, DocId, Entry, Identity, VersionVector};
 use tokio_tungstenite::tungstenite::Message as Ws;
 
 const DB: &str = "bench-ingest";
@@ -115,11 +115,12 @@ fn metric(addr: &str, name: &str) -> f64 {
 /// clock starts: the load generator shares the server's two cores, so it
 /// must not spend them making changes (or applying the other writers'
 /// fan-out) while the server is measured.
-fn make_entries(id: u8, count: u64) -> (ReplicaId, Vec<Entry>) {
+fn make_entries(id: u8, count: u64) -> (Identity, Vec<Entry>) {
     let db = DbName::new(DB).unwrap();
-    let mut replica = [id; 16];
-    replica[15] = 0xB0;
-    let replica = ReplicaId(replica);
+    let mut seed = [id; 32];
+    seed[31] = 0xB0;
+    let me = Identity::from_seed(seed);
+    let replica = me.replica();
     let mut local = Database::new(db, replica, automerge::TextEncoding::UnicodeCodePoint);
     let entries = (0..count)
         .filter_map(|n| {
@@ -129,7 +130,7 @@ fn make_entries(id: u8, count: u64) -> (ReplicaId, Vec<Entry>) {
                 .unwrap()
         })
         .collect();
-    (replica, entries)
+    (me, entries)
 }
 
 /// One writer speaking the protocol directly: Hello and Subscribe, then
@@ -138,7 +139,7 @@ fn make_entries(id: u8, count: u64) -> (ReplicaId, Vec<Entry>) {
 /// writers are read and dropped (decoded, not applied).
 async fn writer(
     url: String,
-    replica: ReplicaId,
+    me: Identity,
     entries: Vec<Entry>,
     until: Instant,
 ) -> (u64, Vec<Duration>) {
@@ -148,10 +149,12 @@ async fn writer(
     let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
         .await
         .unwrap();
-    let hello = Message::Hello(Box::new(Hello {
-        replica,
-        token: String::new(),
-    }));
+    let replica = me.replica();
+    let host = syncline_core::identity::host_of_url(&url).unwrap_or_default();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let hello = Message::Hello(Box::new(Hello::signed(&me, "", &host, now_ms)));
     let sub = Message::Subscribe(Box::new(Subscribe {
         db: db.clone(),
         since: VersionVector::new(),
@@ -263,7 +266,7 @@ async fn main() {
     let url = format!("ws://{addr}/sync");
 
     let per_writer = arg("--changes", 30_000);
-    let made: Vec<(ReplicaId, Vec<Entry>)> = std::thread::scope(|s| {
+    let made: Vec<(Identity, Vec<Entry>)> = std::thread::scope(|s| {
         let jobs: Vec<_> = (0..writers)
             .map(|i| s.spawn(move || make_entries(i + 1, per_writer)))
             .collect();

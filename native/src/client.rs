@@ -25,7 +25,9 @@ use syncline_core::sync::{
     CATCH_UP_IDLE_MS, CATCH_UP_STEP, Client, ClientConfig, ClientEvent, ClientOutput, PresenceView,
     Status,
 };
-use syncline_core::{DbName, DocId, MemoryStore, ReplicaId, Store, StoredDatabase, store::Batch};
+use syncline_core::{
+    DbName, DocId, Identity, MemoryStore, ReplicaId, Store, StoredDatabase, store::Batch,
+};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -198,6 +200,40 @@ impl std::fmt::Debug for Cmd {
     }
 }
 
+/// The replica's key, kept in `meta/replica-key` (mode 0600), created on
+/// first use. The replica id is derived from it (`meta/replica` keeps a copy
+/// for tools that read it).
+///
+/// A data directory from before replica keys has an id and no key: it
+/// gets a key and so a new id. Its old replica's changes stay in the local
+/// databases; those a server already has are unaffected, while any never
+/// acknowledged cannot be sent under the old id (no one can prove it).
+async fn replica_identity(store: &FileStore) -> Result<Identity, ClientError> {
+    let old = store.get_meta("replica").await?;
+    let seed = store.private_meta("replica-key", || Identity::generate().seed().to_vec())?;
+    let seed: [u8; 32] = seed.as_slice().try_into().map_err(|_| {
+        ClientError::Store(StoreError::Io {
+            context: format!(
+                "reading {}",
+                store.dir().join("meta").join("replica-key").display()
+            ),
+            source: std::io::Error::other("a replica key is 32 bytes"),
+        })
+    })?;
+    let identity = Identity::from_seed(seed);
+    let replica = identity.replica();
+    if old.as_deref() != Some(&replica.0[..]) {
+        if let Some(old) = old.as_deref().and_then(|b| ReplicaId::from_slice(b).ok()) {
+            tracing::warn!(
+                "{}: replica {old} has no key (made by an older version); writing as replica {replica} from now on",
+                store.dir().display()
+            );
+        }
+        store.put_meta("replica", &replica.0).await?;
+    }
+    Ok(identity)
+}
+
 impl SyncClient {
     /// Start a client for `url` (e.g. `ws://127.0.0.1:7070/sync`) with a local
     /// replica in `dir`. Returns at once; connecting happens in the background
@@ -208,15 +244,8 @@ impl SyncClient {
         dir: impl AsRef<Path>,
     ) -> Result<Self, ClientError> {
         let store = FileStore::open(dir)?;
-        let replica = match store.get_meta("replica").await? {
-            Some(b) => ReplicaId::from_slice(&b).unwrap_or_else(|_| ReplicaId::random()),
-            None => {
-                let id = ReplicaId::random();
-                store.put_meta("replica", &id.0).await?;
-                id
-            }
-        };
-        Ok(Self::start(url, token, Local::File(store), replica))
+        let identity = replica_identity(&store).await?;
+        Ok(Self::start(url, token, Local::File(store), identity))
     }
 
     /// Start a client whose replica lives in memory only: a fresh replica id,
@@ -228,11 +257,12 @@ impl SyncClient {
             url,
             token,
             Local::Memory(MemoryStore::new()),
-            ReplicaId::random(),
+            Identity::generate(),
         )
     }
 
-    fn start(url: Option<&str>, token: &str, store: Local, replica: ReplicaId) -> Self {
+    fn start(url: Option<&str>, token: &str, store: Local, identity: Identity) -> Self {
+        let replica = identity.replica();
         let (cmd, cmd_rx) = mpsc::channel(256);
         let (events, _) = broadcast::channel(1024);
         let (reports, reports_rx) = mpsc::unbounded_channel();
@@ -242,6 +272,7 @@ impl SyncClient {
             ClientConfig::default(),
         )));
         let driver = Driver {
+            identity,
             client: shared.clone(),
             store,
             url: url.map(str::to_owned),
@@ -402,6 +433,8 @@ fn lock(shared: &Shared) -> MutexGuard<'_, Client> {
 }
 
 struct Driver {
+    /// This replica's key: every connection's `Hello` proves it.
+    identity: Identity,
     client: Shared,
     store: Local,
     url: Option<String>,
@@ -597,7 +630,13 @@ impl Driver {
             Report::Connected(g, out, read) if g == self.generation => {
                 self.conn = Some(Conn { out, read });
                 self.connected_at = Some(Instant::now());
-                self.client().connected();
+                let host = self
+                    .url
+                    .as_deref()
+                    .and_then(syncline_core::identity::host_of_url)
+                    .unwrap_or_default();
+                let proof = self.identity.prove(&host, crate::auth::now_ms());
+                self.client().connected(proof);
             }
             Report::Closed(g) if g == self.generation => self.drop_connection(),
             Report::Persisted(db, seq, result) => match result {

@@ -99,6 +99,16 @@ struct ServeArgs {
     /// Database pattern open to anonymous clients (read and write); repeatable.
     #[arg(long, env = "SYNCLINE_ANONYMOUS", value_delimiter = ',')]
     anonymous: Vec<String>,
+    /// Name clients reach this server by (`host` or `host:port`, as in its
+    /// URL); repeatable. Each client signs the host it dialled, and a
+    /// connection signed for another is refused. Set it when a proxy in
+    /// front rewrites the Host header [default: the request's Host].
+    #[arg(
+        long = "server-name",
+        env = "SYNCLINE_SERVER_NAMES",
+        value_delimiter = ','
+    )]
+    server_names: Vec<String>,
     /// Most simultaneous connections [default: 10000].
     #[arg(long, env = "SYNCLINE_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
@@ -204,6 +214,8 @@ struct FileConfig {
     secret: Option<String>,
     #[serde(default)]
     anonymous: Vec<String>,
+    #[serde(default)]
+    server_names: Vec<String>,
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
     handshakes_per_ip: Option<u32>,
@@ -442,6 +454,11 @@ fn serve(args: ServeArgs) -> Result<()> {
     } else {
         args.anonymous
     };
+    let server_names = if args.server_names.is_empty() {
+        file.server_names
+    } else {
+        args.server_names
+    };
     let max_frame = args.max_frame.or(file.max_frame).unwrap_or(16 << 20);
     // A push becomes one atomic log record, and Welcome carries the limit
     // as a u32: keep it well inside both.
@@ -493,6 +510,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         secret: load_secret(args.secret.or(file.secret), &data, true)?,
         data,
         anonymous,
+        server_names,
         max_connections: args
             .max_connections
             .or(file.max_connections)

@@ -846,6 +846,22 @@ mod raw {
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >;
 
+    /// A `Hello` of the replica whose key has seed `[seed; 32]`, proved
+    /// for the server at `url` now.
+    pub fn hello(url: &str, seed: u8, token: &str) -> syncline_core::protocol::Hello {
+        let host = syncline_core::identity::host_of_url(url).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        syncline_core::protocol::Hello::signed(
+            &syncline_core::Identity::from_seed([seed; 32]),
+            token,
+            &host,
+            now,
+        )
+    }
+
     pub async fn open(url: &str) -> Socket {
         tokio_tungstenite::connect_async(url).await.unwrap().0
     }
@@ -904,7 +920,7 @@ mod raw_frame {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_are_refused_and_slow_readers_dropped_while_others_are_served() {
     use raw_frame::Frame;
-    use syncline_core::protocol::{self, Hello, Message, Subscribe};
+    use syncline_core::protocol::{self, Message, Subscribe};
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProc::start(
         &dir.path().join("srv"),
@@ -952,10 +968,7 @@ async fn bad_frames_are_refused_and_slow_readers_dropped_while_others_are_served
 
     // A subscriber that never reads.
     let mut slow = raw::open(&url).await;
-    let hello = Message::Hello(Box::new(Hello {
-        replica: syncline_core::ReplicaId([7; 16]),
-        token: String::new(),
-    }));
+    let hello = Message::Hello(Box::new(raw::hello(&url, 7, "")));
     raw::send(&mut slow, protocol::encode(&hello)).await;
     let sub = Message::Subscribe(Box::new(Subscribe {
         db: list.clone(),
@@ -1064,7 +1077,7 @@ async fn first_frames_refused(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn before_hello_only_one_small_uncompressed_hello_is_read() {
-    use syncline_core::protocol::{self, Hello, MAX_HELLO_FRAME, Message, Subscribe};
+    use syncline_core::protocol::{self, MAX_HELLO_FRAME, Message, Subscribe};
     let dir = tempfile::tempdir().unwrap();
     // The default frame limit (16 MiB) and a long Hello timeout: each
     // refusal below comes from the first frame, not from the clock.
@@ -1081,12 +1094,7 @@ async fn before_hello_only_one_small_uncompressed_hello_is_read() {
         .unwrap();
     good.open(&list).await.unwrap();
     synced(&good, &list).await;
-    let hello = |token: &str| {
-        Message::Hello(Box::new(Hello {
-            replica: syncline_core::ReplicaId([5; 16]),
-            token: token.into(),
-        }))
-    };
+    let hello = |token: &str| Message::Hello(Box::new(raw::hello(&url, 5, token)));
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let junk: Vec<u8> = (0..1 << 20)
         .map(|_| {
@@ -1283,7 +1291,7 @@ async fn slow_headers_time_out_and_one_address_cannot_hold_every_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_cannot_take_every_connection() {
-    use syncline_core::protocol::{self, Hello, Message};
+    use syncline_core::protocol::{self, Message};
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProc::start(
         &dir.path().join("srv"),
@@ -1291,14 +1299,12 @@ async fn one_address_cannot_take_every_connection() {
         &["--anonymous", "demo-*", "--max-connections-per-ip", "2"],
     );
     let url = server.url();
-    let hello = protocol::encode(&Message::Hello(Box::new(Hello {
-        replica: syncline_core::ReplicaId([6; 16]),
-        token: String::new(),
-    })));
+    // A fresh Hello for each connection: one is accepted only once.
+    let hello = || protocol::encode(&Message::Hello(Box::new(raw::hello(&url, 6, ""))));
     let mut a = raw::open(&url).await;
     let mut b = raw::open(&url).await;
     for ws in [&mut a, &mut b] {
-        raw::send(ws, hello.clone()).await;
+        raw::send(ws, hello()).await;
         let w = tokio::time::timeout(WAIT, raw::next(ws)).await.unwrap();
         assert!(matches!(w, Some(Message::Welcome(_))), "{w:?}");
     }
@@ -1322,7 +1328,7 @@ async fn one_address_cannot_take_every_connection() {
             }
         }
     };
-    raw::send(&mut c, hello).await;
+    raw::send(&mut c, hello()).await;
     let w = tokio::time::timeout(WAIT, raw::next(&mut c)).await.unwrap();
     assert!(matches!(w, Some(Message::Welcome(_))), "{w:?}");
     drop(b);
@@ -1478,7 +1484,7 @@ async fn a_quiet_database_gets_views_and_cold_replicas_receive_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_closed_and_live_ones_kept() {
     use futures_util::StreamExt;
-    use syncline_core::protocol::{self, Hello, Message};
+    use syncline_core::protocol::{self, Message};
     use tokio_tungstenite::tungstenite::Message as Ws;
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProc::start(
@@ -1494,10 +1500,8 @@ async fn silent_connections_are_closed_and_live_ones_kept() {
         ],
     );
     let url = server.url();
-    let hello = protocol::encode(&Message::Hello(Box::new(Hello {
-        replica: syncline_core::ReplicaId([9; 16]),
-        token: String::new(),
-    })));
+    // A fresh Hello for each connection: one is accepted only once.
+    let hello = || protocol::encode(&Message::Hello(Box::new(raw::hello(&url, 9, ""))));
 
     // Never says Hello: ProtocolViolation, then the close.
     let mut mute = raw::open(&url).await;
@@ -1517,13 +1521,13 @@ async fn silent_connections_are_closed_and_live_ones_kept() {
 
     // Says Hello, then never reads, so never answers a ping: closed.
     let mut dead = raw::open(&url).await;
-    raw::send(&mut dead, hello.clone()).await;
+    raw::send(&mut dead, hello()).await;
     until_metric(server.addr, "syncline_dead_connections_total", 1.0).await;
 
     // Says Hello and keeps reading (tungstenite answers pings as it reads):
     // still served after several intervals.
     let mut live = raw::open(&url).await;
-    raw::send(&mut live, hello).await;
+    raw::send(&mut live, hello()).await;
     let mut pings = 0;
     while pings < 5 {
         match tokio::time::timeout(WAIT, live.next()).await.unwrap() {
@@ -1896,7 +1900,7 @@ async fn idle_databases_are_unloaded_and_load_again_on_demand() {
 /// at that rate (it waits in its own socket); what it sent is all handled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_over_its_read_rate_waits_and_loses_nothing() {
-    use syncline_core::protocol::{self, Hello, Message};
+    use syncline_core::protocol::{self, Message};
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProc::start(
         dir.path(),
@@ -1911,10 +1915,7 @@ async fn a_connection_over_its_read_rate_waits_and_loses_nothing() {
         ],
     );
     let mut ws = raw::open(&server.url()).await;
-    let hello = Message::Hello(Box::new(Hello {
-        replica: syncline_core::ReplicaId([9; 16]),
-        token: String::new(),
-    }));
+    let hello = Message::Hello(Box::new(raw::hello(&server.url(), 9, "")));
     raw::send(&mut ws, protocol::encode(&hello)).await;
     let welcome = tokio::time::timeout(WAIT, raw::next(&mut ws))
         .await
@@ -1962,7 +1963,7 @@ fn incompressible(len: usize, seed: u64) -> String {
 /// Subscribes sent back to back are answered one after another, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_cold_syncs_larger_than_the_send_queue_stream_in_order() {
-    use syncline_core::protocol::{self, Hello, Message, Subscribe};
+    use syncline_core::protocol::{self, Message, Subscribe};
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProc::start(
         &dir.path().join("srv"),
@@ -1993,10 +1994,7 @@ async fn pipelined_cold_syncs_larger_than_the_send_queue_stream_in_order() {
     synced(&writer, &list).await;
 
     let mut ws = raw::open(&url).await;
-    let hello = Message::Hello(Box::new(Hello {
-        replica: syncline_core::ReplicaId([5; 16]),
-        token: String::new(),
-    }));
+    let hello = Message::Hello(Box::new(raw::hello(&url, 5, "")));
     raw::send(&mut ws, protocol::encode(&hello)).await;
     const REPLIES: u32 = 4;
     for req in 1..=REPLIES {
@@ -2148,7 +2146,7 @@ async fn database_and_disk_quotas_hold_across_restarts() {
 /// unloaded at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_new_databases_is_unloaded_as_it_loads() {
-    use syncline_core::protocol::{self, Hello, Message, Subscribe};
+    use syncline_core::protocol::{self, Message, Subscribe};
     let dir = tempfile::tempdir().unwrap();
     // 512 KiB: a check after every 64 loads; at the fifth (320 loaded,
     // 640 KiB) down to 384 KiB (192 empty databases).
@@ -2158,10 +2156,7 @@ async fn a_storm_of_new_databases_is_unloaded_as_it_loads() {
         &["--anonymous", "storm-*", "--max-loaded-bytes", "524288"],
     );
     let mut ws = raw::open(&server.url()).await;
-    let hello = Message::Hello(Box::new(Hello {
-        replica: syncline_core::ReplicaId([7; 16]),
-        token: String::new(),
-    }));
+    let hello = Message::Hello(Box::new(raw::hello(&server.url(), 7, "")));
     raw::send(&mut ws, protocol::encode(&hello)).await;
     // Pipelined: each database is loaded, subscribed and left.
     for k in 0..400u32 {
@@ -2195,4 +2190,207 @@ async fn a_storm_of_new_databases_is_unloaded_as_it_loads() {
     let loaded = metric(server.addr, "syncline_loaded_bytes").await;
     assert!(unloaded >= 64.0, "unloaded {unloaded}, loaded {loaded}");
     assert!(loaded <= 524_288.0, "loaded {loaded}");
+}
+
+/// Issue 30, part 1, against the real binary: a client that knows a
+/// victim's replica id (every subscriber does) cannot push under it, with
+/// its own key, with the victim's public key, or with a captured Hello; the
+/// victim's offline edit then arrives intact and its later pushes are
+/// accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_one_writes_under_a_replica_id_they_do_not_own() {
+    use syncline_core::protocol::{self, ErrorCode, Hello, Message, Push, Subscribe};
+    use syncline_core::{Database, Dot, Entry, Identity};
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &["--anonymous", "notes-*"],
+    );
+    let url = server.url();
+    let notes = db("notes-shared");
+    let victim_dir = dir.path().join("victim");
+
+    // The victim syncs one edit, then makes another offline.
+    let victim = SyncClient::connect(Some(&url), "", &victim_dir)
+        .await
+        .unwrap();
+    let victim_id = victim.replica();
+    victim.open(&notes).await.unwrap();
+    victim
+        .put(&notes, &doc("n"), json!({"v": 1}))
+        .await
+        .unwrap();
+    synced(&victim, &notes).await;
+    victim.close().await;
+    let offline = SyncClient::connect(None, "", &victim_dir).await.unwrap();
+    assert_eq!(offline.replica(), victim_id, "the id is kept with its key");
+    offline.open(&notes).await.unwrap();
+    offline
+        .put(&notes, &doc("n"), json!({"v": 2}))
+        .await
+        .unwrap();
+    offline.close().await;
+
+    // A forged push at the victim's next counter.
+    let mut fake = Database::new(
+        notes.clone(),
+        victim_id,
+        automerge::TextEncoding::UnicodeCodePoint,
+    );
+    let forged = fake
+        .update(&doc("n"), &json!({"v": "forged"}))
+        .unwrap()
+        .unwrap();
+    let forged = Entry {
+        dot: Dot {
+            replica: victim_id,
+            counter: 2,
+        },
+        ..forged
+    };
+    let host = syncline_core::identity::host_of_url(&url).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let attempt = |hello: Vec<u8>| {
+        let (url, notes, forged) = (url.clone(), notes.clone(), forged.clone());
+        async move {
+            let mut ws = raw::open(&url).await;
+            raw::send(&mut ws, hello).await;
+            let sub = Message::Subscribe(Box::new(Subscribe {
+                db: notes.clone(),
+                since: Default::default(),
+                req: 1,
+            }));
+            raw::send(&mut ws, protocol::encode(&sub)).await;
+            let push = Message::Push(Box::new(Push {
+                db: notes,
+                entries: vec![forged],
+            }));
+            raw::send(&mut ws, protocol::encode(&push)).await;
+            let mut got = Vec::new();
+            while let Some(m) = tokio::time::timeout(WAIT, raw::next(&mut ws))
+                .await
+                .unwrap()
+            {
+                got.push(m);
+            }
+            got
+        }
+    };
+    let refused = |got: &[Message], why: &str| {
+        assert!(
+            !got.iter()
+                .any(|m| matches!(m, Message::Welcome(_) | Message::Ack(_))),
+            "{got:?}"
+        );
+        match got.first() {
+            Some(Message::Error(e)) => {
+                assert_eq!(e.code(), ErrorCode::Unauthorized);
+                assert!(e.message.contains(why), "{}", e.message);
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    };
+    let attacker = Identity::generate();
+
+    // (1) The victim's id with the attacker's own key.
+    let mut hello = Hello::signed(&attacker, "", &host, now);
+    hello.replica = victim_id;
+    let got = attempt(protocol::encode(&Message::Hello(Box::new(hello)))).await;
+    refused(&got, "not derived from the key");
+
+    // (2) The victim's public key, signed by the attacker.
+    let key = std::fs::read(victim_dir.join("meta/replica-key")).unwrap();
+    let victim_key = Identity::from_seed(key.as_slice().try_into().unwrap());
+    assert_eq!(victim_key.replica(), victim_id);
+    let mut hello = Hello::signed(&attacker, "", &host, now);
+    hello.replica = victim_id;
+    hello.proof.key = victim_key.public_key();
+    let got = attempt(protocol::encode(&Message::Hello(Box::new(hello)))).await;
+    refused(&got, "does not verify");
+
+    // (3) A Hello of the victim's, used once (by the victim) and captured.
+    let captured = protocol::encode(&Message::Hello(Box::new(Hello::signed(
+        &victim_key,
+        "",
+        &host,
+        now,
+    ))));
+    let mut once = raw::open(&url).await;
+    raw::send(&mut once, captured.clone()).await;
+    let w = tokio::time::timeout(WAIT, raw::next(&mut once))
+        .await
+        .unwrap();
+    assert!(matches!(w, Some(Message::Welcome(_))), "{w:?}");
+    drop(once);
+    let got = attempt(captured).await;
+    refused(&got, "replay");
+
+    // (4) Signed for another server.
+    let hello = Hello::signed(&victim_key, "", "evil.example", now);
+    let got = attempt(protocol::encode(&Message::Hello(Box::new(hello)))).await;
+    refused(&got, "not this server");
+
+    // Nothing was stored under the victim's id: a reader sees its synced
+    // state, then its offline edit once it reconnects, and it writes on.
+    let reader = SyncClient::in_memory(Some(&url), "");
+    reader.open(&notes).await.unwrap();
+    synced(&reader, &notes).await;
+    assert_eq!(
+        reader.get(&notes, &doc("n")).await.unwrap(),
+        Some(json!({"v": 1}))
+    );
+    let victim = SyncClient::connect(Some(&url), "", &victim_dir)
+        .await
+        .unwrap();
+    victim.open(&notes).await.unwrap();
+    synced(&victim, &notes).await;
+    victim
+        .put(&notes, &doc("n"), json!({"v": 3}))
+        .await
+        .unwrap();
+    synced(&victim, &notes).await;
+    let mut events = reader.events();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while reader.get(&notes, &doc("n")).await.unwrap() != Some(json!({"v": 3})) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edits never arrived"
+        );
+        let _ = tokio::time::timeout_at(deadline, events.recv()).await;
+    }
+    // Both of the victim's edits are in the server's log, under its id.
+    let mut ws = raw::open(&url).await;
+    raw::send(
+        &mut ws,
+        protocol::encode(&Message::Hello(Box::new(raw::hello(&url, 77, "")))),
+    )
+    .await;
+    let sub = Message::Subscribe(Box::new(Subscribe {
+        db: notes.clone(),
+        since: Default::default(),
+        req: 1,
+    }));
+    raw::send(&mut ws, protocol::encode(&sub)).await;
+    let mut counters = Vec::new();
+    while let Some(m) = tokio::time::timeout(WAIT, raw::next(&mut ws))
+        .await
+        .unwrap()
+    {
+        if let Message::Delta(d) = m {
+            counters.extend(
+                d.entries
+                    .iter()
+                    .filter(|e| e.dot.replica == victim_id)
+                    .map(|e| e.dot.counter),
+            );
+            if d.last {
+                break;
+            }
+        }
+    }
+    assert_eq!(counters, vec![1, 2, 3]);
 }

@@ -27,6 +27,7 @@ use syncline_core::{Batch, DbName, DocId, DocView, MemoryStore, PathSeg, Replica
 use wasm_bindgen::prelude::*;
 
 use crate::error::{WasmError, js_error};
+use crate::identity::Signer;
 use crate::socket::{Socket, SocketEvent, Timer, defer_drop, jittered_backoff};
 use crate::store::{BrowserStore, IdbStore, Write};
 
@@ -136,6 +137,8 @@ type Queued = (DbName, u64, Batch, Vec<DocView>);
 
 struct Driver {
     client: Client,
+    /// The replica's key: every connection's `Hello` proves it.
+    signer: Rc<Signer>,
     store: BrowserStore,
     url: Option<String>,
     /// The WebSocket class to dial with (`None`: the global `WebSocket`).
@@ -243,19 +246,21 @@ pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmC
             ));
         }
     };
-    let replica = match store.get_meta("replica").await? {
-        Some(b) => match ReplicaId::from_slice(&b) {
-            Ok(id) => id,
-            Err(_) => new_replica(&store).await?,
-        },
-        None => new_replica(&store).await?,
-    };
+    // The replica id is the key's. A store from before replica keys has
+    // an id and no key: it gets a key, and so a new id (changes of the old
+    // id a server never acknowledged cannot be sent under it any more).
+    let signer = Signer::load_or_create(&store).await?;
+    let replica = signer.replica();
+    if store.get_meta("replica").await?.as_deref() != Some(&replica.0[..]) {
+        store.put_meta("replica", &replica.0).await?;
+    }
     let config = ClientConfig {
         encoding: automerge::TextEncoding::Utf16CodeUnit,
         keep_views: store.keeps_views(),
         ..ClientConfig::default()
     };
     let driver = Driver {
+        signer: Rc::new(signer),
         client: Client::new(replica, options.token.unwrap_or_default(), config),
         store,
         url: options.url,
@@ -287,12 +292,6 @@ pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmC
     let shared = Rc::new(RefCell::new(driver));
     dial(&shared);
     Ok(WasmClient { shared, replica })
-}
-
-async fn new_replica(store: &BrowserStore) -> Result<ReplicaId, WasmError> {
-    let id = ReplicaId::random();
-    store.put_meta("replica", &id.0).await?;
-    Ok(id)
 }
 
 /// Run `f` on the driver, carry out the outputs, then tell JS.
@@ -634,10 +633,46 @@ fn on_socket(shared: &Shared, ev: SocketEvent) {
                 });
             }
         }
-        SocketEvent::Open => run(shared, |d| {
-            d.client.connected();
-            d.arm_heartbeat(shared, HEARTBEAT_MS);
-        }),
+        SocketEvent::Open => {
+            // Sign this connection's Hello (WebCrypto answers with a
+            // promise), then start the handshake if the socket is still
+            // the current one.
+            let (signer, generation, url) = {
+                let d = shared.borrow();
+                (d.signer.clone(), d.generation, d.url.clone())
+            };
+            let host = url
+                .as_deref()
+                .and_then(syncline_core::identity::host_of_url)
+                .unwrap_or_default();
+            let weak = Rc::downgrade(shared);
+            wasm_bindgen_futures::spawn_local(async move {
+                let proof = signer.prove(&host).await;
+                let Some(shared) = weak.upgrade() else { return };
+                {
+                    let d = shared.borrow();
+                    if d.generation != generation || d.socket.is_none() {
+                        return;
+                    }
+                }
+                run(&shared, |d| match proof {
+                    Ok(proof) => {
+                        d.client.connected(proof);
+                        d.arm_heartbeat(&shared, HEARTBEAT_MS);
+                    }
+                    Err(e) => {
+                        // Retrying will not give the runtime Ed25519.
+                        d.events.push(to_js(&JsEvent::Error {
+                            db: None,
+                            code: e.code(),
+                            message: e.to_string(),
+                        }));
+                        d.refused = Some(e);
+                        d.drop_connection(&shared);
+                    }
+                });
+            });
+        }
         SocketEvent::Closed => run(shared, |d| {
             // Frames that arrived before the close come first (a bad one
             // among them has already dropped the connection).

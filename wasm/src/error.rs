@@ -44,6 +44,9 @@ pub enum WasmError {
     /// The client was closed.
     #[error("the client is closed")]
     Closed,
+    /// The runtime lacks something the client needs (WebCrypto Ed25519).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl From<CoreClientError> for WasmError {
@@ -70,6 +73,7 @@ impl WasmError {
             WasmError::TooLarge(_) => "TooLarge",
             WasmError::NoServer => "NoServer",
             WasmError::Closed => "Closed",
+            WasmError::Unsupported(_) => "Unsupported",
         }
     }
 }

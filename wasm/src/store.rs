@@ -448,6 +448,32 @@ impl Store for IdbStore {
     }
 }
 
+impl IdbStore {
+    async fn get_meta_value(&self, key: &str) -> Result<Option<JsValue>, StoreError> {
+        let tx = self.db.transaction(META).build()?;
+        let v: Option<JsValue> = tx
+            .object_store(META)?
+            .get(key.to_owned())
+            .primitive()?
+            .await?;
+        Ok(v)
+    }
+
+    async fn put_meta_value(&self, key: &str, value: &JsValue) -> Result<(), StoreError> {
+        let tx = self
+            .db
+            .transaction(META)
+            .with_mode(TransactionMode::Readwrite)
+            .with_options(Self::options())
+            .build()?;
+        tx.object_store(META)?
+            .put(value.clone())
+            .with_key(key.to_owned())
+            .primitive()?;
+        commit(tx).await
+    }
+}
+
 /// Where a browser client keeps its data: IndexedDB, or memory (Node, tests,
 /// or an app that opts out of persistence).
 #[derive(Debug, Clone)]
@@ -514,6 +540,24 @@ impl BrowserStore {
                 .put_meta(key, value)
                 .await
                 .map_err(|e| StoreError::Idb(e.to_string())),
+        }
+    }
+
+    /// A metadata value that is a JS object (a WebCrypto key pair, which
+    /// IndexedDB stores as it is). Memory stores keep none.
+    pub async fn get_meta_value(&self, key: &str) -> Result<Option<JsValue>, StoreError> {
+        match self {
+            BrowserStore::Idb(s) => s.get_meta_value(key).await,
+            BrowserStore::Memory(_) => Ok(None),
+        }
+    }
+
+    /// Write a metadata value that is a JS object (see
+    /// [`BrowserStore::get_meta_value`]).
+    pub async fn put_meta_value(&self, key: &str, value: &JsValue) -> Result<(), StoreError> {
+        match self {
+            BrowserStore::Idb(s) => s.put_meta_value(key, value).await,
+            BrowserStore::Memory(_) => Ok(()),
         }
     }
 

@@ -571,3 +571,36 @@ async fn a_subscriber_applies_patched_changes_once_the_stream_pauses() {
     JsFuture::from(a.close()).await.expect("close");
     JsFuture::from(b.close()).await.expect("close");
 }
+
+/// Issue 30: the replica's key is a non-extractable WebCrypto Ed25519 key
+/// kept in IndexedDB; the replica id is derived from it, stays the same
+/// across reopens, and each proof is fresh and verifies.
+#[wasm_bindgen_test]
+async fn the_replica_key_is_kept_non_extractable_and_proves_the_replica() {
+    use crate::identity::Signer;
+    use crate::store::BrowserStore;
+    let name = unique("key");
+    let store = BrowserStore::Idb(Rc::new(IdbStore::open(&name).await.expect("open")));
+    let signer = Signer::load_or_create(&store).await.expect("key");
+    let a = signer.prove("sync.example").await.expect("proof");
+    let b = signer.prove("sync.example").await.expect("proof");
+    assert_eq!(a.verify(signer.replica()), Ok(()));
+    assert_eq!(b.verify(signer.replica()), Ok(()));
+    assert_ne!(a.nonce, b.nonce, "a fresh nonce per proof");
+    let kept = store
+        .get_meta_value("replica-key")
+        .await
+        .expect("meta")
+        .expect("the key pair is kept");
+    let private = js_sys::Reflect::get(&kept, &"privateKey".into()).expect("private key");
+    let extractable = js_sys::Reflect::get(&private, &"extractable".into()).expect("flag");
+    assert_eq!(extractable.as_bool(), Some(false));
+    store.close();
+
+    let store = BrowserStore::Idb(Rc::new(IdbStore::open(&name).await.expect("reopen")));
+    let again = Signer::load_or_create(&store).await.expect("key");
+    assert_eq!(again.replica(), signer.replica());
+    let memory = BrowserStore::Memory(syncline_core::MemoryStore::new());
+    let fresh = Signer::load_or_create(&memory).await.expect("key");
+    assert_ne!(fresh.replica(), signer.replica());
+}

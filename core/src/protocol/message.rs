@@ -4,6 +4,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::clock::VersionVector;
 use crate::entry::{Entry, Snapshot};
+use crate::identity::Proof;
 use crate::ids::{DbName, ReplicaId};
 use crate::view::DocView;
 
@@ -16,6 +17,25 @@ pub struct Hello {
     pub replica: ReplicaId,
     /// Credentials (may be empty for anonymous databases).
     pub token: String,
+    /// That the client owns `replica` (see `crate::identity`).
+    pub proof: Proof,
+}
+
+impl Hello {
+    /// A `Hello` for `identity`'s replica, proved for `host` at `now_ms`
+    /// (Unix milliseconds) with a fresh nonce.
+    pub fn signed(
+        identity: &crate::identity::Identity,
+        token: impl Into<String>,
+        host: &str,
+        now_ms: u64,
+    ) -> Hello {
+        Hello {
+            replica: identity.replica(),
+            token: token.into(),
+            proof: identity.prove(host, now_ms),
+        }
+    }
 }
 
 /// The server accepted `Hello`.

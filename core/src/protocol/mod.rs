@@ -18,7 +18,7 @@ pub use message::{
 };
 
 /// The protocol version this build speaks; the first byte of every frame.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 
 /// Default largest frame accepted, in bytes (16 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;

@@ -15,6 +15,7 @@ use crate::clock::VersionVector;
 use crate::database::{Applied, ApplyError, Database};
 use crate::doc::{DocError, PathSeg};
 use crate::entry::{Entry, Snapshot};
+use crate::identity::Proof;
 use crate::ids::{DbName, DocId, ReplicaId};
 use crate::protocol::{
     self, DEFAULT_MAX_FRAME, Delta, ErrorCode, ErrorMsg, Hello, Message, Presence, PresenceUpdate,
@@ -628,7 +629,13 @@ impl Client {
     /// `Hello` at once instead of waiting for `Welcome`, so catching up takes
     /// one round trip; the server handles a connection's messages in order,
     /// and after a refused `Hello` it ignores them.
-    pub fn connected(&mut self) {
+    ///
+    /// `proof` shows the server that this client owns its replica id: made
+    /// fresh for every connection by [`Identity::prove`] (or by WebCrypto in
+    /// the browser) for the host the adapter dialled.
+    ///
+    /// [`Identity::prove`]: crate::Identity::prove
+    pub fn connected(&mut self, proof: Proof) {
         self.status = Status::Connecting;
         self.probe_out = false;
         self.heard = false;
@@ -638,6 +645,7 @@ impl Client {
         self.send(Message::Hello(Box::new(Hello {
             replica: self.replica,
             token: self.token.clone(),
+            proof,
         })));
         self.event(ClientEvent::Status(Status::Connecting));
         let names: Vec<DbName> = self

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use crate::change_limits::{ChangeLimits, ChangeSummary};
 use crate::clock::VersionVector;
 use crate::entry::Entry;
+use crate::identity::{self, ProofError, ReplayWindow};
 use crate::ids::{DbName, DocId, ReplicaId};
 use crate::log::{Compaction, Log, Missing};
 use crate::protocol::{
@@ -95,6 +96,17 @@ pub struct ServerConfig {
     /// unless its sender has `Admin` on the database. The adapter counts
     /// what the store holds at start ([`Server::count_databases`]).
     pub database_quotas: Vec<DatabaseQuota>,
+    /// The names clients may dial this server by (`host` or `host:port`,
+    /// as in a URL). Each `Hello`'s proof must be signed for one of them.
+    /// Empty: the host the connection was made to
+    /// ([`Server::connect_to`]), which is right unless a proxy in front
+    /// rewrites the `Host` header.
+    pub server_names: Vec<String>,
+    /// How far a client's clock may be from the server's, each way (ms),
+    /// for its `Hello` to be accepted ([`crate::identity::ReplayWindow`]).
+    pub clock_skew_ms: u64,
+    /// Nonces of accepted `Hello`s remembered to refuse replays.
+    pub replay_capacity: usize,
 }
 
 /// At most `max_databases` databases whose names match `pattern`
@@ -126,6 +138,9 @@ impl Default for ServerConfig {
             presence_per_tick: 10,
             max_database_bytes: 1 << 30,
             database_quotas: Vec::new(),
+            server_names: Vec::new(),
+            clock_skew_ms: identity::DEFAULT_CLOCK_SKEW_MS,
+            replay_capacity: identity::DEFAULT_REPLAY_CAPACITY,
         }
     }
 }
@@ -228,6 +243,8 @@ struct Peer {
     joining: BTreeSet<DbName>,
     /// Presence announcements used in this tick.
     presence_used: u32,
+    /// The host the client dialled, as the adapter saw it (`Host`).
+    host: Option<String>,
 }
 
 /// Indices of the quotas whose pattern `db` matches.
@@ -554,6 +571,25 @@ struct ServerDb {
     validating: u32,
 }
 
+/// A `Hello` whose signature was checked where it arrived, so that the
+/// task serving every connection ([`Server::hello_checked`]) does not spend
+/// a signature verification (tens of microseconds) per handshake. Only
+/// [`CheckedHello::check`] makes one.
+#[derive(Debug)]
+pub struct CheckedHello {
+    hello: Hello,
+    signature: Result<(), ProofError>,
+}
+
+impl CheckedHello {
+    /// Verify `hello`'s proof of its replica (the signature and the key's
+    /// replica id; the host, clock and nonce are the server's to check).
+    pub fn check(hello: Hello) -> Self {
+        let signature = hello.proof.verify(hello.replica);
+        CheckedHello { hello, signature }
+    }
+}
+
 /// The server state machine.
 #[derive(Debug)]
 pub struct Server<A> {
@@ -583,6 +619,10 @@ pub struct Server<A> {
     /// Set by the adapter while its storage is over its quota: pushes are
     /// refused ([`Server::storage_full`]).
     storage_full: bool,
+    /// Nonces of recent `Hello`s.
+    replay: ReplayWindow,
+    /// Unix milliseconds, as last told by the adapter ([`Server::set_clock`]).
+    now_ms: u64,
 }
 
 impl<A: Authenticator> Server<A> {
@@ -603,6 +643,8 @@ impl<A: Authenticator> Server<A> {
             presence_later: BTreeSet::new(),
             created: vec![0; config.database_quotas.len()],
             storage_full: false,
+            replay: ReplayWindow::new(config.clock_skew_ms, config.replay_capacity),
+            now_ms: 0,
             config,
         }
     }
@@ -680,8 +722,23 @@ impl<A: Authenticator> Server<A> {
         }
     }
 
-    /// A new connection.
+    /// The adapter's clock, Unix milliseconds: a `Hello` is accepted only
+    /// if dated within [`ServerConfig::clock_skew_ms`] of it. Adapters set
+    /// it before handing over a `Hello` (or at least every second).
+    pub fn set_clock(&mut self, now_unix_ms: u64) {
+        self.now_ms = now_unix_ms;
+    }
+
+    /// A new connection, made to no particular host (see
+    /// [`Server::connect_to`]).
     pub fn connect(&mut self) -> PeerId {
+        self.connect_to(None)
+    }
+
+    /// A new connection, made to `host` (the request's `Host` header): a
+    /// `Hello` signed for another host is refused, unless
+    /// [`ServerConfig::server_names`] lists the names to accept instead.
+    pub fn connect_to(&mut self, host: Option<&str>) -> PeerId {
         let id = self.next_peer;
         self.next_peer += 1;
         self.peers.insert(
@@ -694,6 +751,7 @@ impl<A: Authenticator> Server<A> {
                 invalid: 0,
                 joining: BTreeSet::new(),
                 presence_used: 0,
+                host: host.map(identity::normalize_host),
             },
         );
         id
@@ -785,7 +843,7 @@ impl<A: Authenticator> Server<A> {
         }
         let ready = matches!(p.state, PeerState::Ready { .. });
         match msg {
-            Message::Hello(h) if !ready => self.hello(peer, *h),
+            Message::Hello(h) if !ready => self.hello(peer, *h, None),
             Message::Hello(_) => {
                 self.fail(peer, ErrorCode::ProtocolViolation, "second Hello", None)
             }
@@ -1310,8 +1368,66 @@ impl<A: Authenticator> Server<A> {
         }
     }
 
-    fn hello(&mut self, peer: PeerId, h: Hello) {
-        match self.auth.authenticate(&h.token) {
+    /// Whether `h` proves its replica: its host, its signature and a fresh
+    /// nonce within the clock window. The nonce is remembered only once
+    /// the signature holds, so forged proofs cannot fill the window.
+    fn check_proof(
+        &mut self,
+        peer: PeerId,
+        h: &Hello,
+        signature: Option<&Result<(), ProofError>>,
+    ) -> Result<(), ProofError> {
+        let proof = &h.proof;
+        if proof.host.len() > identity::MAX_HOST_LEN {
+            return Err(ProofError::HostTooLong);
+        }
+        let signed = identity::normalize_host(&proof.host);
+        let host_ok = if self.config.server_names.is_empty() {
+            match self.peers.get(&peer).and_then(|p| p.host.as_deref()) {
+                Some(dialled) => dialled == signed,
+                None => true,
+            }
+        } else {
+            self.config
+                .server_names
+                .iter()
+                .any(|n| identity::normalize_host(n) == signed)
+        };
+        if !host_ok {
+            return Err(ProofError::WrongHost(proof.host.clone()));
+        }
+        match signature {
+            Some(checked) => checked.clone()?,
+            None => proof.verify(h.replica)?,
+        }
+        self.replay.admit(proof, self.now_ms)
+    }
+
+    /// A connection's `Hello` whose signature the adapter checked
+    /// ([`CheckedHello::check`]); the same as handing it to
+    /// [`Server::handle`] otherwise.
+    pub fn hello_checked(&mut self, peer: PeerId, hello: CheckedHello) {
+        let Some(p) = self.peers.get(&peer) else {
+            return;
+        };
+        if matches!(p.state, PeerState::Ready { .. }) {
+            self.handle(peer, Message::Hello(Box::new(hello.hello)));
+        } else {
+            self.hello(peer, hello.hello, Some(&hello.signature));
+        }
+    }
+
+    fn hello(&mut self, peer: PeerId, h: Hello, signature: Option<&Result<(), ProofError>>) {
+        let authenticated = self.auth.authenticate(&h.token);
+        // The token first: it is cheaper to check than a signature.
+        let authenticated = match authenticated {
+            Ok(grants) => self
+                .check_proof(peer, &h, signature)
+                .map(|()| grants)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match authenticated {
             Ok(grants) => {
                 if let Some(p) = self.peers.get_mut(&peer) {
                     p.state = PeerState::Ready {
@@ -1329,7 +1445,7 @@ impl<A: Authenticator> Server<A> {
                     })),
                 );
             }
-            Err(e) => self.fail(peer, ErrorCode::Unauthorized, e.to_string(), None),
+            Err(e) => self.fail(peer, ErrorCode::Unauthorized, e, None),
         }
     }
 

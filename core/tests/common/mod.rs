@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 
+use syncline_core::Identity;
 use syncline_core::ids::{DbName, ReplicaId};
 use syncline_core::protocol::{self, Message};
 use syncline_core::store::{Batch, MemoryStore};
@@ -22,6 +23,7 @@ pub struct Traffic {
 
 pub struct Node {
     pub client: Client,
+    pub identity: Identity,
     pub store: MemoryStore,
     pub peer: Option<PeerId>,
     pub up: Traffic,
@@ -74,7 +76,8 @@ impl<A: Authenticator> Net<A> {
     /// [`Net::add`] with a client configuration.
     pub fn add_with(&mut self, n: u8, token: &str, config: ClientConfig) -> usize {
         self.nodes.push(Node {
-            client: Client::new(ReplicaId([n; 16]), token, config),
+            client: Client::new(Identity::from_seed([n; 32]).replica(), token, config),
+            identity: Identity::from_seed([n; 32]),
             store: MemoryStore::new(),
             peer: None,
             up: Traffic::default(),
@@ -100,7 +103,7 @@ impl<A: Authenticator> Net<A> {
         let n = &mut self.nodes[i];
         n.peer = Some(peer);
         n.closed = false;
-        n.client.connected();
+        n.client.connected(n.identity.prove("", 0));
         self.route_client(i);
     }
 

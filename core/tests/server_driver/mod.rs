@@ -46,6 +46,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Once, OnceLock};
 
 use serde_json::json;
+use syncline_core::Identity;
 use syncline_core::change_limits::ChangeLimits;
 use syncline_core::change_limits::testing::{op_bomb, run as rle_run, with_column};
 use syncline_core::clock::{Dot, VersionVector};
@@ -85,11 +86,14 @@ const SPECS: [u64; 18] = [
 /// RLE run lengths for crafted columns.
 const RUNS: [i64; 8] = [1, 2, 7, 0, -1, -3, 1 << 40, -(1 << 50)];
 
+fn identity_of(i: usize) -> Identity {
+    let mut seed = [0x5A; 32];
+    seed[0] = i as u8 + 1;
+    Identity::from_seed(seed)
+}
+
 fn replica_id(i: usize) -> ReplicaId {
-    let mut id = [0x5A; 16];
-    id[0] = i as u8 + 1;
-    id[15] = 0xC0 | i as u8;
-    ReplicaId(id)
+    identity_of(i).replica()
 }
 
 // ---- the pool of honest entries, made once ----
@@ -505,10 +509,7 @@ impl Driver {
             6 => "t".repeat(protocol::MAX_TOKEN_LEN),
             _ => String::new(),
         };
-        let msg = Message::Hello(Box::new(Hello {
-            replica: replica_id(r),
-            token,
-        }));
+        let msg = Message::Hello(Box::new(Hello::signed(&identity_of(r), token, "", 0)));
         self.send(slot, &msg);
     }
 
@@ -532,10 +533,12 @@ impl Driver {
     fn damaged_frame(&mut self, input: &mut Input) {
         let slot = self.slot(input);
         let msg = match input.byte() % 4 {
-            0 => Message::Hello(Box::new(Hello {
-                replica: replica_id(input.below(REPLICAS + 1)),
-                token: String::new(),
-            })),
+            0 => Message::Hello(Box::new(Hello::signed(
+                &identity_of(input.below(REPLICAS + 1)),
+                String::new(),
+                "",
+                0,
+            ))),
             1 => self.subscribe_msg(input),
             2 => self.push_msg(input, slot),
             _ => self.presence_msg(input, slot),
@@ -1262,10 +1265,7 @@ fn run_actions(data: &[u8]) {
     // three replicas connected and subscribed.
     for r in 0..usize::from(first >> 6) {
         if let Some(slot) = d.connect() {
-            let hello = Hello {
-                replica: replica_id(r),
-                token: String::new(),
-            };
+            let hello = Hello::signed(&identity_of(r), String::new(), "", 0);
             d.send(slot, &Message::Hello(Box::new(hello)));
             let db = d.dbs[r % 2].clone();
             let since = VersionVector::new();

@@ -57,7 +57,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use syncline_core::change_limits::testing::op_bomb;
 use syncline_core::protocol::{self, ErrorCode, Hello, Message, Presence, Push, Subscribe};
-use syncline_core::{Database, DbName, DocId, Dot, Entry, ReplicaId, VersionVector};
+use syncline_core::{Database, DbName, DocId, Dot, Entry, Identity, ReplicaId, VersionVector};
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::{self, Bytes, Message as WsMsg};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -375,18 +375,23 @@ fn refusal(m: &Message) -> Option<Result<(), String>> {
 /// Connect, say Hello and wait for Welcome; with `sub`, also Subscribe from
 /// `since` and wait for the reply's last part. Returns the socket and the
 /// bytes of the reply.
+/// Unix milliseconds now, for a `Hello`'s proof.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 async fn greet(
     url: &str,
     from: Option<IpAddr>,
-    replica: ReplicaId,
+    me: &Identity,
     token: &str,
     sub: Option<(&DbName, &VersionVector)>,
 ) -> Result<(Ws, usize), String> {
     let mut ws = connect(url, from).await?;
-    let hello = Message::Hello(Box::new(Hello {
-        replica,
-        token: token.to_owned(),
-    }));
+    let host = syncline_core::identity::host_of_url(url).unwrap_or_default();
+    let hello = Message::Hello(Box::new(Hello::signed(me, token, &host, unix_ms())));
     if !send(&mut ws, &hello).await {
         return Err("Hello not sent".into());
     }
@@ -449,6 +454,7 @@ struct Honest {
     token: String,
     db: DbName,
     replica: ReplicaId,
+    identity: Identity,
     local: Database,
     ws: Option<Ws>,
     /// Sent and not yet acknowledged (pushed again after a reconnect).
@@ -461,7 +467,8 @@ struct Honest {
 impl Honest {
     fn new(url: String, token: String) -> Self {
         let db = DbName::new("honest").expect("db name");
-        let replica = ReplicaId::random();
+        let identity = Identity::generate();
+        let replica = identity.replica();
         let local = Database::new(
             db.clone(),
             replica,
@@ -472,6 +479,7 @@ impl Honest {
             token,
             db,
             replica,
+            identity,
             local,
             ws: None,
             unacked: Vec::new(),
@@ -487,7 +495,7 @@ impl Honest {
             let (mut ws, _) = greet(
                 &self.url,
                 None,
-                self.replica,
+                &self.identity,
                 &self.token,
                 Some((&self.db, &self.acked)),
             )
@@ -627,7 +635,7 @@ struct Prepared {
     /// A frame with the deflate flag inflating to 17 MiB of zeros.
     frame_bomb: Bytes,
     resend_db: DbName,
-    resend_replica: ReplicaId,
+    resend_identity: Identity,
     resend_vv: VersionVector,
     /// The Push frame the server already holds every entry of.
     resend_frame: Bytes,
@@ -717,13 +725,14 @@ async fn prepare(url: &str) -> Prepared {
 
     // A database with a few MB of log for the Subscribe flood.
     let big_db = DbName::new("open-big").expect("db name");
-    let seeder = ReplicaId::random();
+    let seeder_id = Identity::generate();
+    let seeder = seeder_id.replica();
     let entries = noisy_entries(&big_db, seeder, 10_000, 4 << 20);
     let big_log = entries.iter().map(|e| e.change.len()).sum();
     let (mut ws, _) = greet(
         url,
         None,
-        seeder,
+        &seeder_id,
         "",
         Some((&big_db, &VersionVector::new())),
     )
@@ -734,7 +743,8 @@ async fn prepare(url: &str) -> Prepared {
 
     // One push of ~16 MiB the server holds, sent again in phase 3.
     let resend_db = DbName::new("open-resend").expect("db name");
-    let resend_replica = ReplicaId::random();
+    let resend_identity = Identity::generate();
+    let resend_replica = resend_identity.replica();
     let entries = noisy_entries(&resend_db, resend_replica, 15_000, MAX_FRAME - (64 << 10));
     let resend_entries = entries.len();
     let msg = push_msg(&resend_db, entries.clone());
@@ -744,7 +754,7 @@ async fn prepare(url: &str) -> Prepared {
     let (mut ws, _) = greet(
         url,
         None,
-        resend_replica,
+        &resend_identity,
         "",
         Some((&resend_db, &VersionVector::new())),
     )
@@ -772,7 +782,7 @@ async fn prepare(url: &str) -> Prepared {
         deflate_chunk,
         frame_bomb: frame_bomb.into(),
         resend_db,
-        resend_replica,
+        resend_identity,
         resend_vv,
         resend_frame,
         resend_entries,
@@ -870,10 +880,10 @@ async fn push_loop(ctx: Ctx, p: Arc<Prepared>, attack: Attack, conn: usize) {
         if !ctx.live() {
             return;
         }
-        let replica = ReplicaId::random();
+        let me = Identity::generate();
+        let replica = me.replica();
         let since = VersionVector::new();
-        let mut ws = match greet(&ctx.url, ctx.from, replica, "", Some((&p.bomb_db, &since))).await
-        {
+        let mut ws = match greet(&ctx.url, ctx.from, &me, "", Some((&p.bomb_db, &since))).await {
             Ok((ws, _)) => ws,
             Err(e) => {
                 ctx.add(&format!("could not connect: {e}"));
@@ -931,7 +941,7 @@ async fn frame_bomb_loop(ctx: Ctx, p: Arc<Prepared>) {
         if !ctx.live() {
             return;
         }
-        let mut ws = match greet(&ctx.url, ctx.from, ReplicaId::random(), "", None).await {
+        let mut ws = match greet(&ctx.url, ctx.from, &Identity::generate(), "", None).await {
             Ok((ws, _)) => ws,
             Err(e) => {
                 ctx.add(&format!("could not connect: {e}"));
@@ -965,7 +975,7 @@ async fn resend_loop(ctx: Ctx, p: Arc<Prepared>) {
             return;
         }
         let sub = Some((&p.resend_db, &p.resend_vv));
-        let mut ws = match greet(&ctx.url, ctx.from, p.resend_replica, "", sub).await {
+        let mut ws = match greet(&ctx.url, ctx.from, &p.resend_identity, "", sub).await {
             Ok((ws, _)) => ws,
             Err(e) => {
                 ctx.add(&format!("could not connect: {e}"));
@@ -1074,7 +1084,8 @@ async fn silent(ctx: Ctx, n: usize) {
         ("the attacker's address", ctx.from),
     ] {
         let probe = async {
-            let (mut ws, _) = greet(&ctx.url, from, ReplicaId::random(), &ctx.token, None).await?;
+            let (mut ws, _) =
+                greet(&ctx.url, from, &Identity::generate(), &ctx.token, None).await?;
             send(&mut ws, &Message::Ping { nonce: 7 }).await;
             wait_for(&mut ws, OP_TIMEOUT, |m| match m {
                 Message::Pong { .. } => Some(Ok(())),
@@ -1100,7 +1111,8 @@ async fn subscribe_loop(ctx: Ctx, p: Arc<Prepared>, conn: usize) {
         }
         let none = VersionVector::new();
         let sub = Some((&p.big_db, &none));
-        let (mut ws, reply) = match greet(&ctx.url, ctx.from, ReplicaId::random(), "", sub).await {
+        let (mut ws, reply) = match greet(&ctx.url, ctx.from, &Identity::generate(), "", sub).await
+        {
             Ok(x) => x,
             Err(e) => {
                 ctx.add(&format!("could not connect: {e}"));
@@ -1146,7 +1158,7 @@ async fn passive(ctx: Ctx, db: DbName) {
     let Ok((mut ws, _)) = greet(
         &ctx.url,
         ctx.from,
-        ReplicaId::random(),
+        &Identity::generate(),
         "",
         Some((&db, &none)),
     )
@@ -1178,7 +1190,7 @@ async fn presence_loop(ctx: Ctx, p: Arc<Prepared>) {
     // Let the passive subscribers join first.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let sub = Some((&p.presence_db, &none));
-    let ws = match greet(&ctx.url, ctx.from, ReplicaId::random(), "", sub).await {
+    let ws = match greet(&ctx.url, ctx.from, &Identity::generate(), "", sub).await {
         Ok((ws, _)) => ws,
         Err(e) => {
             ctx.add(&format!("flooder could not connect: {e}"));

@@ -259,8 +259,9 @@ async fn holder(ctx: Ctx, counts: Arc<Counts>, i: usize, dbs: usize) {
         if !ctx.live() {
             return;
         }
-        let replica = ReplicaId::random();
-        let (mut ws, _) = match greet(&ctx.url, Some(from), replica, "", Some((&db, &none))).await {
+        let me = Identity::generate();
+        let replica = me.replica();
+        let (mut ws, _) = match greet(&ctx.url, Some(from), &me, "", Some((&db, &none))).await {
             Ok(x) => x,
             Err(e) => {
                 ctx.add(&format!("holder: {e}"));
@@ -297,8 +298,9 @@ async fn storm(ctx: Ctx, counts: Arc<Counts>, s: usize) {
     let from = IpAddr::V4(Ipv4Addr::new(127, 2, 0, 1 + s as u8));
     let mut k = 0u64;
     while ctx.live() && k < 1_000_000 {
-        let replica = ReplicaId::random();
-        let mut ws = match greet(&ctx.url, Some(from), replica, "", None).await {
+        let me = Identity::generate();
+        let replica = me.replica();
+        let mut ws = match greet(&ctx.url, Some(from), &me, "", None).await {
             Ok((ws, _)) => ws,
             Err(e) => {
                 ctx.add(&format!("storm: {e}"));

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::body::Bytes;
-use syncline_core::protocol::{self, ErrorCode, Hello, Message};
+use syncline_core::protocol::{self, ErrorCode, Message};
 use syncline_core::sync::{
-    EMPTY_DATABASE_BYTES, PeerId, Reply, Server, ServerOutput, ValidateJob, Validated,
+    CheckedHello, EMPTY_DATABASE_BYTES, PeerId, Reply, Server, ServerOutput, ValidateJob, Validated,
 };
 use syncline_core::{DbName, Store, StoredDatabase};
 use tokio::sync::{mpsc, oneshot};
@@ -66,6 +66,8 @@ pub enum HubMsg {
     Connect {
         /// Its handle.
         conn: ConnHandle,
+        /// The host it was made to (the request's `Host` header).
+        host: Option<String>,
         /// Gets the peer id.
         reply: oneshot::Sender<PeerId>,
     },
@@ -74,8 +76,8 @@ pub enum HubMsg {
     Hello {
         /// Who.
         peer: PeerId,
-        /// The decoded `Hello`.
-        hello: Hello,
+        /// The decoded `Hello`, its signature checked by the connection.
+        hello: CheckedHello,
         /// Gets whether the server accepted it (if not, the server has
         /// queued its error and the close).
         accepted: oneshot::Sender<bool>,
@@ -372,8 +374,8 @@ impl Hub {
 
     fn handle(&mut self, server: &mut Server<TokenAuth>, msg: HubMsg) {
         match msg {
-            HubMsg::Connect { conn, reply } => {
-                let peer = server.connect();
+            HubMsg::Connect { conn, host, reply } => {
+                let peer = server.connect_to(host.as_deref());
                 self.conns.insert(peer, conn);
                 self.metrics.connections.set(self.conns.len() as i64);
                 let _ = reply.send(peer);
@@ -383,7 +385,8 @@ impl Hub {
                 hello,
                 accepted,
             } => {
-                server.handle(peer, Message::Hello(Box::new(hello)));
+                server.set_clock(crate::auth::now_ms());
+                server.hello_checked(peer, hello);
                 let _ = accepted.send(server.greeted(peer));
             }
             HubMsg::Message {

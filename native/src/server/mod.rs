@@ -31,7 +31,7 @@ use axum::routing::get;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use syncline_core::ReplicaId;
 use syncline_core::protocol::{self, ErrorCode, Message};
-use syncline_core::sync::{DatabaseQuota, Reply, Server, ServerConfig};
+use syncline_core::sync::{CheckedHello, DatabaseQuota, Reply, Server, ServerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
@@ -51,6 +51,9 @@ pub struct ServeOptions {
     pub secret: Vec<u8>,
     /// Database patterns open to anonymous clients (read and write).
     pub anonymous: Vec<String>,
+    /// Names clients dial this server by (`--server-name`): each `Hello`
+    /// must be signed for one. Empty: the request's `Host` header.
+    pub server_names: Vec<String>,
     /// Most simultaneous connections.
     pub max_connections: usize,
     /// Most simultaneous WebSocket connections from one IP address
@@ -185,6 +188,7 @@ pub async fn run(
             // The hub ticks `Server::expire` once a second.
             presence_per_tick: options.presence_per_second,
             max_database_bytes: options.max_database_bytes,
+            server_names: options.server_names.clone(),
             database_quotas: options
                 .anonymous
                 .iter()
@@ -344,7 +348,14 @@ async fn upgrade(
     ws: WebSocketUpgrade,
     ConnectInfo(conn): ConnectInfo<budget::PeerConn>,
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
 ) -> Response {
+    // What the client dialled: its Hello must be signed for this host
+    // (or for one of `--server-name`).
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned);
     let budget::PeerConn { addr, budget } = conn;
     // An IPv4 peer on a dual-stack socket counts as its IPv4 address.
     let ip = addr.ip().to_canonical();
@@ -377,7 +388,7 @@ async fn upgrade(
             // The request is read: from here until the Hello is accepted,
             // only a Hello's worth of bytes is read from this peer.
             budget.arm(budget::PRE_HELLO_BYTES);
-            connection(socket, state, budget).await;
+            connection(socket, state, budget, host).await;
             drop(permit);
             drop(slot);
         })
@@ -391,7 +402,12 @@ fn close_frame(code: ErrorCode) -> WsMessage {
     }))
 }
 
-async fn connection(socket: WebSocket, state: AppState, budget: budget::ReadBudget) {
+async fn connection(
+    socket: WebSocket,
+    state: AppState,
+    budget: budget::ReadBudget,
+    host: Option<String>,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
     let queued = Arc::new(AtomicUsize::new(0));
     let (kill_tx, kill_rx) = oneshot::channel::<ErrorCode>();
@@ -406,7 +422,7 @@ async fn connection(socket: WebSocket, state: AppState, budget: budget::ReadBudg
     let reply_slot = Arc::new(Semaphore::new(1));
     if state
         .hub
-        .send(HubMsg::Connect { conn, reply })
+        .send(HubMsg::Connect { conn, host, reply })
         .await
         .is_err()
     {
@@ -587,9 +603,10 @@ async fn connection(socket: WebSocket, state: AppState, budget: budget::ReadBudg
                     }
                 };
                 let (accepted, verdict) = oneshot::channel();
+                // The signature is checked here, not on the hub.
                 let hello = HubMsg::Hello {
                     peer,
-                    hello,
+                    hello: CheckedHello::check(hello),
                     accepted,
                 };
                 if state.hub.send(hello).await.is_err() {

@@ -326,6 +326,27 @@ impl FileStore {
         }
     }
 
+    /// The secret metadata value `key`, created by `make` if absent: like
+    /// [`Store::put_meta`], but the file is readable by its owner only
+    /// (mode 0600 from its creation, so it is never readable by others,
+    /// not even between its creation and a `chmod`). For a replica's key.
+    pub fn private_meta(
+        &self,
+        key: &str,
+        make: impl FnOnce() -> Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
+        let path = self.meta_path(key)?;
+        match fs::read(&path) {
+            Ok(b) => return Ok(b),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
+        }
+        let value = make();
+        write_atomic_private(&path, &value)
+            .map_err(io_err(format!("writing {}", path.display())))?;
+        Ok(value)
+    }
+
     fn meta_path(&self, key: &str) -> Result<PathBuf, StoreError> {
         if DbName::is_valid(key) {
             Ok(self.dir.join("meta").join(key))
@@ -356,6 +377,30 @@ fn logs_size(dbs: &Path) -> io::Result<u64> {
 }
 
 /// Write `bytes` to `path` atomically and durably.
+/// [`write_atomic`] for a file only its owner may read.
+fn write_atomic_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    // A stale temporary file may have other permissions: start afresh.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    {
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
