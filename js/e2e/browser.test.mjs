@@ -204,7 +204,7 @@ describe('browser package against the real server', () => {
   });
 
   it('a bad token gives a clear, typed error and local data stays usable', T, async () => {
-    const secret = 'e2e-secret-0123456789abcdef';
+    const secret = 'e2e-secret-0123456789abcdef-0123456789';
     const s = await server(['--secret', secret]);
     const a = await user();
     const pa = await a.page(web.url);

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
-use syncline::auth::{Claims, mint};
+use syncline::auth::{Claims, GrantClaim, MIN_SECRET_LEN, TokenAuth, TokenConfig, mint};
 use syncline::server::{ServeOptions, run};
 use syncline_core::sync::Right;
 
@@ -93,9 +93,29 @@ struct ServeArgs {
     /// Data directory [default: ./syncline-data].
     #[arg(long, env = "SYNCLINE_DATA")]
     data: Option<PathBuf>,
-    /// HMAC secret for tokens [default: generated on first start, kept in DATA/secret].
+    /// HS256 secret for tokens, at least 32 bytes; prefer --secret-file (a
+    /// command line shows in `ps`) [default: generated on first start, kept
+    /// in DATA/secret].
     #[arg(long, env = "SYNCLINE_SECRET", hide_env_values = true)]
     secret: Option<String>,
+    /// A file holding the HS256 secret (at least 32 bytes; a trailing
+    /// newline is ignored).
+    #[arg(long, env = "SYNCLINE_SECRET_FILE", conflicts_with = "secret")]
+    secret_file: Option<PathBuf>,
+    /// A JWKS file (JSON Web Key Set) of public keys for EdDSA, ES256 and
+    /// RS256 tokens, e.g. your identity provider's; each key needs a "kid".
+    /// Reread when it changes, so keys rotate without a restart.
+    #[arg(long, env = "SYNCLINE_JWKS_FILE")]
+    jwks_file: Option<PathBuf>,
+    /// The token claim that lists the grants [default: grants].
+    #[arg(long, env = "SYNCLINE_GRANTS_CLAIM")]
+    grants_claim: Option<String>,
+    /// Accept only tokens with this issuer (`iss`).
+    #[arg(long, env = "SYNCLINE_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Accept only tokens for this audience (`aud`).
+    #[arg(long, env = "SYNCLINE_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
     /// Database pattern open to anonymous clients (read and write); repeatable.
     #[arg(long, env = "SYNCLINE_ANONYMOUS", value_delimiter = ',')]
     anonymous: Vec<String>,
@@ -212,6 +232,11 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     data: Option<PathBuf>,
     secret: Option<String>,
+    secret_file: Option<PathBuf>,
+    jwks_file: Option<PathBuf>,
+    grants_claim: Option<String>,
+    jwt_issuer: Option<String>,
+    jwt_audience: Option<String>,
     #[serde(default)]
     anonymous: Vec<String>,
     #[serde(default)]
@@ -243,18 +268,29 @@ struct FileConfig {
 
 #[derive(clap::Args, Debug)]
 struct TokenArgs {
-    /// Database name pattern (`*` matches any run of characters).
+    /// A grant, PATTERN=RIGHTS (`*` in the pattern matches any run of
+    /// characters; rights are read, write or admin); repeatable, e.g.
+    /// --grant 'org-42-*=read' --grant user-7=write.
+    #[arg(long = "grant", value_name = "PATTERN=RIGHTS")]
+    grants: Vec<String>,
+    /// One database pattern (with --rights): the same as --grant PATTERN=RIGHTS.
+    #[arg(long, requires = "rights")]
+    db: Option<String>,
+    /// read, write or admin, for --db.
+    #[arg(long, requires = "db")]
+    rights: Option<String>,
+    /// Who the token is for (its `sub` claim; the server logs it).
     #[arg(long)]
-    db: String,
-    /// read, write or admin.
-    #[arg(long)]
-    rights: String,
-    /// Lifetime, e.g. 30s, 15m, 12h, 7d (default: no expiry).
-    #[arg(long)]
-    expires: Option<String>,
-    /// HMAC secret (or SYNCLINE_SECRET; else DATA/secret).
+    sub: Option<String>,
+    /// Lifetime, e.g. 30s, 15m, 12h, 7d, or `never`.
+    #[arg(long, default_value = "24h")]
+    expires: String,
+    /// HS256 secret (or SYNCLINE_SECRET; else --secret-file, else DATA/secret).
     #[arg(long, env = "SYNCLINE_SECRET", hide_env_values = true)]
     secret: Option<String>,
+    /// A file holding the secret.
+    #[arg(long, env = "SYNCLINE_SECRET_FILE", conflicts_with = "secret")]
+    secret_file: Option<PathBuf>,
     /// Data directory holding the generated secret [default: ./syncline-data].
     #[arg(long, env = "SYNCLINE_DATA")]
     data: Option<PathBuf>,
@@ -393,14 +429,36 @@ fn default_data() -> PathBuf {
     PathBuf::from("syncline-data")
 }
 
-/// The secret: given, or read from / generated into DATA/secret (mode 0600).
-fn load_secret(given: Option<String>, data: &Path, create: bool) -> Result<Vec<u8>> {
-    if let Some(s) = given {
-        if s.len() < 16 {
-            bail!("the secret must be at least 16 characters");
+/// The secret: given, or read from a file, or read from / generated into
+/// DATA/secret (mode 0600).
+fn secret_from(
+    given: Option<String>,
+    file: Option<&Path>,
+    data: &Path,
+    create: bool,
+) -> Result<Vec<u8>> {
+    let secret = match (given, file) {
+        (Some(s), _) => s.into_bytes(),
+        (None, Some(f)) => {
+            let mut s = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+            while s.last().is_some_and(|c| matches!(c, b'\n' | b'\r')) {
+                s.pop();
+            }
+            s
         }
-        return Ok(s.into_bytes());
+        (None, None) => return load_secret(data, create),
+    };
+    if secret.len() < MIN_SECRET_LEN {
+        bail!(
+            "the token secret must be at least {MIN_SECRET_LEN} bytes, not {} (e.g. `openssl rand -hex 32`)",
+            secret.len()
+        );
     }
+    Ok(secret)
+}
+
+/// The secret kept in DATA/secret (mode 0600), generated when `create`.
+fn load_secret(data: &Path, create: bool) -> Result<Vec<u8>> {
     let path = data.join("secret");
     match std::fs::read(&path) {
         Ok(s) if !s.is_empty() => return Ok(s),
@@ -507,7 +565,20 @@ fn serve(args: ServeArgs) -> Result<()> {
         None => None,
     };
     let options = ServeOptions {
-        secret: load_secret(args.secret.or(file.secret), &data, true)?,
+        auth: TokenAuth::new(TokenConfig {
+            secret: secret_from(
+                args.secret.or(file.secret),
+                args.secret_file.or(file.secret_file).as_deref(),
+                &data,
+                true,
+            )?,
+            anonymous: anonymous.clone(),
+            jwks_file: args.jwks_file.or(file.jwks_file),
+            grants_claim: args.grants_claim.or(file.grants_claim),
+            issuer: args.jwt_issuer.or(file.jwt_issuer),
+            audience: args.jwt_audience.or(file.jwt_audience),
+        })
+        .map_err(anyhow::Error::msg)?,
         data,
         anonymous,
         server_names,
@@ -672,27 +743,43 @@ fn parse_duration(s: &str) -> Result<u64> {
 }
 
 fn token(args: TokenArgs) -> Result<()> {
-    if Right::parse(&args.rights).is_none() {
-        bail!("--rights must be read, write or admin");
+    let mut grants = Vec::new();
+    for g in &args.grants {
+        let Some((db, rights)) = g.rsplit_once('=') else {
+            bail!("--grant takes PATTERN=RIGHTS, e.g. 'org-*=read', not {g:?}");
+        };
+        grants.push((db.to_owned(), rights.to_owned()));
+    }
+    if let (Some(db), Some(rights)) = (args.db, args.rights) {
+        grants.push((db, rights));
+    }
+    if grants.is_empty() {
+        bail!("a token needs at least one grant: --grant PATTERN=RIGHTS (or --db and --rights)");
+    }
+    if let Some((_, r)) = grants.iter().find(|(_, r)| Right::parse(r).is_none()) {
+        bail!("rights must be read, write or admin, not {r:?}");
     }
     let data = args.data.unwrap_or_else(default_data);
-    let secret = load_secret(args.secret, &data, false)
-        .context("no secret: pass --secret or start the server once to generate one")?;
-    let exp = match args.expires {
-        Some(d) => {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .context("clock before 1970")?
-                .as_secs();
-            Some(now + parse_duration(&d)?)
-        }
-        None => None,
+    let secret = secret_from(args.secret, args.secret_file.as_deref(), &data, false).context(
+        "no secret: pass --secret or --secret-file, or start the server once to generate one",
+    )?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("clock before 1970")?
+        .as_secs();
+    let exp = match args.expires.as_str() {
+        "never" => None,
+        d => Some(now + parse_duration(d)?),
     };
     let claims = Claims {
-        db: args.db,
-        rights: args.rights,
+        sub: args.sub,
         exp,
+        iat: Some(now),
+        grants: grants
+            .into_iter()
+            .map(|(db, rights)| GrantClaim { db, rights })
+            .collect(),
     };
-    println!("{}", mint(&secret, &claims));
+    println!("{}", mint(&secret, &claims).context("minting the token")?);
     Ok(())
 }

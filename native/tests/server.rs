@@ -47,7 +47,7 @@ impl ServerProc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_syncline"))
             .args(["serve", "--listen", listen, "--data"])
             .arg(data)
-            .args(["--secret", "test-secret-0123456789"])
+            .args(["--secret", "test-secret-0123456789-0123456789"])
             .args(extra)
             .env("SYNCLINE_LOG", "warn")
             // The binary's own memory settings unless a test asks otherwise.
@@ -465,11 +465,18 @@ async fn refused(c: &SyncClient, name: &str) -> ErrorCode {
     }
 }
 
+fn syncline_core_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 fn token(data: &Path, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_syncline"))
         .arg("token")
         .args(args)
-        .args(["--secret", "test-secret-0123456789"])
+        .args(["--secret", "test-secret-0123456789-0123456789"])
         .arg("--data")
         .arg(data)
         .output()
@@ -495,16 +502,32 @@ async fn auth_matrix_over_the_wire() {
     };
     let none = client("none", String::new()).await;
     assert_eq!(refused(&none, "org-1").await, ErrorCode::Unauthorized);
-    let forged = client(
-        "forged",
-        token(&data, &["--db", "org-*", "--rights", "write"]).replace("v1.e", "v1.f"),
-    )
-    .await;
+    // A JWT whose signature's first character is changed.
+    let mut forged = token(&data, &["--db", "org-*", "--rights", "write"]);
+    let at = forged.rfind('.').unwrap() + 1;
+    let flipped = if forged.as_bytes()[at] == b'A' {
+        "B"
+    } else {
+        "A"
+    };
+    forged.replace_range(at..at + 1, flipped);
+    let forged = client("forged", forged).await;
     assert_eq!(refused(&forged, "org-1").await, ErrorCode::Unauthorized);
-    let expired_token = token(
-        &data,
-        &["--db", "org-*", "--rights", "write", "--expires", "0s"],
-    );
+    // Expired two minutes ago (past the 60 s leeway).
+    let now = syncline_core_now();
+    let expired_token = syncline::auth::mint(
+        b"test-secret-0123456789-0123456789",
+        &syncline::auth::Claims {
+            sub: None,
+            exp: Some(now - 120),
+            iat: Some(now - 180),
+            grants: vec![syncline::auth::GrantClaim {
+                db: "org-*".into(),
+                rights: "write".into(),
+            }],
+        },
+    )
+    .unwrap();
     let expired = client("expired", expired_token).await;
     assert_eq!(refused(&expired, "org-1").await, ErrorCode::Unauthorized);
     let other = client(
@@ -1562,7 +1585,7 @@ fn serve_refused(cwd: &Path, args: &[&str]) -> String {
             "--listen",
             "127.0.0.1:0",
             "--secret",
-            "test-secret-0123456789",
+            "test-secret-0123456789-0123456789",
         ])
         .args(args)
         .current_dir(cwd)

@@ -48,6 +48,8 @@ pub struct Grants {
     grants: Vec<Grant>,
     /// Unix seconds at which the token stops being valid (`None`: never).
     expires: Option<u64>,
+    /// Who the token names (its `sub`), for logs and audit.
+    subject: Option<String>,
 }
 
 impl Grants {
@@ -69,6 +71,7 @@ impl Grants {
         Grants {
             grants,
             expires: None,
+            subject: None,
         }
     }
 
@@ -78,6 +81,17 @@ impl Grants {
     pub fn until(mut self, unix_secs: Option<u64>) -> Self {
         self.expires = unix_secs;
         self
+    }
+
+    /// These grants, given to `subject` (a token's `sub`).
+    pub fn for_subject(mut self, subject: Option<String>) -> Self {
+        self.subject = subject;
+        self
+    }
+
+    /// Who the token names, if anyone.
+    pub fn subject(&self) -> Option<&str> {
+        self.subject.as_deref()
     }
 
     /// When these grants stop being valid (Unix seconds), if ever.

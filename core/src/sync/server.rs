@@ -26,7 +26,7 @@ use crate::protocol::{
 use crate::store::{Batch, StoredDatabase};
 use crate::view::{BuiltViews, DocView, ViewJob};
 
-use super::auth::{Authenticator, Grants, Right, glob_match};
+use super::auth::{AuthError, Authenticator, Grants, Right, glob_match};
 use super::parts::Reply;
 
 /// A connection's id, assigned by [`Server::connect`].
@@ -579,6 +579,8 @@ struct ServerDb {
 pub struct CheckedHello {
     hello: Hello,
     signature: Result<(), ProofError>,
+    /// The token, checked by the same authenticator the server has.
+    grants: Option<Result<Grants, AuthError>>,
 }
 
 impl CheckedHello {
@@ -586,7 +588,22 @@ impl CheckedHello {
     /// replica id; the host, clock and nonce are the server's to check).
     pub fn check(hello: Hello) -> Self {
         let signature = hello.proof.verify(hello.replica);
-        CheckedHello { hello, signature }
+        CheckedHello {
+            hello,
+            signature,
+            grants: None,
+        }
+    }
+
+    /// [`CheckedHello::check`], and the token too, with `auth`: it must be
+    /// the server's authenticator (token signatures cost as much as the
+    /// proof's).
+    pub fn check_with(hello: Hello, auth: &impl Authenticator) -> Self {
+        let grants = Some(auth.authenticate(&hello.token));
+        CheckedHello {
+            grants,
+            ..CheckedHello::check(hello)
+        }
     }
 }
 
@@ -843,7 +860,7 @@ impl<A: Authenticator> Server<A> {
         }
         let ready = matches!(p.state, PeerState::Ready { .. });
         match msg {
-            Message::Hello(h) if !ready => self.hello(peer, *h, None),
+            Message::Hello(h) if !ready => self.hello(peer, *h, None, None),
             Message::Hello(_) => {
                 self.fail(peer, ErrorCode::ProtocolViolation, "second Hello", None)
             }
@@ -1413,12 +1430,27 @@ impl<A: Authenticator> Server<A> {
         if matches!(p.state, PeerState::Ready { .. }) {
             self.handle(peer, Message::Hello(Box::new(hello.hello)));
         } else {
-            self.hello(peer, hello.hello, Some(&hello.signature));
+            self.hello(peer, hello.hello, Some(&hello.signature), hello.grants);
         }
     }
 
-    fn hello(&mut self, peer: PeerId, h: Hello, signature: Option<&Result<(), ProofError>>) {
-        let authenticated = self.auth.authenticate(&h.token);
+    /// Who the token of `peer` names (its `sub`), once its `Hello` was
+    /// accepted.
+    pub fn subject(&self, peer: PeerId) -> Option<&str> {
+        match &self.peers.get(&peer)?.state {
+            PeerState::Ready { grants, .. } => grants.subject(),
+            PeerState::AwaitHello => None,
+        }
+    }
+
+    fn hello(
+        &mut self,
+        peer: PeerId,
+        h: Hello,
+        signature: Option<&Result<(), ProofError>>,
+        grants: Option<Result<Grants, AuthError>>,
+    ) {
+        let authenticated = grants.unwrap_or_else(|| self.auth.authenticate(&h.token));
         // The token first: it is cheaper to check than a signature.
         let authenticated = match authenticated {
             Ok(grants) => self

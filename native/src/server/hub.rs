@@ -387,6 +387,9 @@ impl Hub {
             } => {
                 server.set_clock(crate::auth::now_ms());
                 server.hello_checked(peer, hello);
+                if let Some(sub) = server.subject(peer) {
+                    tracing::info!(peer, subject = sub, "connection authenticated");
+                }
                 let _ = accepted.send(server.greeted(peer));
             }
             HubMsg::Message {

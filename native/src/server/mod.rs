@@ -47,8 +47,8 @@ use hub::{ConnHandle, HubMsg, Out};
 pub struct ServeOptions {
     /// Data directory.
     pub data: PathBuf,
-    /// HMAC secret for tokens.
-    pub secret: Vec<u8>,
+    /// How tokens are checked.
+    pub auth: TokenAuth,
     /// Database patterns open to anonymous clients (read and write).
     pub anonymous: Vec<String>,
     /// Names clients dial this server by (`--server-name`): each `Hello`
@@ -135,6 +135,9 @@ pub enum ServeError {
 #[derive(Clone)]
 struct AppState {
     hub: mpsc::Sender<HubMsg>,
+    /// The hub's authenticator: connections check their own `Hello`'s
+    /// token and proof, so the hub spends no signature verification.
+    auth: TokenAuth,
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
     per_ip: Arc<http::PerIp>,
@@ -199,7 +202,7 @@ pub async fn run(
                 .collect(),
             ..ServerConfig::default()
         },
-        TokenAuth::new(options.secret.clone(), options.anonymous.clone()),
+        options.auth.clone(),
     );
     if !options.anonymous.is_empty() {
         // Anonymous patterns have a quota of databases: count what exists.
@@ -226,6 +229,7 @@ pub async fn run(
     ));
     let state = AppState {
         hub: hub_tx.clone(),
+        auth: options.auth.clone(),
         metrics,
         permits: Arc::new(Semaphore::new(options.max_connections)),
         per_ip: http::PerIp::with_rate(
@@ -606,7 +610,7 @@ async fn connection(
                 // The signature is checked here, not on the hub.
                 let hello = HubMsg::Hello {
                     peer,
-                    hello: CheckedHello::check(hello),
+                    hello: CheckedHello::check_with(hello, &state.auth),
                     accepted,
                 };
                 if state.hub.send(hello).await.is_err() {
