@@ -1,6 +1,11 @@
 // End-to-end: headless Chromium pages using the npm package against the
 // real `syncline serve` binary on 127.0.0.1.
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { createHash, X509Certificate } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { newUser, Server, startStatic, until } from './harness.mjs';
 
@@ -17,6 +22,31 @@ function connect(page, url, { db = 'e2e', ...opts } = {}) {
     },
     { url, db, opts },
   );
+}
+
+/**
+ * A certificate for 127.0.0.1 made now (openssl), and the base64 SHA-256
+ * of its public key: Chromium trusts exactly that key when given it in
+ * --ignore-certificate-errors-spki-list.
+ */
+function testCertificate() {
+  const dir = mkdtempSync(join(tmpdir(), 'syncline-e2e-tls-'));
+  const [cert, key] = [join(dir, 'cert.pem'), join(dir, 'key.pem')];
+  execFileSync('openssl', [
+    'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+    '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=127.0.0.1',
+    '-addext', 'subjectAltName=IP:127.0.0.1',
+  ], { stdio: 'ignore' });
+  const spkiDer = new X509Certificate(readFileSync(cert)).publicKey.export({ type: 'spki', format: 'der' });
+  const spki = createHash('sha256').update(spkiDer).digest('base64');
+  return { cert, key, spki, dispose: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** Errors of `code` the server has sent, from its /metrics. */
+async function errorsSent(s, code) {
+  const text = await (await fetch(`http://127.0.0.1:${s.port}/metrics`)).text();
+  const line = text.split('\n').find((l) => l.startsWith(`syncline_errors_total{code="${code}"}`));
+  return line ? Number(line.split(' ').pop()) : 0;
 }
 
 const offline = () => window.client.status !== 'online';
@@ -201,6 +231,45 @@ describe('browser package against the real server', () => {
     await connect(pb, s.url, { db: 'e2e-crash' });
     await until(pb, () => db.list().length === 51);
     assert.deepEqual(await pb.evaluate(() => db.get('n49')), { i: 49 });
+  });
+
+  it('pages sync over wss:// with the server terminating TLS', T, async () => {
+    const tls = testCertificate();
+    cleanup.push(() => tls.dispose());
+    const s = await server(['--anonymous', 'e2e*', '--tls-cert', tls.cert, '--tls-key', tls.key]);
+    const wss = `wss://127.0.0.1:${s.port}/sync`;
+    const trusting = async () => {
+      const u = await newUser({ args: [`--ignore-certificate-errors-spki-list=${tls.spki}`] });
+      cleanup.push(() => u.close());
+      return u;
+    };
+    const [a, b] = [await trusting(), await trusting()];
+    const [pa, pb] = [await a.page(web.url), await b.page(web.url)];
+    await connect(pa, wss, { db: 'e2e-tls' });
+    await connect(pb, wss, { db: 'e2e-tls' });
+    await pa.evaluate(() => db.put('t', { over: 'wss' }));
+    await until(pa, synced);
+    await until(pb, () => db.get('t')?.over === 'wss');
+  });
+
+  it('a page of an origin not in --allowed-origins cannot open /sync', T, async () => {
+    const port = new URL(web.url).port;
+    // The page is served from 127.0.0.1 and from localhost: two origins.
+    const s = await server(['--anonymous', 'e2e*', '--allowed-origins', `http://localhost:${port}`]);
+    const a = await user();
+    const allowed = await a.page(`http://localhost:${port}/`);
+    await connect(allowed, s.url, { db: 'e2e-origin' });
+    await allowed.evaluate(() => db.put('t', { ok: true }));
+    await until(allowed, synced);
+    const before = await errorsSent(s, 'Forbidden');
+    const foreign = await a.page(web.url);
+    await connect(foreign, s.url, { db: 'e2e-origin' });
+    const deadline = Date.now() + 20_000;
+    while ((await errorsSent(s, 'Forbidden')) === before) {
+      assert.ok(Date.now() < deadline, 'the foreign page was never refused');
+      await new Promise((ok) => setTimeout(ok, 100)); // a bounded poll of /metrics
+    }
+    assert.notEqual(await foreign.evaluate(() => client.status), 'online');
   });
 
   it('a bad token gives a clear, typed error and local data stays usable', T, async () => {

@@ -41,7 +41,7 @@ export class Server {
       const timer = setTimeout(() => fail(new Error('server did not start in 20 s')), 20_000);
       proc.once('exit', (code) => fail(new Error(`server exited with ${code}`)));
       lines.on('line', (line) => {
-        const m = /^listening on http:\/\/(.+)$/.exec(line.trim());
+        const m = /^listening on https?:\/\/(.+)$/.exec(line.trim());
         if (m) {
           clearTimeout(timer);
           ok(m[1]);
@@ -114,12 +114,12 @@ const ARGS = [
 ];
 
 /** A browser profile of its own (its own IndexedDB): one "user". */
-export async function newUser({ viewport } = {}) {
+export async function newUser({ viewport, args = [] } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'syncline-e2e-profile-'));
   const context = await chromium.launchPersistentContext(dir, {
     executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
     headless: true,
-    args: ARGS,
+    args: [...ARGS, ...args],
     ...(viewport ? { viewport } : {}),
   });
   const errors = [];

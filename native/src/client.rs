@@ -55,6 +55,19 @@ pub enum ClientError {
     /// The client has been closed.
     #[error("the client is closed")]
     Closed,
+    /// The server's TLS certificate is not trusted (or TLS failed
+    /// otherwise): the client stops dialling. Trust a private CA with
+    /// [`ClientOptions::ca_file`].
+    #[error("TLS to {url}: {message}")]
+    Tls {
+        /// The server.
+        url: String,
+        /// What rustls said.
+        message: String,
+    },
+    /// The TLS set-up failed (a CA file that does not load).
+    #[error(transparent)]
+    TlsSetup(#[from] crate::tls::TlsError),
     /// The server refused with a typed error.
     #[error("server refused ({code}): {message}")]
     Server {
@@ -129,6 +142,8 @@ enum Report {
     Connected(u64, mpsc::UnboundedSender<Vec<u8>>, WsRead),
     /// The connection failed, or writing to it did.
     Closed(u64),
+    /// TLS failed (an untrusted certificate): dialling again will not help.
+    TlsFailed(u64, String),
     /// A batch written to the file store is durable (or failed).
     Persisted(DbName, u64, Result<(), String>),
 }
@@ -234,6 +249,40 @@ async fn replica_identity(store: &FileStore) -> Result<Identity, ClientError> {
     Ok(identity)
 }
 
+/// How a client reaches its server.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// PEM certificates of a private CA to trust for `wss://`, besides the
+    /// system's roots and Mozilla's.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// The TLS configuration a `wss://` URL needs.
+fn tls_for(
+    url: Option<&str>,
+    options: &ClientOptions,
+) -> Result<Option<Arc<rustls::ClientConfig>>, ClientError> {
+    match url {
+        Some(u) if u.starts_with("wss://") => {
+            Ok(Some(crate::tls::client_config(options.ca_file.as_deref())?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// What a failed dial says about TLS, if it was TLS that failed.
+fn tls_problem(e: &tokio_tungstenite::tungstenite::Error) -> Option<String> {
+    use tokio_tungstenite::tungstenite::Error;
+    match e {
+        Error::Tls(t) => Some(t.to_string()),
+        Error::Io(io) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .map(ToString::to_string),
+        _ => None,
+    }
+}
+
 impl SyncClient {
     /// Start a client for `url` (e.g. `ws://127.0.0.1:7070/sync`) with a local
     /// replica in `dir`. Returns at once; connecting happens in the background
@@ -243,9 +292,20 @@ impl SyncClient {
         token: &str,
         dir: impl AsRef<Path>,
     ) -> Result<Self, ClientError> {
+        Self::connect_with(url, token, dir, &ClientOptions::default()).await
+    }
+
+    /// [`SyncClient::connect`] with options (a private CA for `wss://`).
+    pub async fn connect_with(
+        url: Option<&str>,
+        token: &str,
+        dir: impl AsRef<Path>,
+        options: &ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let tls = tls_for(url, options)?;
         let store = FileStore::open(dir)?;
         let identity = replica_identity(&store).await?;
-        Ok(Self::start(url, token, Local::File(store), identity))
+        Ok(Self::start(url, token, Local::File(store), identity, tls))
     }
 
     /// Start a client whose replica lives in memory only: a fresh replica id,
@@ -253,15 +313,41 @@ impl SyncClient {
     /// acknowledges them, see [`SyncClient::wait_synced`]). Must be called
     /// inside a tokio runtime.
     pub fn in_memory(url: Option<&str>, token: &str) -> Self {
+        // The system's and Mozilla's roots always load (a CA file is what
+        // can fail, and only `in_memory_with` takes one).
+        let tls = tls_for(url, &ClientOptions::default()).unwrap_or_default();
         Self::start(
             url,
             token,
             Local::Memory(MemoryStore::new()),
             Identity::generate(),
+            tls,
         )
     }
 
-    fn start(url: Option<&str>, token: &str, store: Local, identity: Identity) -> Self {
+    /// [`SyncClient::in_memory`] with options.
+    pub fn in_memory_with(
+        url: Option<&str>,
+        token: &str,
+        options: &ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let tls = tls_for(url, options)?;
+        Ok(Self::start(
+            url,
+            token,
+            Local::Memory(MemoryStore::new()),
+            Identity::generate(),
+            tls,
+        ))
+    }
+
+    fn start(
+        url: Option<&str>,
+        token: &str,
+        store: Local,
+        identity: Identity,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Self {
         let replica = identity.replica();
         let (cmd, cmd_rx) = mpsc::channel(256);
         let (events, _) = broadcast::channel(1024);
@@ -273,6 +359,8 @@ impl SyncClient {
         )));
         let driver = Driver {
             identity,
+            tls,
+            tls_failed: None,
             client: shared.clone(),
             store,
             url: url.map(str::to_owned),
@@ -435,6 +523,10 @@ fn lock(shared: &Shared) -> MutexGuard<'_, Client> {
 struct Driver {
     /// This replica's key: every connection's `Hello` proves it.
     identity: Identity,
+    /// For `wss://` URLs.
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// TLS failed (an untrusted certificate): no more dialling.
+    tls_failed: Option<String>,
     client: Shared,
     store: Local,
     url: Option<String>,
@@ -466,6 +558,13 @@ struct Driver {
 }
 
 /// The error a refusal settles callers with.
+fn tls_error(url: &str, problem: &str) -> ClientError {
+    ClientError::Tls {
+        url: url.to_owned(),
+        message: problem.to_owned(),
+    }
+}
+
 fn server_error((code, message): &(ErrorCode, String)) -> ClientError {
     ClientError::Server {
         code: *code,
@@ -593,17 +692,23 @@ impl Driver {
         let reports = self.reports.clone();
         self.generation += 1;
         let generation = self.generation;
+        let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
         tokio::spawn(async move {
             // disable_nagle: small pushes leave at once (see the server).
-            let ws = match tokio_tungstenite::connect_async_with_config(
+            let ws = match tokio_tungstenite::connect_async_tls_with_config(
                 url.as_str(),
                 Some(ws_config()),
                 true,
+                connector,
             )
             .await
             {
                 Ok((ws, _)) => ws,
                 Err(e) => {
+                    if let Some(problem) = tls_problem(&e) {
+                        let _ = reports.send(Report::TlsFailed(generation, problem));
+                        return;
+                    }
                     tracing::debug!("connect to {url} failed: {e}");
                     let _ = reports.send(Report::Closed(generation));
                     return;
@@ -639,6 +744,22 @@ impl Driver {
                 self.client().connected(proof);
             }
             Report::Closed(g) if g == self.generation => self.drop_connection(),
+            Report::TlsFailed(g, problem) if g == self.generation => {
+                let url = self.url.clone().unwrap_or_default();
+                tracing::error!("TLS to {url} failed, not reconnecting: {problem}");
+                let error = || tls_error(&url, &problem);
+                for (_, waiters) in self.waiters.drain() {
+                    for w in waiters {
+                        let _ = w.send(Err(error()));
+                    }
+                }
+                for (_, reply) in self.listings.drain(..) {
+                    let _ = reply.send(Err(error()));
+                }
+                self.tls_failed = Some(problem);
+                self.drop_connection();
+                self.next_attempt = None;
+            }
             Report::Persisted(db, seq, result) => match result {
                 Ok(()) => self.client().persisted(&db, seq),
                 Err(e) => tracing::error!(%db, "local write failed: {e}"),
@@ -744,7 +865,10 @@ impl Driver {
                 let _ = reply.send(self.client().presence(&db));
             }
             Cmd::WaitSynced(db, reply) => {
-                if let Some(r) = self.refusal_of(&db) {
+                if let Some(problem) = &self.tls_failed {
+                    let url = self.url.clone().unwrap_or_default();
+                    let _ = reply.send(Err(tls_error(&url, problem)));
+                } else if let Some(r) = self.refusal_of(&db) {
                     let _ = reply.send(Err(server_error(r)));
                 } else if self.client().is_synced(&db) {
                     let _ = reply.send(Ok(()));
@@ -753,6 +877,11 @@ impl Driver {
                 }
             }
             Cmd::ListDatabases(reply) => {
+                if let Some(problem) = &self.tls_failed {
+                    let url = self.url.clone().unwrap_or_default();
+                    let _ = reply.send(Err(tls_error(&url, problem)));
+                    return;
+                }
                 if let Some(r) = &self.fatal {
                     let _ = reply.send(Err(server_error(r)));
                     return;

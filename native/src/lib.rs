@@ -134,3 +134,4 @@ pub mod auth;
 pub mod client;
 pub mod server;
 pub mod store;
+pub mod tls;

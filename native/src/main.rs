@@ -64,6 +64,10 @@ struct RemoteArgs {
     /// user's config directory, e.g. ~/.config/syncline/cli].
     #[arg(long, env = "SYNCLINE_CLI_DIR")]
     replica_dir: Option<PathBuf>,
+    /// PEM certificates of a private CA to trust for wss:// (besides the
+    /// system's roots and Mozilla's).
+    #[arg(long, env = "SYNCLINE_CA")]
+    ca_file: Option<PathBuf>,
     /// List the databases (admin token) instead of a database's documents.
     #[arg(long)]
     databases: bool,
@@ -129,6 +133,23 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     server_names: Vec<String>,
+    /// TLS certificate chain (PEM) to serve https:// and wss:// on the
+    /// listening port, with --tls-key. Reread when it changes (renewals
+    /// need no restart).
+    #[arg(long, env = "SYNCLINE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "SYNCLINE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Web origins whose pages may open /sync, e.g. https://app.example.com
+    /// (`*` wildcards); repeatable. Pages of other sites are refused (403).
+    /// Native clients send no Origin and are not affected [default: any].
+    #[arg(
+        long = "allowed-origins",
+        env = "SYNCLINE_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    allowed_origins: Vec<String>,
     /// Most simultaneous connections [default: 10000].
     #[arg(long, env = "SYNCLINE_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
@@ -241,6 +262,10 @@ struct FileConfig {
     anonymous: Vec<String>,
     #[serde(default)]
     server_names: Vec<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    allowed_origins: Vec<String>,
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
     handshakes_per_ip: Option<u32>,
@@ -405,7 +430,12 @@ where
         .build()
         .context("starting the runtime")?;
     let result = runtime.block_on(async {
-        let client = syncline::client::SyncClient::connect(Some(&a.url), &a.token, &local).await?;
+        let options = syncline::client::ClientOptions {
+            ca_file: a.ca_file.clone(),
+        };
+        let client =
+            syncline::client::SyncClient::connect_with(Some(&a.url), &a.token, &local, &options)
+                .await?;
         let r = f(client.clone()).await;
         client.close().await;
         r
@@ -512,6 +542,19 @@ fn serve(args: ServeArgs) -> Result<()> {
     } else {
         args.anonymous
     };
+    let tls = match (
+        args.tls_cert.or(file.tls_cert),
+        args.tls_key.or(file.tls_key),
+    ) {
+        (Some(cert), Some(key)) => Some(syncline::tls::server_config(cert, key)?),
+        (None, None) => None,
+        _ => bail!("--tls-cert and --tls-key go together"),
+    };
+    let allowed_origins = if args.allowed_origins.is_empty() {
+        file.allowed_origins
+    } else {
+        args.allowed_origins
+    };
     let server_names = if args.server_names.is_empty() {
         file.server_names
     } else {
@@ -582,6 +625,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         data,
         anonymous,
         server_names,
+        tls,
+        allowed_origins,
         max_connections: args
             .max_connections
             .or(file.max_connections)
@@ -666,7 +711,12 @@ fn serve(args: ServeArgs) -> Result<()> {
         tracing::info!(data = %options.data.display(), anonymous = ?options.anonymous, "serving");
         // Tests and scripts read the first line to find an ephemeral port
         // (one write: a reader may close the pipe after that line).
-        println!("listening on http://{addr}{metrics_line}");
+        let scheme = if options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        println!("listening on {scheme}://{addr}{metrics_line}");
         run(listener, options, shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())

@@ -63,6 +63,7 @@ impl ServerProc {
         let addr = line
             .trim()
             .strip_prefix("listening on http://")
+            .or_else(|| line.trim().strip_prefix("listening on https://"))
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .unwrap();
@@ -2416,4 +2417,168 @@ async fn no_one_writes_under_a_replica_id_they_do_not_own() {
         }
     }
     assert_eq!(counters, vec![1, 2, 3]);
+}
+
+/// A private CA and a certificate for 127.0.0.1 and localhost signed by
+/// it, written as PEM files into `dir`: (ca.pem, cert.pem, key.pem).
+fn test_certificates(dir: &Path, tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("Syncline test CA {tag}"));
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let paths = (
+        dir.join(format!("ca-{tag}.pem")),
+        dir.join(format!("cert-{tag}.pem")),
+        dir.join(format!("key-{tag}.pem")),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, leaf.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// Issue 30, part 3: the server terminates TLS on its port; the native
+/// client and the CLI sync over wss:// when they trust its CA, fail with a
+/// clear error when they do not; a renewed certificate is served without
+/// a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_with_a_private_ca_and_a_certificate_renewed_in_place() {
+    use syncline::client::ClientOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_certificates(dir.path(), "a");
+    let server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &[
+            "--anonymous",
+            "tls-*",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let url = format!("wss://127.0.0.1:{}/sync", server.addr.port());
+    let notes = db("tls-notes");
+    let trusting = ClientOptions {
+        ca_file: Some(ca.clone()),
+    };
+
+    // A client that trusts the CA syncs; another reads what it wrote.
+    let a = SyncClient::connect_with(Some(&url), "", dir.path().join("a"), &trusting)
+        .await
+        .unwrap();
+    a.open(&notes).await.unwrap();
+    a.put(&notes, &doc("n"), json!({"over": "tls"}))
+        .await
+        .unwrap();
+    synced(&a, &notes).await;
+    let b = SyncClient::in_memory_with(Some(&url), "", &trusting).unwrap();
+    b.open(&notes).await.unwrap();
+    synced(&b, &notes).await;
+    assert_eq!(
+        b.get(&notes, &doc("n")).await.unwrap(),
+        Some(json!({"over": "tls"}))
+    );
+
+    // One that does not trust it fails with a TLS error, not a hang.
+    let stranger = SyncClient::in_memory(Some(&url), "");
+    stranger.open(&notes).await.unwrap();
+    match tokio::time::timeout(WAIT, stranger.wait_synced(&notes)).await {
+        Ok(Err(e @ ClientError::Tls { .. })) => {
+            assert!(e.to_string().contains("certificate"), "{e}");
+        }
+        other => panic!("expected a TLS error, got {other:?}"),
+    }
+
+    // The CLI, with --ca-file, and without.
+    let u = url.as_str();
+    let ca_arg = ca.to_str().unwrap();
+    let (ok, _, err) = cli(&[
+        "put",
+        "--url",
+        u,
+        "--ca-file",
+        ca_arg,
+        "tls-notes",
+        "c",
+        r#"{"cli":1}"#,
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&["get", "--url", u, "--ca-file", ca_arg, "tls-notes", "n"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap(),
+        json!({"over": "tls"})
+    );
+    let (ok, _, err) = cli(&["get", "--url", u, "tls-notes", "n"]);
+    assert!(!ok);
+    assert!(err.contains("TLS") && err.contains("certificate"), "{err}");
+
+    // Renewal: a certificate from another CA replaces the files; new
+    // connections get it without a restart (the old CA no longer works).
+    let (ca2, cert2, key2) = test_certificates(dir.path(), "b");
+    std::fs::copy(&key2, &key).unwrap();
+    std::fs::copy(&cert2, &cert).unwrap();
+    let renewed = ClientOptions { ca_file: Some(ca2) };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let c = SyncClient::in_memory_with(Some(&url), "", &renewed).unwrap();
+        c.open(&notes).await.unwrap();
+        let r = tokio::time::timeout(WAIT, c.wait_synced(&notes))
+            .await
+            .unwrap();
+        c.close().await;
+        match r {
+            Ok(()) => break,
+            Err(ClientError::Tls { .. }) if tokio::time::Instant::now() < deadline => {
+                // The server looks at the files at most every 5 s.
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("the renewed certificate was not served: {e}"),
+        }
+    }
+    a.close().await;
+    b.close().await;
+}
+
+/// `--allowed-origins`: a page of another site may not open /sync; a page
+/// of an allowed one, and a native client (no Origin), may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allowed_origins_may_open_sync() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &[
+            "--anonymous",
+            "o-*",
+            "--allowed-origins",
+            "https://app.example,https://*.trusted.example",
+        ],
+    );
+    let url = server.url();
+    let open_from = |origin: &str| {
+        let mut req = url.as_str().into_client_request().unwrap();
+        req.headers_mut().insert("origin", origin.parse().unwrap());
+        tokio_tungstenite::connect_async(req)
+    };
+    match open_from("https://evil.example").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!("expected 403, got {:?}", other.map(|_| ())),
+    }
+    assert!(open_from("https://app.example").await.is_ok());
+    assert!(open_from("https://eu.trusted.example").await.is_ok());
+    let native = SyncClient::in_memory(Some(&url), "");
+    native.open(&db("o-1")).await.unwrap();
+    synced(&native, &db("o-1")).await;
 }

@@ -40,6 +40,7 @@ pub async fn serve(
     mut listener: BudgetedListener,
     app: Router,
     tcp_per_ip: Arc<PerIp>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -70,21 +71,18 @@ pub async fn serve(
             let mut app = app.clone();
             async move { app.call(req).await }
         });
-        let conn = http
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
-        let (mut signal, close) = (signal_rx.clone(), close_rx.clone());
+        let (signal, close) = (signal_rx.clone(), close_rx.clone());
+        let (http, tls) = (http.clone(), tls.clone());
         tokio::spawn(async move {
-            let mut conn = std::pin::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = signal.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%addr, "connection: {e}");
+            match tls {
+                None => serve_one(&http, io, service, signal, addr).await,
+                // The handshake shares the header deadline: a peer that
+                // trickles its ClientHello holds nothing for longer.
+                Some(tls) => match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(io)).await {
+                    Ok(Ok(io)) => serve_one(&http, io, service, signal, addr).await,
+                    Ok(Err(e)) => tracing::debug!(%addr, "TLS handshake: {e}"),
+                    Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                },
             }
             drop((close, slot));
         });
@@ -92,6 +90,38 @@ pub async fn serve(
     drop(close_rx);
     let _ = signal_tx.send(());
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, close_tx.closed()).await;
+}
+
+/// Serve HTTP/1 (and its WebSocket upgrade) on one accepted connection
+/// until it ends or shutdown asks it to finish.
+async fn serve_one<IO, S>(
+    http: &hyper::server::conn::http1::Builder,
+    io: IO,
+    service: S,
+    mut signal: tokio::sync::watch::Receiver<()>,
+    addr: std::net::SocketAddr,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming> + Send + 'static,
+    S::Future: Send,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = http
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = signal.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%addr, "connection: {e}");
+    }
 }
 
 /// Connections open per IP address, so one address cannot take every slot;

@@ -51,6 +51,12 @@ pub struct ServeOptions {
     pub auth: TokenAuth,
     /// Database patterns open to anonymous clients (read and write).
     pub anonymous: Vec<String>,
+    /// TLS on the listening port (`--tls-cert`, `--tls-key`); `None`: plain.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Web origins whose pages may open `/sync` (`--allowed-origins`;
+    /// `*` wildcards). Empty: any. Requests without an `Origin` header
+    /// (native clients) are not browsers' and pass.
+    pub allowed_origins: Vec<String>,
     /// Names clients dial this server by (`--server-name`): each `Hello`
     /// must be signed for one. Empty: the request's `Host` header.
     pub server_names: Vec<String>,
@@ -135,6 +141,8 @@ pub enum ServeError {
 #[derive(Clone)]
 struct AppState {
     hub: mpsc::Sender<HubMsg>,
+    /// `--allowed-origins`.
+    allowed_origins: Arc<Vec<String>>,
     /// The hub's authenticator: connections check their own `Hello`'s
     /// token and proof, so the hub spends no signature verification.
     auth: TokenAuth,
@@ -229,6 +237,7 @@ pub async fn run(
     ));
     let state = AppState {
         hub: hub_tx.clone(),
+        allowed_origins: Arc::new(options.allowed_origins.clone()),
         auth: options.auth.clone(),
         metrics,
         permits: Arc::new(Semaphore::new(options.max_connections)),
@@ -283,6 +292,7 @@ pub async fn run(
         budget::BudgetedListener(listener),
         app,
         tcp_per_ip,
+        options.tls.clone().map(tokio_rustls::TlsAcceptor::from),
         graceful,
     )
     .await;
@@ -360,6 +370,16 @@ async fn upgrade(
         .get(axum::http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(str::to_owned);
+    if let Some(origin) = headers.get(axum::http::header::ORIGIN)
+        && !origin_allowed(&state.allowed_origins, origin.to_str().unwrap_or(""))
+    {
+        state.metrics.error(ErrorCode::Forbidden.as_str());
+        return (
+            StatusCode::FORBIDDEN,
+            "this page's origin may not use this server (--allowed-origins)\n",
+        )
+            .into_response();
+    }
     let budget::PeerConn { addr, budget } = conn;
     // An IPv4 peer on a dual-stack socket counts as its IPv4 address.
     let ip = addr.ip().to_canonical();
@@ -396,6 +416,17 @@ async fn upgrade(
             drop(permit);
             drop(slot);
         })
+}
+
+/// Whether a page from `origin` may open `/sync`: any when no list is set,
+/// else one matching a pattern (`https://*.example.com`), compared in
+/// lowercase.
+fn origin_allowed(allowed: &[String], origin: &str) -> bool {
+    let origin = origin.to_ascii_lowercase();
+    allowed.is_empty()
+        || allowed
+            .iter()
+            .any(|p| syncline_core::sync::glob_match(&p.to_ascii_lowercase(), &origin))
 }
 
 fn close_frame(code: ErrorCode) -> WsMessage {
