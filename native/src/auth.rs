@@ -441,6 +441,52 @@ mod tests {
     }
 
     #[test]
+    fn issuer_audience_and_the_grants_claim_are_configurable() {
+        let idp = TokenAuth::new(TokenConfig {
+            secret: SECRET.to_vec(),
+            grants_claim: Some("https://example.com/syncline".into()),
+            issuer: Some("https://idp.example.com/".into()),
+            audience: Some("syncline".into()),
+            ..TokenConfig::default()
+        })
+        .unwrap();
+        let token = |claims: serde_json::Value| {
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(SECRET).unwrap(),
+            )
+            .unwrap()
+        };
+        let grants = serde_json::json!([{"db": "org-*", "rights": "write"}]);
+        let good = token(serde_json::json!({
+            "sub": "auth0|42", "iss": "https://idp.example.com/", "aud": "syncline",
+            "https://example.com/syncline": grants,
+        }));
+        let g = idp.authenticate(&good).unwrap();
+        assert!(g.allows("org-1", Right::Write));
+        assert_eq!(g.subject(), Some("auth0|42"));
+        let wrong_iss = token(serde_json::json!({
+            "iss": "https://evil.example/", "aud": "syncline", "https://example.com/syncline": grants,
+        }));
+        assert!(
+            matches!(idp.authenticate(&wrong_iss), Err(AuthError::Invalid(m)) if m.contains("issuer"))
+        );
+        let wrong_aud = token(serde_json::json!({
+            "iss": "https://idp.example.com/", "aud": "other", "https://example.com/syncline": grants,
+        }));
+        assert!(
+            matches!(idp.authenticate(&wrong_aud), Err(AuthError::Invalid(m)) if m.contains("audience"))
+        );
+        let no_grants = token(serde_json::json!({
+            "iss": "https://idp.example.com/", "aud": "syncline", "grants": grants,
+        }));
+        assert!(
+            matches!(idp.authenticate(&no_grants), Err(AuthError::Invalid(m)) if m.contains("https://example.com/syncline"))
+        );
+    }
+
+    #[test]
     fn short_secrets_are_refused() {
         let e = TokenAuth::new(TokenConfig {
             secret: b"short".to_vec(),
