@@ -36,7 +36,7 @@ enum Command {
     /// List the documents of a database.
     List(RemoteArgs),
     /// Print every document of a stopped server's data dir as JSON lines.
-    Dump(OfflineArgs),
+    Dump(DumpArgs),
     /// Fold a stopped server's logs into snapshots and rewrite the files.
     Compact(OfflineArgs),
     /// Check a stopped server's logs: records, checksums, counters, changes.
@@ -87,6 +87,17 @@ struct OfflineArgs {
     data: PathBuf,
     /// Only this database (default: all).
     db: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct DumpArgs {
+    #[command(flatten)]
+    offline: OfflineArgs,
+    /// Print each stored change (database, document, replica, counter)
+    /// with who wrote it (the token subjects its replica connected with),
+    /// instead of the documents: the audit trail.
+    #[arg(long)]
+    changes: bool,
 }
 
 #[derive(clap::Args, Debug, Default)]
@@ -339,7 +350,10 @@ fn main() -> Result<()> {
         Command::Put(a) => remote("put", a),
         Command::Delete(a) => remote("delete", a),
         Command::List(a) => remote("list", a),
-        Command::Dump(a) => offline::dump(&a.data, a.db.as_deref()),
+        Command::Dump(a) if a.changes => {
+            offline::dump_changes(&a.offline.data, a.offline.db.as_deref())
+        }
+        Command::Dump(a) => offline::dump(&a.offline.data, a.offline.db.as_deref()),
         Command::Compact(a) => offline::compact(&a.data, a.db.as_deref()),
         Command::Verify(a) => offline::verify(&a.data, a.db.as_deref()),
     }

@@ -65,6 +65,44 @@ pub fn dump(data: &Path, only: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// Print every stored change as a JSON line with who wrote it: the
+/// subjects its replica connected with (`DATA/subjects.jsonl`; empty for
+/// anonymous replicas). Compacted history is a snapshot per document: its
+/// line lists the replicas folded into it.
+pub fn dump_changes(data: &Path, only: Option<&str>) -> Result<()> {
+    let who = syncline::store::subjects::by_replica(data).context("reading the subjects file")?;
+    let subjects = |r: &ReplicaId| who.get(&r.to_hex()).cloned().unwrap_or_default();
+    for db in databases(data, only)? {
+        let (stored, _, _) = read(data, &db)?;
+        for s in &stored.snapshots {
+            let replicas: Vec<_> = s
+                .clock
+                .iter()
+                .map(|(r, counter)| {
+                    serde_json::json!({"replica": r.to_hex(), "up_to": counter, "subjects": subjects(r)})
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"db": db.as_str(), "doc": s.doc.as_str(), "snapshot": replicas})
+            );
+        }
+        for e in &stored.entries {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "db": db.as_str(),
+                    "doc": e.doc.as_str(),
+                    "replica": e.dot.replica.to_hex(),
+                    "counter": e.dot.counter,
+                    "subjects": subjects(&e.dot.replica),
+                })
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Fold every entry into snapshots and rewrite each log atomically.
 pub fn compact(data: &Path, only: Option<&str>) -> Result<()> {
     let store = FileStore::open(data)?;

@@ -2582,3 +2582,64 @@ async fn only_allowed_origins_may_open_sync() {
     native.open(&db("o-1")).await.unwrap();
     synced(&native, &db("o-1")).await;
 }
+
+/// The audit trail: a token's subject is recorded with the replica that
+/// connected with it, and `syncline dump --changes` shows who wrote each
+/// stored change (no one for anonymous replicas).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dump_shows_who_wrote_each_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let server = ServerProc::start(&data, "127.0.0.1:0", &["--anonymous", "org-open"]);
+    let url = server.url();
+    let org = db("org-1");
+    let alice_token = token(&data, &["--grant", "org-*=write", "--sub", "alice"]);
+    let alice = SyncClient::in_memory(Some(&url), &alice_token);
+    alice.open(&org).await.unwrap();
+    alice
+        .put(&org, &doc("a"), json!({"by": "alice"}))
+        .await
+        .unwrap();
+    synced(&alice, &org).await;
+    let anon = SyncClient::in_memory(Some(&url), "");
+    anon.open(&db("org-open")).await.unwrap();
+    anon.put(&db("org-open"), &doc("x"), json!({"by": "?"}))
+        .await
+        .unwrap();
+    synced(&anon, &db("org-open")).await;
+    // The pairing is appended off the hub: wait for it (bounded).
+    let file = data.join("subjects.jsonl");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !std::fs::read_to_string(&file).is_ok_and(|t| t.contains("alice")) {
+        assert!(tokio::time::Instant::now() < deadline, "no subjects line");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_syncline"))
+        .args(["dump", "--changes", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Json> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |name: &str| {
+        lines
+            .iter()
+            .find(|l| l["db"] == name)
+            .unwrap_or_else(|| panic!("no change of {name} in {lines:?}"))
+            .clone()
+    };
+    let a = of("org-1");
+    assert_eq!(a["replica"], alice.replica().to_hex());
+    assert_eq!(a["subjects"], json!(["alice"]));
+    let x = of("org-open");
+    assert_eq!(x["replica"], anon.replica().to_hex());
+    assert_eq!(x["subjects"], json!([]));
+}

@@ -1434,6 +1434,11 @@ impl<A: Authenticator> Server<A> {
         }
     }
 
+    /// The replica `peer` proved it owns, once its `Hello` was accepted.
+    pub fn replica_of(&self, peer: PeerId) -> Option<ReplicaId> {
+        self.grants(peer).map(|(r, _)| r)
+    }
+
     /// Who the token of `peer` names (its `sub`), once its `Hello` was
     /// accepted.
     pub fn subject(&self, peer: PeerId) -> Option<&str> {

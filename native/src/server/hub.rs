@@ -211,11 +211,12 @@ pub async fn run(
     store: FileStore,
     metrics: Arc<Metrics>,
     config: HubConfig,
-    tx: mpsc::Sender<HubMsg>,
-    mut rx: mpsc::Receiver<HubMsg>,
+    (tx, mut rx): (mpsc::Sender<HubMsg>, mpsc::Receiver<HubMsg>),
     pools: super::heavy::Pools,
+    subjects: crate::store::subjects::Subjects,
 ) {
     let mut hub = Hub {
+        subjects,
         conns: HashMap::new(),
         store,
         metrics,
@@ -293,6 +294,8 @@ pub async fn run(
 
 struct Hub {
     conns: HashMap<PeerId, ConnHandle>,
+    /// Replica–subject pairings already in `DATA/subjects.jsonl`.
+    subjects: crate::store::subjects::Subjects,
     store: FileStore,
     metrics: Arc<Metrics>,
     config: HubConfig,
@@ -387,8 +390,18 @@ impl Hub {
             } => {
                 server.set_clock(crate::auth::now_ms());
                 server.hello_checked(peer, hello);
-                if let Some(sub) = server.subject(peer) {
-                    tracing::info!(peer, subject = sub, "connection authenticated");
+                if let (Some(sub), Some(replica)) = (server.subject(peer), server.replica_of(peer))
+                {
+                    tracing::info!(peer, subject = sub, %replica, "connection authenticated");
+                    // The audit trail: who writes as this replica.
+                    if let Some(line) = self.subjects.note(replica, sub, crate::auth::now_secs()) {
+                        let path = self.subjects.path().to_owned();
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(e) = crate::store::subjects::append(&path, &line) {
+                                tracing::error!("writing {}: {e}", path.display());
+                            }
+                        });
+                    }
                 }
                 let _ = accepted.send(server.greeted(peer));
             }

@@ -185,6 +185,17 @@ pub async fn run(
         options.max_open_files,
     )?;
     let replica = server_replica(&store).await?;
+    let subjects =
+        crate::store::subjects::Subjects::open(&options.data).map_err(|source| StoreError::Io {
+            context: format!(
+                "reading {}",
+                options
+                    .data
+                    .join(crate::store::subjects::SUBJECTS_FILE)
+                    .display()
+            ),
+            source,
+        })?;
     let mut server = Server::new(
         ServerConfig {
             replica,
@@ -231,9 +242,9 @@ pub async fn run(
             max_disk_bytes: options.max_disk_bytes,
             ..HubConfig::default()
         },
-        hub_tx.clone(),
-        hub_rx,
+        (hub_tx.clone(), hub_rx),
         pools,
+        subjects,
     ));
     let state = AppState {
         hub: hub_tx.clone(),

@@ -4,6 +4,7 @@
 //! DATA/
 //!   dbs/<stem>.log      records: [len u32 LE][crc32c u32 LE][rkyv Record]
 //!   meta/<key>          small values, replaced atomically
+//!   subjects.jsonl      who writes as which replica (the audit trail, `subjects`)
 //! ```
 //!
 //! * **Group commit.** One writer thread takes every pending write, appends
@@ -34,6 +35,7 @@
 mod file;
 mod names;
 mod record;
+pub mod subjects;
 
 pub use file::{DEFAULT_MAX_OPEN_FILES, FileStore, StoreError, StoreStats};
 pub use names::{db_from_stem, file_stem, upgrade_legacy_names};
