@@ -2327,7 +2327,14 @@ async fn no_one_writes_under_a_replica_id_they_do_not_own() {
     refused(&got, "not derived from the key");
 
     // (2) The victim's public key, signed by the attacker.
-    let key = std::fs::read(victim_dir.join("meta/replica-key")).unwrap();
+    let key_file = victim_dir.join("meta/replica-key");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the key is readable by its owner only");
+    }
+    let key = std::fs::read(&key_file).unwrap();
     let victim_key = Identity::from_seed(key.as_slice().try_into().unwrap());
     assert_eq!(victim_key.replica(), victim_id);
     let mut hello = Hello::signed(&attacker, "", &host, now);

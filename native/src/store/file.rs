@@ -379,32 +379,32 @@ fn logs_size(dbs: &Path) -> io::Result<u64> {
 /// Write `bytes` to `path` atomically and durably.
 /// [`write_atomic`] for a file only its owner may read.
 fn write_atomic_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    // A stale temporary file may have other permissions: start afresh.
-    match fs::remove_file(&tmp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    {
-        let mut opts = fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts.open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    if let Some(parent) = path.parent() {
-        File::open(parent)?.sync_all()?;
-    }
-    Ok(())
+    write_file_atomically(path, bytes, true)
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_file_atomically(path, bytes, false)
+}
+
+/// Write `bytes` to a temporary file, fsync it, rename it over `path` and
+/// fsync the directory. `private`: mode 0600 from the file's creation.
+fn write_file_atomically(path: &Path, bytes: &[u8], private: bool) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
-        let mut f = File::create(&tmp)?;
+        let mut f = if private {
+            // A stale temporary file may have other permissions: start afresh.
+            match fs::remove_file(&tmp) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            let mut opts = fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            opts.open(&tmp)?
+        } else {
+            File::create(&tmp)?
+        };
         f.write_all(bytes)?;
         f.sync_all()?;
     }
