@@ -77,7 +77,7 @@ pub enum HubMsg {
         /// Who.
         peer: PeerId,
         /// The decoded `Hello`, its signature checked by the connection.
-        hello: CheckedHello,
+        hello: Box<CheckedHello>,
         /// Gets whether the server accepted it (if not, the server has
         /// queued its error and the close).
         accepted: oneshot::Sender<bool>,
@@ -389,7 +389,7 @@ impl Hub {
                 accepted,
             } => {
                 server.set_clock(crate::auth::now_ms());
-                server.hello_checked(peer, hello);
+                server.hello_checked(peer, *hello);
                 if let (Some(sub), Some(replica)) = (server.subject(peer), server.replica_of(peer))
                 {
                     tracing::info!(peer, subject = sub, %replica, "connection authenticated");

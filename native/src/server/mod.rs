@@ -145,7 +145,8 @@ struct AppState {
     allowed_origins: Arc<Vec<String>>,
     /// The hub's authenticator: connections check their own `Hello`'s
     /// token and proof, so the hub spends no signature verification.
-    auth: TokenAuth,
+    /// Shared: every connection task holds the state as long as it runs.
+    auth: Arc<TokenAuth>,
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
     per_ip: Arc<http::PerIp>,
@@ -249,7 +250,7 @@ pub async fn run(
     let state = AppState {
         hub: hub_tx.clone(),
         allowed_origins: Arc::new(options.allowed_origins.clone()),
-        auth: options.auth.clone(),
+        auth: Arc::new(options.auth.clone()),
         metrics,
         permits: Arc::new(Semaphore::new(options.max_connections)),
         per_ip: http::PerIp::with_rate(
@@ -652,7 +653,7 @@ async fn connection(
                 // The signature is checked here, not on the hub.
                 let hello = HubMsg::Hello {
                     peer,
-                    hello: CheckedHello::check_with(hello, &state.auth),
+                    hello: Box::new(CheckedHello::check_with(hello, &*state.auth)),
                     accepted,
                 };
                 if state.hub.send(hello).await.is_err() {
