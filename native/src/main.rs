@@ -847,3 +847,31 @@ fn token(args: TokenArgs) -> Result<()> {
     println!("{}", mint(&secret, &claims).context("minting the token")?);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_secret_comes_from_a_file_and_must_be_long_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("secret");
+        std::fs::write(&good, "0123456789abcdef0123456789abcdef-x\n").unwrap();
+        let s = secret_from(None, Some(&good), dir.path(), false).unwrap();
+        assert_eq!(
+            s, b"0123456789abcdef0123456789abcdef-x",
+            "the newline is not part of it"
+        );
+        let short = dir.path().join("short");
+        std::fs::write(&short, "tooshort\n").unwrap();
+        let e = secret_from(None, Some(&short), dir.path(), false).unwrap_err();
+        assert!(e.to_string().contains("at least 32 bytes"), "{e}");
+        let e = secret_from(Some("tooshort".into()), None, dir.path(), false).unwrap_err();
+        assert!(e.to_string().contains("at least 32 bytes"), "{e}");
+        // Generated into the data directory when neither is given.
+        let data = dir.path().join("data");
+        let made = secret_from(None, None, &data, true).unwrap();
+        assert!(made.len() >= MIN_SECRET_LEN);
+        assert_eq!(secret_from(None, None, &data, false).unwrap(), made);
+    }
+}
