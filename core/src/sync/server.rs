@@ -1442,10 +1442,7 @@ impl<A: Authenticator> Server<A> {
     /// Who the token of `peer` names (its `sub`), once its `Hello` was
     /// accepted.
     pub fn subject(&self, peer: PeerId) -> Option<&str> {
-        match &self.peers.get(&peer)?.state {
-            PeerState::Ready { grants, .. } => grants.subject(),
-            PeerState::AwaitHello => None,
-        }
+        self.grants(peer).and_then(|(_, g)| g.subject())
     }
 
     fn hello(
