@@ -23,17 +23,23 @@ function useHashFilter(): Filter {
   return filter;
 }
 
-const STATUS_TEXT = { offline: 'Offline', connecting: 'Connecting…', online: 'Syncing…', synced: 'Synced' } as const;
+const STATUS_TEXT = {
+  offline: 'Offline',
+  connecting: 'Connecting…',
+  online: 'Syncing…',
+  synced: 'Synced',
+  refused: 'Not synced: refused by the server',
+} as const;
 
 function SyncBar({ db, list }: { db: SynclineDb; list: string }) {
   const status = useStatus(db);
   const { online } = usePresence(db);
   return (
     <div className="sync-bar">
-      <span className={`badge ${status}`} data-testid="status" data-status={status}>
+      <span className={`badge ${status}`} data-testid="status" data-status={status} title={db.refusal?.message}>
         {STATUS_TEXT[status]}
       </span>
-      {status !== 'offline' && status !== 'connecting' && (
+      {(status === 'online' || status === 'synced') && (
         <span data-testid="online">
           {online} {online === 1 ? 'person' : 'people'} here
         </span>

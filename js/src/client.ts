@@ -20,10 +20,20 @@ export type Doc = Record<string, unknown>;
 /** A path into a document: keys and list indexes. */
 export type Path = ReadonlyArray<string | number>;
 
-/** The connection's state. */
-export type ConnectionStatus = 'offline' | 'connecting' | 'online';
+/**
+ * The connection's state. `refused`: the server refused the token or the
+ * protocol version (or this runtime cannot connect: no Ed25519, a bad URL);
+ * reconnecting cannot help, and `client.refusal` says why.
+ */
+export type ConnectionStatus = 'offline' | 'connecting' | 'online' | 'refused';
 
-/** A database's state: `synced` once the server has everything of ours and we hold its reply durably. */
+/**
+ * A database's state: `synced` once the server has everything of ours and
+ * we hold its reply durably; `refused` when the server refused this database
+ * (`Forbidden`: no right to read it or to write our changes; `TooLarge`), or
+ * the client is refused. `db.refusal` says why; it holds until the database
+ * syncs.
+ */
 export type DbStatus = ConnectionStatus | 'synced';
 
 /** Options of {@link Syncline.connect}. */
@@ -235,6 +245,11 @@ export class Syncline {
     return this.#wasm.status as ConnectionStatus;
   }
 
+  /** Why the client is `refused` (a `SynclineError`), or `undefined`. */
+  get refusal(): SynclineError | undefined {
+    return this.#wasm.refusal() as SynclineError | undefined;
+  }
+
   /** Call `cb` when the connection's state changes; returns an unsubscribe function. */
   onStatus(cb: (s: ConnectionStatus) => void): () => void {
     this.#statusListeners.add(cb);
@@ -308,6 +323,8 @@ export class Syncline {
       case 'error': {
         const err = synclineError(e.code as SynclineError['code'], e.message, e.db ?? undefined);
         const db = e.db ? this.#dbs.get(e.db) : undefined;
+        // A refusal changes the status: listeners hear it before the error.
+        db?._statusMaybeChanged();
         if (db && db._error(err)) break;
         emit(this.#errorListeners, err);
         break;
@@ -350,7 +367,7 @@ export class SynclineDb {
   }
 
   /** A document (a frozen snapshot), or `undefined` when absent or deleted. */
-  get<T extends Doc = Doc>(id: string): T | undefined {
+  get<T extends object = Doc>(id: string): T | undefined {
     if (!this.#cache.has(id)) {
       this.#cache.set(id, deepFreeze(this.#wasm.get(this.name, id) as Doc | undefined));
     }
@@ -363,7 +380,7 @@ export class SynclineDb {
   }
 
   /** Every document, by id. */
-  all<T extends Doc = Doc>(): Record<string, T> {
+  all<T extends object = Doc>(): Record<string, T> {
     const out: Record<string, T> = {};
     for (const id of this.list()) {
       const v = this.get<T>(id);
@@ -376,7 +393,7 @@ export class SynclineDb {
    * Make a document equal `value`, recording only what differs. Resolves
    * to whether anything changed, once the change is durable locally.
    */
-  put(id: string, value: Doc, options?: WriteOptions): Promise<boolean> {
+  put(id: string, value: object, options?: WriteOptions): Promise<boolean> {
     try {
       checkValue(value);
     } catch (e) {
@@ -386,11 +403,11 @@ export class SynclineDb {
   }
 
   /** Change a document through a draft: mutate it, or return a new value. */
-  update<T extends Doc = Doc>(id: string, fn: (draft: T) => T | void, options?: WriteOptions): Promise<boolean> {
+  update<T extends object = Doc>(id: string, fn: (draft: T) => T | void, options?: WriteOptions): Promise<boolean> {
     const current = this.get<T>(id);
     const draft = (current === undefined ? {} : structuredClone(current)) as T;
     const result = fn(draft);
-    return this.put(id, (result ?? draft) as Doc, options);
+    return this.put(id, result ?? draft, options);
   }
 
   /** Delete a document (the deletion syncs; a later put revives it). */
@@ -426,11 +443,27 @@ export class SynclineDb {
     return () => this.#listeners.delete(cb);
   }
 
-  /** `offline`, `connecting`, `online` (catching up or with unacknowledged changes) or `synced`. */
+  /**
+   * `offline`, `connecting`, `online` (catching up or with unacknowledged
+   * changes), `synced`, or `refused` (see {@link refusal}).
+   */
   get status(): DbStatus {
     const s = this.#client.status;
+    if (s === 'refused' || this.#wasm.refusal(this.name) !== undefined) return 'refused';
     if (s !== 'online') return s;
     return this.#wasm.isSynced(this.name) ? 'synced' : 'online';
+  }
+
+  /**
+   * Why this database is `refused`: the server's error (`Forbidden`,
+   * `TooLarge`, …) or the client's refusal; `undefined` otherwise. Local
+   * reads and writes go on; refused changes stay pending here.
+   */
+  get refusal(): SynclineError | undefined {
+    const own = this.#wasm.refusal(this.name) as SynclineError | undefined;
+    if (own === undefined) return this.#client.refusal;
+    own.db = this.name;
+    return own;
   }
 
   /** Call `cb` when {@link status} changes. */

@@ -17,7 +17,7 @@ import { useCallback, useMemo, useSyncExternalStore } from 'react';
 import type { DbStatus, Doc, Peer, Presence, SynclineDb } from './client.js';
 
 /** Writes to the document of {@link useDoc}. */
-export interface DocActions<T extends Doc> {
+export interface DocActions<T extends object> {
   /** `db.put` for this document. */
   put(value: T): Promise<boolean>;
   /** `db.update` for this document. */
@@ -34,7 +34,7 @@ export interface PresenceView<S> {
 }
 
 /** One document (a frozen snapshot, `undefined` when absent) and its writers. */
-export function useDoc<T extends Doc = Doc>(db: SynclineDb, id: string): [T | undefined, DocActions<T>] {
+export function useDoc<T extends object = Doc>(db: SynclineDb, id: string): [T | undefined, DocActions<T>] {
   const subscribe = useCallback(
     (onChange: () => void) =>
       db.subscribe((e) => {
@@ -86,7 +86,7 @@ function docsStore(db: SynclineDb): DocsStore {
 }
 
 /** Every document, by id (the same object until a document changes). */
-export function useDocs<T extends Doc = Doc>(db: SynclineDb): Readonly<Record<string, T>> {
+export function useDocs<T extends object = Doc>(db: SynclineDb): Readonly<Record<string, T>> {
   const store = docsStore(db);
   return useSyncExternalStore(store.subscribe, store.get, store.get) as Record<string, T>;
 }

@@ -29,10 +29,10 @@ import { getOwn, setOwn } from './own.js';
 export const SYNCLINE_CHANGED = 'syncline/changed';
 
 /** A mirrored slice: documents by id. */
-export type DocsState<D extends Doc = Doc> = Record<string, D>;
+export type DocsState<D extends object = Doc> = Record<string, D>;
 
 /** Documents that changed in the database; `null` means deleted. */
-export type SynclineChangedAction<D extends Doc = Doc> = {
+export type SynclineChangedAction<D extends object = Doc> = {
   type: typeof SYNCLINE_CHANGED;
   payload: { slice: string; docs: Record<string, D | null> };
 };
@@ -51,7 +51,7 @@ export interface SynclineMiddlewareOptions {
 }
 
 /** Make a {@link SynclineChangedAction} (the middleware does this for you). */
-export function synclineChanged<D extends Doc = Doc>(
+export function synclineChanged<D extends object = Doc>(
   slice: string,
   docs: Record<string, D | null>,
 ): SynclineChangedAction<D> {
@@ -150,7 +150,7 @@ export function synclineMiddleware(db: SynclineDb, options: SynclineMiddlewareOp
  * `null` documents are removed) and hands every other action to `reducer`
  * (or keeps the state, `{}` at first, when there is none).
  */
-export function synclineReducer<D extends Doc = Doc, A extends Action = UnknownAction>(
+export function synclineReducer<D extends object = Doc, A extends Action = UnknownAction>(
   slice: string,
   reducer?: Reducer<DocsState<D>, A>,
 ): Reducer<DocsState<D>, A | SynclineChangedAction<D>> {

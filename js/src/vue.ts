@@ -34,7 +34,7 @@ export interface UseDocOptions {
 }
 
 /** What {@link useDoc} returns. */
-export interface UseDoc<T extends Doc> {
+export interface UseDoc<T extends object> {
   /** A live, writable deep copy: mutate it (or assign `undefined` to delete). */
   doc: Ref<T | undefined>;
   /** `db.put` for this document. */
@@ -63,7 +63,7 @@ function plain<T>(v: T): T {
 }
 
 /** One document as a live, writable deep reactive copy. `id` may be a ref or getter. */
-export function useDoc<T extends Doc = Doc>(
+export function useDoc<T extends object = Doc>(
   db: SynclineDb,
   id: MaybeRefOrGetter<string>,
   options: UseDocOptions = {},
@@ -124,7 +124,7 @@ export function useDoc<T extends Doc = Doc>(
 }
 
 /** Every document, by id (read-only; each document is a frozen snapshot). */
-export function useDocs<T extends Doc = Doc>(db: SynclineDb): Readonly<Ref<Readonly<Record<string, T>>>> {
+export function useDocs<T extends object = Doc>(db: SynclineDb): Readonly<Ref<Readonly<Record<string, T>>>> {
   const docs = shallowRef(db.all<T>());
   onScopeDispose(
     db.subscribe(() => {

@@ -360,12 +360,8 @@ impl Driver {
                 if s == Status::Online {
                     self.online_since_ms = Some(js_sys::Date::now());
                 }
-                if s == Status::Connecting {
-                    // A new connection asks again.
-                    self.db_refused.clear();
-                }
                 JsEvent::Status {
-                    status: status_name(s),
+                    status: self.status_name(s),
                 }
             }
             ClientEvent::Changed { db, docs, remote } => JsEvent::Changed {
@@ -379,6 +375,9 @@ impl Driver {
             },
             ClientEvent::Synced { db } => {
                 self.caught_up = true;
+                // The server took every change of ours and sent its reply:
+                // whatever it refused before, it accepts now.
+                self.db_refused.retain(|(d, _)| *d != db);
                 JsEvent::Synced {
                     db: db.as_str().to_owned(),
                 }
@@ -397,6 +396,14 @@ impl Driver {
             }
         };
         self.events.push(to_js(&js));
+    }
+
+    /// The connection state JS sees: `refused` once reconnecting cannot help.
+    fn status_name(&self, s: Status) -> &'static str {
+        if self.refused.is_some() && s == Status::Offline {
+            return "refused";
+        }
+        status_name(s)
     }
 
     /// A refusal fails the `whenSynced` callers it concerns; a fatal one
@@ -809,10 +816,30 @@ impl WasmClient {
         self.replica.to_hex()
     }
 
-    /// `"offline"`, `"connecting"` or `"online"`.
+    /// `"offline"`, `"connecting"`, `"online"` or `"refused"` (a refused
+    /// token, protocol version or URL: no reconnection; see `refusal`).
     #[wasm_bindgen(getter)]
     pub fn status(&self) -> String {
-        status_name(self.shared.borrow().client.status()).to_owned()
+        let d = self.shared.borrow();
+        d.status_name(d.client.status()).to_owned()
+    }
+
+    /// Why the server (or this runtime) refused the client, or `db` when
+    /// given: a `SynclineError`, or `undefined`. A database refusal holds
+    /// until the database syncs (every change of ours accepted).
+    pub fn refusal(&self, db: Option<String>) -> Result<JsValue, JsValue> {
+        let d = self.shared.borrow();
+        let e = match db {
+            None => d.refused.as_ref(),
+            Some(name) => {
+                let name = db_name(&name)?;
+                d.db_refused
+                    .iter()
+                    .find(|(x, _)| *x == name)
+                    .map(|(_, e)| e)
+            }
+        };
+        Ok(e.map_or(JsValue::UNDEFINED, |e| js_error(e.code(), &e.to_string())))
     }
 
     fn check_open(&self) -> Result<(), WasmError> {
@@ -1154,6 +1181,7 @@ impl WasmClient {
                 // An armed timer holds Node's event loop open: a script
                 // would run on for up to HEARTBEAT_MS after close().
                 d.heartbeat = None;
+                d.catch_up = None;
                 d.client.disconnected();
                 // Views not yet written go with the last transaction (as a
                 // batch of nothing: sequence 0 settles no write and no waiter).

@@ -116,12 +116,20 @@ impl Socket {
     }
 }
 
+thread_local! {
+    /// A handler that ignores its event, made once and never freed.
+    static IGNORE: JsValue = Closure::<dyn FnMut(JsValue)>::new(|_: JsValue| {}).into_js_value();
+}
+
 impl Drop for Socket {
     fn drop(&mut self) {
         self.ws.set_onopen(None);
         self.ws.set_onmessage(None);
         self.ws.set_onclose(None);
-        self.ws.set_onerror(None);
+        // Not `None`: closing a socket that is still connecting makes it
+        // fail with an `error` event, and the `ws` package (Node) throws
+        // an `error` event nobody listens to, killing the process.
+        IGNORE.with(|f| self.ws.set_onerror(Some(f.unchecked_ref())));
         let _ = self.ws.close();
     }
 }
