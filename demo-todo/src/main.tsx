@@ -24,7 +24,7 @@ server.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
 
 const client = await Syncline.connect(server.toString(), { name: 'todomvc' });
 const db = await client.open(`todo-${list}`);
-const todos = synclineReducer<Todo, TodoAction>('todos', todosReducer);
+const todos = synclineReducer('todos', todosReducer);
 const store = createStore(
   (state: { todos: Todos } | undefined, action: UnknownAction) => ({
     todos: todos(state?.todos, action as TodoAction),

@@ -6,7 +6,8 @@
 //   react/  Vite 8 + React 19: the quick start and the React example of
 //           js/README.md, verbatim, with syncline/react
 //   vue/    Vite 8 + Vue 3 (render functions): the quick start and syncline/vue
-//   redux/  Vite 8 + a Redux store: the quick start and syncline/redux
+//   redux/  Vite 8 + Redux Toolkit: the quick start and the Redux example of
+//           js/README.md, verbatim, with syncline/redux
 //   node/   a Node script with `ws`: connects, writes, sees another client's
 //           write and exits on its own
 //
@@ -240,8 +241,11 @@ describe('a new Vite + Vue app (README quick start, syncline/vue)', () => {
   });
 });
 
-describe('a new Vite app with a Redux store (README quick start, syncline/redux)', () => {
-  const app = browserApp('redux', () => ({ 'src/quickstart.ts': quickstart() }));
+describe('a new Vite app with a Redux Toolkit store (README quick start and Redux example, syncline/redux)', () => {
+  const app = browserApp('redux', () => ({
+    'src/quickstart.ts': quickstart(),
+    'src/store.ts': `import { db } from './quickstart.ts';\nconst showError = (e: unknown) => console.error(e);\n${readmeBlock('redux')}\nexport { store, todos };\n`,
+  }));
 
   it('syncs a dispatched todo from one browser profile to another, and a toggle back', T, async () => {
     const a = await app.open('A ran the quick start (milk, done)', shows, ['milk', true]);

@@ -20,7 +20,7 @@
  * its reference and is not written.
  */
 
-import type { Action, Middleware, Reducer, UnknownAction } from 'redux';
+import type { Action, Middleware, Reducer } from 'redux';
 import type { Doc, SynclineDb } from './client.js';
 import { deepEqual } from './equal.js';
 import { getOwn, setOwn } from './own.js';
@@ -149,20 +149,24 @@ export function synclineMiddleware(db: SynclineDb, options: SynclineMiddlewareOp
  * The slice's reducer: merges `syncline/changed` for `slice` (a new object;
  * `null` documents are removed) and hands every other action to `reducer`
  * (or keeps the state, `{}` at first, when there is none).
+ *
+ * It has the type of the reducer it wraps (without one, a reducer of
+ * `DocsState`; name another as `synclineReducer<Reducer<DocsState<Todo>>>`):
+ * a type computed from generics would be inferred from its context inside
+ * `configureStore({ reducer: {…}, middleware: … })`, making the store's
+ * state `any`.
  */
-export function synclineReducer<D extends object = Doc, A extends Action = UnknownAction>(
-  slice: string,
-  reducer?: Reducer<DocsState<D>, A>,
-): Reducer<DocsState<D>, A | SynclineChangedAction<D>> {
-  return (state, action) => {
+export function synclineReducer<R extends Reducer<any, any, any> = Reducer<DocsState>>(slice: string, reducer?: R): R {
+  const wrapped: Reducer<DocsState, Action> = (state, action) => {
     if (isSynclineChanged(action, slice)) {
-      const next = { ...(state ?? {}) } as DocsState<D>;
-      for (const [id, doc] of Object.entries((action as SynclineChangedAction<D>).payload.docs)) {
+      const next = { ...(state ?? {}) };
+      for (const [id, doc] of Object.entries((action as SynclineChangedAction).payload.docs)) {
         if (doc === null) delete next[id];
         else setOwn(next, id, doc);
       }
       return next;
     }
-    return reducer ? reducer(state, action as A) : (state ?? {});
+    return reducer ? reducer(state, action) : (state ?? {});
   };
+  return wrapped as R;
 }

@@ -190,7 +190,7 @@ describe('redux binding', () => {
   });
 
   it('synclineReducer merges its own slice, deletes nulls and delegates the rest', () => {
-    const reducer = synclineReducer<Todo>('todos', todos);
+    const reducer = synclineReducer('todos', todos);
     const s0 = reducer(undefined, { type: '@@init' });
     expect(s0).toEqual({});
     const s1 = reducer(s0, { type: 'todos/add', id: 'a', title: 'milk' });

@@ -824,9 +824,14 @@ fn token(args: TokenArgs) -> Result<()> {
         bail!("rights must be read, write or admin, not {r:?}");
     }
     let data = args.data.unwrap_or_else(default_data);
-    let secret = secret_from(args.secret, args.secret_file.as_deref(), &data, false).context(
-        "no secret: pass --secret or --secret-file, or start the server once to generate one",
-    )?;
+    let secret = secret_from(args.secret, args.secret_file.as_deref(), &data, false)
+        .with_context(|| {
+            format!(
+                "no secret: the server keeps its generated one in its data directory ({}): \
+                 pass --data DIR (or SYNCLINE_DATA) to name the server's, or --secret / --secret-file",
+                data.join("secret").display()
+            )
+        })?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .context("clock before 1970")?
