@@ -559,7 +559,7 @@ impl Database {
         self.local(doc, |d| d.update(value))
     }
 
-    /// [`Database::update`] with root keys holding collaborative text
+    /// [`Database::update`] with only root keys holding collaborative text
     /// (see [`Document::update_with_text`]).
     pub fn update_with_text(
         &mut self,
@@ -568,6 +568,16 @@ impl Database {
         text_keys: &[String],
     ) -> Result<Option<Entry>, DocError> {
         self.local(doc, |d| d.update_with_text(value, text_keys))
+    }
+
+    /// [`Database::update`] saying which strings are text (see [`Strings`]).
+    pub fn update_with(
+        &mut self,
+        doc: &DocId,
+        value: &Json,
+        strings: crate::Strings<'_>,
+    ) -> Result<Option<Entry>, DocError> {
+        self.local(doc, |d| d.update_with(value, strings))
     }
 
     /// Delete a document (a tombstone change that syncs).
@@ -1478,6 +1488,10 @@ mod tests {
         }
     }
 
+    /// Strings as values: a changed string is a root put, which is patched
+    /// (with text it is an edit inside an earlier object: automerge's).
+    const VALUES: crate::Strings<'static> = crate::Strings::Values { text: &[] };
+
     fn entries_since(db: &Database, n: usize) -> Vec<Entry> {
         db.log().entries().skip(n).cloned().collect()
     }
@@ -1486,7 +1500,7 @@ mod tests {
     fn sequential_remote_changes_are_shown_before_automerge_applies_them() {
         let (mut a, mut b) = (db(1), db(2));
         let t = id("t");
-        a.update(&t, &json!({"seq": 0, "tags": ["x"]}))
+        a.update_with(&t, &json!({"seq": 0, "tags": ["x"]}), VALUES)
             .expect("write");
         b.apply_entries(entries_since(&a, 0));
         assert_eq!(b.changes_behind(&t), 0, "a new document is applied");
@@ -1496,8 +1510,12 @@ mod tests {
         let mut behind = 0;
         for i in 1..=2 * limit + 600 {
             let n = a.log().entries().len();
-            a.update(&t, &json!({"seq": i, "tags": ["x"], "s": format!("v{i}")}))
-                .expect("write");
+            a.update_with(
+                &t,
+                &json!({"seq": i, "tags": ["x"], "s": format!("v{i}")}),
+                VALUES,
+            )
+            .expect("write");
             let out = b.apply_entries(entries_since(&a, n));
             assert!(out.errors.is_empty(), "{:?}", out.errors);
             assert!(out.changed.contains(&t));
@@ -1522,7 +1540,7 @@ mod tests {
         assert_eq!(read, a.get(&t));
         // A write catches up first and merges back.
         let n = b.log().entries().len();
-        b.update(&t, &json!({"seq": -1, "tags": ["x"]}))
+        b.update_with(&t, &json!({"seq": -1, "tags": ["x"]}), VALUES)
             .expect("write");
         assert_eq!(b.changes_behind(&t), 0);
         a.apply_entries(entries_since(&b, n));
@@ -1539,7 +1557,7 @@ mod tests {
     fn within_byte_bound(size: usize, rounds: usize) -> (usize, bool) {
         let (mut a, mut b) = (db(1), db(2));
         let t = id("t");
-        a.update(&t, &json!({"v": ""})).expect("write");
+        a.update_with(&t, &json!({"v": ""}), VALUES).expect("write");
         b.apply_entries(entries_since(&a, 0));
         let byte_limit = b.behind_limits().1;
         assert!((MAX_BEHIND_BYTES / 2..MAX_BEHIND_BYTES).contains(&byte_limit));
@@ -1551,7 +1569,8 @@ mod tests {
             let v: String = (0..size)
                 .map(|i| char::from(b'a' + ((i * 7 + round) % 26) as u8))
                 .collect();
-            a.update(&t, &json!({ "v": v })).expect("write");
+            a.update_with(&t, &json!({ "v": v }), VALUES)
+                .expect("write");
             b.apply_entries(entries_since(&a, n));
             assert_eq!(b.get(&t), a.get(&t));
             let (behind, bytes) = match b.docs.get(&t) {
@@ -1736,14 +1755,17 @@ mod tests {
     fn changes_made_concurrently_go_to_automerge() {
         let (mut a, mut b, mut c) = (db(1), db(2), db(3));
         let t = id("t");
-        a.update(&t, &json!({"k": "a"})).expect("write");
+        a.update_with(&t, &json!({"k": "a"}), VALUES)
+            .expect("write");
         for r in [&mut b, &mut c] {
             r.apply_entries(entries_since(&a, 0));
         }
         // b and c both write on top of the same state; a receives both.
         let (nb, nc) = (b.log().entries().len(), c.log().entries().len());
-        b.update(&t, &json!({"k": "b"})).expect("write");
-        c.update(&t, &json!({"k": "c"})).expect("write");
+        b.update_with(&t, &json!({"k": "b"}), VALUES)
+            .expect("write");
+        c.update_with(&t, &json!({"k": "c"}), VALUES)
+            .expect("write");
         a.apply_entries(entries_since(&b, nb));
         assert_eq!(a.changes_behind(&t), 1);
         let out = a.apply_entries(entries_since(&c, nc));

@@ -288,19 +288,29 @@ impl Document {
     }
 
     /// Replace the document's content by `value` (a JSON object), recording
-    /// only what differs. Returns the change, or `None` when nothing changed.
+    /// only what differs; strings are collaborative text ([`Strings::TEXT`]).
+    /// Returns the change, or `None` when nothing changed.
     pub fn update(&mut self, value: &Json) -> Result<Option<Change>, DocError> {
-        self.update_with_text(value, &[])
+        self.update_with(value, Strings::TEXT)
     }
 
-    /// [`Document::update`], where the root keys in `text_keys` hold
-    /// collaborative text: a string there is created as a text object (not a
-    /// scalar), so later updates merge character by character with
-    /// concurrent edits instead of replacing the whole string.
+    /// [`Document::update`] where only the root keys in `text_keys` hold
+    /// collaborative text and other strings are values replaced whole
+    /// ([`Strings::Values`]).
     pub fn update_with_text(
         &mut self,
         value: &Json,
         text_keys: &[String],
+    ) -> Result<Option<Change>, DocError> {
+        self.update_with(value, Strings::Values { text: text_keys })
+    }
+
+    /// [`Document::update`], with `strings` saying which new strings are
+    /// created as text. A string that already is text is diffed either way.
+    pub fn update_with(
+        &mut self,
+        value: &Json,
+        strings: Strings<'_>,
     ) -> Result<Option<Change>, DocError> {
         let Json::Object(map) = value else {
             return Err(DocError::NotAnObject(json_kind(value)));
@@ -312,10 +322,16 @@ impl Document {
             if tx.get(automerge::ROOT, DELETED_KEY)?.is_some() {
                 tx.delete(automerge::ROOT, DELETED_KEY)?;
             }
-            update_map(tx, &automerge::ROOT, map, true)?;
-            for k in text_keys {
-                if let Some(Json::String(text)) = map.get(k) {
-                    ensure_text_value(tx, k, text)?;
+            let at = match strings {
+                Strings::Text { .. } => At::Text(strings),
+                Strings::Values { .. } => At::Atomic,
+            };
+            update_map(tx, &automerge::ROOT, map, true, at)?;
+            if let Strings::Values { text } = strings {
+                for k in text {
+                    if let Some(Json::String(text)) = map.get(k) {
+                        ensure_text_value(tx, k, text)?;
+                    }
                 }
             }
             Ok(())
@@ -467,6 +483,46 @@ fn json_to_scalar(v: &Json) -> Option<ScalarValue> {
     })
 }
 
+/// Which strings a write creates as collaborative text (an automerge text
+/// object: concurrent edits merge character by character) rather than as a
+/// value replaced whole (concurrent edits: one wins, the others are lost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strings<'a> {
+    /// Every string is text, except anywhere under the keys in `atomic`
+    /// (at any depth: ids, enums, timestamps, blobs).
+    Text {
+        /// Keys whose strings are values.
+        atomic: &'a [String],
+    },
+    /// Strings are values, except at the root keys in `text`.
+    Values {
+        /// Root keys whose strings are text.
+        text: &'a [String],
+    },
+}
+
+impl Strings<'_> {
+    /// Every string is text.
+    pub const TEXT: Strings<'static> = Strings::Text { atomic: &[] };
+}
+
+/// Where in a write we are: creating strings as text, or as values.
+#[derive(Debug, Clone, Copy)]
+enum At<'a> {
+    Text(Strings<'a>),
+    Atomic,
+}
+
+impl<'a> At<'a> {
+    /// The mode under map key `k`.
+    fn enter(self, k: &str) -> At<'a> {
+        match self {
+            At::Text(Strings::Text { atomic }) if atomic.iter().any(|a| a == k) => At::Atomic,
+            at => at,
+        }
+    }
+}
+
 /// Put a scalar unless the current value already equals it.
 fn put_scalar(
     tx: &mut Transaction<'_>,
@@ -501,10 +557,23 @@ fn create(
     prop: Prop,
     value: &Json,
     insert: bool,
+    at: At<'_>,
 ) -> Result<(), DocError> {
     let typ = match value {
         Json::Object(_) => ObjType::Map,
         Json::Array(_) => ObjType::List,
+        Json::String(text) if matches!(at, At::Text(_)) => {
+            let id = if insert {
+                let Prop::Seq(i) = prop else {
+                    return Err(not_a_position());
+                };
+                tx.insert_object(obj, i, ObjType::Text)?
+            } else {
+                tx.put_object(obj, prop, ObjType::Text)?
+            };
+            tx.splice_text(&id, 0, 0, text)?;
+            return Ok(());
+        }
         scalar => {
             let s = json_to_scalar(scalar).unwrap_or(ScalarValue::Null);
             return put_scalar(tx, obj, prop, s, insert);
@@ -519,10 +588,10 @@ fn create(
         tx.put_object(obj, prop, typ)?
     };
     match value {
-        Json::Object(m) => update_map(tx, &child, m, false),
+        Json::Object(m) => update_map(tx, &child, m, false, at),
         Json::Array(items) => {
             for (i, item) in items.iter().enumerate() {
-                create(tx, &child, Prop::Seq(i), item, true)?;
+                create(tx, &child, Prop::Seq(i), item, true, at)?;
             }
             Ok(())
         }
@@ -536,14 +605,15 @@ fn update_value(
     obj: &ObjId,
     prop: Prop,
     new: &Json,
+    at: At<'_>,
 ) -> Result<(), DocError> {
     let current = tx.get(obj, prop.clone())?;
     match (current, new) {
         (Some((Value::Object(ObjType::Map | ObjType::Table), id)), Json::Object(m)) => {
-            update_map(tx, &id, m, false)
+            update_map(tx, &id, m, false, at)
         }
         (Some((Value::Object(ObjType::List), id)), Json::Array(items)) => {
-            update_list(tx, &id, items)
+            update_list(tx, &id, items, at)
         }
         (Some((Value::Object(ObjType::Text), id)), Json::String(s)) => {
             if tx.text(&id)? != *s {
@@ -561,10 +631,10 @@ fn update_value(
                     Ok(())
                 }
                 (old, new) if scalar_to_json(old) == *new => Ok(()),
-                _ => create(tx, obj, prop, new, false),
+                _ => create(tx, obj, prop, new, false, at),
             }
         }
-        _ => create(tx, obj, prop, new, false),
+        _ => create(tx, obj, prop, new, false, at),
     }
 }
 
@@ -583,6 +653,7 @@ fn update_map(
     obj: &ObjId,
     new: &serde_json::Map<String, Json>,
     is_root: bool,
+    at: At<'_>,
 ) -> Result<(), DocError> {
     let old_keys: Vec<String> = tx.keys(obj).collect();
     for k in old_keys {
@@ -593,14 +664,19 @@ fn update_map(
     }
     // serde_json's map is ordered, so the ops of one edit are deterministic.
     for (k, v) in new {
-        update_value(tx, obj, Prop::Map(k.clone()), v)?;
+        update_value(tx, obj, Prop::Map(k.clone()), v, at.enter(k))?;
     }
     Ok(())
 }
 
 /// Lists: keep the common prefix and suffix, update the middle in place
 /// (nested objects keep their identity), then insert or delete the rest.
-fn update_list(tx: &mut Transaction<'_>, obj: &ObjId, new: &[Json]) -> Result<(), DocError> {
+fn update_list(
+    tx: &mut Transaction<'_>,
+    obj: &ObjId,
+    new: &[Json],
+    at: At<'_>,
+) -> Result<(), DocError> {
     let old: Vec<Json> = tx
         .list_range(obj, ..)
         .map(|item| {
@@ -621,13 +697,13 @@ fn update_list(tx: &mut Transaction<'_>, obj: &ObjId, new: &[Json]) -> Result<()
     let new_mid = new.len() - prefix - suffix;
     let common = old_mid.min(new_mid);
     for i in 0..common {
-        update_value(tx, obj, Prop::Seq(prefix + i), &new[prefix + i])?;
+        update_value(tx, obj, Prop::Seq(prefix + i), &new[prefix + i], at)?;
     }
     for _ in common..old_mid {
         tx.delete(obj, prefix + common)?;
     }
     for i in common..new_mid {
-        create(tx, obj, Prop::Seq(prefix + i), &new[prefix + i], true)?;
+        create(tx, obj, Prop::Seq(prefix + i), &new[prefix + i], true, at)?;
     }
     Ok(())
 }
@@ -766,6 +842,68 @@ mod tests {
         );
         a.update(&json!({"l": []})).unwrap();
         assert_eq!(a.to_json().unwrap(), json!({"l": []}));
+    }
+
+    #[test]
+    fn strings_are_text_by_default_except_atomic_keys() {
+        // Two replicas retitle one todo offline, and both change its status.
+        let start = json!({"title": "buy milk", "status": "todo", "tags": ["home"]});
+        let mut a = doc(1);
+        let atomic = ["status".to_owned()];
+        let strings = Strings::Text { atomic: &atomic };
+        a.update_with(&start, strings).unwrap();
+        let mut b = doc(2);
+        merge(&mut b, &a);
+        a.update_with(
+            &json!({"title": "buy oat milk", "status": "done", "tags": ["home!"]}),
+            strings,
+        )
+        .unwrap();
+        b.update_with(
+            &json!({"title": "buy milk today", "status": "doing", "tags": ["shop home"]}),
+            strings,
+        )
+        .unwrap();
+        merge(&mut a, &b);
+        merge(&mut b, &a);
+        let v = a.to_json().unwrap();
+        assert_eq!(b.to_json().unwrap(), v);
+        // Both edits of the text survive; the atomic one is one whole value.
+        assert_eq!(v["title"], "buy oat milk today");
+        assert_eq!(v["tags"], json!(["shop home!"]));
+        assert!(v["status"] == "done" || v["status"] == "doing", "{v}");
+        // The same with strings as values: one title wins, the other is lost.
+        let values = Strings::Values { text: &[] };
+        let (mut c, mut d) = (doc(3), doc(4));
+        c.update_with(&start, values).unwrap();
+        merge(&mut d, &c);
+        c.update_with(&json!({"title": "buy oat milk"}), values)
+            .unwrap();
+        d.update_with(&json!({"title": "buy milk today"}), values)
+            .unwrap();
+        merge(&mut c, &d);
+        let title = c.to_json().unwrap()["title"].clone();
+        assert!(title == "buy oat milk" || title == "buy milk today");
+        // `update` is the default: text.
+        let mut e = doc(5);
+        e.update(&json!({"t": "x", "l": ["y"], "m": {"n": "z"}}))
+            .unwrap();
+        for path in [
+            vec!["t".into()],
+            vec!["l".into(), PathSeg::Index(0)],
+            vec!["m".into(), "n".into()],
+        ] {
+            let (obj, last) = walk_parent(&e.am.transaction(), &path)
+                .map(|(o, l)| (o, l.clone()))
+                .unwrap();
+            assert!(
+                matches!(
+                    e.am.get(&obj, last.prop()).unwrap(),
+                    Some((Value::Object(ObjType::Text), _))
+                ),
+                "{path:?} is text"
+            );
+        }
     }
 
     #[test]

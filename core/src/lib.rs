@@ -99,7 +99,7 @@ pub mod view;
 pub use change_limits::{ChangeLimits, ChangeRefused, ChangeSummary};
 pub use clock::{Dot, VersionVector};
 pub use database::Database;
-pub use doc::{DocError, Document, PathSeg};
+pub use doc::{DocError, Document, PathSeg, Strings};
 pub use entry::{Entry, Snapshot};
 pub use identity::{Identity, Proof, ProofError};
 pub use ids::{DbName, DocId, IdError, ReplicaId};

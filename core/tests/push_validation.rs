@@ -36,7 +36,11 @@ fn entries_of(r: u8, n: u64, len: usize) -> Vec<Entry> {
     (0..n)
         .map(|k| {
             let v = json!({ "t": format!("{k}{}", "x".repeat(len)) });
-            d.update(&DocId::new("doc").unwrap(), &v).unwrap().unwrap()
+            // A value each time (as text, each change would be a small diff).
+            let values = syncline_core::Strings::Values { text: &[] };
+            d.update_with(&DocId::new("doc").unwrap(), &v, values)
+                .unwrap()
+                .unwrap()
         })
         .collect()
 }

@@ -61,6 +61,13 @@ export function boardOf(game: Game | undefined): Board {
   return { cells, turn, winner, line, draw, over: !!winner || draw };
 }
 
+/**
+ * Strings written as values, not collaborative text: replica ids and marks
+ * must never merge character by character (two players taking one seat at
+ * once: one of them gets it, whole).
+ */
+export const ATOMIC = ['replica', 'player', 'by'];
+
 export function newGame(name: string): Game {
   return { name, createdAt: Date.now(), round: 1, players: { X: null, O: null }, moves: [] };
 }

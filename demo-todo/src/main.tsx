@@ -32,8 +32,6 @@ const store = createStore(
   applyMiddleware(
     synclineMiddleware(db, {
       slice: 'todos',
-      // Titles are collaborative text: two people editing one title keep both edits.
-      text: ['title'],
       onError: (e) => console.error(isSynclineError(e) ? `${e.code}: ${e.message}` : e),
     }),
   ),

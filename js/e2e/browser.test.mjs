@@ -173,7 +173,7 @@ describe('browser package against the real server', () => {
     await connect(pb, s.url, { db: 'e2e-offline' });
     await pa.evaluate(async () => {
       await db.put('shared', { title: 'plan', items: ['a'] });
-      await db.put('note', { title: 'buy milk' }, { text: ['title'] });
+      await db.put('note', { title: 'buy milk' }); // strings are collaborative text
       // A counter must exist before concurrent increments can add up
       // (two replicas creating it concurrently is a conflict: one wins).
       await db.increment('shared', ['votes'], 1);
@@ -187,13 +187,13 @@ describe('browser package against the real server', () => {
       await db.update('shared', (d) => void (d.byA = 1));
       await db.put('onlyA', { v: 'a' });
       await db.increment('shared', ['votes'], 2);
-      await db.update('note', (d) => void (d.title = 'buy oat milk'), { text: ['title'] });
+      await db.update('note', (d) => void (d.title = 'buy oat milk'));
     });
     await pb.evaluate(async () => {
       await db.update('shared', (d) => void (d.byB = 2));
       await db.put('onlyB', { v: 'b' });
       await db.increment('shared', ['votes'], 3);
-      await db.update('note', (d) => void (d.title = 'buy milk today'), { text: ['title'] });
+      await db.update('note', (d) => void (d.title = 'buy milk today'));
     });
     assert.equal(await pa.evaluate(() => db.pending), 4);
 

@@ -146,6 +146,32 @@ describe('the npm package in Node: exit, close, refusals', () => {
     }
   });
 
+  it('two offline edits of one string merge (strings are text); atomic keys keep one whole value', T, async () => {
+    const a = await Syncline.connect(server.url, { storage: 'memory', WebSocket });
+    const b = await Syncline.connect(server.url, { storage: 'memory', WebSocket });
+    try {
+      const [da, dbb] = [await a.open('node-strings'), await b.open('node-strings')];
+      await da.put('t', { title: 'buy milk', status: 'todo' }, { atomic: ['status'] });
+      await da.whenSynced();
+      await until((cb) => dbb.subscribe(cb), () => dbb.get('t')?.title, 'buy milk');
+      a.goOffline();
+      b.goOffline();
+      await da.put('t', { title: 'buy oat milk', status: 'done' }, { atomic: ['status'] });
+      await dbb.update('t', (d) => ({ ...d, title: 'buy milk today', status: 'doing' }), { atomic: ['status'] });
+      a.goOnline();
+      b.goOnline();
+      await Promise.all([da.whenSynced(), dbb.whenSynced()]);
+      const merged = (db) => until((cb) => db.subscribe(cb), () => db.get('t')?.title, 'buy oat milk today');
+      await Promise.all([merged(da), merged(dbb)]);
+      const status = da.get('t').status;
+      assert.ok(status === 'done' || status === 'doing', status);
+      await until((cb) => dbb.subscribe(cb), () => dbb.get('t')?.status, status);
+    } finally {
+      await a.close();
+      await b.close();
+    }
+  });
+
   it('a refused token leaves the client refused (not connecting), with the reason', T, async () => {
     const token = await hs256({ sub: 'x', grants: [{ db: 'org-*', rights: 'read' }] }, 'a-different-secret-0123456789abcdef-0123');
     const c = await Syncline.connect(server.url, { storage: 'memory', WebSocket, token });

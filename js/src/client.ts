@@ -58,10 +58,14 @@ export interface ConnectOptions {
 /** Options of `put` and `update`. */
 export interface WriteOptions {
   /**
-   * Top-level keys whose strings are collaborative text: concurrent edits
-   * of the same string merge character by character (a diff is recorded)
-   * instead of one whole value winning.
+   * Keys whose strings are values replaced whole (ids, enums such as a
+   * status, timestamps, long opaque strings), at any depth: concurrent
+   * writes of one of them keep one value. Every other string is
+   * collaborative text: concurrent edits merge character by character, so
+   * no one's typing is lost.
    */
+  atomic?: string[];
+  /** @deprecated Strings are collaborative text by default; this changes nothing. */
   text?: string[];
 }
 
@@ -399,7 +403,7 @@ export class SynclineDb {
     } catch (e) {
       return Promise.reject(e);
     }
-    return this.#wasm.put(this.name, id, value, options?.text) as Promise<boolean>;
+    return this.#wasm.put(this.name, id, value, options?.atomic) as Promise<boolean>;
   }
 
   /** Change a document through a draft: mutate it, or return a new value. */

@@ -14,14 +14,14 @@
  */
 
 import { useCallback, useMemo, useSyncExternalStore } from 'react';
-import type { DbStatus, Doc, Peer, Presence, SynclineDb } from './client.js';
+import type { DbStatus, Doc, Peer, Presence, SynclineDb, WriteOptions } from './client.js';
 
 /** Writes to the document of {@link useDoc}. */
 export interface DocActions<T extends object> {
   /** `db.put` for this document. */
-  put(value: T): Promise<boolean>;
+  put(value: T, options?: WriteOptions): Promise<boolean>;
   /** `db.update` for this document. */
-  update(fn: (draft: T) => T | void): Promise<boolean>;
+  update(fn: (draft: T) => T | void, options?: WriteOptions): Promise<boolean>;
   /** `db.delete` for this document. */
   remove(): Promise<boolean>;
 }
@@ -46,8 +46,8 @@ export function useDoc<T extends object = Doc>(db: SynclineDb, id: string): [T |
   const doc = useSyncExternalStore(subscribe, get, get);
   const actions = useMemo<DocActions<T>>(
     () => ({
-      put: (value) => db.put(id, value),
-      update: (fn) => db.update<T>(id, fn),
+      put: (value, options) => db.put(id, value, options),
+      update: (fn, options) => db.update<T>(id, fn, options),
       remove: () => db.delete(id),
     }),
     [db, id],

@@ -44,9 +44,11 @@ export interface SynclineMiddlewareOptions {
   /** Called when a write fails (default: `console.error`). */
   onError?: (error: unknown, info: { id: string; op: 'put' | 'delete' }) => void;
   /**
-   * Top-level keys of each document that hold collaborative text (e.g.
-   * `['title']`): concurrent edits of them merge instead of one winning.
+   * Keys whose strings are values replaced whole (e.g. `['status']`); every
+   * other string is collaborative text (see `WriteOptions.atomic`).
    */
+  atomic?: string[];
+  /** @deprecated Strings are collaborative text by default; this changes nothing. */
   text?: string[];
 }
 
@@ -107,7 +109,7 @@ export function synclineMiddleware(db: SynclineDb, options: SynclineMiddlewareOp
         const doc = getOwn(current, id);
         if (doc === getOwn(previous, id)) continue;
         if (doc == null) write('delete', id, () => db.delete(id));
-        else write('put', id, () => db.put(id, doc, { text: options.text }));
+        else write('put', id, () => db.put(id, doc, { atomic: options.atomic }));
       }
     };
 

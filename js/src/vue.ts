@@ -31,6 +31,8 @@ import { deepEqual } from './equal.js';
 export interface UseDocOptions {
   /** Called when writing a mutation back fails (default: `console.error`). */
   onError?: (error: unknown) => void;
+  /** Keys whose strings are values replaced whole (see `WriteOptions.atomic`). */
+  atomic?: string[];
 }
 
 /** What {@link useDoc} returns. */
@@ -88,7 +90,7 @@ export function useDoc<T extends object = Doc>(
     const local = plain(doc.value);
     if (deepEqual(local, db.get(current))) return;
     try {
-      (local === undefined ? db.delete(current) : db.put(current, local)).catch(onError);
+      (local === undefined ? db.delete(current) : db.put(current, local, { atomic: options.atomic })).catch(onError);
     } catch (e) {
       onError(e);
     }
@@ -117,7 +119,7 @@ export function useDoc<T extends object = Doc>(
 
   return {
     doc,
-    put: (value) => db.put(toValue(id), plain(value)),
+    put: (value) => db.put(toValue(id), plain(value), { atomic: options.atomic }),
     update: (fn) => db.update<T>(toValue(id), fn),
     remove: () => db.delete(toValue(id)),
   };

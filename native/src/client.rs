@@ -123,7 +123,8 @@ impl Local {
 
 enum Cmd {
     Open(DbName, Reply<()>),
-    Update(DbName, DocId, Json, Reply<bool>),
+    /// The value, and the keys whose strings are atomic values.
+    Update(DbName, DocId, Json, Vec<String>, Reply<bool>),
     Delete(DbName, DocId, Reply<bool>),
     Presence(DbName, Vec<u8>, Reply<()>),
     Status(oneshot::Sender<Status>),
@@ -415,9 +416,25 @@ impl SyncClient {
         self.read(db, |d| d.get(doc))
     }
 
-    /// Make a document equal `value` (minimal changes). Durable locally on return.
+    /// Make a document equal `value` (minimal changes). Durable locally on
+    /// return. Strings are collaborative text: concurrent edits of one
+    /// merge character by character ([`SyncClient::put_with`] for values).
     pub async fn put(&self, db: &DbName, doc: &DocId, value: Json) -> Result<bool, ClientError> {
-        self.call(|r| Cmd::Update(db.clone(), doc.clone(), value, r))
+        self.put_with(db, doc, value, &[]).await
+    }
+
+    /// [`SyncClient::put`] where strings under the keys in `atomic` (at any
+    /// depth) are values replaced whole: ids, enums, timestamps, where a
+    /// character merge of concurrent writes would make nonsense.
+    pub async fn put_with(
+        &self,
+        db: &DbName,
+        doc: &DocId,
+        value: Json,
+        atomic: &[&str],
+    ) -> Result<bool, ClientError> {
+        let atomic = atomic.iter().map(|k| (*k).to_owned()).collect();
+        self.call(|r| Cmd::Update(db.clone(), doc.clone(), value, atomic, r))
             .await
     }
 
@@ -847,8 +864,9 @@ impl Driver {
                 }
                 let _ = reply.send(Ok(()));
             }
-            Cmd::Update(db, doc, value, reply) => {
-                let r = self.client().update(&db, &doc, &value);
+            Cmd::Update(db, doc, value, atomic, reply) => {
+                let strings = syncline_core::Strings::Text { atomic: &atomic };
+                let r = self.client().update_with(&db, &doc, &value, strings);
                 self.local_write(r, reply).await;
             }
             Cmd::Delete(db, doc, reply) => {

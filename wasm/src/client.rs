@@ -23,7 +23,7 @@ use syncline_core::protocol::ErrorCode;
 use syncline_core::sync::{
     CATCH_UP_IDLE_MS, CATCH_UP_STEP, Client, ClientConfig, ClientEvent, ClientOutput, Status,
 };
-use syncline_core::{Batch, DbName, DocId, DocView, MemoryStore, PathSeg, ReplicaId};
+use syncline_core::{Batch, DbName, DocId, DocView, MemoryStore, PathSeg, ReplicaId, Strings};
 use wasm_bindgen::prelude::*;
 
 use crate::error::{WasmError, js_error};
@@ -945,16 +945,18 @@ impl WasmClient {
 
     /// Make a document equal `value` with the fewest changes. Resolves to
     /// whether anything changed once the change is durable locally.
-    /// `text`: root keys whose strings are collaborative text.
-    pub fn put(&self, db: &str, id: &str, value: JsValue, text: Option<Vec<String>>) -> Promise {
+    /// Strings are collaborative text, except under the keys in `atomic`
+    /// (values replaced whole).
+    pub fn put(&self, db: &str, id: &str, value: JsValue, atomic: Option<Vec<String>>) -> Promise {
         // Converted before any borrow: a hostile value (deep, cyclic) fails
         // here without leaving the client borrowed.
         let value = match json(value) {
             Ok(v) => v,
             Err(e) => return Promise::reject(&e.into()),
         };
+        let atomic = atomic.unwrap_or_default();
         self.local_write(db, id, |c, db, id| {
-            Ok(c.update_with_text(db, id, &value, &text.unwrap_or_default())?)
+            Ok(c.update_with(db, id, &value, Strings::Text { atomic: &atomic })?)
         })
     }
 

@@ -470,7 +470,7 @@ impl Client {
         self.local(db, doc, |d| d.update(doc, value))
     }
 
-    /// [`Client::update`] with root keys holding collaborative text.
+    /// [`Client::update`] with only root keys holding collaborative text.
     pub fn update_with_text(
         &mut self,
         db: &DbName,
@@ -479,6 +479,17 @@ impl Client {
         text_keys: &[String],
     ) -> Result<bool, ClientError> {
         self.local(db, doc, |d| d.update_with_text(doc, value, text_keys))
+    }
+
+    /// [`Client::update`] saying which strings are text (see [`crate::Strings`]).
+    pub fn update_with(
+        &mut self,
+        db: &DbName,
+        doc: &DocId,
+        value: &Json,
+        strings: crate::Strings<'_>,
+    ) -> Result<bool, ClientError> {
+        self.local(db, doc, |d| d.update_with(doc, value, strings))
     }
 
     /// Delete a document.
