@@ -281,7 +281,10 @@ describe('browser package against the real server', () => {
     await until(pa, () => window.errors.includes('Unauthorized'));
     const code = await pa.evaluate(() => db.whenSynced().then(() => 'synced', (e) => e.code));
     assert.equal(code, 'Unauthorized');
-    assert.equal(await pa.evaluate(() => client.status), 'offline');
+    // Refused, not merely offline: reconnecting cannot help (issue 31).
+    assert.equal(await pa.evaluate(() => client.status), 'refused');
+    assert.equal(await pa.evaluate(() => db.status), 'refused');
+    assert.equal(await pa.evaluate(() => client.refusal?.code), 'Unauthorized');
     assert.equal(await pa.evaluate(() => db.put('local', { ok: 1 })), true);
 
     // A minted token for another database is refused for this one.
@@ -292,6 +295,7 @@ describe('browser package against the real server', () => {
     await until(pb, () => window.errors.includes('Forbidden'));
     const codeB = await pb.evaluate(() => db.whenSynced().then(() => 'synced', (e) => e.code));
     assert.equal(codeB, 'Forbidden');
+    assert.deepEqual(await pb.evaluate(() => [client.status, db.status, db.refusal?.code]), ['online', 'refused', 'Forbidden']);
 
     // A good token syncs.
     const good = await s.cli(['token', '--secret', secret, '--db', 'e2e-*', '--rights', 'write']);
