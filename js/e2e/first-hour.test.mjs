@@ -5,9 +5,11 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { after, before, describe, it } from 'node:test';
+import { configureStore } from '@reduxjs/toolkit';
 import { SignJWT } from 'jose';
 import WebSocket from 'ws';
 import { Syncline } from '../dist/node.js';
+import { synclineMiddleware, synclineReducer, synclineStatusReducer } from '../dist/redux.js';
 import { Server } from './harness.mjs';
 
 const T = { timeout: 60_000 };
@@ -124,6 +126,26 @@ describe('the npm package in Node: exit, close, refusals', () => {
       await assert.rejects(db.whenSynced(), (e) => e.code === 'Forbidden');
       assert.equal(db.status, 'refused');
       assert.deepEqual(db.get('doc'), { by: 'reader' });
+    } finally {
+      await c.close();
+    }
+  });
+
+  it('the Redux status of a database the token may not write reads refused', T, async () => {
+    const token = await hs256({ sub: 'reader', grants: [{ db: 'org-*', rights: 'read' }] });
+    const c = await Syncline.connect(server.url, { storage: 'memory', WebSocket, token });
+    try {
+      const db = await c.open('org-redux');
+      const add = (state = {}, action) => (action.type === 'add' ? { ...state, [action.id]: { v: 1 } } : state);
+      const store = configureStore({
+        reducer: { docs: synclineReducer('docs', add), status: synclineStatusReducer('docs') },
+        middleware: (defaults) => defaults().concat(synclineMiddleware(db, { slice: 'docs', onError: () => {} })),
+      });
+      await db.whenSynced();
+      await until((cb) => store.subscribe(cb), () => store.getState().status, 'synced');
+      store.dispatch({ type: 'add', id: 'x' });
+      await until((cb) => store.subscribe(cb), () => store.getState().status, 'refused');
+      assert.equal(db.refusal?.code, 'Forbidden');
     } finally {
       await c.close();
     }

@@ -21,12 +21,21 @@
  */
 
 import type { Action, Middleware, Reducer } from 'redux';
-import type { Doc, SynclineDb } from './client.js';
+import type { DbStatus, Doc, SynclineDb } from './client.js';
 import { deepEqual } from './equal.js';
 import { getOwn, setOwn } from './own.js';
 
 /** The type of the action the middleware dispatches when the database changes. */
 export const SYNCLINE_CHANGED = 'syncline/changed';
+
+/** The type of the action the middleware dispatches when the database's status changes. */
+export const SYNCLINE_STATUS = 'syncline/status';
+
+/** The database's status changed (see `SynclineDb.status`). */
+export type SynclineStatusAction = {
+  type: typeof SYNCLINE_STATUS;
+  payload: { slice: string; status: DbStatus };
+};
 
 /** A mirrored slice: documents by id. */
 export type DocsState<D extends object = Doc> = Record<string, D>;
@@ -133,6 +142,9 @@ export function synclineMiddleware(db: SynclineDb, options: SynclineMiddlewareOp
       db.subscribe((e) => pull(e.ids));
       pull(new Set([...db.list(), ...Object.keys(read())]));
       last = read();
+      const status = (s: DbStatus): SynclineStatusAction => ({ type: SYNCLINE_STATUS, payload: { slice, status: s } });
+      db.onStatus((s) => dispatch(status(s)));
+      dispatch(status(db.status));
     };
     // Dispatching is not allowed while the store is being built.
     queueMicrotask(start);
@@ -141,7 +153,7 @@ export function synclineMiddleware(db: SynclineDb, options: SynclineMiddlewareOp
       start();
       const result = next(action);
       if (isSynclineChanged(action, slice)) last = read();
-      else push();
+      else if ((action as Partial<SynclineStatusAction>)?.type !== SYNCLINE_STATUS) push();
       return result;
     };
   };
@@ -171,4 +183,18 @@ export function synclineReducer<R extends Reducer<any, any, any> = Reducer<DocsS
     return reducer ? reducer(state, action) : (state ?? {});
   };
   return wrapped as R;
+}
+
+/**
+ * A reducer of the mirrored database's status for `slice` (`offline`,
+ * `connecting`, `online`, `synced`, `refused`; `connecting` until the
+ * middleware reports), for a sync badge: `reducer: { todos:
+ * synclineReducer('todos', …), todosStatus: synclineStatusReducer('todos') }`.
+ * Why a database is refused: `db.refusal`.
+ */
+export function synclineStatusReducer(slice: string): Reducer<DbStatus> {
+  return (state = 'connecting', action) => {
+    const a = action as Partial<SynclineStatusAction>;
+    return a.type === SYNCLINE_STATUS && a.payload?.slice === slice ? a.payload.status : state;
+  };
 }

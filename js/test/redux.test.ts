@@ -3,9 +3,11 @@ import { describe, expect, it } from 'vitest';
 import { Syncline, type Doc, type SynclineDb } from '../src/node.js';
 import {
   SYNCLINE_CHANGED,
+  SYNCLINE_STATUS,
   synclineChanged,
   synclineMiddleware,
   synclineReducer,
+  synclineStatusReducer,
   type DocsState,
 } from '../src/redux.js';
 
@@ -60,8 +62,9 @@ function countWrites(db: SynclineDb) {
 
 function makeStore(db: SynclineDb, extra: { onError?: (e: unknown) => void; preloaded?: DocsState<Todo> } = {}) {
   const actions: UnknownAction[] = [];
+  // The status reports are left out (tested on their own).
   const record: Middleware = () => (next) => (action) => {
-    actions.push(action as UnknownAction);
+    if ((action as UnknownAction).type !== SYNCLINE_STATUS) actions.push(action as UnknownAction);
     return next(action);
   };
   const store = createStore(
@@ -186,6 +189,23 @@ describe('redux binding', () => {
     const { store } = makeStore(db, { onError });
     store.dispatch({ type: 'todos/add', id: '', title: 'no id' });
     expect(await failed).toMatchObject({ name: 'SynclineError', code: 'InvalidDocumentId' });
+    await client.close();
+  });
+
+  it("reports the database's status to synclineStatusReducer, without writing", async () => {
+    const { client, db } = await openDb();
+    const store = createStore(
+      combineReducers({ todos: synclineReducer('todos', todos), status: synclineStatusReducer('todos') }),
+      applyMiddleware(synclineMiddleware(db, { slice: 'todos' })),
+    );
+    expect(store.getState().status).toBe('connecting');
+    await nextNotification(store);
+    // No server: the database is offline, and nothing was written for it.
+    expect(store.getState().status).toBe('offline');
+    expect(db.list()).toEqual([]);
+    // Another slice's report is not this one's.
+    store.dispatch({ type: SYNCLINE_STATUS, payload: { slice: 'other', status: 'refused' } });
+    expect(store.getState().status).toBe('offline');
     await client.close();
   });
 
