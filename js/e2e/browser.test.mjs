@@ -323,6 +323,49 @@ describe('browser package against the real server', () => {
     assert.deepEqual((await t3.evaluate(() => db.list())).sort(), ['from1', 'from2']);
   });
 
+  it('two tabs see each other\'s changes with the server down, and both sync when it returns', T, async () => {
+    const s = await server();
+    const url = s.url;
+    await s.stop(); // down from the start: nothing can come through it
+    const a = await user();
+    const t1 = await a.page(web.url);
+    const r1 = await connect(t1, url, { db: 'e2e-tabs-offline' });
+    // Written before the second tab opens: it asks for it.
+    await t1.evaluate(() => db.put('early', { by: 1 }));
+    const t2 = await a.page(web.url);
+    const r2 = await connect(t2, url, { db: 'e2e-tabs-offline' });
+    assert.notEqual(r1, r2, 'separate replicas');
+    await until(t2, () => db.get('early')?.by === 1);
+    // Live, both ways: two edits of one string at once keep both, whether
+    // or not a tab saw the other's first (each edits what it shows).
+    await t2.evaluate(() => db.put('note', { title: 'buy milk' }));
+    await until(t1, () => db.get('note')?.title === 'buy milk');
+    await Promise.all([
+      t1.evaluate(() => db.update('note', (d) => void (d.title = d.title.replace('milk', 'oat milk')))),
+      t2.evaluate(() => db.update('note', (d) => void (d.title = `${d.title} today`))),
+    ]);
+    for (const t of [t1, t2]) await until(t, () => db.get('note')?.title === 'buy oat milk today');
+    for (const t of [t1, t2]) assert.notEqual(await t.evaluate(() => client.status), 'online');
+    // The other tab's changes are stored: a reload shows them with no server.
+    await t2.reload();
+    await t2.waitForFunction(() => window.ready === true);
+    assert.equal(await connect(t2, url, { db: 'e2e-tabs-offline' }), r2);
+    assert.equal(await t2.evaluate(() => db.get('early')?.by), 1);
+    // The server returns: each tab pushes its own changes, and a new
+    // profile gets everything from the server alone.
+    await s.start();
+    for (const t of [t1, t2]) await until(t, synced);
+    const b = await user();
+    const other = await b.page(web.url);
+    await connect(other, url, { db: 'e2e-tabs-offline' });
+    await until(other, synced);
+    assert.deepEqual(
+      await other.evaluate(() => [db.get('early')?.by, db.get('note')?.title]),
+      [1, 'buy oat milk today'],
+    );
+    for (const t of [t1, t2, other]) assert.deepEqual(await t.evaluate(() => window.errors.filter((e) => e !== 'NoServer')), []);
+  });
+
   it('without Web Locks (an insecure origin), a duplicated tab still gets a replica of its own', T, async () => {
     const s = await server();
     const a = await user();

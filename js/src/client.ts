@@ -93,7 +93,11 @@ type WasmEvent =
   | { type: 'acked'; db: string; counter: number }
   | { type: 'synced'; db: string }
   | { type: 'presence'; db: string }
-  | { type: 'error'; db: string | null; code: string; message: string };
+  | { type: 'error'; db: string | null; code: string; message: string }
+  | { type: 'tabEntries'; db: string; bytes: Uint8Array };
+
+/** What tabs of one app send each other (see `Syncline.connect`). */
+type TabMessage = { kind: 'entries' | 'ask'; db: string; bytes: Uint8Array };
 
 /**
  * Call every listener; one that throws neither stops the others nor the
@@ -178,10 +182,14 @@ export class Syncline {
   #errorListeners = new Set<(e: SynclineError) => void>();
   #closed = false;
   #onOnline = () => this.#wasm.reconnectNow();
+  /** The other tabs of this app and replica namespace (IndexedDB storage only). */
+  #tabs: BroadcastChannel | null;
 
-  private constructor(wasm: WasmClient, slot: Slot) {
+  private constructor(wasm: WasmClient, slot: Slot, tabs: BroadcastChannel | null) {
     this.#wasm = wasm;
     this.#slot = slot;
+    this.#tabs = tabs;
+    if (tabs) tabs.onmessage = (e: MessageEvent<TabMessage>) => this.#fromTab(e.data);
     globalThis.addEventListener?.('online', this.#onOnline);
     // Another tab took this replica (possible only without Web Locks):
     // writing on would corrupt its log, so stop, loudly.
@@ -216,6 +224,10 @@ export class Syncline {
     const storage = options.storage ?? (hasIdb ? 'indexeddb' : 'memory');
     const name = options.name ?? 'default';
     const slot = storage === 'indexeddb' ? await acquireSlot(name) : { index: 0, release() {} };
+    // Tabs of this app (same origin and name, each its own replica) hand
+    // each other their changes directly, so they agree with no server.
+    const tabs =
+      storage === 'indexeddb' && typeof BroadcastChannel === 'function' ? new BroadcastChannel(`syncline:${name}`) : null;
     let client: Syncline | null = null;
     const pending: WasmEvent[] = [];
     try {
@@ -227,11 +239,13 @@ export class Syncline {
           idbName: `syncline:${name}:${slot.index}`,
           maxBackoffMs: options.maxBackoffMs,
           WebSocket: options.WebSocket,
+          shareTabs: tabs !== null,
         },
         (e: WasmEvent) => (client ? client.#event(e) : pending.push(e)),
       );
-      client = new Syncline(wasm, slot);
+      client = new Syncline(wasm, slot, tabs);
     } catch (e) {
+      tabs?.close();
       slot.release();
       throw e;
     }
@@ -276,6 +290,8 @@ export class Syncline {
     if (!db) {
       db = new SynclineDb(this.#wasm, name, this);
       this.#dbs.set(name, db);
+      // What the other tabs wrote while this one did not hold the database.
+      this.#toTabs({ kind: 'ask', db: name, bytes: this.#wasm.tabAsk(name) });
     }
     return db;
   }
@@ -298,10 +314,35 @@ export class Syncline {
     if (this.#closed) return;
     this.#closed = true;
     globalThis.removeEventListener?.('online', this.#onOnline);
+    this.#tabs?.close();
+    this.#tabs = null;
     try {
       await this.#wasm.close();
     } finally {
       this.#slot.release();
+    }
+  }
+
+  #toTabs(m: TabMessage): void {
+    try {
+      this.#tabs?.postMessage(m);
+    } catch (e) {
+      emit(this.#errorListeners, synclineError('StorageFailed', `could not reach the other tabs: ${String(e)}`));
+    }
+  }
+
+  /** A message from another tab: applied or answered when it concerns an open database. */
+  #fromTab(m: TabMessage): void {
+    if (this.#closed || !m || typeof m.db !== 'string' || !(m.bytes instanceof Uint8Array)) return;
+    if (!this.#dbs.has(m.db)) return; // asked again when it opens
+    try {
+      if (m.kind === 'entries') this.#wasm.tabApply(m.db, m.bytes);
+      else if (m.kind === 'ask') {
+        const answer = this.#wasm.tabAnswer(m.db, m.bytes) as Uint8Array | undefined;
+        if (answer) this.#toTabs({ kind: 'entries', db: m.db, bytes: answer });
+      }
+    } catch (e) {
+      emit(this.#errorListeners, isSynclineError(e) ? e : synclineError('Internal', String(e), m.db));
     }
   }
 
@@ -323,6 +364,9 @@ export class Syncline {
         break;
       case 'presence':
         this.#dbs.get(e.db)?.presence._changed();
+        break;
+      case 'tabEntries':
+        this.#toTabs({ kind: 'entries', db: e.db, bytes: e.bytes });
         break;
       case 'error': {
         const err = synclineError(e.code as SynclineError['code'], e.message, e.db ?? undefined);

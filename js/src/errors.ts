@@ -34,6 +34,7 @@ export type SynclineErrorCode =
   | 'ProtocolViolation'
   | 'Internal'
   | 'ShuttingDown'
+  | 'MissingDependency'
   | 'Unknown';
 
 /** An error raised by Syncline. */

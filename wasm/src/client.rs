@@ -59,6 +59,9 @@ struct Options {
     idb_name: Option<String>,
     /// Longest wait between reconnection attempts.
     max_backoff_ms: Option<u32>,
+    /// Announce this replica's durable entries to the other tabs
+    /// (`tabEntries` events; see [`crate::tabs`]).
+    share_tabs: bool,
 }
 
 /// What JS receives in its event callback.
@@ -135,8 +138,8 @@ fn settle(r: &Resolvers, result: Result<JsValue, JsValue>) {
 /// documents it touches).
 type Queued = (DbName, u64, Batch, Vec<DocView>);
 
-struct Driver {
-    client: Client,
+pub(crate) struct Driver {
+    pub(crate) client: Client,
     /// The replica's key: every connection's `Hello` proves it.
     signer: Rc<Signer>,
     store: BrowserStore,
@@ -183,10 +186,12 @@ struct Driver {
     closed: bool,
     /// `goOffline()` was called: stay disconnected until `goOnline()`.
     paused: bool,
+    /// Announce own durable entries to the other tabs.
+    share_tabs: bool,
     events: Vec<JsValue>,
 }
 
-type Shared = Rc<RefCell<Driver>>;
+pub(crate) type Shared = Rc<RefCell<Driver>>;
 
 impl std::fmt::Debug for WasmClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -200,7 +205,7 @@ impl std::fmt::Debug for WasmClient {
 /// async ones reject with a `SynclineError` (`err.code`), sync ones throw one.
 #[wasm_bindgen]
 pub struct WasmClient {
-    shared: Shared,
+    pub(crate) shared: Shared,
     replica: ReplicaId,
 }
 
@@ -287,6 +292,7 @@ pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmC
         inbox: Vec::new(),
         closed: false,
         paused: false,
+        share_tabs: options.share_tabs,
         events: Vec::new(),
     };
     let shared = Rc::new(RefCell::new(driver));
@@ -295,7 +301,7 @@ pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmC
 }
 
 /// Run `f` on the driver, carry out the outputs, then tell JS.
-fn run<R>(shared: &Shared, f: impl FnOnce(&mut Driver) -> R) -> R {
+pub(crate) fn run<R>(shared: &Shared, f: impl FnOnce(&mut Driver) -> R) -> R {
     let r = {
         let mut d = shared.borrow_mut();
         let r = f(&mut d);
@@ -723,6 +729,16 @@ fn kick_writer(shared: &Shared) {
                     for (db, seq, _, _) in &items {
                         d.client.persisted(db, *seq);
                     }
+                    if d.share_tabs {
+                        // Durable now: the other tabs may hold them.
+                        let me = d.client.replica();
+                        for (db, _, batch, _) in &items {
+                            let own = batch.entries.iter().filter(|e| e.dot.replica == me);
+                            if let Some(e) = crate::tabs::announcement(db, own.cloned().collect()) {
+                                d.events.push(e);
+                            }
+                        }
+                    }
                     let done = d.take_write_waiters(&items);
                     for (_, _, r) in done {
                         settle(&r, Ok(JsValue::TRUE));
@@ -763,7 +779,7 @@ fn kick_writer(shared: &Shared) {
     });
 }
 
-fn db_name(name: &str) -> Result<DbName, WasmError> {
+pub(crate) fn db_name(name: &str) -> Result<DbName, WasmError> {
     Ok(DbName::new(name)?)
 }
 
@@ -842,7 +858,7 @@ impl WasmClient {
         Ok(e.map_or(JsValue::UNDEFINED, |e| js_error(e.code(), &e.to_string())))
     }
 
-    fn check_open(&self) -> Result<(), WasmError> {
+    pub(crate) fn check_open(&self) -> Result<(), WasmError> {
         if self.shared.borrow().closed {
             Err(WasmError::Closed)
         } else {

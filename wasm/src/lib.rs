@@ -15,6 +15,7 @@ pub mod error;
 pub mod identity;
 pub mod socket;
 pub mod store;
+pub mod tabs;
 
 /// Talc instead of the default dlmalloc: malloc in a churned dlmalloc heap
 /// was the largest single cost of syncing 1,000 documents (BENCHMARKS.md).

@@ -29,6 +29,10 @@ pub enum ErrorCode {
     Internal,
     /// The server is shutting down.
     ShuttingDown,
+    /// A pushed change builds on changes of another replica that the server
+    /// does not hold yet (another tab's, not yet pushed): nothing of the
+    /// push was stored; push it again once the server has them.
+    MissingDependency,
     /// A code this build does not know.
     Unknown(u16),
 }
@@ -49,6 +53,7 @@ impl ErrorCode {
             ErrorCode::ProtocolViolation => 10,
             ErrorCode::Internal => 11,
             ErrorCode::ShuttingDown => 12,
+            ErrorCode::MissingDependency => 13,
             ErrorCode::Unknown(n) => n,
         }
     }
@@ -68,6 +73,7 @@ impl ErrorCode {
             10 => ErrorCode::ProtocolViolation,
             11 => ErrorCode::Internal,
             12 => ErrorCode::ShuttingDown,
+            13 => ErrorCode::MissingDependency,
             n => ErrorCode::Unknown(n),
         }
     }
@@ -87,6 +93,7 @@ impl ErrorCode {
             ErrorCode::ProtocolViolation => "ProtocolViolation",
             ErrorCode::Internal => "Internal",
             ErrorCode::ShuttingDown => "ShuttingDown",
+            ErrorCode::MissingDependency => "MissingDependency",
             ErrorCode::Unknown(_) => "Unknown",
         }
     }

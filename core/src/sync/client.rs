@@ -6,6 +6,8 @@
 //! Pushing only durable entries means a crash can never make a replica reuse
 //! a counter the server has already seen.
 
+mod tabs;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use automerge::TextEncoding;
@@ -229,6 +231,11 @@ struct ClientDb {
     /// held something we still lacked. Asking again without having gained
     /// anything (an entry we cannot apply) would loop; we stop and report.
     resubscribed_at: Option<VersionVector>,
+    /// The server refused our pushes as building on another replica's
+    /// changes it lacks (`MissingDependency`: another tab's, not pushed
+    /// yet); they go again once the server relays new entries of others,
+    /// or on the next connection.
+    awaiting_others: bool,
 }
 
 /// Default of [`ClientConfig::view_refresh_entries`]: entries persisted
@@ -397,6 +404,7 @@ impl Client {
                 reply_seq: 0,
                 persisted_seq: 0,
                 resubscribed_at: None,
+                awaiting_others: false,
             },
         );
         if self.status != Status::Offline {
@@ -885,6 +893,7 @@ impl Client {
         let Some(c) = self.dbs.get_mut(name) else {
             return;
         };
+        c.awaiting_others = false;
         c.sync = Sync::Awaiting {
             req,
             parts: BTreeSet::new(),
@@ -910,6 +919,8 @@ impl Client {
 
     fn delta(&mut self, d: Delta) {
         let name = d.db.clone();
+        let me = self.replica;
+        let relays_others = d.entries.iter().any(|e| e.dot.replica != me);
         let final_part = d.last;
         let Some(c) = self.dbs.get_mut(&name) else {
             return;
@@ -957,6 +968,11 @@ impl Client {
             }
         };
         let server_vv = d.vv;
+        if relays_others {
+            // The server holds more of others now (perhaps what we already
+            // had from another tab): what it refused may go.
+            c.awaiting_others = false;
+        }
         let mut resubscribe = false;
         let reply_done = complete.is_some();
         if let Some((base, snapshots, vv)) = complete {
@@ -1070,6 +1086,9 @@ impl Client {
         let Sync::Live { pushed } = &mut c.sync else {
             return;
         };
+        if c.awaiting_others {
+            return;
+        }
         let from = (*pushed).max(c.acked) + 1;
         if from > c.local_durable || c.too_large == Some(from) {
             // Nothing new, or stuck behind a change no frame can carry.
@@ -1156,6 +1175,17 @@ impl Client {
             // The server lost track of our stream: start over from our vector.
             let db = db.clone();
             self.send_subscribe(&db);
+            return;
+        }
+        if code == ErrorCode::MissingDependency
+            && let Some(db) = &e.db
+            && let Some(c) = self.dbs.get_mut(db)
+            && let Sync::Live { pushed } = &mut c.sync
+        {
+            // Not an error of ours to report: another tab's changes we built
+            // on reach the server when that tab pushes them, and then ours go.
+            *pushed = c.acked;
+            c.awaiting_others = true;
             return;
         }
         if matches!(code, ErrorCode::Internal | ErrorCode::TooLarge)

@@ -355,6 +355,21 @@ impl Validated {
     }
 }
 
+/// Why [`ValidateJob::check_actors`] refuses a change that names an author
+/// the document has no change of: it may be another tab's, not pushed yet.
+const UNKNOWN_AUTHOR: &str =
+    "the change builds on changes of another replica this server does not hold yet";
+
+/// The code a refused push gets: `MissingDependency` (push again later)
+/// when it only builds on changes the server does not hold yet.
+fn refusal_code(problem: &str) -> ErrorCode {
+    if problem == UNKNOWN_AUTHOR {
+        ErrorCode::MissingDependency
+    } else {
+        ErrorCode::InvalidChange
+    }
+}
+
 impl ValidateJob {
     /// automerge 0.12 registers a change's author only at its seq 1, and
     /// looks up every actor a change names (in preds, objects, keys) with
@@ -393,7 +408,7 @@ impl ValidateJob {
         *last_seq = Some(change.seq());
         for a in change.other_actor_ids() {
             if !bytes(a).is_some_and(|a| known.contains(&ReplicaId(a))) {
-                return Err("the change names an actor with no change to this document".into());
+                return Err(UNKNOWN_AUTHOR.into());
             }
         }
         known.extend(author);
@@ -1031,7 +1046,7 @@ impl<A: Authenticator> Server<A> {
         let waiting = p.waiting.take().unwrap_or_default();
         match v.result {
             Ok(()) => self.accept(peer, v.db, v.entries, v.seqs, v.gap),
-            Err(problem) => self.fail(peer, ErrorCode::InvalidChange, problem, Some(v.db)),
+            Err(problem) => self.fail(peer, refusal_code(&problem), problem, Some(v.db)),
         }
         self.release_creation(&db);
         for msg in waiting {
@@ -1872,7 +1887,7 @@ impl<A: Authenticator> Server<A> {
             let db = v.db.clone();
             match v.result {
                 Ok(()) => self.accept(peer, v.db, v.entries, v.seqs, v.gap),
-                Err(problem) => self.fail(peer, ErrorCode::InvalidChange, problem, Some(v.db)),
+                Err(problem) => self.fail(peer, refusal_code(&problem), problem, Some(v.db)),
             }
             self.release_creation(&db);
         }
