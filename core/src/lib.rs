@@ -92,6 +92,7 @@ pub mod ids;
 pub mod log;
 mod patch;
 pub mod protocol;
+pub mod record;
 pub mod store;
 pub mod sync;
 pub mod view;

@@ -40,8 +40,18 @@ export type DbStatus = ConnectionStatus | 'synced';
 export interface ConnectOptions {
   /** Token presented to the server (see `syncline token`). */
   token?: string;
-  /** `indexeddb` (browser default) or `memory` (Node default; nothing survives a reload). */
-  storage?: 'indexeddb' | 'memory';
+  /**
+   * `indexeddb` (browser default), `files` (Node, with `dir`: durable, as
+   * the native store) or `memory` (Node's default without `dir`; nothing
+   * survives a restart).
+   */
+  storage?: 'indexeddb' | 'files' | 'memory';
+  /**
+   * Node: the directory that holds this replica (`storage: 'files'`, the
+   * default when `dir` is given). Created if missing; one process at a time
+   * (a second is refused with `StorageBlocked`).
+   */
+  dir?: string;
   /** Namespace of the local replica (one per app and user, say); default `"default"`. */
   name?: string;
   /** Longest wait between reconnection attempts, in ms (default 10,000). */
@@ -143,6 +153,12 @@ function checkValue(value: unknown): void {
 
 let loader: (() => Promise<void>) | null = null;
 let loaded: Promise<void> | null = null;
+let openFiles: ((dir: string) => Promise<unknown>) | null = null;
+
+/** @internal The Node entry provides the file store's I/O. */
+export function setFileIo(open: (dir: string) => Promise<unknown>): void {
+  openFiles = open;
+}
 
 /** @internal The entry points (browser, Node) say how to load the wasm. */
 export function setWasmLoader(load: () => Promise<void>): void {
@@ -221,8 +237,16 @@ export class Syncline {
       );
     }
     const hasIdb = typeof (globalThis as { indexedDB?: unknown }).indexedDB !== 'undefined';
-    const storage = options.storage ?? (hasIdb ? 'indexeddb' : 'memory');
+    const storage = options.storage ?? (options.dir !== undefined ? 'files' : hasIdb ? 'indexeddb' : 'memory');
     const name = options.name ?? 'default';
+    let fileIo: unknown;
+    if (storage === 'files') {
+      if (!openFiles) throw synclineError('Unsupported', "storage 'files' is for Node (import 'syncline' there)");
+      if (typeof options.dir !== 'string' || options.dir === '') {
+        throw synclineError('InvalidOptions', "storage 'files' needs a dir (the replica's directory)");
+      }
+      fileIo = await openFiles(options.dir);
+    }
     const slot = storage === 'indexeddb' ? await acquireSlot(name) : { index: 0, release() {} };
     // Tabs of this app (same origin and name, each its own replica) hand
     // each other their changes directly, so they agree with no server.
@@ -240,6 +264,7 @@ export class Syncline {
           maxBackoffMs: options.maxBackoffMs,
           WebSocket: options.WebSocket,
           shareTabs: tabs !== null,
+          fileIo,
         },
         (e: WasmEvent) => (client ? client.#event(e) : pending.push(e)),
       );
@@ -247,6 +272,7 @@ export class Syncline {
     } catch (e) {
       tabs?.close();
       slot.release();
+      (fileIo as { close?: () => void } | undefined)?.close?.();
       throw e;
     }
     for (const e of pending) client.#event(e);

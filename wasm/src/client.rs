@@ -232,6 +232,14 @@ pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmC
             ));
         }
     };
+    // The file store's I/O object (Node), taken as it is, like the class.
+    let file_io = if options.is_object() {
+        js_sys::Reflect::get(&options, &JsValue::from_str("fileIo"))
+            .ok()
+            .filter(|v| v.is_object())
+    } else {
+        None
+    };
     let options: Options = if options.is_undefined() || options.is_null() {
         Options::default()
     } else {
@@ -244,10 +252,19 @@ pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmC
             BrowserStore::Idb(Rc::new(IdbStore::open(name).await?))
         }
         Some("memory") => BrowserStore::Memory(MemoryStore::new()),
+        Some("files") => match file_io {
+            Some(io) => BrowserStore::Files(Rc::new(crate::files::FileStore::new(io))),
+            None => {
+                return Err(js_error(
+                    "InvalidOptions",
+                    "storage \"files\" needs the file I/O object (fileIo)",
+                ));
+            }
+        },
         Some(other) => {
             return Err(js_error(
                 "InvalidOptions",
-                &format!("unknown storage {other:?}: use \"indexeddb\" or \"memory\""),
+                &format!("unknown storage {other:?}: use \"indexeddb\", \"files\" or \"memory\""),
             ));
         }
     };

@@ -4,6 +4,10 @@
 //! database. The replica id is derived from the public key, and every
 //! connection's `Hello` carries a fresh signature
 //! (`syncline_core::identity`).
+//!
+//! A file store (Node) keeps the key in `meta/replica-key` (mode 0600, as
+//! the native client does): the raw public key, then the private key as
+//! PKCS #8, exported once at creation and imported non-extractable.
 
 use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
 use syncline_core::ReplicaId;
@@ -83,6 +87,9 @@ impl Signer {
     /// The store's key pair, made on first use. Memory stores get a fresh
     /// one (their replica is new every time anyway).
     pub async fn load_or_create(store: &BrowserStore) -> Result<Signer, WasmError> {
+        if let BrowserStore::Files(files) = store {
+            return Self::from_file(files).await;
+        }
         let kept = store.get_meta_value(KEY_META).await?;
         let pair = match kept.filter(|v| v.is_object()) {
             Some(pair) => pair,
@@ -97,6 +104,47 @@ impl Signer {
         let private =
             Reflect::get(&pair, &"privateKey".into()).map_err(|e| unsupported("key", e))?;
         let public = public_key(&pair).await?;
+        Ok(Signer { private, public })
+    }
+
+    /// The key a file store keeps (made and written on first use).
+    async fn from_file(files: &crate::files::FileStore) -> Result<Signer, WasmError> {
+        let usages = || Array::of1(&"sign".into());
+        let kept = match files.get_meta(KEY_META).await? {
+            Some(kept) => kept,
+            None => {
+                // Extractable once, to be written; used as imported below.
+                let both = Array::of2(&"sign".into(), &"verify".into());
+                let pair = call("generateKey", &[ed25519(), JsValue::TRUE, both.into()]).await?;
+                let private =
+                    Reflect::get(&pair, &"privateKey".into()).map_err(|e| unsupported("key", e))?;
+                let pkcs8 = call("exportKey", &["pkcs8".into(), private]).await?;
+                let mut kept = public_key(&pair).await?.to_vec();
+                kept.extend(Uint8Array::new(&pkcs8).to_vec());
+                files.put_meta(KEY_META, &kept, true).await?;
+                kept
+            }
+        };
+        let bad = || {
+            WasmError::Store(crate::store::StoreError::Files(format!(
+                "meta/{KEY_META} does not hold a replica key"
+            )))
+        };
+        let (public, pkcs8) = kept.split_at_checked(32).ok_or_else(bad)?;
+        let public: [u8; 32] = public.try_into().map_err(|_| bad())?;
+        let pkcs8 = Uint8Array::from(pkcs8);
+        let private = call(
+            "importKey",
+            &[
+                "pkcs8".into(),
+                pkcs8.into(),
+                ed25519(),
+                JsValue::FALSE,
+                usages().into(),
+            ],
+        )
+        .await
+        .map_err(|_| bad())?;
         Ok(Signer { private, public })
     }
 

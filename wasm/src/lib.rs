@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod error;
+pub mod files;
 pub mod identity;
 pub mod socket;
 pub mod store;

@@ -66,6 +66,13 @@ pub enum StoreError {
     /// Any other IndexedDB failure (the transaction was rolled back).
     #[error("IndexedDB: {0}")]
     Idb(String),
+    /// A file operation failed (Node's file store; nothing of the write is
+    /// acknowledged).
+    #[error("file store: {0}")]
+    Files(String),
+    /// A log is damaged in its middle; it is left as it is.
+    #[error("{0}")]
+    Damaged(String),
 }
 
 impl StoreError {
@@ -75,8 +82,8 @@ impl StoreError {
             StoreError::QuotaExceeded(_) => "QuotaExceeded",
             StoreError::Blocked => "StorageBlocked",
             StoreError::Unavailable => "StorageUnavailable",
-            StoreError::Corrupt(_) => "StorageCorrupt",
-            StoreError::Idb(_) | StoreError::Encode(_) => "StorageFailed",
+            StoreError::Corrupt(_) | StoreError::Damaged(_) => "StorageCorrupt",
+            StoreError::Idb(_) | StoreError::Encode(_) | StoreError::Files(_) => "StorageFailed",
         }
     }
 }
@@ -482,6 +489,8 @@ pub enum BrowserStore {
     Idb(Rc<IdbStore>),
     /// Gone when the page goes.
     Memory(MemoryStore),
+    /// Files (Node): durable, in the native store's record format.
+    Files(Rc<crate::files::FileStore>),
 }
 
 impl BrowserStore {
@@ -490,6 +499,7 @@ impl BrowserStore {
         match self {
             BrowserStore::Idb(s) => s.load(db).await,
             BrowserStore::Memory(m) => Ok(m.load_now(db).unwrap_or_default()),
+            BrowserStore::Files(f) => f.load(db).await,
         }
     }
 
@@ -503,7 +513,7 @@ impl BrowserStore {
     pub async fn load_views(&self, db: &DbName) -> Result<Vec<DocView>, StoreError> {
         match self {
             BrowserStore::Idb(s) => s.load_views(db).await,
-            BrowserStore::Memory(_) => Ok(Vec::new()),
+            BrowserStore::Memory(_) | BrowserStore::Files(_) => Ok(Vec::new()),
         }
     }
 
@@ -518,6 +528,7 @@ impl BrowserStore {
                 }
                 Ok(())
             }
+            BrowserStore::Files(f) => f.write_many(writes).await,
         }
     }
 
@@ -529,6 +540,7 @@ impl BrowserStore {
                 .get_meta(key)
                 .await
                 .map_err(|e| StoreError::Idb(e.to_string())),
+            BrowserStore::Files(f) => f.get_meta(key).await,
         }
     }
 
@@ -540,6 +552,7 @@ impl BrowserStore {
                 .put_meta(key, value)
                 .await
                 .map_err(|e| StoreError::Idb(e.to_string())),
+            BrowserStore::Files(f) => f.put_meta(key, value, false).await,
         }
     }
 
@@ -548,7 +561,7 @@ impl BrowserStore {
     pub async fn get_meta_value(&self, key: &str) -> Result<Option<JsValue>, StoreError> {
         match self {
             BrowserStore::Idb(s) => s.get_meta_value(key).await,
-            BrowserStore::Memory(_) => Ok(None),
+            BrowserStore::Memory(_) | BrowserStore::Files(_) => Ok(None),
         }
     }
 
@@ -557,14 +570,16 @@ impl BrowserStore {
     pub async fn put_meta_value(&self, key: &str, value: &JsValue) -> Result<(), StoreError> {
         match self {
             BrowserStore::Idb(s) => s.put_meta_value(key, value).await,
-            BrowserStore::Memory(_) => Ok(()),
+            BrowserStore::Memory(_) | BrowserStore::Files(_) => Ok(()),
         }
     }
 
     /// Release the IndexedDB connection.
     pub fn close(&self) {
-        if let BrowserStore::Idb(s) = self {
-            s.db.clone().close();
+        match self {
+            BrowserStore::Idb(s) => s.db.clone().close(),
+            BrowserStore::Files(f) => f.close(),
+            BrowserStore::Memory(_) => {}
         }
     }
 }

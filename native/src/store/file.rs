@@ -13,12 +13,12 @@ use syncline_core::{Batch, DbName, Entry, Store, StoredDatabase, VersionVector};
 use tokio::sync::oneshot;
 
 use super::names::{db_from_stem, file_stem, upgrade_legacy_names};
-use super::record::{
+use syncline_core::record::{
     Record, RecordError, decode_records, encode_chunked, encode_record, valid_record_after,
 };
 
 /// Records a rewrite folds the database into are about this size, far under
-/// [`super::record::MAX_RECORD`], so a database of any size can be rewritten.
+/// [`syncline_core::record::MAX_RECORD`], so a database of any size can be rewritten.
 const REWRITE_CHUNK: usize = 32 << 20;
 
 /// How many bytes recovery may checksum while looking for a valid record

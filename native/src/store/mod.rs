@@ -34,12 +34,11 @@
 
 mod file;
 mod names;
-mod record;
 pub mod subjects;
 
 pub use file::{DEFAULT_MAX_OPEN_FILES, FileStore, StoreError, StoreStats};
 pub use names::{db_from_stem, file_stem, upgrade_legacy_names};
-pub use record::{
+pub use syncline_core::record::{
     MAX_RECORD, Record, RecordError, decode_records, encode_chunked, encode_record,
     valid_record_after,
 };

@@ -1,9 +1,14 @@
-//! Log records: `[len u32 LE][crc32c u32 LE][payload]`, payload an rkyv archive.
+//! Log records: `[len u32 LE][crc32c u32 LE][payload]`, payload an rkyv
+//! archive. The format of every file store (the native server's and client's
+//! `FileStore`, the npm package's file store in Node) and its recovery rules:
+//! bytes in, records out, no I/O.
 
+use crate::clock::VersionVector;
+use crate::entry::{Entry, Snapshot};
+use crate::store::Batch;
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
-use syncline_core::{Batch, Entry, Snapshot, VersionVector};
 
 /// Largest record payload written or read: a sanity bound against a corrupt
 /// length. Writes above it are refused ([`RecordError::TooLarge`]), so every
@@ -265,7 +270,7 @@ pub fn valid_record_after(bytes: &[u8], bad: u64, budget: usize) -> Option<u64> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use syncline_core::{DocId, Dot, ReplicaId};
+    use crate::{DocId, Dot, ReplicaId};
 
     fn entry(counter: u64, size: usize) -> Entry {
         Entry {
@@ -309,7 +314,7 @@ mod tests {
         assert!(records.len() >= 5, "{} records", records.len());
         assert_eq!(records[0].base.as_ref(), Some(&base));
         assert!(records[1..].iter().all(|r| r.base.is_none()));
-        let mut stored = syncline_core::StoredDatabase::default();
+        let mut stored = crate::StoredDatabase::default();
         for r in records {
             stored.apply(&Batch::from(r));
         }
