@@ -324,7 +324,7 @@ impl Document {
             }
             let at = match strings {
                 Strings::Text { .. } => At::Text(strings),
-                Strings::Values { .. } => At::Atomic,
+                Strings::Values { .. } => At::Values,
             };
             update_map(tx, &automerge::ROOT, map, true, at)?;
             if let Strings::Values { text } = strings {
@@ -506,22 +506,36 @@ impl Strings<'_> {
     pub const TEXT: Strings<'static> = Strings::Text { atomic: &[] };
 }
 
-/// Where in a write we are: creating strings as text, or as values.
+/// Where in a write we are: creating strings as text, as values (the
+/// [`Strings::Values`] mode: a string already text is still diffed), or
+/// under a key named `atomic` (a string there is a value, even one that
+/// was text).
 #[derive(Debug, Clone, Copy)]
 enum At<'a> {
     Text(Strings<'a>),
-    Atomic,
+    Values,
+    AtomicKey,
 }
 
 impl<'a> At<'a> {
     /// The mode under map key `k`.
     fn enter(self, k: &str) -> At<'a> {
         match self {
-            At::Text(Strings::Text { atomic }) if atomic.iter().any(|a| a == k) => At::Atomic,
+            At::Text(Strings::Text { atomic }) if atomic.iter().any(|a| a == k) => At::AtomicKey,
             at => at,
         }
     }
 }
+
+/// Strings longer than this (bytes) are values even where strings are
+/// text: an operation per character would pass a change's operation limit
+/// (`DEFAULT_CHANGE_LIMITS.max_ops`) and cost a megabyte of ops.
+const MAX_TEXT_BYTES: usize = 256 << 10;
+
+/// Texts longer than this together (bytes) are replaced whole when they
+/// change instead of diffed: automerge's diff costs (length × distance),
+/// seconds for two unrelated texts of a few hundred kilobytes.
+const MAX_DIFF_BYTES: usize = 16 << 10;
 
 /// Put a scalar unless the current value already equals it.
 fn put_scalar(
@@ -562,7 +576,7 @@ fn create(
     let typ = match value {
         Json::Object(_) => ObjType::Map,
         Json::Array(_) => ObjType::List,
-        Json::String(text) if matches!(at, At::Text(_)) => {
+        Json::String(text) if matches!(at, At::Text(_)) && text.len() <= MAX_TEXT_BYTES => {
             let id = if insert {
                 let Prop::Seq(i) = prop else {
                     return Err(not_a_position());
@@ -615,9 +629,20 @@ fn update_value(
         (Some((Value::Object(ObjType::List), id)), Json::Array(items)) => {
             update_list(tx, &id, items, at)
         }
+        (Some((Value::Object(ObjType::Text), _)), Json::String(_))
+            if matches!(at, At::AtomicKey) =>
+        {
+            create(tx, obj, prop, new, false, at)
+        }
         (Some((Value::Object(ObjType::Text), id)), Json::String(s)) => {
-            if tx.text(&id)? != *s {
-                tx.update_text(&id, s)?;
+            let old = tx.text(&id)?;
+            if old != *s {
+                if old.len() + s.len() > MAX_DIFF_BYTES {
+                    let len = tx.length(&id);
+                    tx.splice_text(&id, 0, len as isize, s)?;
+                } else {
+                    tx.update_text(&id, s)?;
+                }
             }
             Ok(())
         }
@@ -884,6 +909,25 @@ mod tests {
         merge(&mut c, &d);
         let title = c.to_json().unwrap()["title"].clone();
         assert!(title == "buy oat milk" || title == "buy milk today");
+        // A key named atomic holds a value even where text was written before.
+        let mut f = doc(6);
+        f.update(&json!({"status": "todo"})).unwrap();
+        let root = f.am.get(automerge::ROOT, "status").unwrap();
+        assert!(matches!(root, Some((Value::Object(ObjType::Text), _))));
+        f.update_with(&json!({"status": "done"}), strings).unwrap();
+        let root = f.am.get(automerge::ROOT, "status").unwrap();
+        assert!(matches!(root, Some((Value::Scalar(_), _))), "{root:?}");
+        assert_eq!(f.to_json().unwrap(), json!({"status": "done"}));
+        // Strings too long for an op per character are values; long texts
+        // that change are replaced, not diffed.
+        let long = "x".repeat(MAX_TEXT_BYTES + 1);
+        c.update(&json!({"blob": long})).unwrap();
+        let root = c.am.get(automerge::ROOT, "blob").unwrap();
+        assert!(matches!(root, Some((Value::Scalar(_), _))));
+        let (a1, a2) = ("a".repeat(MAX_DIFF_BYTES), "b".repeat(MAX_DIFF_BYTES));
+        c.update(&json!({"big": a1})).unwrap();
+        c.update(&json!({"big": a2})).unwrap();
+        assert_eq!(c.to_json().unwrap()["big"], json!(a2));
         // `update` is the default: text.
         let mut e = doc(5);
         e.update(&json!({"t": "x", "l": ["y"], "m": {"n": "z"}}))

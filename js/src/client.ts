@@ -340,11 +340,11 @@ export class Syncline {
     if (this.#closed) return;
     this.#closed = true;
     globalThis.removeEventListener?.('online', this.#onOnline);
-    this.#tabs?.close();
-    this.#tabs = null;
     try {
-      await this.#wasm.close();
+      await this.#wasm.close(); // its last writes are announced to the tabs
     } finally {
+      this.#tabs?.close();
+      this.#tabs = null;
       this.#slot.release();
     }
   }

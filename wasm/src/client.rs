@@ -160,7 +160,7 @@ pub(crate) struct Driver {
     caught_up: bool,
     /// A fatal refusal (bad token, unknown version): reconnecting cannot help.
     refused: Option<WasmError>,
-    /// Databases the server refused on this connection (`Forbidden`, …).
+    /// Databases the server refused (`Forbidden`, …), until they sync.
     db_refused: Vec<(DbName, WasmError)>,
     /// Batches waiting for the store, in order.
     queue: VecDeque<Queued>,
@@ -641,6 +641,8 @@ fn dial(shared: &Shared) {
                 code: "InvalidUrl",
                 message,
             }));
+            // Offline already: no disconnect will say it.
+            d.events.push(to_js(&JsEvent::Status { status: "refused" }));
             drop(d);
             after(shared);
         }

@@ -234,7 +234,7 @@ struct ClientDb {
     /// The server refused our pushes as building on another replica's
     /// changes it lacks (`MissingDependency`: another tab's, not pushed
     /// yet); they go again once the server relays new entries of others,
-    /// or on the next connection.
+    /// at the next heartbeat, or on the next connection.
     awaiting_others: bool,
 }
 
@@ -318,9 +318,14 @@ impl Client {
         let nonce = self.next_nonce;
         self.next_nonce = self.next_nonce.wrapping_add(1);
         self.send(Message::Ping { nonce });
-        // Also the retry tick for pushes the server failed to store.
+        // Also the retry tick for pushes the server failed to store, and
+        // for those it refused as building on what it lacked (the relay that
+        // would have retried them may have come before the refusal).
         let names: Vec<DbName> = self.dbs.keys().cloned().collect();
         for name in names {
+            if let Some(c) = self.dbs.get_mut(&name) {
+                c.awaiting_others = false;
+            }
             self.push(&name);
         }
         true
@@ -685,6 +690,9 @@ impl Client {
         }
         self.status = Status::Offline;
         for c in self.dbs.values_mut() {
+            // A new connection pushes again (resubscribing on this one does
+            // not: an OutOfOrder after a refusal would loop with no wait).
+            c.awaiting_others = false;
             c.sync = Sync::Idle;
             c.peers.clear();
             c.online = 0;
@@ -893,7 +901,6 @@ impl Client {
         let Some(c) = self.dbs.get_mut(name) else {
             return;
         };
-        c.awaiting_others = false;
         c.sync = Sync::Awaiting {
             req,
             parts: BTreeSet::new(),

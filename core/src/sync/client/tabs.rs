@@ -41,15 +41,17 @@ impl Client {
     }
 
     /// This replica's own entries of `db` that a holder of `since` lacks,
-    /// oldest first, up to [`MAX_TAB_ANSWER_BYTES`] (at least one).
+    /// oldest first, up to [`MAX_TAB_ANSWER_BYTES`] (at least one): only
+    /// those durable here, as another tab must never hold an entry this
+    /// replica could still lose in a crash and write again differently.
     pub fn own_entries_since(&self, db: &DbName, since: &VersionVector) -> Vec<Entry> {
         let Some(c) = self.dbs.get(db) else {
             return Vec::new();
         };
-        let from = since.get(&self.replica) + 1;
+        let from = since.get(&self.replica).saturating_add(1);
         let mut bytes = 0;
         c.db.log()
-            .entries_of(&self.replica, from, c.db.own_counter())
+            .entries_of(&self.replica, from, c.local_durable)
             .into_iter()
             .take_while(|e| {
                 let first = bytes == 0;
