@@ -1006,12 +1006,16 @@ async fn bad_frames_are_refused_and_slow_readers_dropped_while_others_are_served
         .await
         .unwrap();
     writer.open(&list).await.unwrap();
-    // Incompressible text: automerge deflates large changes.
+    // Incompressible values (atomic: a blob, not text): automerge deflates
+    // large changes.
     let mut last = json!(null);
     for k in 0..2_000 {
         last = json!({"k": k, "blob": incompressible(16_000, k)});
         let d = doc(&format!("d{}", k % 50));
-        writer.put(&list, &d, last.clone()).await.unwrap();
+        writer
+            .put_with(&list, &d, last.clone(), &["blob"])
+            .await
+            .unwrap();
     }
     synced(&writer, &list).await;
     until_value(&good, &list, &doc("d49"), &last).await;
@@ -2011,7 +2015,7 @@ async fn pipelined_cold_syncs_larger_than_the_send_queue_stream_in_order() {
     for k in 0..PUTS {
         let body = json!({ "k": k, "blob": incompressible(16_000, k) });
         writer
-            .put(&list, &doc(&format!("d{}", k % 20)), body)
+            .put_with(&list, &doc(&format!("d{}", k % 20)), body, &["blob"])
             .await
             .unwrap();
     }
