@@ -2,8 +2,7 @@
 //! and recovery.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
@@ -12,7 +11,8 @@ use std::time::{Duration, Instant};
 use syncline_core::{Batch, DbName, Entry, Store, StoredDatabase, VersionVector};
 use tokio::sync::oneshot;
 
-use super::names::{db_from_stem, file_stem, upgrade_legacy_names};
+use super::fs::{Fs, FsFile, OsFs};
+use super::names::{db_from_stem, file_stem, upgrade_legacy_names_in};
 use syncline_core::record::{
     Record, RecordError, decode_records, encode_chunked, encode_record, valid_record_after,
 };
@@ -125,12 +125,21 @@ enum ReqKind {
     Switch { tmp: PathBuf, from: u64 },
 }
 
+/// The suffix of a log's rewritten copy while [`FileStore::rewrite`] runs
+/// (`<stem>.compact`); one left by a crash is removed at open.
+const REWRITE_SUFFIX: &str = ".compact";
+
+/// The suffix of a metadata value's temporary file (`meta/<key>+tmp`; `+`
+/// is in no key, so no key's file is another's temporary).
+const META_TMP_SUFFIX: &str = "+tmp";
+
 /// An append-only log per database in a data directory.
 #[derive(Debug, Clone)]
 pub struct FileStore {
     dir: PathBuf,
     tx: mpsc::Sender<WriteReq>,
     stats: Arc<StoreStats>,
+    fs: Arc<dyn Fs>,
 }
 
 impl std::fmt::Debug for WriteReq {
@@ -162,22 +171,42 @@ impl FileStore {
         observer: Arc<dyn Fn(Duration) + Send + Sync>,
         max_open_files: usize,
     ) -> Result<Self, StoreError> {
-        let dir = dir.as_ref().to_path_buf();
+        let (store, writer, rx) =
+            Self::open_on(dir.as_ref(), Arc::new(OsFs), observer, max_open_files)?;
+        std::thread::Builder::new()
+            .name("syncline-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io_err("starting the writer thread"))?;
+        Ok(store)
+    }
+
+    /// Open the data directory `dir` on `fs`: the store, and its writer
+    /// with the queue it serves (run on a thread by [`FileStore::open_with`],
+    /// step by step by the crash tests).
+    fn open_on(
+        dir: &Path,
+        fs: Arc<dyn Fs>,
+        observer: Arc<dyn Fn(Duration) + Send + Sync>,
+        max_open_files: usize,
+    ) -> Result<(Self, Writer, mpsc::Receiver<WriteReq>), StoreError> {
+        let dir = dir.to_path_buf();
         for sub in ["dbs", "meta"] {
-            fs::create_dir_all(dir.join(sub))
+            fs.create_dir_all(&dir.join(sub))
                 .map_err(io_err(format!("creating {}", dir.display())))?;
         }
         let dbs = dir.join("dbs");
-        upgrade_legacy_names(&dbs)
+        upgrade_legacy_names_in(&*fs, &dbs)
             .map_err(io_err(format!("renaming logs in {}", dbs.display())))?;
+        remove_leftovers(&*fs, &dir)?;
         let (tx, rx) = mpsc::channel::<WriteReq>();
         let stats = Arc::new(StoreStats::default());
         stats.log_bytes.store(
-            logs_size(&dbs).map_err(io_err(format!("listing {}", dbs.display())))?,
+            logs_size(&*fs, &dbs).map_err(io_err(format!("listing {}", dbs.display())))?,
             Ordering::Relaxed,
         );
         let writer = Writer {
             dir: dir.clone(),
+            fs: fs.clone(),
             files: HashMap::new(),
             stats: stats.clone(),
             observer,
@@ -186,11 +215,19 @@ impl FileStore {
             tick: 0,
             closed_at: HashMap::new(),
         };
-        std::thread::Builder::new()
-            .name("syncline-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(io_err("starting the writer thread"))?;
-        Ok(FileStore { dir, tx, stats })
+        Ok((FileStore { dir, tx, stats, fs }, writer, rx))
+    }
+
+    /// Open `dir` on `fs` with a writer that runs only when the caller asks
+    /// ([`ManualWriter::run_pending`]): the crash tests' deterministic store.
+    #[cfg(test)]
+    pub(crate) fn open_manual(
+        dir: &Path,
+        fs: Arc<dyn Fs>,
+        max_open_files: usize,
+    ) -> Result<(Self, ManualWriter), StoreError> {
+        let (store, writer, rx) = Self::open_on(dir, fs, Arc::new(|_| {}), max_open_files)?;
+        Ok((store, ManualWriter { writer, rx }))
     }
 
     /// The data directory.
@@ -212,21 +249,7 @@ impl FileStore {
 
     /// Names of the databases with a log file in the data directory `dir`.
     pub fn list_dir(dir: &Path) -> Result<Vec<DbName>, StoreError> {
-        let dir = dir.join("dbs");
-        let mut out = Vec::new();
-        for e in fs::read_dir(&dir).map_err(io_err(format!("listing {}", dir.display())))? {
-            let e = e.map_err(io_err("listing databases"))?;
-            let name = e.file_name();
-            if let Some(db) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".log"))
-                .and_then(db_from_stem)
-            {
-                out.push(db);
-            }
-        }
-        out.sort();
-        Ok(out)
+        list_logs(&OsFs, dir)
     }
 
     /// Read a database's log up to a torn tail (read-only). Damage in the
@@ -234,7 +257,7 @@ impl FileStore {
     /// shorter database.
     pub fn load_blocking(&self, db: &DbName) -> Result<StoredDatabase, StoreError> {
         let path = Self::log_path(&self.dir, db);
-        let bytes = match fs::read(&path) {
+        let bytes = match self.fs.read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(StoredDatabase::default()),
             Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
@@ -252,7 +275,7 @@ impl FileStore {
 
     /// Names of the databases with a log file.
     pub fn list_blocking(&self) -> Result<Vec<DbName>, StoreError> {
-        Self::list_dir(&self.dir)
+        list_logs(&*self.fs, &self.dir)
     }
 
     /// Queue a batch for the writer; the receiver resolves after fsync.
@@ -283,39 +306,11 @@ impl FileStore {
     /// nor writers wait for the fold.
     pub async fn rewrite(&self, db: &DbName) -> Result<(), StoreError> {
         let path = Self::log_path(&self.dir, db);
-        let tmp = path.with_extension("compact");
-        let (p, t) = (path.clone(), tmp.clone());
-        let from = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
-            let folding = io_err(format!("folding {}", p.display()));
-            let bytes = match fs::read(&p) {
-                Ok(b) => b,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-                Err(e) => return Err(folding(e)),
-            };
-            let (records, good, _) = decode_log(&p, &bytes)?;
-            let mut stored = StoredDatabase::default();
-            for r in records {
-                stored.apply(&Batch::from(r));
-            }
-            let bytes =
-                encode_chunked(stored.base, stored.snapshots, stored.entries, REWRITE_CHUNK)?;
-            let write = || -> io::Result<()> {
-                let mut f = File::create(&t)?;
-                f.write_all(&bytes)?;
-                f.sync_all()
-            };
-            write().map_err(folding)?;
-            Ok(good)
-        })
-        .await
-        .map_err(|_| StoreError::Closed)??;
-        let (done, rx) = oneshot::channel();
-        let req = WriteReq {
-            db: db.clone(),
-            kind: ReqKind::Switch { tmp, from },
-            done,
-        };
-        self.tx.send(req).map_err(|_| StoreError::Closed)?;
+        let (this, d) = (self.clone(), db.clone());
+        let (tmp, from) = tokio::task::spawn_blocking(move || this.fold_blocking(&d))
+            .await
+            .map_err(|_| StoreError::Closed)??;
+        let rx = self.request_switch(db, tmp, from)?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(StoreError::Io {
@@ -324,6 +319,51 @@ impl FileStore {
             }),
             Err(_) => Err(StoreError::Closed),
         }
+    }
+
+    /// A rewrite's first half: fold the log as it is now into
+    /// `<stem>.compact` (written and fsynced). Returns that file and the
+    /// length of the log it holds.
+    pub(super) fn fold_blocking(&self, db: &DbName) -> Result<(PathBuf, u64), StoreError> {
+        let path = Self::log_path(&self.dir, db);
+        let tmp = rewrite_path(&path);
+        let folding = io_err(format!("folding {}", path.display()));
+        let bytes = match self.fs.read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(folding(e)),
+        };
+        let (records, good, _) = decode_log(&path, &bytes)?;
+        let mut stored = StoredDatabase::default();
+        for r in records {
+            stored.apply(&Batch::from(r));
+        }
+        let bytes = encode_chunked(stored.base, stored.snapshots, stored.entries, REWRITE_CHUNK)?;
+        let write = || -> io::Result<()> {
+            let mut f = self.fs.create(&tmp, false)?;
+            f.write_all(&bytes)?;
+            f.sync_all()
+        };
+        write().map_err(folding)?;
+        Ok((tmp, good))
+    }
+
+    /// A rewrite's second half: ask the writer to copy what was appended
+    /// after `from` onto `tmp` and rename it over the log.
+    pub(super) fn request_switch(
+        &self,
+        db: &DbName,
+        tmp: PathBuf,
+        from: u64,
+    ) -> Result<oneshot::Receiver<Result<(), String>>, StoreError> {
+        let (done, rx) = oneshot::channel();
+        let req = WriteReq {
+            db: db.clone(),
+            kind: ReqKind::Switch { tmp, from },
+            done,
+        };
+        self.tx.send(req).map_err(|_| StoreError::Closed)?;
+        Ok(rx)
     }
 
     /// The secret metadata value `key`, created by `make` if absent: like
@@ -336,13 +376,13 @@ impl FileStore {
         make: impl FnOnce() -> Vec<u8>,
     ) -> Result<Vec<u8>, StoreError> {
         let path = self.meta_path(key)?;
-        match fs::read(&path) {
+        match self.fs.read(&path) {
             Ok(b) => return Ok(b),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
         }
         let value = make();
-        write_atomic_private(&path, &value)
+        write_file_atomically(&*self.fs, &path, &value, true)
             .map_err(io_err(format!("writing {}", path.display())))?;
         Ok(value)
     }
@@ -365,59 +405,111 @@ fn subtract(counter: &AtomicU64, n: u64) {
 }
 
 /// Bytes of the `.log` files in `dbs`.
-fn logs_size(dbs: &Path) -> io::Result<u64> {
-    let mut total = 0;
-    for e in fs::read_dir(dbs)? {
-        let e = e?;
-        if e.file_name().to_str().is_some_and(|n| n.ends_with(".log")) {
-            total += e.metadata()?.len();
-        }
-    }
-    Ok(total)
+fn logs_size(fs: &dyn Fs, dbs: &Path) -> io::Result<u64> {
+    Ok(fs
+        .list(dbs)?
+        .into_iter()
+        .filter(|(name, _)| name.ends_with(".log"))
+        .map(|(_, len)| len)
+        .sum())
 }
 
-/// Write `bytes` to `path` atomically and durably.
-/// [`write_atomic`] for a file only its owner may read.
-fn write_atomic_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    write_file_atomically(path, bytes, true)
+/// Names of the databases with a log file in the data directory `dir`.
+fn list_logs(fs: &dyn Fs, dir: &Path) -> Result<Vec<DbName>, StoreError> {
+    let dbs = dir.join("dbs");
+    let mut out: Vec<DbName> = fs
+        .list(&dbs)
+        .map_err(io_err(format!("listing {}", dbs.display())))?
+        .into_iter()
+        .filter_map(|(name, _)| name.strip_suffix(".log").and_then(db_from_stem))
+        .collect();
+    out.sort();
+    Ok(out)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    write_file_atomically(path, bytes, false)
+/// Where a log's rewrite is written before it replaces the log.
+fn rewrite_path(log: &Path) -> PathBuf {
+    let mut name = log.file_stem().unwrap_or_default().to_os_string();
+    name.push(REWRITE_SUFFIX);
+    log.with_file_name(name)
 }
 
-/// Write `bytes` to a temporary file, fsync it, rename it over `path` and
-/// fsync the directory. `private`: mode 0600 from the file's creation.
-fn write_file_atomically(path: &Path, bytes: &[u8], private: bool) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = if private {
-            // A stale temporary file may have other permissions: start afresh.
-            match fs::remove_file(&tmp) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
+/// Remove what a crash can leave behind: a rewrite's `.compact` file (the
+/// rewrite did not switch, so the log is whole) and metadata temporary
+/// files (the value was not replaced). Nothing else is touched.
+fn remove_leftovers(fs: &dyn Fs, dir: &Path) -> Result<(), StoreError> {
+    for (sub, suffix) in [("dbs", REWRITE_SUFFIX), ("meta", META_TMP_SUFFIX)] {
+        let sub = dir.join(sub);
+        let listing = io_err(format!("listing {}", sub.display()));
+        for (name, _) in fs.list(&sub).map_err(listing)? {
+            if name.ends_with(suffix) {
+                let path = sub.join(&name);
+                tracing::info!("removing {}, left by an interrupted write", path.display());
+                fs.remove_file(&path)
+                    .map_err(io_err(format!("removing {}", path.display())))?;
             }
-            let mut opts = fs::OpenOptions::new();
-            opts.write(true).create_new(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-            opts.open(&tmp)?
-        } else {
-            File::create(&tmp)?
-        };
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    if let Some(parent) = path.parent() {
-        File::open(parent)?.sync_all()?;
+        }
     }
     Ok(())
 }
 
+/// Write `bytes` to a temporary file, fsync it, rename it over `path` and
+/// fsync the directory. `private`: mode 0600 from the file's creation.
+fn write_file_atomically(fs: &dyn Fs, path: &Path, bytes: &[u8], private: bool) -> io::Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(META_TMP_SUFFIX);
+    let tmp = path.with_file_name(name);
+    if private {
+        // A stale temporary file may have other permissions: start afresh.
+        match fs.remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    {
+        let mut f = fs.create(&tmp, private)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs.rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        fs.sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// The writer of a store opened with [`FileStore::open_manual`]: it commits
+/// what is queued when asked, on the caller's thread.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct ManualWriter {
+    writer: Writer,
+    rx: mpsc::Receiver<WriteReq>,
+}
+
+#[cfg(test)]
+impl ManualWriter {
+    /// Commit every queued request as one group; how many there were.
+    pub(crate) fn run_pending(&mut self) -> usize {
+        let group: Vec<WriteReq> = self.rx.try_iter().collect();
+        let n = group.len();
+        if n > 0 {
+            self.writer.commit(group);
+        }
+        n
+    }
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Writer({})", self.dir.display())
+    }
+}
+
 struct Writer {
     dir: PathBuf,
-    files: HashMap<DbName, File>,
+    fs: Arc<dyn Fs>,
+    files: HashMap<DbName, Box<dyn FsFile>>,
     stats: Arc<StoreStats>,
     observer: Arc<dyn Fn(Duration) + Send + Sync>,
     /// Most files kept open ([`DEFAULT_MAX_OPEN_FILES`]).
@@ -458,7 +550,7 @@ impl Writer {
                 ReqKind::Switch { tmp, from } => {
                     // Appends queued before this in the group must be in the
                     // old file's tail before it is copied.
-                    if let Some(f) = self.files.get(&req.db) {
+                    if let Some(f) = self.files.get_mut(&req.db) {
                         let _ = f.sync_data();
                     }
                     let r = self.switch(&req.db, &tmp, from).map_err(|e| e.to_string());
@@ -483,7 +575,7 @@ impl Writer {
                 continue;
             }
             let started = Instant::now();
-            let synced = self.files.get(db).map(File::sync_data);
+            let synced = self.files.get_mut(db).map(|f| f.sync_data());
             let took = started.elapsed();
             self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
             self.stats
@@ -532,13 +624,13 @@ impl Writer {
             for (_, db) in by_use.into_iter().take(over) {
                 self.used.remove(&db);
                 if let Some(f) = self.files.remove(&db)
-                    && let Ok(meta) = f.metadata()
+                    && let Ok(len) = f.len()
                 {
                     // Bounded too: past it, reopening reads the log again.
                     if self.closed_at.len() >= 64 * self.max_open {
                         self.closed_at.clear();
                     }
-                    self.closed_at.insert(db, meta.len());
+                    self.closed_at.insert(db, len);
                 }
             }
         }
@@ -551,23 +643,19 @@ impl Writer {
 
     /// Open a log for appending, truncating a torn tail first. A log damaged
     /// in the middle is refused and left as it is.
-    fn file(&mut self, db: &DbName) -> io::Result<&mut File> {
+    fn file(&mut self, db: &DbName) -> io::Result<&mut Box<dyn FsFile>> {
         if !self.files.contains_key(db) {
             let path = FileStore::log_path(&self.dir, db);
-            let mut f = OpenOptions::new()
-                .read(true)
-                .append(true)
-                .create(true)
-                .open(&path)?;
+            let mut f = self.fs.open_append(&path, true)?;
             let clean = self.closed_at.remove(db);
-            if clean.is_some() && clean == Some(f.metadata()?.len()) {
+            if clean.is_some() && clean == Some(f.len()?) {
                 self.files.insert(db.clone(), f);
                 return self
                     .files
                     .get_mut(db)
                     .ok_or_else(|| io::Error::other("log handle vanished"));
             }
-            let bytes = fs::read(&path)?;
+            let bytes = self.fs.read(&path)?;
             let (_, good, problem) = decode_log(&path, &bytes).map_err(io::Error::other)?;
             if let Some(p) = problem {
                 tracing::warn!(%db, "recovering {}: {p}; truncating to {good} bytes", path.display());
@@ -577,10 +665,11 @@ impl Writer {
                 let cut = (bytes.len() as u64).saturating_sub(good);
                 subtract(&self.stats.log_bytes, cut);
             }
+            // The log's name is durable before anything is acknowledged
+            // from it (a created file's name lives in the directory).
             if let Some(parent) = path.parent() {
-                File::open(parent)?.sync_all()?;
+                self.fs.sync_dir(parent)?;
             }
-            f.flush()?;
             self.files.insert(db.clone(), f);
         }
         self.files
@@ -608,7 +697,7 @@ impl Writer {
     /// rename it over the log and reopen.
     fn switch(&mut self, db: &DbName, tmp: &Path, from: u64) -> io::Result<()> {
         let path = FileStore::log_path(&self.dir, db);
-        let current = match fs::read(&path) {
+        let current = match self.fs.read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e),
@@ -616,16 +705,16 @@ impl Writer {
         let tail = current.get(from as usize..).unwrap_or_default();
         // Keep only whole, valid records of the tail.
         let (_, good, _) = decode_records(tail);
-        let mut f = OpenOptions::new().append(true).open(tmp)?;
+        let mut f = self.fs.open_append(tmp, false)?;
         f.write_all(&tail[..good as usize])?;
         f.sync_all()?;
-        let new_len = f.metadata()?.len();
+        let new_len = f.len()?;
         drop(f);
         self.files.remove(db);
         self.closed_at.remove(db);
-        fs::rename(tmp, &path)?;
+        self.fs.rename(tmp, &path)?;
         if let Some(parent) = path.parent() {
-            File::open(parent)?.sync_all()?;
+            self.fs.sync_dir(parent)?;
         }
         let old_len = current.len() as u64;
         self.stats.log_bytes.fetch_add(new_len, Ordering::Relaxed);
@@ -704,10 +793,10 @@ impl Store for FileStore {
         &self,
         key: &str,
     ) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send + 'static {
-        let path = self.meta_path(key);
+        let (path, fs) = (self.meta_path(key), self.fs.clone());
         async move {
             let path = path?;
-            match fs::read(&path) {
+            match fs.read(&path) {
                 Ok(b) => Ok(Some(b)),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
@@ -721,11 +810,12 @@ impl Store for FileStore {
         key: &str,
         value: &[u8],
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
-        let path = self.meta_path(key);
+        let (path, fs) = (self.meta_path(key), self.fs.clone());
         let value = value.to_vec();
         async move {
             let path = path?;
-            write_atomic(&path, &value).map_err(io_err(format!("writing {}", path.display())))
+            write_file_atomically(&*fs, &path, &value, false)
+                .map_err(io_err(format!("writing {}", path.display())))
         }
     }
 }

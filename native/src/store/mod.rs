@@ -32,8 +32,13 @@
 //!   even where the file system ignores case. Files are plain: copying a
 //!   closed data dir is a backup.
 
+#[cfg(test)]
+mod crash_tests;
 mod file;
+mod fs;
 mod names;
+#[cfg(test)]
+mod sim_fs;
 pub mod subjects;
 
 pub use file::{DEFAULT_MAX_OPEN_FILES, FileStore, StoreError, StoreStats};

@@ -23,8 +23,8 @@
 //! `<name>.log`; [`upgrade_legacy_names`] renames such logs (names with
 //! upper-case letters or device names) when a store opens.
 
+use super::fs::{Fs, OsFs};
 use std::fmt::Write as _;
-use std::fs::{self, File};
 use std::io;
 use std::path::Path;
 
@@ -93,10 +93,14 @@ pub fn db_from_stem(stem: &str) -> Option<DbName> {
 /// the directory. A log whose new name is taken is an error: both are kept
 /// as they are for an operator to merge.
 pub fn upgrade_legacy_names(dbs: &Path) -> io::Result<()> {
+    upgrade_legacy_names_in(&OsFs, dbs)
+}
+
+/// [`upgrade_legacy_names`] on the file system `fs`.
+pub(crate) fn upgrade_legacy_names_in(fs: &dyn Fs, dbs: &Path) -> io::Result<()> {
     let mut renamed = false;
-    for e in fs::read_dir(dbs)? {
-        let name = e?.file_name();
-        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".log")) else {
+    for (name, _) in fs.list(dbs)? {
+        let Some(stem) = name.strip_suffix(".log") else {
             continue;
         };
         let Ok(db) = DbName::new(stem) else { continue };
@@ -105,7 +109,7 @@ pub fn upgrade_legacy_names(dbs: &Path) -> io::Result<()> {
             continue;
         }
         let (from, to) = (dbs.join(&name), dbs.join(format!("{new}.log")));
-        if fs::symlink_metadata(&to).is_ok() {
+        if fs.exists(&to) {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 format!(
@@ -116,12 +120,12 @@ pub fn upgrade_legacy_names(dbs: &Path) -> io::Result<()> {
                 ),
             ));
         }
-        fs::rename(&from, &to)?;
+        fs.rename(&from, &to)?;
         tracing::info!(%db, "renamed {} to {}", from.display(), to.display());
         renamed = true;
     }
     if renamed {
-        File::open(dbs)?.sync_all()?;
+        fs.sync_dir(dbs)?;
     }
     Ok(())
 }
