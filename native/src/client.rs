@@ -26,7 +26,7 @@ use syncline_core::sync::{
     Status,
 };
 use syncline_core::{
-    DbName, DocId, Identity, MemoryStore, ReplicaId, Store, StoredDatabase, store::Batch,
+    DbName, DocId, Identity, MemoryStore, PathSeg, ReplicaId, Store, StoredDatabase, store::Batch,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
@@ -68,13 +68,33 @@ pub enum ClientError {
     /// The TLS set-up failed (a CA file that does not load).
     #[error(transparent)]
     TlsSetup(#[from] crate::tls::TlsError),
-    /// The server refused with a typed error.
+    /// The server refused with a typed error. Once the server has refused
+    /// a database (`Forbidden`, `Unauthorized`, `TooLarge`) or this client
+    /// (`Unauthorized`, `UnknownVersion`), writes to it fail with the
+    /// refusal too, until the database syncs again: they could never sync.
     #[error("server refused ({code}): {message}")]
     Server {
         /// The code.
         code: ErrorCode,
         /// The server's text.
         message: String,
+    },
+    /// The closure given to [`SyncClient::update`] panicked: nothing was
+    /// written.
+    #[error("the update closure panicked: {0}")]
+    UpdatePanicked(String),
+    /// [`SyncClient::wait_synced`] was asked of a client with no server.
+    #[error("this client has no server to sync with")]
+    NoServer,
+    /// [`SyncClient::wait_synced_for`] ran out of time.
+    #[error("{db} did not sync within {waited:?} (status: {status:?})")]
+    Timeout {
+        /// The database.
+        db: DbName,
+        /// How long it waited.
+        waited: Duration,
+        /// The connection's status when it gave up.
+        status: Status,
     },
 }
 
@@ -123,9 +143,7 @@ impl Local {
 
 enum Cmd {
     Open(DbName, Reply<()>),
-    /// The value, and the keys whose strings are atomic values.
-    Update(DbName, DocId, Json, Vec<String>, Reply<bool>),
-    Delete(DbName, DocId, Reply<bool>),
+    Edit(DbName, DocId, Edit, Reply<bool>),
     Presence(DbName, Vec<u8>, Reply<()>),
     Status(oneshot::Sender<Status>),
     PresenceView(DbName, oneshot::Sender<PresenceView>),
@@ -133,6 +151,23 @@ enum Cmd {
     ListDatabases(Reply<Vec<DbName>>),
     Close(oneshot::Sender<()>),
 }
+
+/// A change to one document, made by the driver under the replica's lock.
+enum Edit {
+    /// Make the document equal the value; strings under the listed keys
+    /// are atomic values.
+    Put(Json, Vec<String>),
+    /// Make the document equal what the closure makes of its current value
+    /// (`{}` when absent); atomic keys as for `Put`.
+    Update(UpdateFn, Vec<String>),
+    /// Splice the text at a path: position, deleted characters, insertion.
+    Splice(Vec<PathSeg>, usize, usize, String),
+    /// Add to the counter at a path.
+    Increment(Vec<PathSeg>, i64),
+    Delete,
+}
+
+type UpdateFn = Box<dyn FnOnce(&mut Json) + Send>;
 
 /// What the driver's own tasks (connections, file-store writes) report
 /// back, on one channel the driver holds the sender of: one queue for the
@@ -417,10 +452,88 @@ impl SyncClient {
     }
 
     /// Make a document equal `value` (minimal changes). Durable locally on
-    /// return. Strings are collaborative text: concurrent edits of one
-    /// merge character by character ([`SyncClient::put_with`] for values).
+    /// return; `Ok(true)` if the document changed, `Ok(false)` if it was
+    /// already equal. Strings are collaborative text: concurrent edits of
+    /// one merge character by character ([`SyncClient::put_with`] for
+    /// values).
+    ///
+    /// `put` writes the whole value: a copy read before a remote change
+    /// arrived undoes that change where it differs. To change a document
+    /// from what it is now, use [`SyncClient::update`] (read and write in
+    /// one step), [`SyncClient::increment`] or [`SyncClient::splice_text`].
     pub async fn put(&self, db: &DbName, doc: &DocId, value: Json) -> Result<bool, ClientError> {
         self.put_with(db, doc, value, &[]).await
+    }
+
+    /// Change a document from its current value: `f` gets the value as it
+    /// is when the write happens (`{}` if absent) and changes it in place;
+    /// the document is then made equal to the result, as [`SyncClient::put`]
+    /// does. No remote change can arrive between the read and the write, so
+    /// only what `f` changed is written:
+    ///
+    /// ```no_run
+    /// # async fn f(client: syncline::SyncClient) -> Result<(), syncline::ClientError> {
+    /// use syncline::{DbName, DocId};
+    /// let (db, doc) = (DbName::new("todo").unwrap(), DocId::new("t1").unwrap());
+    /// client.update(&db, &doc, |d| d["done"] = true.into()).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// `f` runs on the client's task and holds its replica: keep it short,
+    /// and never block in it. A panic in `f` writes nothing and returns
+    /// [`ClientError::UpdatePanicked`].
+    pub async fn update(
+        &self,
+        db: &DbName,
+        doc: &DocId,
+        f: impl FnOnce(&mut Json) + Send + 'static,
+    ) -> Result<bool, ClientError> {
+        self.update_with(db, doc, &[], f).await
+    }
+
+    /// [`SyncClient::update`] with atomic keys (see [`SyncClient::put_with`]).
+    pub async fn update_with(
+        &self,
+        db: &DbName,
+        doc: &DocId,
+        atomic: &[&str],
+        f: impl FnOnce(&mut Json) + Send + 'static,
+    ) -> Result<bool, ClientError> {
+        let atomic = atomic.iter().map(|k| (*k).to_owned()).collect();
+        let edit = Edit::Update(Box::new(f), atomic);
+        self.call(|r| Cmd::Edit(db.clone(), doc.clone(), edit, r))
+            .await
+    }
+
+    /// Add `by` to the counter at `path` (created at 0 if absent). Counters
+    /// merge concurrent additions: two replicas adding 1 make 2.
+    pub async fn increment(
+        &self,
+        db: &DbName,
+        doc: &DocId,
+        path: &[&str],
+        by: i64,
+    ) -> Result<bool, ClientError> {
+        let edit = Edit::Increment(path_of(path), by);
+        self.call(|r| Cmd::Edit(db.clone(), doc.clone(), edit, r))
+            .await
+    }
+
+    /// Edit the collaborative text at `path` (created if absent): delete
+    /// `delete` characters at `index`, then insert `insert` there. Indices
+    /// count Unicode scalar values.
+    pub async fn splice_text(
+        &self,
+        db: &DbName,
+        doc: &DocId,
+        path: &[&str],
+        index: usize,
+        delete: usize,
+        insert: &str,
+    ) -> Result<bool, ClientError> {
+        let edit = Edit::Splice(path_of(path), index, delete, insert.to_owned());
+        self.call(|r| Cmd::Edit(db.clone(), doc.clone(), edit, r))
+            .await
     }
 
     /// [`SyncClient::put`] where strings under the keys in `atomic` (at any
@@ -434,13 +547,15 @@ impl SyncClient {
         atomic: &[&str],
     ) -> Result<bool, ClientError> {
         let atomic = atomic.iter().map(|k| (*k).to_owned()).collect();
-        self.call(|r| Cmd::Update(db.clone(), doc.clone(), value, atomic, r))
+        let edit = Edit::Put(value, atomic);
+        self.call(|r| Cmd::Edit(db.clone(), doc.clone(), edit, r))
             .await
     }
 
     /// Delete a document. Durable locally on return.
     pub async fn delete(&self, db: &DbName, doc: &DocId) -> Result<bool, ClientError> {
-        self.call(|r| Cmd::Delete(db.clone(), doc.clone(), r)).await
+        self.call(|r| Cmd::Edit(db.clone(), doc.clone(), Edit::Delete, r))
+            .await
     }
 
     /// Ids of the existing documents (read as [`SyncClient::get`] reads).
@@ -507,9 +622,26 @@ impl SyncClient {
 
     /// Wait until the database is in sync: the server's reply arrived and
     /// every local change is durable on the server. Fails on a server refusal
-    /// for this database (e.g. `Forbidden`).
+    /// for this database (e.g. `Forbidden`), and at once with
+    /// [`ClientError::NoServer`] for a client without a URL. Offline, it
+    /// waits for a connection however long that takes:
+    /// [`SyncClient::wait_synced_for`] gives up after a while.
     pub async fn wait_synced(&self, db: &DbName) -> Result<(), ClientError> {
         self.call(|r| Cmd::WaitSynced(db.clone(), r)).await
+    }
+
+    /// [`SyncClient::wait_synced`], failing with [`ClientError::Timeout`]
+    /// (which says the connection's status) if the database has not synced
+    /// within `timeout`.
+    pub async fn wait_synced_for(&self, db: &DbName, timeout: Duration) -> Result<(), ClientError> {
+        match tokio::time::timeout(timeout, self.wait_synced(db)).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Timeout {
+                db: db.clone(),
+                waited: timeout,
+                status: self.status().await,
+            }),
+        }
     }
 
     /// Every event (changes, acks, status, presence, errors).
@@ -566,12 +698,26 @@ struct Driver {
     waiters: HashMap<DbName, Vec<Reply<()>>>,
     /// `ListDatabases` requests waiting for their answer (or asked offline).
     listings: Vec<(Option<u32>, Reply<Vec<DbName>>)>,
-    /// Databases the server refused on this connection (or that cannot be
-    /// pushed): their waiters fail at once, also those who ask later.
+    /// Databases the server refused (or that cannot be pushed), until they
+    /// sync: their waiters fail at once, also those who ask later, and
+    /// writes to them fail with the refusal.
     refused: HashMap<DbName, (ErrorCode, String)>,
     /// A refused identity (bad token, unknown version): reconnecting cannot
     /// help, so the driver stops dialling and every waiter fails.
     fatal: Option<(ErrorCode, String)>,
+}
+
+fn path_of(path: &[&str]) -> Vec<PathSeg> {
+    path.iter().map(|&k| PathSeg::from(k)).collect()
+}
+
+/// The text of a caught panic.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// The error a refusal settles callers with.
@@ -864,14 +1010,19 @@ impl Driver {
                 }
                 let _ = reply.send(Ok(()));
             }
-            Cmd::Update(db, doc, value, atomic, reply) => {
-                let strings = syncline_core::Strings::Text { atomic: &atomic };
-                let r = self.client().update_with(&db, &doc, &value, strings);
-                self.local_write(r, reply).await;
-            }
-            Cmd::Delete(db, doc, reply) => {
-                let r = self.client().delete(&db, &doc);
-                self.local_write(r, reply).await;
+            Cmd::Edit(db, doc, edit, reply) => {
+                // A database the server refused would never take the write:
+                // say so rather than keep a change that cannot sync.
+                if let Some(r) = self.refusal_of(&db) {
+                    let _ = reply.send(Err(server_error(r)));
+                    return;
+                }
+                match self.edit(&db, &doc, edit) {
+                    Ok(r) => self.local_write(r, reply).await,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             Cmd::Presence(db, state, reply) => {
                 let _ = reply.send(self.client().set_presence(&db, state).map_err(Into::into));
@@ -883,7 +1034,9 @@ impl Driver {
                 let _ = reply.send(self.client().presence(&db));
             }
             Cmd::WaitSynced(db, reply) => {
-                if let Some(problem) = &self.tls_failed {
+                if self.url.is_none() {
+                    let _ = reply.send(Err(ClientError::NoServer));
+                } else if let Some(problem) = &self.tls_failed {
                     let url = self.url.clone().unwrap_or_default();
                     let _ = reply.send(Err(tls_error(&url, problem)));
                 } else if let Some(r) = self.refusal_of(&db) {
@@ -912,6 +1065,41 @@ impl Driver {
             }
             Cmd::Close(_) => {}
         }
+    }
+
+    /// Apply an edit to the replica, under its lock from read to write.
+    fn edit(
+        &self,
+        db: &DbName,
+        doc: &DocId,
+        edit: Edit,
+    ) -> Result<Result<bool, syncline_core::sync::ClientError>, ClientError> {
+        let mut c = self.client();
+        Ok(match edit {
+            Edit::Put(value, atomic) => {
+                let strings = syncline_core::Strings::Text { atomic: &atomic };
+                c.update_with(db, doc, &value, strings)
+            }
+            Edit::Update(f, atomic) => {
+                let Some(d) = c.database(db) else {
+                    return Ok(Err(syncline_core::sync::ClientError::NotOpen(db.clone())));
+                };
+                let mut value = d
+                    .get(doc)
+                    .unwrap_or_else(|| Json::Object(Default::default()));
+                // A panic in the caller's closure must not end the driver
+                // (nor poison the replica's lock: it is caught inside).
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut value)))
+                    .map_err(|p| ClientError::UpdatePanicked(panic_text(&*p)))?;
+                let strings = syncline_core::Strings::Text { atomic: &atomic };
+                c.update_with(db, doc, &value, strings)
+            }
+            Edit::Splice(path, index, delete, insert) => {
+                c.splice_text(db, doc, &path, index, delete, &insert)
+            }
+            Edit::Increment(path, by) => c.increment(db, doc, &path, by),
+            Edit::Delete => c.delete(db, doc),
+        })
     }
 
     /// Run a local write and answer once its batch is durable on disk.
@@ -1033,9 +1221,11 @@ impl Driver {
                     // Accepted after all (a connection already under way).
                     self.fatal = None;
                 }
-                if let ClientEvent::Status(Status::Connecting) = e {
-                    // A new connection asks again.
-                    self.refused.clear();
+                // A refusal holds across reconnections (writes keep failing
+                // with it) until the database syncs: then the server took
+                // everything this replica had.
+                if let ClientEvent::Synced { db } = &e {
+                    self.refused.remove(db);
                 }
                 let _ = self.events.send(e);
             }

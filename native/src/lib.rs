@@ -16,8 +16,9 @@
 //!
 //! The sync logic itself (documents, version vectors, the wire protocol, the
 //! client and server state machines) is the sans-IO crate `syncline-core`;
-//! this crate only does the I/O. Its ids, [`syncline_core::DbName`] and
-//! [`syncline_core::DocId`], appear in the client's API.
+//! this crate only does the I/O. What a client's user needs of it is
+//! re-exported here ([`DbName`], [`DocId`], [`ClientEvent`], [`Status`],
+//! [`ErrorCode`], [`PathSeg`]), so one dependency is enough.
 //!
 //! ## Two clients, one document
 //!
@@ -26,7 +27,6 @@
 //! ```toml
 //! [dependencies]
 //! syncline = { path = "/path/to/syncline/native" }
-//! syncline-core = { path = "/path/to/syncline/core" }
 //! serde_json = "1"
 //! tokio = { version = "1.54", features = ["macros", "rt-multi-thread", "time"] }
 //! ```
@@ -42,8 +42,7 @@
 //! use std::time::Duration;
 //!
 //! use serde_json::json;
-//! use syncline::client::SyncClient;
-//! use syncline_core::{DbName, DocId};
+//! use syncline::{DbName, DocId, SyncClient};
 //! use tokio::sync::broadcast::error::RecvError;
 //! use tokio::time::timeout;
 //!
@@ -86,13 +85,15 @@
 //!     bob.open(&db).await?;
 //!
 //!     // Alice's write is durable in her replica when `put` returns, online
-//!     // or not; `wait_synced` returns once the server has it too (or fails
-//!     // if the server refuses, e.g. a database the token does not cover).
+//!     // or not; `wait_synced_for` returns once the server has it too (or
+//!     // fails if the server refuses, e.g. a database the token does not
+//!     // cover, or if it does not answer in time).
 //!     let todo = json!({ "title": "buy milk", "done": false });
 //!     alice.put(&db, &doc, todo.clone()).await?;
-//!     timeout(WAIT, alice.wait_synced(&db))
+//!     alice
+//!         .wait_synced_for(&db, WAIT)
 //!         .await
-//!         .map_err(|_| format!("no answer from {url} within {WAIT:?}: is the server running?"))??;
+//!         .map_err(|e| format!("{url}: {e}: is the server running?"))?;
 //!     println!("alice wrote {db}/{doc}: {todo}");
 //!
 //!     // Bob's client announces every change it receives as an event: look,
@@ -135,3 +136,8 @@ pub mod client;
 pub mod server;
 pub mod store;
 pub mod tls;
+
+pub use client::{ClientError, ClientOptions, SyncClient};
+pub use syncline_core::protocol::ErrorCode;
+pub use syncline_core::sync::{ClientEvent, PresenceView, Status};
+pub use syncline_core::{DbName, DocId, PathSeg};

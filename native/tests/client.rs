@@ -1,0 +1,232 @@
+//! The native client as a developer meets it in the first hour (issue 33):
+//! read-modify-write that cannot undo others' edits, refusals every later
+//! call sees, and waits that can fail. Against the real server binary.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{ServerProc, WAIT, token};
+use serde_json::{Value as Json, json};
+use syncline::client::{ClientError, SyncClient};
+use syncline_core::protocol::ErrorCode;
+use syncline_core::sync::{ClientEvent, Status};
+use syncline_core::{DbName, DocId};
+
+fn db(s: &str) -> DbName {
+    DbName::new(s).unwrap()
+}
+
+fn doc(s: &str) -> DocId {
+    DocId::new(s).unwrap()
+}
+
+/// Wait (event-driven, bounded) until `d` in `db` equals `want` on `c`.
+async fn until_value(c: &SyncClient, db: &DbName, d: &DocId, want: &Json) {
+    let mut events = c.events();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if c.get(db, d).await.unwrap().as_ref() == Some(want) {
+                return;
+            }
+            let _ = events.recv().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{db}/{d} never became {want}"));
+}
+
+async fn synced(c: &SyncClient, db: &DbName) {
+    c.wait_synced_for(db, WAIT).await.expect("synced in time");
+}
+
+async fn two_clients(server: &ServerProc, list: &DbName) -> (SyncClient, SyncClient) {
+    let a = SyncClient::in_memory(Some(&server.url()), "");
+    let b = SyncClient::in_memory(Some(&server.url()), "");
+    for c in [&a, &b] {
+        c.open(list).await.unwrap();
+        synced(c, list).await;
+    }
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_changes_the_current_value_so_a_remote_edit_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(dir.path(), &["--anonymous", "todo-*"]);
+    let list = db("todo-rmw");
+    let t = doc("t");
+    let (a, b) = two_clients(&server, &list).await;
+    a.put(&list, &t, json!({"a": 0, "b": 0})).await.unwrap();
+    until_value(&b, &list, &t, &json!({"a": 0, "b": 0})).await;
+    // A reads; B changes b; A receives it.
+    let stale = a.get(&list, &t).await.unwrap().unwrap();
+    b.update(&list, &t, |d| d["b"] = 1.into()).await.unwrap();
+    until_value(&a, &list, &t, &json!({"a": 0, "b": 1})).await;
+    // A's update starts from the document as it is now: b = 1 stays.
+    assert!(a.update(&list, &t, |d| d["a"] = 1.into()).await.unwrap());
+    let both = json!({"a": 1, "b": 1});
+    until_value(&a, &list, &t, &both).await;
+    until_value(&b, &list, &t, &both).await;
+    // A put of the stale copy is what the docs say it is: the whole value,
+    // reverting b (the reason to use update).
+    let mut stale = stale;
+    stale["a"] = 2.into();
+    a.put(&list, &t, stale).await.unwrap();
+    until_value(&b, &list, &t, &json!({"a": 2, "b": 0})).await;
+    // An update of an absent document starts from {}.
+    assert!(
+        a.update(&list, &doc("new"), |d| d["x"] = 1.into())
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        a.get(&list, &doc("new")).await.unwrap(),
+        Some(json!({"x": 1}))
+    );
+    // Nothing changed: false, and nothing written.
+    assert!(!a.update(&list, &doc("new"), |_| {}).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_and_text_merge_concurrent_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(dir.path(), &["--anonymous", "todo-*"]);
+    let list = db("todo-fields");
+    let t = doc("t");
+    let (a, b) = two_clients(&server, &list).await;
+    a.increment(&list, &t, &["votes"], 1).await.unwrap();
+    a.splice_text(&list, &t, &["title"], 0, 0, "milk")
+        .await
+        .unwrap();
+    until_value(&b, &list, &t, &json!({"votes": 1, "title": "milk"})).await;
+    // Both add 1 and both edit the text without waiting for the other's
+    // change: counters add and text merges, in whichever order they meet.
+    let (ra, rb) = tokio::join!(
+        a.increment(&list, &t, &["votes"], 1),
+        b.increment(&list, &t, &["votes"], 1)
+    );
+    assert!(ra.unwrap() && rb.unwrap());
+    a.splice_text(&list, &t, &["title"], 4, 0, " and eggs")
+        .await
+        .unwrap();
+    b.splice_text(&list, &t, &["title"], 0, 0, "oat ")
+        .await
+        .unwrap();
+    let want = json!({"votes": 3, "title": "oat milk and eggs"});
+    until_value(&a, &list, &t, &want).await;
+    until_value(&b, &list, &t, &want).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_update_writes_nothing_and_the_client_goes_on() {
+    let c = SyncClient::in_memory(None, "");
+    let list = db("local");
+    c.open(&list).await.unwrap();
+    c.put(&list, &doc("t"), json!({"n": 1})).await.unwrap();
+    let r = c
+        .update(&list, &doc("t"), |d| {
+            d["n"] = 2.into();
+            panic!("the app's bug");
+        })
+        .await;
+    match r {
+        Err(ClientError::UpdatePanicked(m)) => assert!(m.contains("the app's bug"), "{m}"),
+        other => panic!("expected UpdatePanicked, got {other:?}"),
+    }
+    assert_eq!(
+        c.get(&list, &doc("t")).await.unwrap(),
+        Some(json!({"n": 1}))
+    );
+    assert!(
+        c.update(&list, &doc("t"), |d| d["n"] = 3.into())
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        c.get(&list, &doc("t")).await.unwrap(),
+        Some(json!({"n": 3}))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_a_refused_database_fail_with_the_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let server = ServerProc::start(&data, &[]);
+    let reader_token = token(&data, &["--db", "org-*", "--rights", "read"]);
+    let reader = SyncClient::connect(Some(&server.url()), &reader_token, dir.path().join("r"))
+        .await
+        .unwrap();
+    let list = db("org-1");
+    reader.open(&list).await.unwrap();
+    synced(&reader, &list).await;
+    let mut events = reader.events();
+    // The first write is local: the server has not said anything yet.
+    assert!(reader.put(&list, &doc("x"), json!({"a": 1})).await.unwrap());
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(ClientEvent::Error { code, .. }) = events.recv().await {
+                assert_eq!(code, ErrorCode::Forbidden);
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the server refuses the push");
+    // Every later write says so, and changes nothing.
+    let forbidden = |r: Result<bool, ClientError>| match r {
+        Err(ClientError::Server { code, .. }) => code == ErrorCode::Forbidden,
+        _ => false,
+    };
+    assert!(forbidden(
+        reader.put(&list, &doc("y"), json!({"b": 1})).await
+    ));
+    assert!(forbidden(
+        reader.update(&list, &doc("x"), |d| d["a"] = 2.into()).await
+    ));
+    assert!(forbidden(
+        reader.increment(&list, &doc("x"), &["n"], 1).await
+    ));
+    assert!(forbidden(reader.delete(&list, &doc("x")).await));
+    assert_eq!(reader.get(&list, &doc("y")).await.unwrap(), None);
+    assert_eq!(
+        reader.get(&list, &doc("x")).await.unwrap(),
+        Some(json!({"a": 1}))
+    );
+    // Other databases are not affected.
+    let other = db("org-2");
+    reader.open(&other).await.unwrap();
+    synced(&reader, &other).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_synced_fails_without_a_server_and_times_out_offline() {
+    let local = SyncClient::in_memory(None, "");
+    let list = db("local");
+    local.open(&list).await.unwrap();
+    match tokio::time::timeout(WAIT, local.wait_synced(&list)).await {
+        Ok(Err(ClientError::NoServer)) => {}
+        other => panic!("expected NoServer at once, got {other:?}"),
+    }
+    // A server that is not there: a port bound and closed again.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let offline = SyncClient::in_memory(Some(&format!("ws://127.0.0.1:{port}/sync")), "");
+    offline.open(&list).await.unwrap();
+    let waited = Duration::from_millis(300);
+    match offline.wait_synced_for(&list, waited).await {
+        Err(ClientError::Timeout {
+            db,
+            waited: w,
+            status,
+        }) => {
+            assert_eq!((db, w), (list.clone(), waited));
+            assert_ne!(status, Status::Online);
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+}
