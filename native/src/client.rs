@@ -83,11 +83,31 @@ pub enum ClientError {
     /// written.
     #[error("the update closure panicked: {0}")]
     UpdatePanicked(String),
+    /// The URL is not a WebSocket URL (`ws://host[:port]/path` or `wss://…`).
+    #[error("invalid server URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Connecting failed in a way retrying cannot mend (the server answered
+    /// the upgrade with 404, say): the client stops dialling.
+    #[error("cannot connect to {url}: {message}")]
+    Connect {
+        /// The server.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
     /// [`SyncClient::wait_synced`] was asked of a client with no server.
     #[error("this client has no server to sync with")]
     NoServer,
     /// [`SyncClient::wait_synced_for`] ran out of time.
-    #[error("{db} did not sync within {waited:?} (status: {status:?})")]
+    #[error("{db} did not sync within {waited:?} ({})", match last_failure {
+        Some(cause) => format!("offline: {cause}"),
+        None => format!("{status:?}").to_lowercase(),
+    })]
     Timeout {
         /// The database.
         db: DbName,
@@ -95,6 +115,9 @@ pub enum ClientError {
         waited: Duration,
         /// The connection's status when it gave up.
         status: Status,
+        /// Why the last attempt to connect failed, if one did since the
+        /// last connection.
+        last_failure: Option<String>,
     },
 }
 
@@ -146,6 +169,7 @@ enum Cmd {
     Edit(DbName, DocId, Edit, Reply<bool>),
     Presence(DbName, Vec<u8>, Reply<()>),
     Status(oneshot::Sender<Status>),
+    LastFailure(oneshot::Sender<Option<String>>),
     PresenceView(DbName, oneshot::Sender<PresenceView>),
     WaitSynced(DbName, Reply<()>),
     ListDatabases(Reply<Vec<DbName>>),
@@ -180,6 +204,8 @@ enum Report {
     Closed(u64),
     /// TLS failed (an untrusted certificate): dialling again will not help.
     TlsFailed(u64, String),
+    /// Connecting failed: why, and whether dialling again can help.
+    DialFailed(u64, String, bool),
     /// A batch written to the file store is durable (or failed).
     Persisted(DbName, u64, Result<(), String>),
 }
@@ -338,6 +364,9 @@ impl SyncClient {
         dir: impl AsRef<Path>,
         options: &ClientOptions,
     ) -> Result<Self, ClientError> {
+        if let Some(url) = url {
+            check_url(url)?;
+        }
         let tls = tls_for(url, options)?;
         let store = FileStore::open(dir)?;
         let identity = replica_identity(&store).await?;
@@ -367,6 +396,9 @@ impl SyncClient {
         token: &str,
         options: &ClientOptions,
     ) -> Result<Self, ClientError> {
+        if let Some(url) = url {
+            check_url(url)?;
+        }
         let tls = tls_for(url, options)?;
         Ok(Self::start(
             url,
@@ -396,7 +428,12 @@ impl SyncClient {
         let driver = Driver {
             identity,
             tls,
-            tls_failed: None,
+            // `in_memory` cannot refuse a bad URL: its client says so to
+            // every wait instead of dialling it for ever.
+            stopped: url
+                .and_then(|u| check_url(u).err())
+                .map(|e| Stopped::Connect(e.to_string())),
+            last_failure: None,
             client: shared.clone(),
             store,
             url: url.map(str::to_owned),
@@ -640,8 +677,20 @@ impl SyncClient {
                 db: db.clone(),
                 waited: timeout,
                 status: self.status().await,
+                last_failure: self.last_failure().await,
             }),
         }
+    }
+
+    /// Why the last attempt to connect failed (connection refused, a name
+    /// that does not resolve, a 502 from a proxy, ...), until a connection
+    /// succeeds. Each failure is also a [`ClientEvent::ConnectFailed`].
+    pub async fn last_failure(&self) -> Option<String> {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::LastFailure(tx)).await.is_err() {
+            return None;
+        }
+        rx.await.unwrap_or_default()
     }
 
     /// Every event (changes, acks, status, presence, errors).
@@ -674,8 +723,10 @@ struct Driver {
     identity: Identity,
     /// For `wss://` URLs.
     tls: Option<Arc<rustls::ClientConfig>>,
-    /// TLS failed (an untrusted certificate): no more dialling.
-    tls_failed: Option<String>,
+    /// Dialling failed for good (TLS, a 4xx answer): no more dialling.
+    stopped: Option<Stopped>,
+    /// Why the last dial failed, until one succeeds.
+    last_failure: Option<String>,
     client: Shared,
     store: Local,
     url: Option<String>,
@@ -707,6 +758,50 @@ struct Driver {
     fatal: Option<(ErrorCode, String)>,
 }
 
+/// Refuse what is not a WebSocket URL before dialling it for ever.
+fn check_url(url: &str) -> Result<(), ClientError> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let invalid = |reason: String| ClientError::InvalidUrl {
+        url: url.to_owned(),
+        reason,
+    };
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    match scheme.as_deref() {
+        Some("ws" | "wss") => {}
+        Some("http" | "https") => {
+            return Err(invalid(
+                "the server's sync endpoint is a WebSocket URL: ws://HOST:PORT/sync \
+                 (wss:// for https)"
+                    .into(),
+            ));
+        }
+        _ => return Err(invalid("expected ws://HOST:PORT/sync or wss://…".into())),
+    }
+    url.into_client_request()
+        .map(|_| ())
+        .map_err(|e| invalid(e.to_string()))
+}
+
+/// Why a dial failed, for people, and whether dialling again can help.
+fn dial_failure(e: &tokio_tungstenite::tungstenite::Error) -> (String, bool) {
+    use tokio_tungstenite::tungstenite::Error;
+    match e {
+        Error::Url(u) => (u.to_string(), true),
+        Error::Http(response) => {
+            let status = response.status();
+            // 4xx (a wrong path, a proxy refusing the upgrade) stays so;
+            // a timeout, a rate limit and 5xx may pass.
+            let permanent = status.is_client_error() && !matches!(status.as_u16(), 408 | 429);
+            (
+                format!("the server answered the WebSocket upgrade with HTTP {status}"),
+                permanent,
+            )
+        }
+        Error::Io(io) => (io.to_string(), false),
+        other => (other.to_string(), false),
+    }
+}
+
 fn path_of(path: &[&str]) -> Vec<PathSeg> {
     path.iter().map(|&k| PathSeg::from(k)).collect()
 }
@@ -725,6 +820,33 @@ fn tls_error(url: &str, problem: &str) -> ClientError {
     ClientError::Tls {
         url: url.to_owned(),
         message: problem.to_owned(),
+    }
+}
+
+/// Why a client stopped dialling.
+enum Stopped {
+    /// TLS failed (an untrusted certificate).
+    Tls(String),
+    /// The server (or a proxy) refused the upgrade, e.g. a wrong path.
+    Connect(String),
+}
+
+impl Stopped {
+    fn error(&self, url: &str) -> ClientError {
+        match self {
+            Stopped::Tls(problem) => tls_error(url, problem),
+            Stopped::Connect(message) => ClientError::Connect {
+                url: url.to_owned(),
+                message: message.clone(),
+            },
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Stopped::Tls(m) => format!("TLS: {m}"),
+            Stopped::Connect(m) => m.clone(),
+        }
     }
 }
 
@@ -771,9 +893,12 @@ impl Driver {
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // No redialling after a refused identity: it would be refused again.
-            let attempt_at = self
-                .next_attempt
-                .filter(|_| self.url.is_some() && self.conn.is_none() && self.fatal.is_none());
+            let attempt_at = self.next_attempt.filter(|_| {
+                self.url.is_some()
+                    && self.conn.is_none()
+                    && self.fatal.is_none()
+                    && self.stopped.is_none()
+            });
             if let Some(at) = self.catch_up_at
                 && catch_up.deadline() != at
             {
@@ -872,8 +997,8 @@ impl Driver {
                         let _ = reports.send(Report::TlsFailed(generation, problem));
                         return;
                     }
-                    tracing::debug!("connect to {url} failed: {e}");
-                    let _ = reports.send(Report::Closed(generation));
+                    let (message, permanent) = dial_failure(&e);
+                    let _ = reports.send(Report::DialFailed(generation, message, permanent));
                     return;
                 }
             };
@@ -898,6 +1023,7 @@ impl Driver {
             Report::Connected(g, out, read) if g == self.generation => {
                 self.conn = Some(Conn { out, read });
                 self.connected_at = Some(Instant::now());
+                self.last_failure = None;
                 let host = self
                     .url
                     .as_deref()
@@ -910,18 +1036,20 @@ impl Driver {
             Report::TlsFailed(g, problem) if g == self.generation => {
                 let url = self.url.clone().unwrap_or_default();
                 tracing::error!("TLS to {url} failed, not reconnecting: {problem}");
-                let error = || tls_error(&url, &problem);
-                for (_, waiters) in self.waiters.drain() {
-                    for w in waiters {
-                        let _ = w.send(Err(error()));
-                    }
+                self.stop(Stopped::Tls(problem));
+            }
+            Report::DialFailed(g, message, permanent) if g == self.generation => {
+                let url = self.url.clone().unwrap_or_default();
+                self.client().connect_failed(&message, permanent);
+                if permanent {
+                    tracing::error!("connecting to {url} failed, not reconnecting: {message}");
+                    self.stop(Stopped::Connect(message));
+                } else {
+                    tracing::info!("connecting to {url} failed (will retry): {message}");
+                    self.last_failure = Some(message);
+                    self.drop_connection();
                 }
-                for (_, reply) in self.listings.drain(..) {
-                    let _ = reply.send(Err(error()));
-                }
-                self.tls_failed = Some(problem);
-                self.drop_connection();
-                self.next_attempt = None;
+                self.pump();
             }
             Report::Persisted(db, seq, result) => match result {
                 Ok(()) => self.client().persisted(&db, seq),
@@ -966,6 +1094,22 @@ impl Driver {
             .fatal
             .is_none()
             .then(|| Instant::now() + backoff(self.attempts));
+    }
+
+    /// Stop dialling for good: settle everyone waiting with the reason.
+    fn stop(&mut self, why: Stopped) {
+        let url = self.url.clone().unwrap_or_default();
+        for (_, waiters) in self.waiters.drain() {
+            for w in waiters {
+                let _ = w.send(Err(why.error(&url)));
+            }
+        }
+        for (_, reply) in self.listings.drain(..) {
+            let _ = reply.send(Err(why.error(&url)));
+        }
+        self.stopped = Some(why);
+        self.drop_connection();
+        self.next_attempt = None;
     }
 
     /// Why `db` will not sync on this connection, if the server said so.
@@ -1030,15 +1174,19 @@ impl Driver {
             Cmd::Status(reply) => {
                 let _ = reply.send(self.client().status());
             }
+            Cmd::LastFailure(reply) => {
+                let why = self.stopped.as_ref().map(Stopped::message);
+                let _ = reply.send(why.or_else(|| self.last_failure.clone()));
+            }
             Cmd::PresenceView(db, reply) => {
                 let _ = reply.send(self.client().presence(&db));
             }
             Cmd::WaitSynced(db, reply) => {
                 if self.url.is_none() {
                     let _ = reply.send(Err(ClientError::NoServer));
-                } else if let Some(problem) = &self.tls_failed {
+                } else if let Some(why) = &self.stopped {
                     let url = self.url.clone().unwrap_or_default();
-                    let _ = reply.send(Err(tls_error(&url, problem)));
+                    let _ = reply.send(Err(why.error(&url)));
                 } else if let Some(r) = self.refusal_of(&db) {
                     let _ = reply.send(Err(server_error(r)));
                 } else if self.client().is_synced(&db) {
@@ -1048,9 +1196,9 @@ impl Driver {
                 }
             }
             Cmd::ListDatabases(reply) => {
-                if let Some(problem) = &self.tls_failed {
+                if let Some(why) = &self.stopped {
                     let url = self.url.clone().unwrap_or_default();
-                    let _ = reply.send(Err(tls_error(&url, problem)));
+                    let _ = reply.send(Err(why.error(&url)));
                     return;
                 }
                 if let Some(r) = &self.fatal {

@@ -216,17 +216,100 @@ async fn wait_synced_fails_without_a_server_and_times_out_offline() {
         .unwrap()
         .port();
     let offline = SyncClient::in_memory(Some(&format!("ws://127.0.0.1:{port}/sync")), "");
+    let mut events = offline.events();
     offline.open(&list).await.unwrap();
+    // The first dial has failed (so the timeout below can name its cause).
+    tokio::time::timeout(WAIT, async {
+        while !matches!(events.recv().await, Ok(ClientEvent::ConnectFailed { .. })) {}
+    })
+    .await
+    .expect("a ConnectFailed event");
     let waited = Duration::from_millis(300);
     match offline.wait_synced_for(&list, waited).await {
         Err(ClientError::Timeout {
             db,
             waited: w,
             status,
+            last_failure,
         }) => {
             assert_eq!((db, w), (list.clone(), waited));
             assert_ne!(status, Status::Online);
+            assert!(last_failure.is_some(), "the refused dial is the cause");
         }
         other => panic!("expected Timeout, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_that_is_not_a_websocket_url_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in [
+        "http://127.0.0.1:7070/sync",
+        "127.0.0.1:7070",
+        "ws://bad host/sync",
+    ] {
+        match SyncClient::connect(Some(url), "", dir.path().join("r")).await {
+            Err(ClientError::InvalidUrl { url: u, reason }) => {
+                assert_eq!(u, url);
+                assert!(!reason.is_empty());
+            }
+            other => panic!("{url}: expected InvalidUrl, got {other:?}"),
+        }
+        // in_memory cannot fail: every wait says it instead, at once.
+        let c = SyncClient::in_memory(Some(url), "");
+        let list = db("local");
+        c.open(&list).await.unwrap();
+        match tokio::time::timeout(WAIT, c.wait_synced(&list)).await {
+            Ok(Err(ClientError::Connect { message, .. })) => {
+                assert!(message.contains("invalid server URL"), "{message}")
+            }
+            other => panic!("{url}: expected Connect at once, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_failures_are_events_with_their_cause() {
+    // Refused: retried, each failure an event, the cause in the timeout.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let c = SyncClient::in_memory(Some(&format!("ws://127.0.0.1:{port}/sync")), "");
+    let mut events = c.events();
+    let list = db("local");
+    c.open(&list).await.unwrap();
+    let (message, permanent) = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(ClientEvent::ConnectFailed { message, permanent }) = events.recv().await {
+                return (message, permanent);
+            }
+        }
+    })
+    .await
+    .expect("a ConnectFailed event");
+    assert!(message.to_lowercase().contains("refused"), "{message}");
+    assert!(!permanent);
+    match c.wait_synced_for(&list, Duration::from_millis(200)).await {
+        Err(e @ ClientError::Timeout { .. }) => {
+            assert!(e.to_string().contains("refused"), "{e}");
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+
+    // A wrong path: the server answers 404, which retrying cannot mend.
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(dir.path(), &["--anonymous", "todo-*"]);
+    let wrong = format!("ws://{}/not-sync", server.addr);
+    let c = SyncClient::in_memory(Some(&wrong), "");
+    let list = db("todo-x");
+    c.open(&list).await.unwrap();
+    match tokio::time::timeout(WAIT, c.wait_synced(&list)).await {
+        Ok(Err(ClientError::Connect { url, message })) => {
+            assert_eq!(url, wrong);
+            assert!(message.contains("404"), "{message}");
+        }
+        other => panic!("expected Connect (404), got {other:?}"),
     }
 }

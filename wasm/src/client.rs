@@ -408,7 +408,8 @@ impl Driver {
             ClientEvent::Presence { db } => JsEvent::Presence {
                 db: db.as_str().to_owned(),
             },
-            ClientEvent::Databases { .. } => return,
+            // The socket reports its own failures (socket.rs).
+            ClientEvent::Databases { .. } | ClientEvent::ConnectFailed { .. } => return,
             ClientEvent::Error { db, code, message } => {
                 self.server_error(db.as_ref(), code, &message);
                 JsEvent::Error {

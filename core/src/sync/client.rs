@@ -109,6 +109,15 @@ pub enum ClientEvent {
         /// The databases this token administers.
         names: Vec<DbName>,
     },
+    /// The transport could not connect (the adapter says why, see
+    /// [`Client::connect_failed`]). `permanent`: the adapter stops
+    /// trying (a bad URL, an untrusted certificate); otherwise it retries.
+    ConnectFailed {
+        /// What went wrong, for people.
+        message: String,
+        /// Whether retrying cannot help.
+        permanent: bool,
+    },
     /// The server refused something, or remote data was unusable.
     Error {
         /// The database concerned.
@@ -681,6 +690,15 @@ impl Client {
         for n in names {
             self.send_subscribe(&n);
         }
+    }
+
+    /// The transport failed to connect: tell the application why (status
+    /// stays as it is: offline).
+    pub fn connect_failed(&mut self, message: impl Into<String>, permanent: bool) {
+        self.event(ClientEvent::ConnectFailed {
+            message: message.into(),
+            permanent,
+        });
     }
 
     /// The transport closed.
