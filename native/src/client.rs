@@ -1045,7 +1045,9 @@ impl Driver {
                     tracing::error!("connecting to {url} failed, not reconnecting: {message}");
                     self.stop(Stopped::Connect(message));
                 } else {
-                    tracing::info!("connecting to {url} failed (will retry): {message}");
+                    // An event says it to the application; a log line per
+                    // retry would be noise.
+                    tracing::debug!("connecting to {url} failed (will retry): {message}");
                     self.last_failure = Some(message);
                     self.drop_connection();
                 }

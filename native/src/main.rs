@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use syncline::auth::{Claims, GrantClaim, MIN_SECRET_LEN, TokenAuth, TokenConfig, mint};
 use syncline::server::{ServeOptions, run};
+use syncline::{ClientError, ClientEvent, Status, SyncClient};
 use syncline_core::sync::Right;
 
 mod cli_replica;
@@ -28,13 +29,13 @@ enum Command {
     /// Mint a signed access token for databases matching a pattern.
     Token(TokenArgs),
     /// Print a document as JSON (from a server, as a native client).
-    Get(RemoteArgs),
+    Get(DocArgs),
     /// Replace a document with JSON (minimal changes), durably on the server.
-    Put(RemoteArgs),
+    Put(PutArgs),
     /// Delete a document (a synced tombstone).
-    Delete(RemoteArgs),
-    /// List the documents of a database.
-    List(RemoteArgs),
+    Delete(DocArgs),
+    /// List the documents of a database (or, with --databases, the databases).
+    List(ListArgs),
     /// Print every document of a stopped server's data dir as JSON lines.
     Dump(DumpArgs),
     /// Fold a stopped server's logs into snapshots and rewrite the files.
@@ -43,6 +44,7 @@ enum Command {
     Verify(OfflineArgs),
 }
 
+/// How get/put/delete/list reach the server.
 #[derive(clap::Args, Debug)]
 struct RemoteArgs {
     /// Server WebSocket URL, e.g. ws://127.0.0.1:7070/sync.
@@ -56,7 +58,8 @@ struct RemoteArgs {
         hide_env_values = true
     )]
     token: String,
-    /// Seconds to wait for the server.
+    /// Seconds to wait for a server that does not answer (a refused
+    /// connection or a bad address fails at once).
     #[arg(long, default_value_t = 10)]
     timeout: u64,
     /// Where the command keeps its replica between calls (one per server,
@@ -68,16 +71,40 @@ struct RemoteArgs {
     /// system's roots and Mozilla's).
     #[arg(long, env = "SYNCLINE_CA")]
     ca_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct DocArgs {
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// Database.
+    db: String,
+    /// Document id.
+    doc: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct PutArgs {
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// Database.
+    db: String,
+    /// Document id.
+    doc: String,
+    /// The document, a JSON object.
+    json: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct ListArgs {
+    #[command(flatten)]
+    remote: RemoteArgs,
     /// List the databases (admin token) instead of a database's documents.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "db")]
     databases: bool,
     /// Database.
     #[arg(required_unless_present = "databases")]
     db: Option<String>,
-    /// Document id (get, put, delete).
-    doc: Option<String>,
-    /// JSON object (put).
-    json: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -330,6 +357,10 @@ struct TokenArgs {
     /// Data directory holding the generated secret [default: ./syncline-data].
     #[arg(long, env = "SYNCLINE_DATA")]
     data: Option<PathBuf>,
+    /// The server's TOML config file: its secret, secret-file and data are
+    /// read as `serve` reads them (flags and environment win).
+    #[arg(long, env = "SYNCLINE_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -346,10 +377,11 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(*args),
         Command::Token(args) => token(args),
-        Command::Get(a) => remote("get", a),
-        Command::Put(a) => remote("put", a),
-        Command::Delete(a) => remote("delete", a),
-        Command::List(a) => remote("list", a),
+        Command::Get(a) => remote(&a.remote, &a.db, Op::Get(&a.doc)),
+        Command::Put(a) => remote(&a.remote, &a.db, Op::Put(&a.doc, &a.json)),
+        Command::Delete(a) => remote(&a.remote, &a.db, Op::Delete(&a.doc)),
+        Command::List(a) if a.databases => list_databases(&a.remote),
+        Command::List(a) => remote(&a.remote, a.db.as_deref().unwrap_or_default(), Op::List),
         Command::Dump(a) if a.changes => {
             offline::dump_changes(&a.offline.data, a.offline.db.as_deref())
         }
@@ -359,46 +391,41 @@ fn main() -> Result<()> {
     }
 }
 
+/// What a get/put/delete/list command does.
+enum Op<'a> {
+    Get(&'a str),
+    Put(&'a str, &'a str),
+    Delete(&'a str),
+    List,
+}
+
 /// get/put/delete/list through the user's replica for this server.
-fn remote(op: &str, a: RemoteArgs) -> Result<()> {
+fn remote(a: &RemoteArgs, db: &str, op: Op<'_>) -> Result<()> {
     use syncline_core::{DbName, DocId};
-    if a.databases {
-        return list_databases(&a);
-    }
-    let db = DbName::new(a.db.clone().unwrap_or_default())?;
-    let doc = match (&a.doc, op) {
-        (Some(d), _) => Some(DocId::new(d.clone())?),
-        (None, "list") => None,
-        (None, _) => bail!("{op} needs a document id"),
+    let db = DbName::new(db)?;
+    let doc = match op {
+        Op::Get(d) | Op::Put(d, _) | Op::Delete(d) => Some(DocId::new(d)?),
+        Op::List => None,
     };
-    let value: Option<serde_json::Value> = match (op, &a.json) {
-        ("put", Some(j)) => Some(serde_json::from_str(j).context("parsing the JSON argument")?),
-        ("put", None) => bail!("put needs a JSON object"),
+    let value: Option<serde_json::Value> = match op {
+        Op::Put(_, j) => Some(serde_json::from_str(j).context("parsing the JSON argument")?),
         _ => None,
     };
-    let a = &a;
     with_client(a, |client| async move {
-        let timeout = std::time::Duration::from_secs(a.timeout);
         client.open(&db).await?;
-        let wait = || async {
-            match tokio::time::timeout(timeout, client.wait_synced(&db)).await {
-                Ok(r) => r.map_err(anyhow::Error::from),
-                Err(_) => bail!("no answer from {} within {}s", a.url, a.timeout),
-            }
-        };
-        wait().await?;
+        synced(&client, &db, a).await?;
         match (op, doc) {
-            ("get", Some(d)) => match client.get(&db, &d).await? {
+            (Op::Get(_), Some(d)) => match client.get(&db, &d).await? {
                 Some(v) => println!("{v}"),
                 None => bail!("no document {d} in {db}"),
             },
-            ("put", Some(d)) => {
+            (Op::Put(..), Some(d)) => {
                 client.put(&db, &d, value.unwrap_or_default()).await?;
-                wait().await?;
+                synced(&client, &db, a).await?;
             }
-            ("delete", Some(d)) => {
+            (Op::Delete(_), Some(d)) => {
                 client.delete(&db, &d).await?;
-                wait().await?;
+                synced(&client, &db, a).await?;
             }
             _ => {
                 for d in client.list(&db).await? {
@@ -408,6 +435,39 @@ fn remote(op: &str, a: RemoteArgs) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Wait until `db` is in sync; fail as soon as connecting does (a one-shot
+/// command has no use for the client's retries), or after `--timeout` for
+/// a server that does not answer at all.
+async fn synced(client: &SyncClient, db: &syncline_core::DbName, a: &RemoteArgs) -> Result<()> {
+    let timeout = std::time::Duration::from_secs(a.timeout);
+    let mut events = client.events();
+    let failed = async {
+        if let Some(cause) = client.last_failure().await {
+            return cause;
+        }
+        loop {
+            match events.recv().await {
+                Ok(ClientEvent::ConnectFailed { message, .. }) => return message,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    return "the client stopped".into();
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::select! {
+        r = client.wait_synced_for(db, timeout) => match r {
+            Err(ClientError::Timeout { status: Status::Offline, last_failure: None, .. }) => bail!(
+                "no answer from {} within {}s: nothing at that address answers \
+                 (a wrong host or port, or a firewall dropping packets?)",
+                a.url, a.timeout
+            ),
+            r => r.map_err(anyhow::Error::from),
+        },
+        cause = failed => bail!("cannot connect to {}: {cause}", a.url),
+    }
 }
 
 fn list_databases(a: &RemoteArgs) -> Result<()> {
@@ -535,17 +595,22 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The server's TOML config file (none: every setting unset).
+fn read_config(path: Option<&Path>) -> Result<FileConfig> {
+    match path {
+        Some(p) => toml::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("parsing {}", p.display())),
+        None => Ok(FileConfig::default()),
+    }
+}
+
 /// The largest `--max-frame` accepted: half a log record.
 const MAX_FRAME_LIMIT: usize = syncline::store::MAX_RECORD / 2;
 
 fn serve(args: ServeArgs) -> Result<()> {
-    let file: FileConfig = match &args.config {
-        Some(p) => toml::from_str(
-            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-        )
-        .with_context(|| format!("parsing {}", p.display()))?,
-        None => FileConfig::default(),
-    };
+    let file = read_config(args.config.as_deref())?;
     let data = args.data.or(file.data).unwrap_or_else(default_data);
     let listen = args
         .listen
@@ -797,7 +862,9 @@ fn parse_duration(s: &str) -> Result<u64> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num.parse().with_context(|| format!("bad duration {s:?}"))?;
     let mult = match unit {
-        "s" | "" => 1,
+        // A bare number was taken as seconds: `--expires 7` meant 7 days.
+        "" => bail!("the duration {s:?} needs a unit: {s}s, {s}m, {s}h or {s}d"),
+        "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
@@ -823,15 +890,6 @@ fn token(args: TokenArgs) -> Result<()> {
     if let Some((_, r)) = grants.iter().find(|(_, r)| Right::parse(r).is_none()) {
         bail!("rights must be read, write or admin, not {r:?}");
     }
-    let data = args.data.unwrap_or_else(default_data);
-    let secret = secret_from(args.secret, args.secret_file.as_deref(), &data, false)
-        .with_context(|| {
-            format!(
-                "no secret: the server keeps its generated one in its data directory ({}): \
-                 pass --data DIR (or SYNCLINE_DATA) to name the server's, or --secret / --secret-file",
-                data.join("secret").display()
-            )
-        })?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .context("clock before 1970")?
@@ -840,6 +898,30 @@ fn token(args: TokenArgs) -> Result<()> {
         "never" => None,
         d => Some(now + parse_duration(d)?),
     };
+    // Where `serve` finds its secret: flags and environment, then the
+    // config file, then DATA/secret.
+    let file = read_config(args.config.as_deref())?;
+    let data = args.data.or(file.data).unwrap_or_else(default_data);
+    let secret_file = args.secret_file.or(file.secret_file);
+    let secret = secret_from(
+        args.secret.or(file.secret),
+        secret_file.as_deref(),
+        &data,
+        false,
+    )
+    .with_context(|| {
+        format!(
+            "no secret: the server keeps its generated one in its data directory; looked in {}{}. \
+             Pass --data DIR (or SYNCLINE_DATA) to name the server's, --config FILE for its \
+             config file, or --secret / --secret-file",
+            data.join("secret").display(),
+            if args.config.is_none() {
+                " (no --config or SYNCLINE_CONFIG)"
+            } else {
+                ""
+            }
+        )
+    })?;
     let claims = Claims {
         sub: args.sub,
         exp,

@@ -313,3 +313,124 @@ async fn connection_failures_are_events_with_their_cause() {
         other => panic!("expected Connect (404), got {other:?}"),
     }
 }
+
+/// Run the CLI; (success, stdout, stderr). Bounded by `WAIT`: a command
+/// that waits out a long `--timeout` fails the test.
+fn cli(args: &[&str]) -> (bool, String, String) {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_syncline"))
+        .args(args)
+        .env("SYNCLINE_LOG", "error")
+        .env_remove("SYNCLINE_SECRET")
+        .env_remove("SYNCLINE_DATA")
+        .env_remove("SYNCLINE_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < WAIT,
+            "syncline {args:?} still running after {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_says_why_it_cannot_connect_as_soon_as_it_knows() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = dir.path().join("cli");
+    let replicas = replicas.to_str().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cases = [
+        // Nothing listening: refused, at once (not after --timeout 600).
+        (format!("ws://127.0.0.1:{port}/sync"), "refused"),
+        (format!("http://127.0.0.1:{port}/sync"), "ws://"),
+        (
+            "ws://no-such-host.invalid/sync".to_owned(),
+            "no-such-host.invalid",
+        ),
+    ];
+    for (url, says) in cases {
+        let args = ["get", "--url", &url, "--timeout", "600"];
+        let (ok, _, err) = cli(&[&args[..], &["--replica-dir", replicas, "todo-1", "t"]].concat());
+        assert!(!ok);
+        assert!(err.to_lowercase().contains(says), "{url}: {err}");
+        assert!(!err.contains("within 600s"), "{url}: {err}");
+    }
+}
+
+#[test]
+fn the_cli_asks_for_a_unit_shows_only_its_arguments_and_finds_the_secret() {
+    let (ok, _, err) = cli(&["token", "--grant", "a=read", "--expires", "7"]);
+    assert!(
+        !ok && err.contains("needs a unit") && err.contains("7d"),
+        "{err}"
+    );
+    let (ok, out, _) = cli(&[
+        "token",
+        "--grant",
+        "a=read",
+        "--expires",
+        "7d",
+        "--secret",
+        common::SECRET,
+    ]);
+    assert!(ok && out.trim().split('.').count() == 3, "{out}");
+
+    let (_, get_help, _) = cli(&["get", "--help"]);
+    assert!(
+        get_help.contains("<DOC>") && !get_help.contains("<JSON>"),
+        "{get_help}"
+    );
+    let (_, list_help, _) = cli(&["list", "--help"]);
+    assert!(
+        !list_help.contains("<DOC>") && list_help.contains("--databases"),
+        "{list_help}"
+    );
+    let (_, put_help, _) = cli(&["put", "--help"]);
+    assert!(put_help.contains("<JSON>"), "{put_help}");
+
+    // Outside the server's directory: the error says where it looked; the
+    // server's config file is enough to find the secret.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("secret"), common::SECRET).unwrap();
+    let (ok, _, err) = cli(&["token", "--grant", "a=read"]);
+    assert!(
+        !ok && err.contains("looked in") && err.contains("--config"),
+        "{err}"
+    );
+    let config = dir.path().join("syncline.toml");
+    std::fs::write(&config, format!("data = {:?}\n", data.to_str().unwrap())).unwrap();
+    let (ok, out, err) = cli(&[
+        "token",
+        "--grant",
+        "a=read",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    // Minted with the server's secret: the server accepts it.
+    let server = ServerProc::start(&data, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = SyncClient::in_memory(Some(&server.url()), out.trim());
+        let list = db("a");
+        c.open(&list).await.unwrap();
+        synced(&c, &list).await;
+    });
+}
