@@ -3,10 +3,10 @@
 //! The native side of Syncline, an offline-first sync library for JSON
 //! documents (`automerge` CRDTs grouped in named databases):
 //!
-//! * [`client::SyncClient`], the native client. Its replica lives in a local
-//!   data directory (or in memory): reads and writes work offline and are
-//!   durable locally when they return, and the client syncs with a server
-//!   whenever it can reach one, reconnecting on its own.
+//! * [`client::SyncClient`], the native client, re-exported from the
+//!   `syncline-client` crate: depend on that one for a client alone (it
+//!   builds without the server's dependencies; its docs have a complete
+//!   two-client program).
 //! * [`server`], the sync server (WebSocket `/sync`, `/healthz`, Prometheus
 //!   `/metrics`), with [`auth`] for its signed access tokens and
 //!   [`store::FileStore`], the crash-safe append-only store on disk.
@@ -16,128 +16,17 @@
 //!
 //! The sync logic itself (documents, version vectors, the wire protocol, the
 //! client and server state machines) is the sans-IO crate `syncline-core`;
-//! this crate only does the I/O. What a client's user needs of it is
-//! re-exported here ([`DbName`], [`DocId`], [`ClientEvent`], [`Status`],
-//! [`ErrorCode`], [`PathSeg`]), so one dependency is enough.
+//! this crate and `syncline-client` only do the I/O.
 //!
-//! ## Two clients, one document
-//!
-//! Syncline is not on crates.io yet: depend on a checkout by path.
-//!
-//! ```toml
-//! [dependencies]
-//! syncline = { path = "/path/to/syncline/native" }
-//! serde_json = "1"
-//! tokio = { version = "1.54", features = ["macros", "rt-multi-thread", "time"] }
-//! ```
-//!
-//! Start a server that lets anyone into the `todo-*` databases, e.g. from a
-//! checkout `cargo run --release -p syncline -- serve --anonymous 'todo-*'`
-//! (or `./scripts/demo`), and run this as `src/main.rs`. Set `SYNCLINE_URL`
-//! for another server and `SYNCLINE_TOKEN` for a token
-//! (`syncline token --db 'todo-*' --rights write`).
-//!
-//! ```no_run
-//! use std::error::Error;
-//! use std::time::Duration;
-//!
-//! use serde_json::json;
-//! use syncline::{DbName, DocId, SyncClient};
-//! use tokio::sync::broadcast::error::RecvError;
-//! use tokio::time::timeout;
-//!
-//! /// How long to wait for the server before giving up.
-//! const WAIT: Duration = Duration::from_secs(10);
-//!
-//! #[tokio::main]
-//! async fn main() {
-//!     if let Err(e) = run().await {
-//!         eprintln!("error: {e}");
-//!         std::process::exit(1);
-//!     }
-//! }
-//!
-//! async fn run() -> Result<(), Box<dyn Error>> {
-//!     let url = std::env::var("SYNCLINE_URL").unwrap_or("ws://127.0.0.1:7070/sync".into());
-//!     let token = std::env::var("SYNCLINE_TOKEN").unwrap_or_default();
-//!
-//!     // Two clients, each with its own replica in a directory of its own.
-//!     // Connecting happens in the background: both work offline meanwhile.
-//!     let dir = std::env::temp_dir().join(format!("syncline-example-{}", std::process::id()));
-//!     let alice = SyncClient::connect(Some(&url), &token, dir.join("alice")).await?;
-//!     let bob = SyncClient::connect(Some(&url), &token, dir.join("bob")).await?;
-//!     let result = alice_writes_bob_reads(&alice, &bob, &url).await;
-//!     alice.close().await;
-//!     bob.close().await;
-//!     std::fs::remove_dir_all(&dir)?;
-//!     result
-//! }
-//!
-//! async fn alice_writes_bob_reads(
-//!     alice: &SyncClient,
-//!     bob: &SyncClient,
-//!     url: &str,
-//! ) -> Result<(), Box<dyn Error>> {
-//!     let db = DbName::new("todo-rust-example")?;
-//!     // A new document each run.
-//!     let doc = DocId::new(format!("todo-{}", &alice.replica().to_hex()[..8]))?;
-//!     alice.open(&db).await?;
-//!     bob.open(&db).await?;
-//!
-//!     // Alice's write is durable in her replica when `put` returns, online
-//!     // or not; `wait_synced_for` returns once the server has it too (or
-//!     // fails if the server refuses, e.g. a database the token does not
-//!     // cover, or if it does not answer in time).
-//!     let todo = json!({ "title": "buy milk", "done": false });
-//!     alice.put(&db, &doc, todo.clone()).await?;
-//!     alice
-//!         .wait_synced_for(&db, WAIT)
-//!         .await
-//!         .map_err(|e| format!("{url}: {e}: is the server running?"))?;
-//!     println!("alice wrote {db}/{doc}: {todo}");
-//!
-//!     // Bob's client announces every change it receives as an event: look,
-//!     // and if the document is not there yet, wait for the next event.
-//!     let mut events = bob.events();
-//!     let seen = timeout(WAIT, async {
-//!         loop {
-//!             if let Some(value) = bob.get(&db, &doc).await? {
-//!                 return Ok::<_, Box<dyn Error>>(value);
-//!             }
-//!             if let Err(RecvError::Closed) = events.recv().await {
-//!                 return Err("bob's client stopped".into());
-//!             }
-//!         }
-//!     })
-//!     .await
-//!     .map_err(|_| format!("bob did not receive {doc} within {WAIT:?}"))??;
-//!     println!("bob read {db}/{doc}: {seen}");
-//!     if seen != todo {
-//!         return Err(format!("bob read {seen}, expected {todo}").into());
-//!     }
-//!     Ok(())
-//! }
-//! ```
-//!
-//! It prints (the document id differs each run):
-//!
-//! ```text
-//! alice wrote todo-rust-example/todo-3f2a9c1e: {"done":false,"title":"buy milk"}
-//! bob read todo-rust-example/todo-3f2a9c1e: {"done":false,"title":"buy milk"}
-//! ```
-//!
-//! [`client::SyncClient::in_memory`] is the same client with nothing kept
-//! locally (tests, tools, load generators).
-
 #![warn(missing_docs, missing_debug_implementations)]
 
 pub mod auth;
-pub mod client;
 pub mod server;
 pub mod store;
 pub mod tls;
 
-pub use client::{ClientError, ClientOptions, SyncClient};
-pub use syncline_core::protocol::ErrorCode;
-pub use syncline_core::sync::{ClientEvent, PresenceView, Status};
-pub use syncline_core::{DbName, DocId, PathSeg};
+pub use syncline_client::client;
+pub use syncline_client::{
+    ClientError, ClientEvent, ClientOptions, DbName, DocId, ErrorCode, PathSeg, PresenceView,
+    Status, SyncClient,
+};

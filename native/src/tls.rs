@@ -7,64 +7,23 @@
 //!   certificate (certbot, cert-manager) is used for new connections
 //!   without a restart, and a pair that does not load keeps the previous
 //!   one in use (and says so in the log).
-//! - Client: the system's roots and Mozilla's (webpki-roots), plus the PEM
-//!   certificates of `--ca-file` / `SYNCLINE_CA` for a private CA.
+//! - Client: `syncline_client::tls` (re-exported here): the system's
+//!   roots and Mozilla's, plus a private CA's (`--ca-file` / `SYNCLINE_CA`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use rustls::crypto::CryptoProvider;
+use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
+pub use syncline_client::tls::{TlsError, client_config, load_certs};
+use syncline_client::tls::{file_error, provider};
+
 /// How often a handshake looks at the certificate files' modification times.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(5);
-
-/// Why TLS could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A certificate or key file does not load.
-    #[error("{path}: {problem}")]
-    File {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        problem: String,
-    },
-    /// The key does not fit the certificate, or rustls refused the set-up.
-    #[error("TLS: {0}")]
-    Rustls(#[from] rustls::Error),
-}
-
-// rustls marks ring's provider deprecated because ring lacks post-quantum
-// key exchange (aws-lc-rs has it, but needs cmake and a much longer build
-// on a fresh machine). Classical X25519/P-256 as every browser offers.
-#[allow(deprecated)]
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn file_error(path: &Path, problem: impl std::fmt::Display) -> TlsError {
-    TlsError::File {
-        path: path.to_owned(),
-        problem: problem.to_string(),
-    }
-}
-
-/// The PEM certificates of `path` (at least one).
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(path, e))?;
-    if certs.is_empty() {
-        return Err(file_error(path, "no PEM certificate in the file"));
-    }
-    Ok(certs)
-}
 
 fn load_pair(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
     let chain = load_certs(cert)?;
@@ -149,30 +108,5 @@ pub fn server_config(cert: PathBuf, key: PathBuf) -> Result<Arc<rustls::ServerCo
         .with_cert_resolver(resolver);
     // HTTP/1.1 only (WebSocket upgrades).
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// A client's TLS configuration: the system's roots, Mozilla's, and those
-/// of `ca_file` (PEM), if given.
-pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let native = rustls_native_certs::load_native_certs();
-    for e in &native.errors {
-        tracing::debug!("a system certificate did not load: {e}");
-    }
-    let (_, unusable) = roots.add_parsable_certificates(native.certs);
-    if unusable > 0 {
-        tracing::debug!("{unusable} system certificates are unusable");
-    }
-    if let Some(path) = ca_file {
-        for cert in load_certs(path)? {
-            roots.add(cert).map_err(|e| file_error(path, e))?;
-        }
-    }
-    let config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     Ok(Arc::new(config))
 }

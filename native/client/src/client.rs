@@ -509,8 +509,8 @@ impl SyncClient {
     /// only what `f` changed is written:
     ///
     /// ```no_run
-    /// # async fn f(client: syncline::SyncClient) -> Result<(), syncline::ClientError> {
-    /// use syncline::{DbName, DocId};
+    /// # async fn f(client: syncline_client::SyncClient) -> Result<(), syncline_client::ClientError> {
+    /// use syncline_client::{DbName, DocId};
     /// let (db, doc) = (DbName::new("todo").unwrap(), DocId::new("t1").unwrap());
     /// client.update(&db, &doc, |d| d["done"] = true.into()).await?;
     /// # Ok(()) }
@@ -756,6 +756,13 @@ struct Driver {
     /// A refused identity (bad token, unknown version): reconnecting cannot
     /// help, so the driver stops dialling and every waiter fails.
     fatal: Option<(ErrorCode, String)>,
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Refuse what is not a WebSocket URL before dialling it for ever.
@@ -1029,7 +1036,7 @@ impl Driver {
                     .as_deref()
                     .and_then(syncline_core::identity::host_of_url)
                     .unwrap_or_default();
-                let proof = self.identity.prove(&host, crate::auth::now_ms());
+                let proof = self.identity.prove(&host, now_ms());
                 self.client().connected(proof);
             }
             Report::Closed(g) if g == self.generation => self.drop_connection(),
