@@ -11,7 +11,7 @@ import { isDeepStrictEqual } from 'node:util';
 
 // A build that resolved writes before IndexedDB's `complete` lost the last
 // transaction in about a quarter of the rounds here (3 rounds caught it in 3
-// runs of 5; 6 rounds in 4 of 4), so 6 rounds (~18 s).
+// runs of 5; 6 rounds in 10 of 10), so 6 rounds (~18 s).
 const ROUNDS = 6;
 /** Documents written (and awaited) per round just before the kill. */
 const PER_ROUND = 5;
