@@ -395,6 +395,151 @@ describe('browser package against the real server', () => {
     assert.deepEqual(await t2.evaluate(() => window.errors), []);
   });
 
+  /**
+   * Start `connect` in every page at one moment: each page waits for a
+   * BroadcastChannel message that `starter` (another page of the profile)
+   * posts once all are waiting. The wasm is loaded beforehand, so nothing
+   * slow stands between the signal and the slot claim.
+   */
+  async function connectAtOnce(pages, starter, url, opts) {
+    const signal = `go-${Math.random().toString(36).slice(2)}`;
+    for (const p of pages) {
+      await p.evaluate(async (signal) => {
+        await (await Syncline.connect(null, { storage: 'memory' })).close(); // loads the wasm
+        window.go = new Promise((ok) => (new BroadcastChannel(signal).onmessage = ok));
+      }, signal);
+    }
+    const started = pages.map((p) =>
+      p.evaluate(
+        async ({ url, opts }) => {
+          await window.go;
+          window.errors = [];
+          window.client = await Syncline.connect(url, { maxBackoffMs: 250, ...opts });
+          window.client.onError((e) => window.errors.push(e.code));
+          window.db = await window.client.open(opts.db);
+          window.db.onError((e) => window.errors.push(e.code));
+          return window.client.replica;
+        },
+        { url, opts },
+      ),
+    );
+    await starter.evaluate((signal) => new BroadcastChannel(signal).postMessage('go'), signal);
+    return Promise.all(started);
+  }
+
+  /**
+   * The IndexedDB databases of replica namespace `name` in the profile: one
+   * per slot taken. (Distinct replica ids alone do not show distinct slots:
+   * two tabs creating one slot's database at once each make a key pair, and
+   * so a replica id, before either sees the other's, then share its log.)
+   */
+  function slotDatabases(page, name) {
+    return page.evaluate(
+      async (prefix) => (await indexedDB.databases()).map((d) => d.name).filter((n) => n.startsWith(prefix)).sort(),
+      `syncline:${name}:`,
+    );
+  }
+
+  /** Each tab writes one document; every tab sees all of them and syncs. */
+  async function everyTabWritesAndSyncs(tabs) {
+    for (const [i, t] of tabs.entries()) await t.evaluate((i) => db.put(`from${i}`, { i }), i);
+    const ids = tabs.map((_, i) => `from${i}`).sort();
+    for (const t of tabs) {
+      await until(t, (ids) => JSON.stringify(db.list().sort()) === JSON.stringify(ids), ids);
+      await until(t, synced);
+    }
+  }
+
+  it('two tabs opening one database at the same moment get distinct replicas and both sync', T, async () => {
+    const s = await server();
+    const a = await user();
+    const [t1, t2, starter] = [await a.page(web.url), await a.page(web.url), await a.page(web.url)];
+    const [r1, r2] = await connectAtOnce([t1, t2], starter, s.url, { db: 'e2e-race' });
+    assert.notEqual(r1, r2, 'two tabs opened at once share a replica');
+    assert.deepEqual(await slotDatabases(starter, 'default'), ['syncline:default:0', 'syncline:default:1'], 'two tabs opened at once share a slot');
+    await everyTabWritesAndSyncs([t1, t2]);
+    // The server holds both tabs' writes: a new profile gets them from it alone.
+    const b = await user();
+    const other = await b.page(web.url);
+    await connect(other, s.url, { db: 'e2e-race' });
+    await until(other, () => db.list().length === 2 && db.status === 'synced');
+    for (const t of [t1, t2]) assert.deepEqual(await t.evaluate(() => window.errors), []);
+  });
+
+  it('without Web Locks, lease claims racing on one localStorage end with distinct replicas', T, async () => {
+    const s = await server();
+    const a = await user();
+    await a.context.addInitScript(() =>
+      Object.defineProperty(Navigator.prototype, 'locks', { get: () => undefined, configurable: true }),
+    );
+    const [t1, t2, starter] = [await a.page(web.url), await a.page(web.url), await a.page(web.url)];
+    assert.equal(await t1.evaluate(() => navigator.locks), undefined);
+    // Two tabs (two renderers sharing the origin's localStorage) claim at
+    // once, in three namespaces one after the other: the claims collide
+    // in some of the rounds only (a build without the re-check after
+    // SETTLE_MS got distinct slots in about half of the single rounds).
+    for (const round of [1, 2]) {
+      const [x, y] = await connectAtOnce([t1, t2], starter, null, { db: 'e2e-lease-race', name: `race${round}` });
+      assert.notEqual(x, y, `round ${round}: two tabs racing for a lease share a replica`);
+      assert.equal((await slotDatabases(starter, `race${round}`)).length, 2, `round ${round}: two tabs racing for a lease share a slot`);
+    }
+    const [r1, r2] = await connectAtOnce([t1, t2], starter, s.url, { db: 'e2e-lease-race', name: 'race' });
+    assert.notEqual(r1, r2, 'two tabs racing for a lease share a replica');
+    assert.equal((await slotDatabases(starter, 'race')).length, 2, 'two tabs racing for a lease share a slot');
+    await everyTabWritesAndSyncs([t1, t2]);
+    // Two clients of one page claiming at once (one thread: the claims interleave at their awaits).
+    const [c1, c2] = await starter.evaluate(async () => {
+      const clients = await Promise.all([0, 1].map(() => Syncline.connect(null, { name: 'race' })));
+      return clients.map((c) => c.replica);
+    });
+    assert.equal(new Set([r1, r2, c1, c2]).size, 4, 'four clients holding leases at once share a replica');
+    assert.equal((await slotDatabases(starter, 'race')).length, 4, 'four clients holding leases at once share a slot');
+    for (const t of [t1, t2]) assert.deepEqual(await t.evaluate(() => window.errors), []);
+  });
+
+  it('a tab whose Web Lock is stolen stops writing as that replica, and says so', T, async () => {
+    const s = await server();
+    const a = await user();
+    const t1 = await a.page(web.url);
+    const r1 = await connect(t1, s.url, { db: 'e2e-steal', name: 'steal' });
+    await t1.evaluate(() => db.put('before', { v: 1 }));
+    await until(t1, synced);
+    // The lock that names the slot (js/src/slots.ts), taken from another tab.
+    const thief = await a.page(web.url);
+    await thief.evaluate(() => {
+      window.stolen = false;
+      navigator.locks.request('syncline:steal:0', { steal: true }, () => {
+        window.stolen = true;
+        return new Promise((ok) => (window.giveBack = ok));
+      });
+    });
+    await until(thief, () => window.stolen === true);
+    await until(t1, () => window.errors.includes('TooManyTabs'), undefined, 10_000).catch(() => {
+      throw new Error('the tab whose Web Lock was stolen never reported it (TooManyTabs)');
+    });
+    // It writes no more: the write is refused, not made as replica r1.
+    assert.equal(await t1.evaluate(() => db.put('after', { v: 2 }).then(() => 'written', (e) => e.code)), 'Closed');
+    assert.notEqual(await t1.evaluate(() => client.status), 'online');
+    // While the thief holds slot 0, a new tab gets another replica.
+    const t2 = await a.page(web.url);
+    const r2 = await connect(t2, s.url, { db: 'e2e-steal', name: 'steal' });
+    assert.notEqual(r2, r1, 'a new tab got the replica whose lock another tab holds');
+    assert.deepEqual(await slotDatabases(t2, 'steal'), ['syncline:steal:0', 'syncline:steal:1']);
+    await until(t2, () => db.get('before')?.v === 1);
+    // Given back, slot 0 is r1 again: it holds what r1 wrote before the
+    // theft and nothing after.
+    await thief.evaluate(() => window.giveBack());
+    const t3 = await a.page(web.url);
+    assert.equal(await connect(t3, s.url, { db: 'e2e-steal', name: 'steal' }), r1);
+    await until(t3, synced);
+    assert.deepEqual(await t3.evaluate(() => [db.get('before'), db.get('after')]), [{ v: 1 }, undefined]);
+    const b = await user();
+    const other = await b.page(web.url);
+    await connect(other, s.url, { db: 'e2e-steal' });
+    await until(other, () => db.status === 'synced' && db.get('before')?.v === 1);
+    assert.equal(await other.evaluate(() => db.get('after')), undefined, 'the server got a write made after the theft');
+  });
+
   it('running out of storage quota is a typed error, not a silent loss', T, async () => {
     const a = await user();
     const page = await a.page(web.url);

@@ -148,3 +148,57 @@ export async function newUser({ viewport, args = [] } = {}) {
 export function until(page, fn, arg, timeout = 20_000) {
   return page.waitForFunction(fn, arg, { timeout, polling: 50 });
 }
+
+/**
+ * Chromium on the profile directory `dir`, started by us in a process group
+ * of its own so that `kill()` can SIGKILL all of it at once (a crash or a
+ * power cut as the browser sees it: no graceful close, no flush). Playwright
+ * drives it over CDP.
+ */
+export async function killableBrowser(dir) {
+  const proc = spawn(
+    process.env.CHROMIUM ?? '/usr/bin/chromium',
+    [...ARGS, `--user-data-dir=${dir}`, '--remote-debugging-port=0', 'about:blank'],
+    { detached: true, stdio: ['ignore', 'ignore', 'pipe'] },
+  );
+  const exited = new Promise((ok) => proc.once('exit', ok));
+  const endpoint = await new Promise((ok, fail) => {
+    const timer = setTimeout(() => fail(new Error('chromium printed no DevTools endpoint in 20 s')), 20_000);
+    proc.once('exit', (code) => fail(new Error(`chromium exited with ${code} before listening`)));
+    createInterface({ input: proc.stderr }).on('line', (line) => {
+      const m = /^DevTools listening on (ws:\/\/\S+)/.exec(line.trim());
+      if (m) {
+        clearTimeout(timer);
+        ok(m[1]);
+      }
+    });
+  });
+  const browser = await chromium.connectOverCDP(endpoint);
+  const context = browser.contexts()[0];
+  const errors = [];
+  return {
+    context,
+    errors,
+    pid: proc.pid,
+    async page(url, ready = () => window.ready === true) {
+      const page = await context.newPage();
+      page.on('pageerror', (e) => errors.push(String(e)));
+      if (process.env.E2E_CONSOLE) page.on('console', (m) => console.log('[page]', m.text()));
+      await page.goto(url);
+      await page.waitForFunction(ready, null, { timeout: 20_000 });
+      return page;
+    },
+    /** SIGKILL the whole process group (idempotent); resolves once the browser process is gone. */
+    async kill() {
+      if (proc.exitCode === null && proc.signalCode === null) {
+        try {
+          process.kill(-proc.pid, 'SIGKILL');
+        } catch (e) {
+          if (e.code !== 'ESRCH') throw e;
+        }
+      }
+      await exited;
+      await browser.close().catch(() => {});
+    },
+  };
+}

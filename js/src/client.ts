@@ -207,14 +207,13 @@ export class Syncline {
     this.#tabs = tabs;
     if (tabs) tabs.onmessage = (e: MessageEvent<TabMessage>) => this.#fromTab(e.data);
     globalThis.addEventListener?.('online', this.#onOnline);
-    // Another tab took this replica (possible only without Web Locks):
-    // writing on would corrupt its log, so stop, loudly.
-    slot.onLost?.(() => {
-      emit(
-        this.#errorListeners,
-        synclineError('TooManyTabs', 'another tab took over this replica while this page was frozen; reload'),
-      );
-      void this.close();
+    // Another tab took this replica (its lease ran out while this page was
+    // frozen, or its Web Lock was stolen): writing on would corrupt its
+    // log, so stop, loudly. (A failure to finish closing is reported by
+    // the close itself, through onError.)
+    slot.onLost?.((reason) => {
+      emit(this.#errorListeners, synclineError('TooManyTabs', reason));
+      this.close().catch(() => {});
     });
   }
 

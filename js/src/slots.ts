@@ -17,11 +17,12 @@ export interface Slot {
   index: number;
   release(): void;
   /**
-   * Call `cb` if the slot is lost to another tab (possible only without Web
-   * Locks, after this page was frozen longer than a lease): the client must
-   * stop writing, since two tabs on one replica would corrupt its log.
+   * Call `cb` (with why) if the slot is lost to another tab: without Web
+   * Locks, after this page was frozen longer than a lease; with them, when
+   * another context takes the lock with `steal: true`. The client must stop
+   * writing, since two tabs on one replica would corrupt its log.
    */
-  onLost?(cb: () => void): void;
+  onLost?(cb: (reason: string) => void): void;
 }
 
 const MAX_SLOTS = 64;
@@ -39,17 +40,36 @@ export async function acquireSlot(name: string): Promise<Slot> {
   const locks = (globalThis.navigator as { locks?: LockManagerLike } | undefined)?.locks;
   if (!locks) return leaseSlot(name);
   for (let index = 0; index < MAX_SLOTS; index++) {
-    let release = () => {};
-    const held = new Promise<void>((resolve) => (release = resolve));
+    let free = () => {};
+    const held = new Promise<void>((resolve) => (free = resolve));
+    let granted = false;
+    let released = false;
+    const lost = new Set<(reason: string) => void>();
+    const release = () => {
+      released = true;
+      free();
+    };
     const got = await new Promise<boolean>((resolve, reject) => {
       locks
         .request(`syncline:${name}:${index}`, { ifAvailable: true }, async (lock) => {
-          resolve(lock !== null);
-          if (lock !== null) await held;
+          granted = lock !== null;
+          resolve(granted);
+          if (granted) await held;
         })
-        .catch((e: unknown) => reject(synclineError('StorageUnavailable', `Web Locks refused: ${String(e)}`)));
+        .catch((e: unknown) => {
+          if (!granted) {
+            reject(synclineError('StorageUnavailable', `Web Locks refused: ${String(e)}`));
+            return;
+          }
+          // Held, then taken away: another context requested it with
+          // `steal: true` (the request rejects with an AbortError). Another
+          // tab may now write this replica: this one must stop.
+          if (released) return;
+          release();
+          for (const cb of lost) cb(`another tab took this replica's Web Lock (${String(e)}); reload`);
+        });
     });
-    if (got) return { index, release };
+    if (got) return { index, release, onLost: (cb) => lost.add(cb) };
   }
   throw tooMany(name);
 }
@@ -126,7 +146,7 @@ function holdLease(
   store: Storage,
 ): Slot {
   const me = owner(key);
-  const lost = new Set<() => void>();
+  const lost = new Set<(reason: string) => void>();
   let released = false;
   const check = () => {
     if (released) return;
@@ -135,7 +155,7 @@ function holdLease(
       claim(key);
     } else {
       release();
-      for (const cb of lost) cb();
+      for (const cb of lost) cb('another tab took over this replica while this page was frozen; reload');
     }
   };
   const timer = setInterval(check, RENEW_MS);

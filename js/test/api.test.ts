@@ -1,4 +1,5 @@
 import { describe, expect, it } from 'vitest';
+import { WebSocketServer } from 'ws';
 import { Syncline, isSynclineError } from '../src/node.js';
 
 async function local() {
@@ -93,12 +94,38 @@ describe('local API (Node, memory store)', () => {
     expect(db.status).toBe('offline');
   });
 
-  it('refuses a server url where there is no WebSocket, with a clear error', async () => {
-    if (typeof (globalThis as { WebSocket?: unknown }).WebSocket === 'function') return;
-    await expect(Syncline.connect('ws://127.0.0.1:9/sync')).rejects.toSatisfy((e) =>
-      isSynclineError(e, 'Unsupported'),
-    );
-  });
+  // Node 22+ (or 20 with --experimental-websocket) has a global WebSocket:
+  // then a server url connects with it; without one, connect says what to
+  // do. (e2e/node.test.mjs runs the other case in a child Node too.)
+  it(
+    typeof (globalThis as { WebSocket?: unknown }).WebSocket === 'function'
+      ? 'connects to a server url with the global WebSocket (no options.WebSocket)'
+      : 'refuses a server url where there is no WebSocket, with a clear error',
+    async () => {
+      if (typeof (globalThis as { WebSocket?: unknown }).WebSocket === 'function') {
+        // A bare WebSocket server: the handshake reaching it is the proof.
+        const server = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+        try {
+          await new Promise((ok) => server.once('listening', ok));
+          const reached = new Promise<string | undefined>((ok) => server.once('connection', (_ws, req) => ok(req.url)));
+          const { port } = server.address() as { port: number };
+          const client = await Syncline.connect(`ws://127.0.0.1:${port}/sync`, { storage: 'memory' });
+          try {
+            expect(await reached).toBe('/sync');
+            expect(client.status).not.toBe('refused');
+          } finally {
+            await client.close();
+          }
+        } finally {
+          await new Promise((ok) => server.close(ok));
+        }
+      } else {
+        await expect(Syncline.connect('ws://127.0.0.1:9/sync')).rejects.toSatisfy(
+          (e) => isSynclineError(e, 'Unsupported') && /options\.WebSocket/.test((e as Error).message),
+        );
+      }
+    },
+  );
 
   it('status is offline without a server', async () => {
     const client = await local();
