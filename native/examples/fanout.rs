@@ -71,7 +71,7 @@ async fn subscribe(
             Err(RecvError::Lagged(_)) => {}
             Err(RecvError::Closed) => return,
         }
-        let Ok(Some(v)) = client.get(&db, &ticker).await else {
+        let Ok(Some(v)) = client.get(&db, &ticker) else {
             continue;
         };
         // Negative sequence numbers are the writer's unmeasured warm-up.

@@ -27,6 +27,6 @@ pub mod tls;
 
 pub use syncline_client::client;
 pub use syncline_client::{
-    ClientError, ClientEvent, ClientOptions, DbName, DocId, ErrorCode, PathSeg, PresenceView,
-    Status, SyncClient,
+    ClientBuilder, ClientError, ClientEvent, ClientOptions, DbName, DocId, ErrorCode, PathSeg,
+    PresenceView, Status, SyncClient,
 };

@@ -415,7 +415,7 @@ fn remote(a: &RemoteArgs, db: &str, op: Op<'_>) -> Result<()> {
         client.open(&db).await?;
         synced(&client, &db, a).await?;
         match (op, doc) {
-            (Op::Get(_), Some(d)) => match client.get(&db, &d).await? {
+            (Op::Get(_), Some(d)) => match client.get(&db, &d)? {
                 Some(v) => println!("{v}"),
                 None => bail!("no document {d} in {db}"),
             },
@@ -428,7 +428,7 @@ fn remote(a: &RemoteArgs, db: &str, op: Op<'_>) -> Result<()> {
                 synced(&client, &db, a).await?;
             }
             _ => {
-                for d in client.list(&db).await? {
+                for d in client.list(&db)? {
                     println!("{d}");
                 }
             }

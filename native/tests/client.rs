@@ -26,7 +26,7 @@ async fn until_value(c: &SyncClient, db: &DbName, d: &DocId, want: &Json) {
     let mut events = c.events();
     tokio::time::timeout(WAIT, async {
         loop {
-            if c.get(db, d).await.unwrap().as_ref() == Some(want) {
+            if c.get(db, d).unwrap().as_ref() == Some(want) {
                 return;
             }
             let _ = events.recv().await;
@@ -60,7 +60,7 @@ async fn update_changes_the_current_value_so_a_remote_edit_is_kept() {
     a.put(&list, &t, json!({"a": 0, "b": 0})).await.unwrap();
     until_value(&b, &list, &t, &json!({"a": 0, "b": 0})).await;
     // A reads; B changes b; A receives it.
-    let stale = a.get(&list, &t).await.unwrap().unwrap();
+    let stale = a.get(&list, &t).unwrap().unwrap();
     b.update(&list, &t, |d| d["b"] = 1.into()).await.unwrap();
     until_value(&a, &list, &t, &json!({"a": 0, "b": 1})).await;
     // A's update starts from the document as it is now: b = 1 stays.
@@ -80,10 +80,7 @@ async fn update_changes_the_current_value_so_a_remote_edit_is_kept() {
             .await
             .unwrap()
     );
-    assert_eq!(
-        a.get(&list, &doc("new")).await.unwrap(),
-        Some(json!({"x": 1}))
-    );
+    assert_eq!(a.get(&list, &doc("new")).unwrap(), Some(json!({"x": 1})));
     // Nothing changed: false, and nothing written.
     assert!(!a.update(&list, &doc("new"), |_| {}).await.unwrap());
 }
@@ -134,19 +131,13 @@ async fn a_panicking_update_writes_nothing_and_the_client_goes_on() {
         Err(ClientError::UpdatePanicked(m)) => assert!(m.contains("the app's bug"), "{m}"),
         other => panic!("expected UpdatePanicked, got {other:?}"),
     }
-    assert_eq!(
-        c.get(&list, &doc("t")).await.unwrap(),
-        Some(json!({"n": 1}))
-    );
+    assert_eq!(c.get(&list, &doc("t")).unwrap(), Some(json!({"n": 1})));
     assert!(
         c.update(&list, &doc("t"), |d| d["n"] = 3.into())
             .await
             .unwrap()
     );
-    assert_eq!(
-        c.get(&list, &doc("t")).await.unwrap(),
-        Some(json!({"n": 3}))
-    );
+    assert_eq!(c.get(&list, &doc("t")).unwrap(), Some(json!({"n": 3})));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,11 +180,8 @@ async fn writes_to_a_refused_database_fail_with_the_refusal() {
         reader.increment(&list, &doc("x"), &["n"], 1).await
     ));
     assert!(forbidden(reader.delete(&list, &doc("x")).await));
-    assert_eq!(reader.get(&list, &doc("y")).await.unwrap(), None);
-    assert_eq!(
-        reader.get(&list, &doc("x")).await.unwrap(),
-        Some(json!({"a": 1}))
-    );
+    assert_eq!(reader.get(&list, &doc("y")).unwrap(), None);
+    assert_eq!(reader.get(&list, &doc("x")).unwrap(), Some(json!({"a": 1})));
     // Other databases are not affected.
     let other = db("org-2");
     reader.open(&other).await.unwrap();
@@ -433,4 +421,116 @@ fn the_cli_asks_for_a_unit_shows_only_its_arguments_and_finds_the_secret() {
         c.open(&list).await.unwrap();
         synced(&c, &list).await;
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_builder_fails_over_between_urls_and_asks_the_token_provider_again() {
+    use std::sync::{Arc, Mutex};
+    use syncline::ClientBuilder;
+    // Nothing chosen for the replica, and a bad URL: refused at build.
+    match ClientBuilder::default().build().await {
+        Err(ClientError::InvalidConfig(m)) => assert!(m.contains(".dir("), "{m}"),
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
+    match SyncClient::builder()
+        .url("http://x/sync")
+        .in_memory()
+        .build()
+        .await
+    {
+        Err(ClientError::InvalidUrl { .. }) => {}
+        other => panic!("expected InvalidUrl, got {other:?}"),
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("srv");
+    let server = ServerProc::start(&data, &[]);
+    let good = token(&data, &["--db", "org-*", "--rights", "write"]);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // The first URL has nothing behind it; the provider's token is refused
+    // until the app refreshes it.
+    let current = Arc::new(Mutex::new("not-a-token".to_owned()));
+    let provided = current.clone();
+    let c = SyncClient::builder()
+        .url(format!("ws://127.0.0.1:{dead}/sync"))
+        .url(server.url())
+        .token_provider(move || provided.lock().unwrap().clone())
+        .backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .dir(dir.path().join("replica"))
+        .build()
+        .await
+        .unwrap();
+    let mut events = c.events();
+    let list = db("org-1");
+    c.open(&list).await.unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(ClientEvent::Error { code, .. }) = events.recv().await {
+                assert_eq!(code, ErrorCode::Unauthorized);
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the stale token is refused");
+    *current.lock().unwrap() = good;
+    c.put(&list, &doc("t"), json!({"ok": true})).await.unwrap();
+    synced(&c, &list).await;
+    let other = SyncClient::in_memory(
+        Some(&server.url()),
+        &token(&data, &["--db", "org-*", "--rights", "read"]),
+    );
+    other.open(&list).await.unwrap();
+    until_value(&other, &list, &doc("t"), &json!({"ok": true})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_documents_presence_and_an_event_stream_that_never_lags() {
+    use futures_util::StreamExt;
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Todo {
+        title: String,
+        done: bool,
+    }
+    let c = SyncClient::builder().in_memory().build().await.unwrap();
+    let list = db("local");
+    c.open(&list).await.unwrap();
+    let milk = Todo {
+        title: "milk".into(),
+        done: false,
+    };
+    assert!(c.put_as(&list, &doc("t"), &milk).await.unwrap());
+    assert_eq!(c.get_as::<Todo>(&list, &doc("t")).unwrap(), Some(milk));
+    c.put(&list, &doc("n"), json!({"title": 3})).await.unwrap();
+    match c.get_as::<Todo>(&list, &doc("n")) {
+        Err(ClientError::Json(m)) => assert!(m.contains("local/n"), "{m}"),
+        other => panic!("expected a JSON error, got {other:?}"),
+    }
+    assert_eq!(c.get_as::<Todo>(&list, &doc("absent")).unwrap(), None);
+
+    // 1,100 writes while the stream is not read: the broadcast lags, and
+    // the stream says every document changed instead.
+    let mut stream = Box::pin(c.event_stream());
+    for i in 0..1_100 {
+        c.put(&list, &doc(&format!("d{i}")), json!({"i": i}))
+            .await
+            .unwrap();
+    }
+    let all = tokio::time::timeout(WAIT, async {
+        while let Some(e) = stream.next().await {
+            if let ClientEvent::Changed { docs, .. } = e
+                && docs.len() > 1_000
+            {
+                return docs.len();
+            }
+        }
+        panic!("the stream ended");
+    })
+    .await
+    .expect("a Changed naming every document");
+    assert_eq!(all, 1_102);
 }

@@ -138,7 +138,7 @@ async fn until_value(c: &SyncClient, db: &DbName, d: &DocId, want: &Json) {
     let mut events = c.events();
     tokio::time::timeout(WAIT, async {
         loop {
-            if c.get(db, d).await.unwrap().as_ref() == Some(want) {
+            if c.get(db, d).unwrap().as_ref() == Some(want) {
                 return;
             }
             let _ = events.recv().await;
@@ -182,7 +182,7 @@ async fn a_subscriber_applies_patched_changes_once_the_stream_pauses() {
     // Once nothing has arrived for a while the reader's driver hands them
     // to automerge.
     tokio::time::timeout(WAIT, async {
-        while reader.changes_behind(&list, &t).await.unwrap() > 0 {
+        while reader.changes_behind(&list, &t).unwrap() > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await; // polling a state, bounded by WAIT
         }
     })
@@ -330,12 +330,12 @@ async fn in_memory_clients_sync_and_keep_nothing_locally() {
     // Reads take the replica's lock, not the driver's queue: a write that
     // returned is visible at once, and an unopened database is an error.
     assert_eq!(
-        a.get(&list, &doc("t1")).await.unwrap(),
+        a.get(&list, &doc("t1")).unwrap(),
         Some(json!({"title": "milk"}))
     );
-    assert_eq!(a.list(&list).await.unwrap(), vec![doc("t1")]);
+    assert_eq!(a.list(&list).unwrap(), vec![doc("t1")]);
     assert!(matches!(
-        a.get(&db("demo-unopened"), &doc("t1")).await,
+        a.get(&db("demo-unopened"), &doc("t1")),
         Err(ClientError::Local(
             syncline_core::sync::ClientError::NotOpen(_)
         ))
@@ -348,10 +348,7 @@ async fn in_memory_clients_sync_and_keep_nothing_locally() {
         .unwrap();
     until_value(&a, &list, &doc("t2"), &json!({"title": "eggs"})).await;
     a.close().await;
-    assert!(matches!(
-        a.get(&list, &doc("t1")).await,
-        Err(ClientError::Closed)
-    ));
+    assert!(matches!(a.get(&list, &doc("t1")), Err(ClientError::Closed)));
 
     // A new in-memory client starts empty under a new replica id and gets
     // everything from the server (what `a` wrote was acknowledged durable).
@@ -360,19 +357,16 @@ async fn in_memory_clients_sync_and_keep_nothing_locally() {
     c.open(&list).await.unwrap();
     synced(&c, &list).await;
     assert_eq!(
-        c.get(&list, &doc("t1")).await.unwrap(),
+        c.get(&list, &doc("t1")).unwrap(),
         Some(json!({"title": "milk"}))
     );
-    assert_eq!(c.list(&list).await.unwrap().len(), 2);
+    assert_eq!(c.list(&list).unwrap().len(), 2);
 
     // Without a server it is a purely local replica.
     let local = SyncClient::in_memory(None, "");
     local.open(&list).await.unwrap();
     local.put(&list, &doc("x"), json!({"n": 1})).await.unwrap();
-    assert_eq!(
-        local.get(&list, &doc("x")).await.unwrap(),
-        Some(json!({"n": 1}))
-    );
+    assert_eq!(local.get(&list, &doc("x")).unwrap(), Some(json!({"n": 1})));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -577,7 +571,7 @@ async fn auth_matrix_over_the_wire() {
     writer.open(&db("org-1")).await.unwrap();
     synced(&writer, &db("org-1")).await;
     assert_eq!(
-        writer.get(&db("org-1"), &doc("x")).await.unwrap(),
+        writer.get(&db("org-1"), &doc("x")).unwrap(),
         None,
         "nothing written by the refused push"
     );
@@ -750,11 +744,11 @@ async fn kill_9_during_a_push_storm_loses_nothing_acknowledged() {
     for c in &clients {
         synced(c, &list).await;
     }
-    let first = clients[0].list(&list).await.unwrap();
+    let first = clients[0].list(&list).unwrap();
     for c in &clients[1..] {
         tokio::time::timeout(WAIT, async {
             let mut events = c.events();
-            while c.list(&list).await.unwrap().len() < first.len() {
+            while c.list(&list).unwrap().len() < first.len() {
                 let _ = events.recv().await;
             }
         })
@@ -1431,13 +1425,10 @@ async fn background_compaction_folds_the_log_and_new_replicas_still_get_everythi
         .unwrap();
     fresh.open(&list).await.unwrap();
     synced(&fresh, &list).await;
-    assert_eq!(fresh.list(&list).await.unwrap().len(), 40);
+    assert_eq!(fresh.list(&list).unwrap().len(), 40);
     for k in 360..400 {
         let d = doc(&format!("d{}", k % 40));
-        assert_eq!(
-            fresh.get(&list, &d).await.unwrap(),
-            w.get(&list, &d).await.unwrap()
-        );
+        assert_eq!(fresh.get(&list, &d).unwrap(), w.get(&list, &d).unwrap());
     }
     server.kill9();
     let d = data.to_str().unwrap();
@@ -1490,11 +1481,11 @@ async fn a_quiet_database_gets_views_and_cold_replicas_receive_them() {
         metrics.contains("syncline_views_out_total 50"),
         "the cold replica got a view per document:\n{metrics}"
     );
-    assert_eq!(fresh.list(&list).await.unwrap().len(), 50);
+    assert_eq!(fresh.list(&list).unwrap().len(), 50);
     for k in 0..50 {
         let d = doc(&format!("d{k}"));
         assert_eq!(
-            fresh.get(&list, &d).await.unwrap(),
+            fresh.get(&list, &d).unwrap(),
             Some(json!({"k": k, "rev": 2}))
         );
     }
@@ -2163,7 +2154,7 @@ async fn database_and_disk_quotas_hold_across_restarts() {
     c.open(&db("todo-a")).await.unwrap();
     synced(&c, &db("todo-a")).await;
     assert_eq!(
-        c.get(&db("todo-a"), &doc("d")).await.unwrap(),
+        c.get(&db("todo-a"), &doc("d")).unwrap(),
         Some(json!({"n": 1}))
     );
 }
@@ -2375,7 +2366,7 @@ async fn no_one_writes_under_a_replica_id_they_do_not_own() {
     reader.open(&notes).await.unwrap();
     synced(&reader, &notes).await;
     assert_eq!(
-        reader.get(&notes, &doc("n")).await.unwrap(),
+        reader.get(&notes, &doc("n")).unwrap(),
         Some(json!({"v": 1}))
     );
     let victim = SyncClient::connect(Some(&url), "", &victim_dir)
@@ -2390,7 +2381,7 @@ async fn no_one_writes_under_a_replica_id_they_do_not_own() {
     synced(&victim, &notes).await;
     let mut events = reader.events();
     let deadline = tokio::time::Instant::now() + WAIT;
-    while reader.get(&notes, &doc("n")).await.unwrap() != Some(json!({"v": 3})) {
+    while reader.get(&notes, &doc("n")).unwrap() != Some(json!({"v": 3})) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the edits never arrived"
@@ -2496,7 +2487,7 @@ async fn wss_with_a_private_ca_and_a_certificate_renewed_in_place() {
     b.open(&notes).await.unwrap();
     synced(&b, &notes).await;
     assert_eq!(
-        b.get(&notes, &doc("n")).await.unwrap(),
+        b.get(&notes, &doc("n")).unwrap(),
         Some(json!({"over": "tls"}))
     );
 

@@ -692,6 +692,12 @@ impl Client {
         }
     }
 
+    /// Present `token` from the next connection on (a refreshed token; the
+    /// adapter calls this before [`Client::connected`]).
+    pub fn set_token(&mut self, token: impl Into<String>) {
+        self.token = token.into();
+    }
+
     /// The transport failed to connect: tell the application why (status
     /// stays as it is: offline).
     pub fn connect_failed(&mut self, message: impl Into<String>, permanent: bool) {

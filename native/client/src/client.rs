@@ -100,6 +100,13 @@ pub enum ClientError {
         /// What went wrong.
         message: String,
     },
+    /// A document or a presence state is not the type asked for (or does
+    /// not serialize to a JSON object).
+    #[error("JSON: {0}")]
+    Json(String),
+    /// A setting of [`crate::ClientBuilder`] that cannot work.
+    #[error("client settings: {0}")]
+    InvalidConfig(String),
     /// [`SyncClient::wait_synced`] was asked of a client with no server.
     #[error("this client has no server to sync with")]
     NoServer,
@@ -319,17 +326,27 @@ pub struct ClientOptions {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
-/// The TLS configuration a `wss://` URL needs.
-fn tls_for(
-    url: Option<&str>,
-    options: &ClientOptions,
+/// The TLS configuration the `wss://` URLs among `urls` need.
+pub(crate) fn tls_for(
+    urls: &[String],
+    ca_file: Option<&Path>,
 ) -> Result<Option<Arc<rustls::ClientConfig>>, ClientError> {
-    match url {
-        Some(u) if u.starts_with("wss://") => {
-            Ok(Some(crate::tls::client_config(options.ca_file.as_deref())?))
-        }
-        _ => Ok(None),
+    if urls
+        .iter()
+        .any(|u| u.to_ascii_lowercase().starts_with("wss://"))
+    {
+        Ok(Some(crate::tls::client_config(ca_file)?))
+    } else {
+        Ok(None)
     }
+}
+
+/// How a client reaches its servers (made by [`crate::ClientBuilder`]).
+pub(crate) struct Settings {
+    pub(crate) urls: Vec<String>,
+    pub(crate) token: TokenSource,
+    pub(crate) backoff: Backoff,
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// What a failed dial says about TLS, if it was TLS that failed.
@@ -346,9 +363,28 @@ fn tls_problem(e: &tokio_tungstenite::tungstenite::Error) -> Option<String> {
 }
 
 impl SyncClient {
+    /// Every setting in one place: servers (several, tried in turn), a
+    /// token or a function that returns a fresh one, where the replica
+    /// lives, a private CA, the reconnection backoff.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), syncline_client::ClientError> {
+    /// let client = syncline_client::SyncClient::builder()
+    ///     .urls(["wss://a.example.com/sync", "wss://b.example.com/sync"])
+    ///     .token_provider(|| std::env::var("SYNCLINE_TOKEN").unwrap_or_default())
+    ///     .dir("./replica")
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder() -> crate::ClientBuilder {
+        crate::ClientBuilder::default()
+    }
+
     /// Start a client for `url` (e.g. `ws://127.0.0.1:7070/sync`) with a local
     /// replica in `dir`. Returns at once; connecting happens in the background
-    /// (pass `None` as url for a purely local replica).
+    /// (pass `None` as url for a purely local replica). The same as
+    /// `SyncClient::builder().url(url).token(token).dir(dir).build()`.
     pub async fn connect(
         url: Option<&str>,
         token: &str,
@@ -364,29 +400,34 @@ impl SyncClient {
         dir: impl AsRef<Path>,
         options: &ClientOptions,
     ) -> Result<Self, ClientError> {
-        if let Some(url) = url {
-            check_url(url)?;
+        let mut b = Self::builder().urls(url).token(token).dir(dir.as_ref());
+        if let Some(ca) = &options.ca_file {
+            b = b.ca_file(ca);
         }
-        let tls = tls_for(url, options)?;
-        let store = FileStore::open(dir)?;
-        let identity = replica_identity(&store).await?;
-        Ok(Self::start(url, token, Local::File(store), identity, tls))
+        b.build().await
     }
 
     /// Start a client whose replica lives in memory only: a fresh replica id,
     /// nothing kept when it stops (its writes are durable once the server
     /// acknowledges them, see [`SyncClient::wait_synced`]). Must be called
-    /// inside a tokio runtime.
+    /// inside a tokio runtime. It cannot fail: a URL that is not a
+    /// WebSocket URL fails every wait instead ([`SyncClient::builder`]
+    /// with `.in_memory()` refuses it at once).
     pub fn in_memory(url: Option<&str>, token: &str) -> Self {
+        let urls: Vec<String> = url.into_iter().map(str::to_owned).collect();
         // The system's and Mozilla's roots always load (a CA file is what
-        // can fail, and only `in_memory_with` takes one).
-        let tls = tls_for(url, &ClientOptions::default()).unwrap_or_default();
+        // can fail, and only the builder takes one).
+        let tls = tls_for(&urls, None).unwrap_or_default();
+        let settings = Settings {
+            urls,
+            token: TokenSource::Fixed(token.to_owned()),
+            backoff: Backoff::default(),
+            tls,
+        };
         Self::start(
-            url,
-            token,
+            settings,
             Local::Memory(MemoryStore::new()),
             Identity::generate(),
-            tls,
         )
     }
 
@@ -396,47 +437,73 @@ impl SyncClient {
         token: &str,
         options: &ClientOptions,
     ) -> Result<Self, ClientError> {
-        if let Some(url) = url {
-            check_url(url)?;
+        let urls: Vec<String> = url.into_iter().map(str::to_owned).collect();
+        for u in &urls {
+            check_url(u)?;
         }
-        let tls = tls_for(url, options)?;
+        let tls = tls_for(&urls, options.ca_file.as_deref())?;
+        let settings = Settings {
+            urls,
+            token: TokenSource::Fixed(token.to_owned()),
+            backoff: Backoff::default(),
+            tls,
+        };
         Ok(Self::start(
-            url,
-            token,
+            settings,
             Local::Memory(MemoryStore::new()),
             Identity::generate(),
-            tls,
         ))
     }
 
-    fn start(
-        url: Option<&str>,
-        token: &str,
-        store: Local,
-        identity: Identity,
-        tls: Option<Arc<rustls::ClientConfig>>,
-    ) -> Self {
+    /// A client on a data directory (its store opened, its key read or made).
+    pub(crate) async fn on_dir(settings: Settings, dir: &Path) -> Result<Self, ClientError> {
+        let store = FileStore::open(dir)?;
+        let identity = replica_identity(&store).await?;
+        Ok(Self::start(settings, Local::File(store), identity))
+    }
+
+    /// A client in memory.
+    pub(crate) fn on_memory(settings: Settings) -> Self {
+        Self::start(
+            settings,
+            Local::Memory(MemoryStore::new()),
+            Identity::generate(),
+        )
+    }
+
+    fn start(settings: Settings, store: Local, identity: Identity) -> Self {
+        let Settings {
+            urls,
+            token,
+            backoff,
+            tls,
+        } = settings;
         let replica = identity.replica();
         let (cmd, cmd_rx) = mpsc::channel(256);
         let (events, _) = broadcast::channel(1024);
         let (reports, reports_rx) = mpsc::unbounded_channel();
         let shared: Shared = Arc::new(Mutex::new(Client::new(
             replica,
-            token,
+            token.current(),
             ClientConfig::default(),
         )));
+        // `in_memory` cannot refuse a bad URL: its client says so to every
+        // wait instead of dialling it for ever.
+        let stopped = urls
+            .iter()
+            .find_map(|u| check_url(u).err())
+            .map(|e| Stopped::Connect(e.to_string()));
         let driver = Driver {
             identity,
             tls,
-            // `in_memory` cannot refuse a bad URL: its client says so to
-            // every wait instead of dialling it for ever.
-            stopped: url
-                .and_then(|u| check_url(u).err())
-                .map(|e| Stopped::Connect(e.to_string())),
+            stopped,
             last_failure: None,
             client: shared.clone(),
             store,
-            url: url.map(str::to_owned),
+            urls,
+            at: 0,
+            token,
+            backoff,
             events: events.clone(),
             reports,
             conn: None,
@@ -484,7 +551,7 @@ impl SyncClient {
     /// queue), so it shows every write that has returned and every change
     /// announced by an event received before the call; a write whose future
     /// has not been awaited yet may still be queued, and not shown.
-    pub async fn get(&self, db: &DbName, doc: &DocId) -> Result<Option<Json>, ClientError> {
+    pub fn get(&self, db: &DbName, doc: &DocId) -> Result<Option<Json>, ClientError> {
         self.read(db, |d| d.get(doc))
     }
 
@@ -595,8 +662,24 @@ impl SyncClient {
             .await
     }
 
+    /// For every open database, a `Changed` event naming all its documents
+    /// (what [`SyncClient::event_stream`] says after missed events).
+    pub(crate) fn everything_changed(&self) -> Vec<ClientEvent> {
+        let c = lock(&self.shared);
+        c.databases()
+            .filter_map(|db| {
+                let d = c.database(db)?;
+                Some(ClientEvent::Changed {
+                    db: db.clone(),
+                    docs: d.list(),
+                    remote: true,
+                })
+            })
+            .collect()
+    }
+
     /// Ids of the existing documents (read as [`SyncClient::get`] reads).
-    pub async fn list(&self, db: &DbName) -> Result<Vec<DocId>, ClientError> {
+    pub fn list(&self, db: &DbName) -> Result<Vec<DocId>, ClientError> {
         self.read(db, |d| d.list())
     }
 
@@ -604,7 +687,7 @@ impl SyncClient {
     /// applied yet (a diagnostic; they are in the log either way, and the
     /// driver applies them once the connection has been quiet for
     /// [`CATCH_UP_IDLE_MS`], or before the document's next write).
-    pub async fn changes_behind(&self, db: &DbName, doc: &DocId) -> Result<usize, ClientError> {
+    pub fn changes_behind(&self, db: &DbName, doc: &DocId) -> Result<usize, ClientError> {
         self.read(db, |d| d.changes_behind(doc))
     }
 
@@ -729,7 +812,13 @@ struct Driver {
     last_failure: Option<String>,
     client: Shared,
     store: Local,
-    url: Option<String>,
+    /// The servers, tried in turn: a failed dial or a dropped connection
+    /// moves on to the next.
+    urls: Vec<String>,
+    /// Which of `urls` the current (or next) connection dials.
+    at: usize,
+    token: TokenSource,
+    backoff: Backoff,
     events: broadcast::Sender<ClientEvent>,
     /// For the driver's own tasks (connections, file writes).
     reports: mpsc::UnboundedSender<Report>,
@@ -766,7 +855,7 @@ fn now_ms() -> u64 {
 }
 
 /// Refuse what is not a WebSocket URL before dialling it for ever.
-fn check_url(url: &str) -> Result<(), ClientError> {
+pub(crate) fn check_url(url: &str) -> Result<(), ClientError> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let invalid = |reason: String| ClientError::InvalidUrl {
         url: url.to_owned(),
@@ -875,16 +964,68 @@ fn ws_config() -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
-fn backoff(attempts: u32) -> Duration {
-    let base = 100u64.saturating_mul(1 << attempts.min(7)).min(10_000);
-    // Jitter from fresh random bytes: 50–100 % of the base.
-    let r = ReplicaId::random().0[0] as u64;
-    Duration::from_millis(base / 2 + base * r / 512)
+/// How long to wait before dialling again: `min` doubled per failed
+/// attempt, at most `max`, with jitter.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Backoff {
+    pub(crate) min: Duration,
+    pub(crate) max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Backoff {
+    fn delay(&self, attempts: u32) -> Duration {
+        let base = self
+            .min
+            .saturating_mul(1 << attempts.min(16))
+            .min(self.max)
+            .as_millis() as u64;
+        // Jitter from fresh random bytes: 50–100 % of the base.
+        let r = ReplicaId::random().0[0] as u64;
+        Duration::from_millis(base / 2 + base * r / 512)
+    }
+}
+
+/// Where the token a connection presents comes from.
+#[derive(Clone)]
+pub(crate) enum TokenSource {
+    Fixed(String),
+    /// Asked before every connection (a token refreshed by the app).
+    Provider(Arc<dyn Fn() -> String + Send + Sync>),
+}
+
+impl TokenSource {
+    fn current(&self) -> String {
+        match self {
+            TokenSource::Fixed(t) => t.clone(),
+            TokenSource::Provider(f) => f(),
+        }
+    }
 }
 
 impl Driver {
     fn client(&self) -> MutexGuard<'_, Client> {
         lock(&self.client)
+    }
+
+    /// The URL the current (or next) connection dials ("" with none).
+    fn url(&self) -> String {
+        self.urls.get(self.at).cloned().unwrap_or_default()
+    }
+
+    /// Dial the next URL next time.
+    fn rotate(&mut self) {
+        if !self.urls.is_empty() {
+            self.at = (self.at + 1) % self.urls.len();
+        }
     }
 
     async fn run(
@@ -901,7 +1042,7 @@ impl Driver {
         loop {
             // No redialling after a refused identity: it would be refused again.
             let attempt_at = self.next_attempt.filter(|_| {
-                self.url.is_some()
+                !self.urls.is_empty()
                     && self.conn.is_none()
                     && self.fatal.is_none()
                     && self.stopped.is_none()
@@ -983,7 +1124,10 @@ impl Driver {
     }
 
     fn dial(&mut self) {
-        let Some(url) = self.url.clone() else { return };
+        if self.urls.is_empty() {
+            return;
+        }
+        let url = self.url();
         let reports = self.reports.clone();
         self.generation += 1;
         let generation = self.generation;
@@ -1031,26 +1175,25 @@ impl Driver {
                 self.conn = Some(Conn { out, read });
                 self.connected_at = Some(Instant::now());
                 self.last_failure = None;
-                let host = self
-                    .url
-                    .as_deref()
-                    .and_then(syncline_core::identity::host_of_url)
-                    .unwrap_or_default();
+                let host = syncline_core::identity::host_of_url(&self.url()).unwrap_or_default();
                 let proof = self.identity.prove(&host, now_ms());
-                self.client().connected(proof);
+                let token = self.token.current();
+                let mut c = self.client();
+                c.set_token(token);
+                c.connected(proof);
             }
             Report::Closed(g) if g == self.generation => self.drop_connection(),
             Report::TlsFailed(g, problem) if g == self.generation => {
-                let url = self.url.clone().unwrap_or_default();
-                tracing::error!("TLS to {url} failed, not reconnecting: {problem}");
-                self.stop(Stopped::Tls(problem));
+                let url = self.url();
+                tracing::error!("TLS to {url} failed, not dialling it again: {problem}");
+                self.give_up_on_url(Stopped::Tls(problem));
             }
             Report::DialFailed(g, message, permanent) if g == self.generation => {
-                let url = self.url.clone().unwrap_or_default();
+                let url = self.url();
                 self.client().connect_failed(&message, permanent);
                 if permanent {
-                    tracing::error!("connecting to {url} failed, not reconnecting: {message}");
-                    self.stop(Stopped::Connect(message));
+                    tracing::error!("connecting to {url} failed, not dialling it again: {message}");
+                    self.give_up_on_url(Stopped::Connect(message));
                 } else {
                     // An event says it to the application; a log line per
                     // retry would be noise.
@@ -1097,17 +1240,33 @@ impl Driver {
             self.attempts = 0;
         }
         self.client().disconnected();
+        self.rotate();
         self.attempts = self.attempts.saturating_add(1);
         // After a refused identity the same token would be refused again.
         self.next_attempt = self
             .fatal
             .is_none()
-            .then(|| Instant::now() + backoff(self.attempts));
+            .then(|| Instant::now() + self.backoff.delay(self.attempts));
+    }
+
+    /// The current URL can never work: dial the others, or, if it was the
+    /// last, stop.
+    fn give_up_on_url(&mut self, why: Stopped) {
+        if self.urls.len() <= 1 {
+            self.stop(why);
+            return;
+        }
+        self.last_failure = Some(format!("{}: {}", self.url(), why.message()));
+        self.urls.remove(self.at);
+        // `at` names the URL after the removed one; drop_connection moves
+        // on by one, so step back first.
+        self.at = (self.at + self.urls.len() - 1) % self.urls.len();
+        self.drop_connection();
     }
 
     /// Stop dialling for good: settle everyone waiting with the reason.
     fn stop(&mut self, why: Stopped) {
-        let url = self.url.clone().unwrap_or_default();
+        let url = self.url();
         for (_, waiters) in self.waiters.drain() {
             for w in waiters {
                 let _ = w.send(Err(why.error(&url)));
@@ -1131,6 +1290,15 @@ impl Driver {
     fn refusal(&mut self, db: Option<&DbName>, code: ErrorCode, message: &str) {
         let refusal = (code, message.to_owned());
         match db {
+            // A token from a provider may be refreshed: ask again at the
+            // next dial (with backoff) instead of giving up.
+            None if code == ErrorCode::Unauthorized
+                && matches!(self.token, TokenSource::Provider(_)) =>
+            {
+                tracing::warn!(
+                    "the server refused this client's token: {message}; will ask the token provider again"
+                );
+            }
             None if code.refuses_identity() => {
                 tracing::warn!(
                     "the server refused this client ({code}): {message}; not reconnecting"
@@ -1191,10 +1359,10 @@ impl Driver {
                 let _ = reply.send(self.client().presence(&db));
             }
             Cmd::WaitSynced(db, reply) => {
-                if self.url.is_none() {
+                if self.urls.is_empty() {
                     let _ = reply.send(Err(ClientError::NoServer));
                 } else if let Some(why) = &self.stopped {
-                    let url = self.url.clone().unwrap_or_default();
+                    let url = self.url();
                     let _ = reply.send(Err(why.error(&url)));
                 } else if let Some(r) = self.refusal_of(&db) {
                     let _ = reply.send(Err(server_error(r)));
@@ -1206,7 +1374,7 @@ impl Driver {
             }
             Cmd::ListDatabases(reply) => {
                 if let Some(why) = &self.stopped {
-                    let url = self.url.clone().unwrap_or_default();
+                    let url = self.url();
                     let _ = reply.send(Err(why.error(&url)));
                     return;
                 }

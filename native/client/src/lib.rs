@@ -93,7 +93,7 @@
 //!     let mut events = bob.events();
 //!     let seen = timeout(WAIT, async {
 //!         loop {
-//!             if let Some(value) = bob.get(&db, &doc).await? {
+//!             if let Some(value) = bob.get(&db, &doc)? {
 //!                 return Ok::<_, Box<dyn Error>>(value);
 //!             }
 //!             if let Err(RecvError::Closed) = events.recv().await {
@@ -123,11 +123,15 @@
 
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod builder;
 pub mod client;
 pub mod store;
 pub mod tls;
+mod typed;
 
+pub use builder::ClientBuilder;
 pub use client::{ClientError, ClientOptions, SyncClient};
 pub use syncline_core::protocol::ErrorCode;
 pub use syncline_core::sync::{ClientEvent, PresenceView, Status};
 pub use syncline_core::{DbName, DocId, PathSeg};
+pub use typed::Peer;
