@@ -135,3 +135,10 @@ pub use syncline_core::protocol::ErrorCode;
 pub use syncline_core::sync::{ClientEvent, PresenceView, Status};
 pub use syncline_core::{DbName, DocId, PathSeg};
 pub use typed::Peer;
+
+/// The repository README's Rust program, compiled as a doc test (never
+/// part of the crate).
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct RootReadme;
+
