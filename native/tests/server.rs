@@ -1000,8 +1000,48 @@ async fn bad_frames_are_refused_and_slow_readers_dropped_while_others_are_served
         req: 1,
     }));
     raw::send(&mut slow, protocol::encode(&sub)).await;
+    // It reads only once the server has dropped it (`Overloaded` counted):
+    // then it must find what was queued, the typed error, and the close.
+    let addr = server.addr;
+    let slow_reader = tokio::spawn(async move {
+        // (Bounded by the storm's length, which can exceed WAIT on a busy
+        // machine.)
+        let deadline = tokio::time::Instant::now() + 10 * WAIT;
+        while metric(addr, "syncline_errors_total{code=\"Overloaded\"}").await < 1.0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the slow reader was never dropped"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await; // polling a counter, bounded
+        }
+        tokio::time::timeout(WAIT, async move {
+            let mut last = None;
+            while let Some(m) = raw::next(&mut slow).await {
+                last = Some(m);
+            }
+            last
+        })
+        .await
+        .expect("the slow reader's connection is closed")
+    });
+    // The good client must never lose its connection.
+    let mut good_events = good.events();
+    let good_watch = tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        loop {
+            match good_events.recv().await {
+                Ok(ClientEvent::Status(s)) => statuses.push(s),
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    panic!("missed {n} of the good client's events")
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return statuses,
+            }
+        }
+    });
 
-    // A writer pushes ~20 MB; the good client keeps up, the slow one is dropped.
+    // A writer pushes ~20 MB (deflated), 20 times the queue limit; the
+    // good client keeps up, the slow one is dropped.
     let writer = SyncClient::connect(Some(&url), "", dir.path().join("w"))
         .await
         .unwrap();
@@ -1019,10 +1059,37 @@ async fn bad_frames_are_refused_and_slow_readers_dropped_while_others_are_served
     }
     synced(&writer, &list).await;
     until_value(&good, &list, &doc("d49"), &last).await;
+    // The queue limit held while far more than it went out.
+    let peak = metric(server.addr, "syncline_queued_bytes_peak").await;
+    assert!(
+        peak > 0.0 && peak <= 1_048_576.0,
+        "bytes queued to one connection peaked at {peak}"
+    );
+    let out = metric(server.addr, "syncline_bytes_out_total").await;
+    assert!(out > 10.0 * 1_048_576.0, "{out} bytes sent");
     let (_, metrics) = http_get(server.addr, "/metrics");
     assert!(
         metrics.contains("syncline_errors_total{code=\"Overloaded\"}"),
         "the slow reader was disconnected:\n{metrics}"
+    );
+    let last_to_slow = slow_reader.await.unwrap();
+    let Some(Message::Error(e)) = &last_to_slow else {
+        panic!(
+            "the slow reader's last frame was not an error: {:?}",
+            last_to_slow.as_ref().map(Message::kind)
+        );
+    };
+    assert_eq!(e.code(), ErrorCode::Overloaded);
+    good.close().await;
+    writer.close().await;
+    drop(good); // (the last sender of its events: the watcher ends)
+    let statuses = tokio::time::timeout(WAIT, good_watch)
+        .await
+        .expect("the watcher ends")
+        .unwrap();
+    assert!(
+        !statuses.contains(&syncline_core::sync::Status::Offline),
+        "the good client went offline: {statuses:?}"
     );
     let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
     let rss_kb: u64 = status
@@ -1035,7 +1102,6 @@ async fn bad_frames_are_refused_and_slow_readers_dropped_while_others_are_served
         rss_kb < 300 * 1024,
         "server memory stays bounded: {rss_kb} kB"
     );
-    drop(slow);
 }
 
 /// A deflate stream of stored blocks: valid for any inflater, no compressor.
