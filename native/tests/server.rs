@@ -175,10 +175,19 @@ async fn a_subscriber_applies_patched_changes_once_the_stream_pauses() {
     let t = doc("ticker");
     // One change per frame: each is shown patched (core's database tests
     // say when), and without the idle catch-up they would wait for ever.
+    // Read as soon as each arrives (well before the idle catch-up, which
+    // waits CATCH_UP_IDLE_MS of quiet), the reader is behind by at least
+    // that change: else the patched path was not taken at all.
+    let mut behind = Vec::new();
     for seq in 0..20 {
         writer.put(&list, &t, json!({ "seq": seq })).await.unwrap();
         until_value(&reader, &list, &t, &json!({ "seq": seq })).await;
+        behind.push(reader.changes_behind(&list, &t).await.unwrap());
     }
+    assert!(
+        behind.iter().any(|&b| b >= 1),
+        "no change was shown patched: changes behind after each arrival {behind:?}"
+    );
     // Once nothing has arrived for a while the reader's driver hands them
     // to automerge.
     tokio::time::timeout(WAIT, async {
@@ -188,6 +197,12 @@ async fn a_subscriber_applies_patched_changes_once_the_stream_pauses() {
     })
     .await
     .expect("caught up in time");
+    assert_eq!(reader.changes_behind(&list, &t).await.unwrap(), 0);
+    assert_eq!(
+        reader.get(&list, &t).await.unwrap(),
+        Some(json!({"seq": 19})),
+        "automerge shows what the patches showed"
+    );
     // What automerge now holds is the same document: a write on top of it
     // reaches the writer.
     reader.put(&list, &t, json!({"seq": -1})).await.unwrap();
