@@ -572,7 +572,11 @@ async fn a_subscriber_applies_patched_changes_once_the_stream_pauses() {
     );
     until("the reader catches up", || b.changes_behind(&db, "t") == 0).await;
     assert_eq!(b.changes_behind(&db, "t"), 0);
-    assert_eq!(seq_of(&b, &db), Some(9), "automerge shows what the patches showed");
+    assert_eq!(
+        seq_of(&b, &db),
+        Some(9),
+        "automerge shows what the patches showed"
+    );
     // What automerge now holds is the same document: a write on top of it
     // reaches the writer.
     let v = serde_wasm_bindgen::to_value(&serde_json::json!({ "seq": -1 })).expect("js");
