@@ -175,10 +175,19 @@ async fn a_subscriber_applies_patched_changes_once_the_stream_pauses() {
     let t = doc("ticker");
     // One change per frame: each is shown patched (core's database tests
     // say when), and without the idle catch-up they would wait for ever.
+    // Read as soon as each arrives (well before the idle catch-up, which
+    // waits CATCH_UP_IDLE_MS of quiet), the reader is behind by at least
+    // that change: else the patched path was not taken at all.
+    let mut behind = Vec::new();
     for seq in 0..20 {
         writer.put(&list, &t, json!({ "seq": seq })).await.unwrap();
         until_value(&reader, &list, &t, &json!({ "seq": seq })).await;
+        behind.push(reader.changes_behind(&list, &t).unwrap());
     }
+    assert!(
+        behind.iter().any(|&b| b >= 1),
+        "no change was shown patched: changes behind after each arrival {behind:?}"
+    );
     // Once nothing has arrived for a while the reader's driver hands them
     // to automerge.
     tokio::time::timeout(WAIT, async {
@@ -188,6 +197,12 @@ async fn a_subscriber_applies_patched_changes_once_the_stream_pauses() {
     })
     .await
     .expect("caught up in time");
+    assert_eq!(reader.changes_behind(&list, &t).unwrap(), 0);
+    assert_eq!(
+        reader.get(&list, &t).unwrap(),
+        Some(json!({"seq": 19})),
+        "automerge shows what the patches showed"
+    );
     // What automerge now holds is the same document: a write on top of it
     // reaches the writer.
     reader.put(&list, &t, json!({"seq": -1})).await.unwrap();
@@ -637,24 +652,45 @@ async fn auth_matrix_over_the_wire() {
     assert!(message.contains("reconnect with a fresh one"), "{message}");
 }
 
-/// Read a stopped server's log for `db` with the store's own record decoder.
-fn stored_vv(data: &Path, name: &str) -> syncline_core::VersionVector {
-    let bytes = std::fs::read(data.join("dbs").join(format!("{name}.log"))).unwrap_or_default();
+/// A log file read with the store's own record decoder (a torn tail, as
+/// a killed writer leaves, is ignored as a restart ignores it).
+fn stored_at(log: &Path) -> syncline_core::StoredDatabase {
+    let bytes = std::fs::read(log).unwrap_or_default();
     let (records, _, _) = syncline::store::decode_records(&bytes);
     let mut stored = syncline_core::StoredDatabase::default();
     for r in records {
         stored.apply(&r.into());
     }
+    stored
+}
+
+/// A stopped server's log of `name`: every change verifies and nothing is
+/// missing in the middle.
+fn stored_log(data: &Path, name: &str) -> syncline_core::Log {
+    let stored = stored_at(&data.join("dbs").join(format!("{name}.log")));
     for e in &stored.entries {
         e.parse_change().expect("stored changes verify");
     }
     let (log, problems) = syncline_core::Log::from_stored(stored);
     assert!(problems.is_empty(), "stored log has gaps: {problems:?}");
-    log.vv().clone()
+    log
+}
+
+/// A stopped server's version vector of `name`.
+fn stored_vv(data: &Path, name: &str) -> syncline_core::VersionVector {
+    stored_log(data, name).vv().clone()
+}
+
+/// What the storm's event watchers report.
+enum StormEvent {
+    Acked(usize, u64),
+    Offline(usize),
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_push_storm_loses_nothing_acknowledged() {
+    use syncline_core::sync::Status;
+    use tokio::sync::broadcast::error::RecvError;
     let rounds: usize = std::env::var("SYNCLINE_KILL_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -666,34 +702,51 @@ async fn kill_9_during_a_push_storm_loses_nothing_acknowledged() {
     let addr = server.addr.to_string();
     let url = server.url();
     let mut clients = Vec::new();
+    let client_dir = |i: usize| dir.path().join(format!("c{i}"));
     for i in 0..3 {
-        let c = SyncClient::connect(Some(&url), "", dir.path().join(format!("c{i}")))
+        let c = SyncClient::connect(Some(&url), "", client_dir(i))
             .await
             .unwrap();
         c.open(&list).await.unwrap();
         clients.push(c);
     }
-    // Highest own counter each client has seen acknowledged.
-    let acked: std::sync::Arc<std::sync::Mutex<Vec<u64>>> =
-        std::sync::Arc::new(std::sync::Mutex::new(vec![0; clients.len()]));
-    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    // Every client's acks and disconnections, in the order it reported
+    // them. A watcher that falls behind the client's event buffer could
+    // miss an ack: that fails the test rather than freezing a count.
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<StormEvent>();
+    let mut watchers = Vec::new();
     for (i, c) in clients.iter().enumerate() {
         let mut events = c.events();
-        let (acked, ack_tx) = (acked.clone(), ack_tx.clone());
-        tokio::spawn(async move {
-            while let Ok(e) = events.recv().await {
-                if let ClientEvent::Acked { counter, .. } = e {
-                    let mut a = acked.lock().unwrap();
-                    a[i] = a[i].max(counter);
-                    let _ = ack_tx.send(());
+        let ev_tx = ev_tx.clone();
+        watchers.push(tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(ClientEvent::Acked { counter, .. }) => {
+                        let _ = ev_tx.send(StormEvent::Acked(i, counter));
+                    }
+                    Ok(ClientEvent::Status(Status::Offline)) => {
+                        let _ = ev_tx.send(StormEvent::Offline(i));
+                    }
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(n)) => panic!("client {i}: {n} events missed"),
+                    Err(RecvError::Closed) => return,
                 }
             }
-        });
+        }));
     }
+    drop(ev_tx);
+    let check_watchers = |watchers: &[tokio::task::JoinHandle<()>]| {
+        for (i, w) in watchers.iter().enumerate() {
+            assert!(!w.is_finished(), "client {i}'s event watcher stopped");
+        }
+    };
+    // Highest own counter each client has seen acknowledged.
+    let mut acked = vec![0u64; clients.len()];
     for round in 0..rounds {
         if round > 0 {
             server = ServerProc::start(&data, &addr, &["--anonymous", "demo-*"]);
         }
+        let at_start = acked.clone();
         // The storm: every client writes as fast as its local fsync allows.
         let writers: Vec<_> = clients
             .iter()
@@ -713,47 +766,122 @@ async fn kill_9_during_a_push_storm_loses_nothing_acknowledged() {
                 })
             })
             .collect();
-        // Kill once some pushes of this round are acknowledged (event-driven).
+        // Kill once some pushes of this round are acknowledged, and at
+        // least one of every client's (event-driven).
         let target = 3 + (round * 7) % 40;
         let mut seen = 0;
         tokio::time::timeout(WAIT, async {
-            while seen < target {
-                ack_rx.recv().await;
-                seen += 1;
+            while seen < target || acked.iter().zip(&at_start).any(|(a, s)| a <= s) {
+                match ev_rx.recv().await.expect("watchers run") {
+                    StormEvent::Acked(i, counter) => {
+                        acked[i] = acked[i].max(counter);
+                        seen += 1;
+                    }
+                    StormEvent::Offline(_) => {}
+                }
             }
         })
         .await
-        .expect("acks arrive");
+        .unwrap_or_else(|_| {
+            panic!("round {round}: acks arrive for every client ({at_start:?} -> {acked:?})")
+        });
         server.kill9();
-        let acked_now = acked.lock().unwrap().clone();
+        // Acks of frames the server sent before it died may still be on
+        // their way: count them all, until every client saw its
+        // connection end (a client reports acks before the disconnection).
+        let mut offline = vec![false; clients.len()];
+        tokio::time::timeout(WAIT, async {
+            while offline.contains(&false) {
+                match ev_rx.recv().await.expect("watchers run") {
+                    StormEvent::Acked(i, counter) => acked[i] = acked[i].max(counter),
+                    StormEvent::Offline(i) => offline[i] = true,
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: clients go offline ({offline:?})"));
+        check_watchers(&watchers);
         for w in writers {
             w.abort();
         }
-        let vv = stored_vv(&data, list.as_str());
-        for (i, c) in clients.iter().enumerate() {
+        for (i, (a, s)) in acked.iter().zip(&at_start).enumerate() {
             assert!(
-                vv.get(&c.replica()) >= acked_now[i],
-                "round {round}: client {i} had {} acknowledged, the log holds {}",
-                acked_now[i],
-                vv.get(&c.replica())
+                a > s,
+                "round {round}: client {i}'s acks did not grow ({s} -> {a})"
+            );
+        }
+        // Every acknowledged change is in the server's log, byte for byte
+        // as its author wrote it (a client pushes only what it made
+        // durable, so its own log holds them all).
+        let log = stored_log(&data, list.as_str());
+        let stored: std::collections::HashMap<_, _> = log.entries().map(|e| (e.dot, e)).collect();
+        for (i, c) in clients.iter().enumerate() {
+            let vv = log.vv().get(&c.replica());
+            assert!(
+                vv >= acked[i],
+                "round {round}: client {i} had {} acknowledged, the log holds {vv}",
+                acked[i],
+            );
+            let own = stored_at(&syncline::store::FileStore::log_path(&client_dir(i), &list));
+            let mut compared = 0;
+            for e in own.entries.iter().filter(|e| e.dot.replica == c.replica()) {
+                if e.dot.counter > acked[i] || log.base().get(&c.replica()) >= e.dot.counter {
+                    continue;
+                }
+                let s = stored.get(&e.dot).unwrap_or_else(|| {
+                    panic!("round {round}: acknowledged {:?} is not in the log", e.dot)
+                });
+                assert!(
+                    **s == *e,
+                    "round {round}: the server stored {:?} differently",
+                    e.dot
+                );
+                compared += 1;
+            }
+            assert_eq!(
+                compared as u64,
+                acked[i].saturating_sub(log.base().get(&c.replica())),
+                "round {round}: client {i}'s own log holds every change it had acknowledged"
             );
         }
     }
-    // Finally everyone converges on the same content.
-    let _server = ServerProc::start(&data, &addr, &["--anonymous", "demo-*"]);
+    // Finally everyone converges: each has pushed everything, a fresh
+    // replica shows what the server holds, and every client shows the
+    // same documents with the same values.
+    let mut server = ServerProc::start(&data, &addr, &["--anonymous", "demo-*"]);
     for c in &clients {
         synced(c, &list).await;
     }
-    let first = clients[0].list(&list).unwrap();
-    for c in &clients[1..] {
-        tokio::time::timeout(WAIT, async {
-            let mut events = c.events();
-            while c.list(&list).unwrap().len() < first.len() {
-                let _ = events.recv().await;
-            }
-        })
-        .await
-        .expect("converged");
+    check_watchers(&watchers);
+    let fresh = SyncClient::in_memory(Some(&url), "");
+    fresh.open(&list).await.unwrap();
+    synced(&fresh, &list).await;
+    let docs = fresh.list(&list).unwrap();
+    assert_eq!(docs.len(), 75, "every client's 25 documents");
+    let mut want = Vec::new();
+    for d in &docs {
+        want.push(fresh.get(&list, d).unwrap().expect("a value"));
+    }
+    for c in &clients {
+        for (d, v) in docs.iter().zip(&want) {
+            until_value(c, &list, d, v).await;
+        }
+        assert_eq!(c.list(&list).unwrap(), docs);
+    }
+    fresh.close().await;
+    for c in &clients {
+        c.close().await;
+    }
+    // And their version vectors, read from their logs, equal the server's.
+    assert!(server.sigterm().success());
+    let at_server = stored_log(&data, list.as_str()).vv().clone();
+    for (i, c) in clients.iter().enumerate() {
+        let (log, problems) = syncline_core::Log::from_stored(stored_at(
+            &syncline::store::FileStore::log_path(&client_dir(i), &list),
+        ));
+        assert!(problems.is_empty(), "client {i}: {problems:?}");
+        assert_eq!(log.vv(), &at_server, "client {i}'s version vector");
+        assert!(at_server.get(&c.replica()) >= acked[i]);
     }
 }
 
@@ -994,8 +1122,48 @@ async fn bad_frames_are_refused_and_slow_readers_dropped_while_others_are_served
         req: 1,
     }));
     raw::send(&mut slow, protocol::encode(&sub)).await;
+    // It reads only once the server has dropped it (`Overloaded` counted):
+    // then it must find what was queued, the typed error, and the close.
+    let addr = server.addr;
+    let slow_reader = tokio::spawn(async move {
+        // (Bounded by the storm's length, which can exceed WAIT on a busy
+        // machine.)
+        let deadline = tokio::time::Instant::now() + 10 * WAIT;
+        while metric(addr, "syncline_errors_total{code=\"Overloaded\"}").await < 1.0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the slow reader was never dropped"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await; // polling a counter, bounded
+        }
+        tokio::time::timeout(WAIT, async move {
+            let mut last = None;
+            while let Some(m) = raw::next(&mut slow).await {
+                last = Some(m);
+            }
+            last
+        })
+        .await
+        .expect("the slow reader's connection is closed")
+    });
+    // The good client must never lose its connection.
+    let mut good_events = good.events();
+    let good_watch = tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        loop {
+            match good_events.recv().await {
+                Ok(ClientEvent::Status(s)) => statuses.push(s),
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    panic!("missed {n} of the good client's events")
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return statuses,
+            }
+        }
+    });
 
-    // A writer pushes ~20 MB; the good client keeps up, the slow one is dropped.
+    // A writer pushes ~20 MB (deflated), 20 times the queue limit; the
+    // good client keeps up, the slow one is dropped.
     let writer = SyncClient::connect(Some(&url), "", dir.path().join("w"))
         .await
         .unwrap();
@@ -1013,10 +1181,37 @@ async fn bad_frames_are_refused_and_slow_readers_dropped_while_others_are_served
     }
     synced(&writer, &list).await;
     until_value(&good, &list, &doc("d49"), &last).await;
+    // The queue limit held while far more than it went out.
+    let peak = metric(server.addr, "syncline_queued_bytes_peak").await;
+    assert!(
+        peak > 0.0 && peak <= 1_048_576.0,
+        "bytes queued to one connection peaked at {peak}"
+    );
+    let out = metric(server.addr, "syncline_bytes_out_total").await;
+    assert!(out > 10.0 * 1_048_576.0, "{out} bytes sent");
     let (_, metrics) = http_get(server.addr, "/metrics");
     assert!(
         metrics.contains("syncline_errors_total{code=\"Overloaded\"}"),
         "the slow reader was disconnected:\n{metrics}"
+    );
+    let last_to_slow = slow_reader.await.unwrap();
+    let Some(Message::Error(e)) = &last_to_slow else {
+        panic!(
+            "the slow reader's last frame was not an error: {:?}",
+            last_to_slow.as_ref().map(Message::kind)
+        );
+    };
+    assert_eq!(e.code(), ErrorCode::Overloaded);
+    good.close().await;
+    writer.close().await;
+    drop(good); // (the last sender of its events: the watcher ends)
+    let statuses = tokio::time::timeout(WAIT, good_watch)
+        .await
+        .expect("the watcher ends")
+        .unwrap();
+    assert!(
+        !statuses.contains(&syncline_core::sync::Status::Offline),
+        "the good client went offline: {statuses:?}"
     );
     let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
     let rss_kb: u64 = status
@@ -1029,7 +1224,6 @@ async fn bad_frames_are_refused_and_slow_readers_dropped_while_others_are_served
         rss_kb < 300 * 1024,
         "server memory stays bounded: {rss_kb} kB"
     );
-    drop(slow);
 }
 
 /// A deflate stream of stored blocks: valid for any inflater, no compressor.

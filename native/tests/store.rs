@@ -4,7 +4,9 @@
 use std::io::Write;
 
 use syncline::store::{FileStore, MAX_RECORD, Record, RecordError, StoreError, encode_record};
-use syncline_core::{Batch, DbName, DocId, Dot, Entry, ReplicaId, Snapshot, Store, VersionVector};
+use syncline_core::{
+    Batch, DbName, DocId, Dot, Entry, ReplicaId, Snapshot, Store, StoredDatabase, VersionVector,
+};
 
 fn entry(r: u8, counter: u64) -> Entry {
     Entry {
@@ -281,8 +283,27 @@ async fn rewrite_folds_the_log_atomically() {
         .write(&db("c"), &Batch::entries(vec![entry(1, 7)]))
         .await
         .unwrap();
-    assert_eq!(store.load(&db("c")).await.unwrap().entries.len(), 3);
-    assert!(!dir.path().join("dbs/c.tmp").exists());
+    let expect = StoredDatabase {
+        base: base.clone(),
+        snapshots: vec![snap.clone()],
+        entries: vec![entry(1, 5), entry(1, 6), entry(1, 7)],
+    };
+    assert_eq!(store.load(&db("c")).await.unwrap(), expect);
+    // The rewrite's working file (`<log>.compact`) was renamed over the
+    // log: nothing but the log is left in `dbs/`, and the log itself, read
+    // back by a fresh store, holds the fold and the later append.
+    let compact = log_path(dir.path(), "c").with_extension("compact");
+    assert!(!compact.exists(), "{} left behind", compact.display());
+    drop(store);
+    let mut files: Vec<String> = std::fs::read_dir(dir.path().join("dbs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    files.sort();
+    assert_eq!(files, ["c.log"], "only the log is left in dbs/");
+    let store = FileStore::open(dir.path()).unwrap();
+    assert_eq!(store.load(&db("c")).await.unwrap(), expect);
 }
 
 #[tokio::test]

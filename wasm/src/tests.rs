@@ -556,13 +556,27 @@ async fn a_subscriber_applies_patched_changes_once_the_stream_pauses() {
         JsFuture::from(c.when_synced(&db)).await.expect("synced");
     }
     // One change per frame: each is shown patched, and without the idle
-    // catch-up they would wait for ever.
+    // catch-up they would wait for ever. Read as each arrives (within a
+    // 20 ms poll, well before the idle catch-up's quiet period), the reader
+    // is behind by at least that change: else nothing was shown patched.
+    let mut behind = Vec::new();
     for seq in 0..10 {
         let v = serde_wasm_bindgen::to_value(&serde_json::json!({ "seq": seq })).expect("js");
         JsFuture::from(a.put(&db, "t", v, None)).await.expect("put");
         until("the change arrives", || seq_of(&b, &db) == Some(seq)).await;
+        behind.push(b.changes_behind(&db, "t"));
     }
+    assert!(
+        behind.iter().any(|&n| n >= 1),
+        "no change was shown patched: changes behind after each arrival {behind:?}"
+    );
     until("the reader catches up", || b.changes_behind(&db, "t") == 0).await;
+    assert_eq!(b.changes_behind(&db, "t"), 0);
+    assert_eq!(
+        seq_of(&b, &db),
+        Some(9),
+        "automerge shows what the patches showed"
+    );
     // What automerge now holds is the same document: a write on top of it
     // reaches the writer.
     let v = serde_wasm_bindgen::to_value(&serde_json::json!({ "seq": -1 })).expect("js");

@@ -290,7 +290,10 @@ impl<A: Authenticator> Net<A> {
                     n.down
                         .frames
                         .push(protocol::decode(&f, usize::MAX).unwrap());
-                    let _ = n.client.handle_frame(&f);
+                    // The server only sends frames a client can read.
+                    if let Err(e) = n.client.handle_frame(&f) {
+                        panic!("client {i} refused a frame from the server: {e}");
+                    }
                     self.route_client(i);
                 }
                 if self.nodes[i].closed && self.nodes[i].peer.is_some() {

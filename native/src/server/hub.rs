@@ -793,6 +793,7 @@ impl Hub {
             server.disconnect(peer);
             return;
         }
+        self.metrics.queued(queued);
         self.metrics.bytes_out.inc_by(len as u64);
         let _ = c.tx.send(Out::Frame(frame));
     }

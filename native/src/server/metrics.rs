@@ -52,6 +52,10 @@ pub struct Metrics {
     pub bytes_in: Counter,
     /// Frame bytes sent.
     pub bytes_out: Counter,
+    /// Most bytes one connection has had queued for sending, since start
+    /// (a frame that would take a connection past `--max-queued-bytes` is
+    /// not queued: the connection is dropped instead).
+    pub queued_bytes_peak: Gauge,
     /// Latency of each fsync.
     pub fsync_seconds: Histogram,
     /// Compactions done (snapshots durable and the log file rewritten).
@@ -97,6 +101,7 @@ impl Metrics {
             validated_bytes: Counter::default(),
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
+            queued_bytes_peak: Gauge::default(),
             fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             compactions: Counter::default(),
             compaction_skipped_docs: Counter::default(),
@@ -148,6 +153,11 @@ impl Metrics {
             );
             r.register("bytes_in", "Frame bytes received", m.bytes_in.clone());
             r.register("bytes_out", "Frame bytes sent", m.bytes_out.clone());
+            r.register(
+                "queued_bytes_peak",
+                "Most bytes one connection has had queued for sending (at most --max-queued-bytes)",
+                m.queued_bytes_peak.clone(),
+            );
             r.register(
                 "fsync_seconds",
                 "Latency of each fsync",
@@ -222,6 +232,14 @@ impl Metrics {
         self.errors
             .get_or_create(&CodeLabel { code: code.into() })
             .inc();
+    }
+
+    /// A connection now has `bytes` queued for sending.
+    pub fn queued(&self, bytes: usize) {
+        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+        self.queued_bytes_peak
+            .inner()
+            .fetch_max(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The text exposition format.

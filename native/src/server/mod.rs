@@ -531,16 +531,22 @@ async fn connection(
                     code = &mut kill => Err(code),
                 },
             };
+            // The hub dropped a slow reader: tell it why (within a second:
+            // its socket may never take the frame) and close.
+            let bye = async |sink: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>,
+                             code: ErrorCode| {
+                let err = Message::error(code, "you read too slowly; disconnected", None);
+                let bye = async {
+                    sink.send(WsMessage::Binary(protocol::encode(&err).into()))
+                        .await?;
+                    sink.send(close_frame(code)).await
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+            };
             let (msg, len, last) = match next {
                 Ok(next) => next,
                 Err(code) => {
-                    let err = Message::error(code, "you read too slowly; disconnected", None);
-                    let bye = async {
-                        sink.send(WsMessage::Binary(protocol::encode(&err).into()))
-                            .await?;
-                        sink.send(close_frame(code)).await
-                    };
-                    let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+                    bye(&mut sink, code).await;
                     return;
                 }
             };
@@ -549,19 +555,28 @@ async fn connection(
             // fan-out a timer-wheel entry per delivery).
             let mut send = sink.send(msg);
             let sent = match (&mut send).now_or_never() {
-                Some(sent) => sent.is_ok(),
+                Some(sent) => Ok(sent.is_ok()),
                 None => tokio::select! {
                     sent = tokio::time::timeout(silent_after, send) => match sent {
-                        Ok(sent) => sent.is_ok(),
+                        Ok(sent) => Ok(sent.is_ok()),
                         Err(_) => {
                             state.metrics.dead_connections.inc();
-                            false
+                            Ok(false)
                         }
                     },
-                    _ = &mut kill => false,
+                    // Killed while blocked on the peer's full socket (the
+                    // usual way a slow reader goes).
+                    code = &mut kill => Err(code),
                 },
             };
             queued.fetch_sub(len, Ordering::Relaxed);
+            let sent = match sent {
+                Ok(sent) => sent,
+                Err(code) => {
+                    bye(&mut sink, code).await;
+                    return;
+                }
+            };
             if !sent {
                 tracing::debug!(peer, "closing: a frame could not be written");
                 return;
