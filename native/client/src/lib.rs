@@ -141,4 +141,3 @@ pub use typed::Peer;
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
 struct RootReadme;
-
