@@ -6,39 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ServerProc, WAIT, token};
-use serde_json::{Value as Json, json};
+use common::{ServerProc, WAIT, db, doc, synced, token, until_value};
+use serde_json::json;
 use syncline::client::{ClientError, SyncClient};
+use syncline_core::DbName;
 use syncline_core::protocol::ErrorCode;
 use syncline_core::sync::{ClientEvent, Status};
-use syncline_core::{DbName, DocId};
-
-fn db(s: &str) -> DbName {
-    DbName::new(s).unwrap()
-}
-
-fn doc(s: &str) -> DocId {
-    DocId::new(s).unwrap()
-}
-
-/// Wait (event-driven, bounded) until `d` in `db` equals `want` on `c`.
-async fn until_value(c: &SyncClient, db: &DbName, d: &DocId, want: &Json) {
-    let mut events = c.events();
-    tokio::time::timeout(WAIT, async {
-        loop {
-            if c.get(db, d).unwrap().as_ref() == Some(want) {
-                return;
-            }
-            let _ = events.recv().await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{db}/{d} never became {want}"));
-}
-
-async fn synced(c: &SyncClient, db: &DbName) {
-    c.wait_synced_for(db, WAIT).await.expect("synced in time");
-}
 
 async fn two_clients(server: &ServerProc, list: &DbName) -> (SyncClient, SyncClient) {
     let a = SyncClient::in_memory(Some(&server.url()), "");
@@ -53,7 +26,7 @@ async fn two_clients(server: &ServerProc, list: &DbName) -> (SyncClient, SyncCli
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_changes_the_current_value_so_a_remote_edit_is_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProc::start(dir.path(), &["--anonymous", "todo-*"]);
+    let server = ServerProc::start(dir.path(), "127.0.0.1:0", &["--anonymous", "todo-*"]);
     let list = db("todo-rmw");
     let t = doc("t");
     let (a, b) = two_clients(&server, &list).await;
@@ -88,7 +61,7 @@ async fn update_changes_the_current_value_so_a_remote_edit_is_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_and_text_merge_concurrent_edits() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProc::start(dir.path(), &["--anonymous", "todo-*"]);
+    let server = ServerProc::start(dir.path(), "127.0.0.1:0", &["--anonymous", "todo-*"]);
     let list = db("todo-fields");
     let t = doc("t");
     let (a, b) = two_clients(&server, &list).await;
@@ -144,7 +117,7 @@ async fn a_panicking_update_writes_nothing_and_the_client_goes_on() {
 async fn writes_to_a_refused_database_fail_with_the_refusal() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("srv");
-    let server = ServerProc::start(&data, &[]);
+    let server = ServerProc::start(&data, "127.0.0.1:0", &[]);
     let reader_token = token(&data, &["--db", "org-*", "--rights", "read"]);
     let reader = SyncClient::connect(Some(&server.url()), &reader_token, dir.path().join("r"))
         .await
@@ -288,7 +261,7 @@ async fn connection_failures_are_events_with_their_cause() {
 
     // A wrong path: the server answers 404, which retrying cannot mend.
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProc::start(dir.path(), &["--anonymous", "todo-*"]);
+    let server = ServerProc::start(dir.path(), "127.0.0.1:0", &["--anonymous", "todo-*"]);
     let wrong = format!("ws://{}/not-sync", server.addr);
     let c = SyncClient::in_memory(Some(&wrong), "");
     let list = db("todo-x");
@@ -413,7 +386,7 @@ fn the_cli_asks_for_a_unit_shows_only_its_arguments_and_finds_the_secret() {
     ]);
     assert!(ok, "{err}");
     // Minted with the server's secret: the server accepts it.
-    let server = ServerProc::start(&data, &[]);
+    let server = ServerProc::start(&data, "127.0.0.1:0", &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = SyncClient::in_memory(Some(&server.url()), out.trim());
@@ -444,7 +417,7 @@ async fn the_builder_fails_over_between_urls_and_asks_the_token_provider_again()
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("srv");
-    let server = ServerProc::start(&data, &[]);
+    let server = ServerProc::start(&data, "127.0.0.1:0", &[]);
     let good = token(&data, &["--db", "org-*", "--rights", "write"]);
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

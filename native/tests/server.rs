@@ -1,111 +1,20 @@
 //! Integration tests against the real `syncline` binary on 127.0.0.1 with an
 //! ephemeral port, driven by the native client.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+mod common;
+
+use common::{ServerProc, WAIT, db, doc, synced, token, until_value};
 use serde_json::{Value as Json, json};
 use syncline::client::{ClientError, SyncClient};
+use syncline_core::DbName;
 use syncline_core::protocol::ErrorCode;
 use syncline_core::sync::ClientEvent;
-use syncline_core::{DbName, DocId};
-
-const WAIT: Duration = Duration::from_secs(20);
-
-struct ServerProc {
-    child: Child,
-    addr: SocketAddr,
-    /// Where `/metrics` is, when started with `--metrics-listen`.
-    metrics: Option<SocketAddr>,
-}
-
-impl ServerProc {
-    fn start(data: &Path, listen: &str, extra: &[&str]) -> Self {
-        Self::start_with_env(data, listen, extra, &[])
-    }
-
-    fn start_with_env(data: &Path, listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        Self::spawn(data, listen, extra, env, Stdio::inherit())
-    }
-
-    /// With the server's log (stderr) going to the file `log`.
-    fn start_logging_to(data: &Path, extra: &[&str], log: &Path) -> Self {
-        let log = std::fs::File::create(log).unwrap();
-        Self::spawn(data, "127.0.0.1:0", extra, &[], log.into())
-    }
-
-    fn spawn(
-        data: &Path,
-        listen: &str,
-        extra: &[&str],
-        env: &[(&str, &str)],
-        stderr: Stdio,
-    ) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_syncline"))
-            .args(["serve", "--listen", listen, "--data"])
-            .arg(data)
-            .args(["--secret", "test-secret-0123456789-0123456789"])
-            .args(extra)
-            .env("SYNCLINE_LOG", "warn")
-            // The binary's own memory settings unless a test asks otherwise.
-            .env_remove("MIMALLOC_ALLOW_THP")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("start syncline");
-        let mut line = String::new();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        out.read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .or_else(|| line.trim().strip_prefix("listening on https://"))
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .unwrap();
-        let mut metrics = None;
-        if extra.contains(&"--metrics-listen") {
-            line.clear();
-            out.read_line(&mut line).unwrap();
-            let at = line
-                .trim()
-                .strip_prefix("metrics on http://")
-                .and_then(|l| l.strip_suffix("/metrics"))
-                .unwrap_or_else(|| panic!("unexpected second line {line:?}"));
-            metrics = Some(at.parse().unwrap());
-        }
-        ServerProc {
-            child,
-            addr,
-            metrics,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}/sync", self.addr)
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn sigterm(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -123,36 +32,6 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|x| x.1.to_owned())
         .unwrap_or_default();
     (status, body)
-}
-
-fn db(s: &str) -> DbName {
-    DbName::new(s).unwrap()
-}
-
-fn doc(s: &str) -> DocId {
-    DocId::new(s).unwrap()
-}
-
-/// Wait (event-driven, bounded) until `doc` in `db` equals `want` on `c`.
-async fn until_value(c: &SyncClient, db: &DbName, d: &DocId, want: &Json) {
-    let mut events = c.events();
-    tokio::time::timeout(WAIT, async {
-        loop {
-            if c.get(db, d).unwrap().as_ref() == Some(want) {
-                return;
-            }
-            let _ = events.recv().await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{db}/{d} never became {want}"));
-}
-
-async fn synced(c: &SyncClient, db: &DbName) {
-    tokio::time::timeout(WAIT, c.wait_synced(db))
-        .await
-        .expect("synced in time")
-        .expect("synced");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -480,23 +359,6 @@ fn syncline_core_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-fn token(data: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_syncline"))
-        .arg("token")
-        .args(args)
-        .args(["--secret", "test-secret-0123456789-0123456789"])
-        .arg("--data")
-        .arg(data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
