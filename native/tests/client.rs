@@ -507,3 +507,52 @@ async fn typed_documents_presence_and_an_event_stream_that_never_lags() {
     .expect("a Changed naming every document");
     assert_eq!(all, 1_102);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_presence_reaches_the_other_client() {
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq, Clone)]
+    struct Cursor {
+        name: String,
+        at: u32,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(dir.path(), "127.0.0.1:0", &["--anonymous", "todo-*"]);
+    let list = db("todo-presence");
+    let (a, b) = two_clients(&server, &list).await;
+    let mine = Cursor {
+        name: "ada".into(),
+        at: 7,
+    };
+    a.set_presence_as(&list, &mine).await.unwrap();
+    let mut events = b.events();
+    let seen = tokio::time::timeout(WAIT, async {
+        loop {
+            let peers = b.presence_as::<Cursor>(&list).await;
+            if let Some(p) = peers.iter().find(|p| p.replica == a.replica())
+                && p.state.is_some()
+            {
+                return p.state.clone();
+            }
+            let _ = events.recv().await;
+        }
+    })
+    .await
+    .expect("a's presence reaches b");
+    assert_eq!(seen, Some(mine));
+    // A state that is not a Cursor reads as None, not an error.
+    a.set_presence(&list, b"not json".to_vec()).await.unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let peers = b.presence_as::<Cursor>(&list).await;
+            if peers
+                .iter()
+                .any(|p| p.replica == a.replica() && p.state.is_none())
+            {
+                return;
+            }
+            let _ = events.recv().await;
+        }
+    })
+    .await
+    .expect("the new state arrives");
+}
