@@ -406,7 +406,11 @@ fn fixed_seeds_and_past_failures() {
 fn a_torn_meta_temporary_and_a_stale_compact_file_are_removed_at_open() {
     let fs = SimFs::new();
     let db = DbName::new("todo").expect("valid name");
-    let batch = Gen::append_one();
+    let batch = Gen {
+        rng: Rng::new(7),
+        counters: BTreeMap::new(),
+    }
+    .append(&db);
     {
         let (store, mut writer) =
             FileStore::open_manual(&dir(), Arc::new(fs.clone()), MAX_OPEN).expect("opens");
@@ -432,14 +436,4 @@ fn a_torn_meta_temporary_and_a_stale_compact_file_are_removed_at_open() {
     );
     let meta = store.get_meta("k.1").now_or_never().expect("ready");
     assert_eq!(meta.expect("reads"), Some(b"one".to_vec()));
-}
-
-impl Gen {
-    fn append_one() -> Batch {
-        let mut g = Gen {
-            rng: Rng::new(7),
-            counters: BTreeMap::new(),
-        };
-        g.append(&DbName::new("todo").expect("valid name"))
-    }
 }

@@ -188,19 +188,6 @@ impl SimFs {
             .map(|(p, ino)| (p.clone(), d.inodes[*ino].data.clone()))
             .collect()
     }
-
-    /// Overwrite `len` bytes of a file at `at` with `byte` (damage, for tests).
-    #[allow(dead_code)]
-    pub(crate) fn damage(&self, path: &Path, at: usize, len: usize, byte: u8) {
-        let mut d = self.disk();
-        if let Some(&ino) = d.names.get(path) {
-            let inode = &mut d.inodes[ino];
-            for b in inode.data.iter_mut().skip(at).take(len) {
-                *b = byte;
-            }
-            inode.durable = inode.data.clone();
-        }
-    }
 }
 
 /// What a crash leaves of a file's data.
