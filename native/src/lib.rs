@@ -21,6 +21,7 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 pub mod auth;
+pub mod cluster;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -280,6 +280,17 @@ struct ServeArgs {
     /// link) and /metrics needs no token [default: false].
     #[arg(long, env = "SYNCLINE_METRICS_DB_LABELS")]
     metrics_db_labels: Option<bool>,
+    /// Cluster mode: NATS JetStream servers (comma-separated URLs) that
+    /// hold every database, shared by all the nodes started with them;
+    /// this node then keeps no database on disk. Needs JetStream with
+    /// `sync_interval: always` on 3 servers (`scripts/cluster` starts one)
+    /// [default: the embedded file store in --data].
+    #[arg(long, env = "SYNCLINE_CLUSTER", value_delimiter = ',')]
+    cluster: Vec<String>,
+    /// Cluster mode: replicas of each stream the first node creates; the
+    /// engine refuses more than it has servers [default: 3].
+    #[arg(long, env = "SYNCLINE_CLUSTER_REPLICAS")]
+    cluster_replicas: Option<usize>,
     /// TOML file with any of the settings above (flags and environment win).
     #[arg(long, env = "SYNCLINE_CONFIG")]
     config: Option<PathBuf>,
@@ -327,6 +338,9 @@ struct FileConfig {
     max_anonymous_databases: Option<usize>,
     max_disk_bytes: Option<u64>,
     max_read_bytes_per_second: Option<u64>,
+    #[serde(default)]
+    cluster: Vec<String>,
+    cluster_replicas: Option<usize>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -686,7 +700,26 @@ fn serve(args: ServeArgs) -> Result<()> {
         Some(dir) => Some(static_root(&dir, &data)?),
         None => None,
     };
+    let cluster_urls = if args.cluster.is_empty() {
+        file.cluster
+    } else {
+        args.cluster
+    };
+    let cluster = if cluster_urls.is_empty() {
+        None
+    } else {
+        let replicas = args.cluster_replicas.or(file.cluster_replicas).unwrap_or(3);
+        if replicas == 0 {
+            bail!("--cluster-replicas must be at least 1");
+        }
+        Some(syncline::cluster::ClusterOptions {
+            urls: cluster_urls,
+            replicas,
+            ..syncline::cluster::ClusterOptions::default()
+        })
+    };
     let options = ServeOptions {
+        cluster,
         auth: TokenAuth::new(TokenConfig {
             secret: secret_from(
                 args.secret.or(file.secret),

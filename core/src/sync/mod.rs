@@ -16,6 +16,6 @@ pub use client::{
 };
 pub use parts::Reply;
 pub use server::{
-    CheckedHello, DatabaseQuota, EMPTY_DATABASE_BYTES, PeerId, Server, ServerConfig, ServerOutput,
-    ValidateJob, Validated,
+    CheckedHello, DatabaseQuota, EMPTY_DATABASE_BYTES, Ingested, PeerId, Server, ServerConfig,
+    ServerOutput, ValidateJob, Validated,
 };

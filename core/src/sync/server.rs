@@ -18,7 +18,7 @@ use crate::clock::VersionVector;
 use crate::entry::Entry;
 use crate::identity::{self, ProofError, ReplayWindow};
 use crate::ids::{DbName, DocId, ReplicaId};
-use crate::log::{Compaction, Log, Missing};
+use crate::log::{Appended, Compaction, Log, Missing};
 use crate::protocol::{
     self, Ack, DEFAULT_MAX_FRAME, ErrorCode, Hello, Message, PeerPresence, Presence,
     PresenceUpdate, Push, Subscribe, Welcome,
@@ -143,6 +143,18 @@ impl Default for ServerConfig {
             replay_capacity: identity::DEFAULT_REPLAY_CAPACITY,
         }
     }
+}
+
+/// What [`Server::ingest`] did with entries from the cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ingested {
+    /// Entries new to this node, appended and fanned out.
+    pub added: usize,
+    /// Entries under a dot held with a different change (dropped).
+    pub conflicts: usize,
+    /// Entries that would leave a gap in their replica's counters
+    /// (dropped; the stream's order never makes one).
+    pub gaps: usize,
 }
 
 /// What the adapter must do.
@@ -1113,14 +1125,30 @@ impl<A: Authenticator> Server<A> {
         }
         let mut origins = BTreeSet::new();
         let mut all: Vec<(PeerId, Entry)> = Vec::new();
+        // In a cluster another node's message may have brought a dot first
+        // (the same client pushed it there too): a resend is acknowledged
+        // and not fanned out again; a different change under it was lost
+        // to the first writer, and its sender is told, not acknowledged.
+        let mut conflicts: Vec<(PeerId, u64)> = Vec::new();
+        let limits = self.config.change_limits;
         for b in done {
             origins.insert(b.origin);
             for e in b.entries {
-                if let Err(err) = d.log.append(e.clone()) {
-                    tracing::error!(%db, "persisted entry does not fit the log: {err}");
+                if let Some(h) = d.log.get(&e.dot) {
+                    if !same_change(h, &e, &limits)
+                        && !conflicts.iter().any(|(p, _)| *p == b.origin)
+                    {
+                        conflicts.push((b.origin, e.dot.counter));
+                    }
                     continue;
                 }
-                all.push((b.origin, e));
+                match d.log.append(e.clone()) {
+                    Ok(Appended::Added) => all.push((b.origin, e)),
+                    Ok(Appended::Duplicate) => {}
+                    Err(err) => {
+                        tracing::error!(%db, "persisted entry does not fit the log: {err}");
+                    }
+                }
             }
         }
         let vv = d.log.vv().clone();
@@ -1150,6 +1178,15 @@ impl<A: Authenticator> Server<A> {
                 self.broadcast_live(db, &[peer], entries, &vv);
             }
         }
+        for (o, counter) in &conflicts {
+            origins.remove(o);
+            self.fail(
+                *o,
+                ErrorCode::InvalidChange,
+                conflict_message(*counter),
+                Some(db.clone()),
+            );
+        }
         for o in origins {
             if let Some((replica, _)) = self.grants(o) {
                 let ack = own_counter(&vv, replica);
@@ -1162,6 +1199,61 @@ impl<A: Authenticator> Server<A> {
                 );
             }
         }
+    }
+
+    /// Entries another node made durable (a cluster's shared log, in its
+    /// order): append what this node does not hold, fan it out to every
+    /// local subscriber, and count it as accepted so later pushes continue
+    /// from it. A held dot is skipped (entries are idempotent by dot; a
+    /// different change under it lost to the first writer and is dropped
+    /// here as on every node, since every node reads the same order). An
+    /// entry that leaves a gap cannot be appended: it is skipped and
+    /// counted in the result, which says how many entries were new.
+    ///
+    /// Does nothing for a database that is not loaded: its load reads them.
+    pub fn ingest(&mut self, db: &DbName, entries: Vec<Entry>) -> Ingested {
+        let mut out = Ingested::default();
+        let limits = self.config.change_limits;
+        let Some(d) = self.dbs.get_mut(db) else {
+            return out;
+        };
+        let mut added = Vec::new();
+        for e in entries {
+            if let Some(h) = d.log.get(&e.dot) {
+                if !same_change(h, &e, &limits) {
+                    out.conflicts += 1;
+                }
+                continue;
+            }
+            match d.log.append(e.clone()) {
+                Ok(Appended::Added) => {
+                    if d.accepted.get(&e.dot.replica) < e.dot.counter {
+                        d.accepted.set(e.dot.replica, e.dot.counter);
+                        if let Ok(summary) = e.inspect(&limits) {
+                            d.seqs
+                                .entry(e.doc.clone())
+                                .or_default()
+                                .insert(e.dot.replica, summary.seq);
+                        }
+                    }
+                    added.push(e);
+                }
+                Ok(Appended::Duplicate) => {}
+                Err(err) => {
+                    tracing::error!(%db, "an entry from the cluster does not fit the log: {err}");
+                    out.gaps += 1;
+                }
+            }
+        }
+        out.added = added.len();
+        if added.is_empty() {
+            return out;
+        }
+        d.last_used = self.uses;
+        let vv = d.log.vv().clone();
+        let peers: Vec<PeerId> = d.subscribers.iter().copied().collect();
+        self.broadcast_live(db, &peers, added, &vv);
+        out
     }
 
     /// Writing batch `seq` of `db` failed: nothing from it (or later) is

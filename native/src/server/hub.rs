@@ -158,6 +158,22 @@ pub enum HubMsg {
         /// The views.
         built: syncline_core::BuiltViews,
     },
+    /// Cluster mode: a message the tail read from the engine.
+    Stream(Box<crate::cluster::StreamMsg>),
+    /// Cluster mode: the engine answered a publish.
+    Published {
+        /// The message id.
+        id: String,
+        /// Acknowledged, or why not by the deadline.
+        result: Result<(), String>,
+    },
+    /// Cluster mode: a database load from its stream finished.
+    ClusterLoaded {
+        /// Database.
+        db: DbName,
+        /// Outcome.
+        result: Result<crate::cluster::LoadedDb, String>,
+    },
     /// Close every connection and wait for pending writes.
     Shutdown {
         /// Fired when done.
@@ -205,17 +221,34 @@ impl Default for HubConfig {
     }
 }
 
+/// Where the hub keeps things.
+#[derive(Debug)]
+pub struct Storage {
+    /// The file store: every database, or in cluster mode only this
+    /// node's own metadata.
+    pub store: FileStore,
+    /// Replica–subject pairings (`DATA/subjects.jsonl`).
+    pub subjects: crate::store::subjects::Subjects,
+    /// Cluster mode: where databases live instead.
+    pub cluster: Option<crate::cluster::ClusterHub>,
+}
+
 /// Run the hub until every sender is gone.
 pub async fn run(
     mut server: Server<TokenAuth>,
-    store: FileStore,
+    storage: Storage,
     metrics: Arc<Metrics>,
     config: HubConfig,
     (tx, mut rx): (mpsc::Sender<HubMsg>, mpsc::Receiver<HubMsg>),
     pools: super::heavy::Pools,
-    subjects: crate::store::subjects::Subjects,
 ) {
+    let Storage {
+        store,
+        subjects,
+        cluster,
+    } = storage;
     let mut hub = Hub {
+        cluster,
         subjects,
         conns: HashMap::new(),
         store,
@@ -285,6 +318,7 @@ pub async fn run(
         }
         hub.execute(&mut server);
         if hub.in_flight == 0
+            && hub.cluster.as_ref().is_none_or(|c| c.busy() == 0)
             && let Some(done) = hub.shutdown.take()
         {
             let _ = done.send(());
@@ -294,6 +328,8 @@ pub async fn run(
 
 struct Hub {
     conns: HashMap<PeerId, ConnHandle>,
+    /// Cluster mode: databases live in the engine, not in `store`.
+    cluster: Option<crate::cluster::ClusterHub>,
     /// Replica–subject pairings already in `DATA/subjects.jsonl`.
     subjects: crate::store::subjects::Subjects,
     store: FileStore,
@@ -502,6 +538,27 @@ impl Hub {
                     .collect();
                 let _ = reply.send((server.connections(), subs));
             }
+            HubMsg::Stream(msg) => {
+                if let Some(c) = &mut self.cluster {
+                    let db = msg.db.clone();
+                    c.on_stream(server, *msg);
+                    self.views_later(server, &db);
+                }
+            }
+            HubMsg::Published { id, result } => {
+                if let Some(c) = &mut self.cluster {
+                    c.published(server, &id, result);
+                }
+            }
+            HubMsg::ClusterLoaded { db, result } => {
+                if let Some(c) = &mut self.cluster {
+                    let ok = result.is_ok();
+                    c.loaded(server, db.clone(), result);
+                    if ok {
+                        self.views_later(server, &db);
+                    }
+                }
+            }
             HubMsg::Shutdown { done } => {
                 self.views_due.clear();
                 server.shutdown();
@@ -531,6 +588,13 @@ impl Hub {
     }
 
     fn execute_one(&mut self, server: &mut Server<TokenAuth>, out: ServerOutput) {
+        let out = match &mut self.cluster {
+            Some(c) => match c.execute(server, out) {
+                Some(out) => out,
+                None => return,
+            },
+            None => out,
+        };
         {
             match out {
                 ServerOutput::Send { peer, msg } => {
@@ -607,6 +671,19 @@ impl Hub {
                     });
                 }
                 ServerOutput::Validate { peer, job } => self.validate(peer, job),
+                ServerOutput::ListDatabases { peer, req } if self.cluster.is_some() => {
+                    let Some(engine) = self.cluster.as_ref().map(|c| c.engine().clone()) else {
+                        return;
+                    };
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        let names = engine.list().await.unwrap_or_else(|e| {
+                            tracing::error!("listing databases failed: {e}");
+                            Vec::new()
+                        });
+                        let _ = tx.send(HubMsg::Listed { peer, req, names }).await;
+                    });
+                }
                 ServerOutput::ListDatabases { peer, req } => {
                     let list = self.store.list_databases();
                     let tx = self.tx.clone();
@@ -665,6 +742,9 @@ impl Hub {
             Vec::new()
         };
         for db in &gone {
+            if let Some(c) = &mut self.cluster {
+                c.forget(db);
+            }
             self.views_due.remove(db);
             self.compacted_left.remove(db);
             self.views_gauge(db, false);
@@ -748,6 +828,10 @@ impl Hub {
 
     /// Start a background compaction when the log has grown past the limit.
     fn maybe_compact(&mut self, server: &Server<TokenAuth>, db: &DbName) {
+        if self.cluster.is_some() {
+            // Not yet in cluster mode: the streams keep every entry.
+            return;
+        }
         let Some(log) = server.log(db) else { return };
         let left = self.compacted_left.get(db).copied().unwrap_or(0);
         if !compaction_due(log.entry_bytes(), left, self.config.compact_after_bytes)

@@ -60,6 +60,18 @@ pub struct Metrics {
     pub fsync_seconds: Histogram,
     /// Compactions done (snapshots durable and the log file rewritten).
     pub compactions: Counter,
+    /// Cluster mode: time from publishing a message to the engine's
+    /// acknowledgement (retries included).
+    pub engine_publish_seconds: Histogram,
+    /// Cluster mode: messages the engine did not acknowledge by the deadline.
+    pub engine_publish_failed: Counter,
+    /// Cluster mode: messages of the streams not yet read by this node
+    /// (its lag behind the engine), as of the last message read.
+    pub engine_tail_lag: Gauge,
+    /// Cluster mode: entries from other nodes' messages taken in.
+    pub engine_ingested: Counter,
+    /// Cluster mode: stream messages this node could not read (skipped).
+    pub engine_bad_messages: Counter,
     /// Documents a compaction could not fold (their entries stay in the log).
     pub compaction_skipped_docs: Counter,
     /// Errors sent to peers, by code.
@@ -104,6 +116,11 @@ impl Metrics {
             queued_bytes_peak: Gauge::default(),
             fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             compactions: Counter::default(),
+            engine_publish_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
+            engine_publish_failed: Counter::default(),
+            engine_tail_lag: Gauge::default(),
+            engine_ingested: Counter::default(),
+            engine_bad_messages: Counter::default(),
             compaction_skipped_docs: Counter::default(),
             errors: Family::default(),
             dead_connections: Counter::default(),
@@ -164,6 +181,31 @@ impl Metrics {
                 m.fsync_seconds.clone(),
             );
             r.register("compactions", "Compactions done", m.compactions.clone());
+            r.register(
+                "engine_publish_seconds",
+                "Cluster mode: publish to the engine's acknowledgement",
+                m.engine_publish_seconds.clone(),
+            );
+            r.register(
+                "engine_publish_failed",
+                "Cluster mode: messages not acknowledged by the engine in time",
+                m.engine_publish_failed.clone(),
+            );
+            r.register(
+                "engine_tail_lag",
+                "Cluster mode: stream messages not yet read by this node",
+                m.engine_tail_lag.clone(),
+            );
+            r.register(
+                "engine_ingested",
+                "Cluster mode: entries taken in from other nodes",
+                m.engine_ingested.clone(),
+            );
+            r.register(
+                "engine_bad_messages",
+                "Cluster mode: stream messages that did not decode (skipped)",
+                m.engine_bad_messages.clone(),
+            );
             r.register(
                 "compaction_skipped_documents",
                 "Documents a compaction could not fold (left in the log)",

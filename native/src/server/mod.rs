@@ -36,11 +36,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 pub use hub::HubConfig;
+pub(crate) use hub::HubMsg;
 pub use metrics::Metrics;
 
 use crate::auth::TokenAuth;
 use crate::store::{FileStore, StoreError};
-use hub::{ConnHandle, HubMsg, Out};
+use hub::{ConnHandle, Out};
 
 /// Everything `syncline serve` can be told.
 #[derive(Debug)]
@@ -117,6 +118,10 @@ pub struct ServeOptions {
     /// frame counted as at least [`rate::MIN_CHARGE`]), in bursts of up to
     /// four seconds' worth or one largest frame.
     pub read_bytes_per_sec: u64,
+    /// Cluster mode (`--cluster`): databases live in a NATS JetStream
+    /// cluster shared with other nodes; the data directory keeps only this
+    /// node's own files (its replica id, `subjects.jsonl`).
+    pub cluster: Option<crate::cluster::ClusterOptions>,
 }
 
 /// Why the server could not run.
@@ -128,6 +133,9 @@ pub enum ServeError {
     /// Serving HTTP failed.
     #[error("http: {0}")]
     Http(#[from] std::io::Error),
+    /// Cluster mode could not start.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// The static directory cannot be served.
     #[error("static directory {}: {source}", dir.display())]
     Static {
@@ -197,10 +205,25 @@ pub async fn run(
             ),
             source,
         })?;
+    let engine = match options.cluster.clone() {
+        Some(c) => Some(crate::cluster::Engine::connect(c).await?),
+        None => None,
+    };
+    let mut change_limits = syncline_core::ChangeLimits::default();
+    let mut max_frame = options.max_frame;
+    if let Some(engine) = &engine {
+        // One change must fit one message of the engine's: the server
+        // refuses a larger one, and clients, which push in frames of at
+        // most half the announced limit, keep a larger one local and say
+        // so (`TooLarge`) instead of sending it.
+        change_limits.max_bytes = change_limits.max_bytes.min(engine.max_change_bytes());
+        max_frame = max_frame.min(2 * engine.max_change_bytes()).max(64 << 10);
+    }
     let mut server = Server::new(
         ServerConfig {
+            change_limits,
             replica,
-            max_frame: options.max_frame,
+            max_frame,
             max_entries_per_push: options.max_entries_per_push,
             serve_views: options.serve_views,
             // Large pushes are parsed on the heavy threads, not in the
@@ -226,15 +249,36 @@ pub async fn run(
     );
     if !options.anonymous.is_empty() {
         // Anonymous patterns have a quota of databases: count what exists.
-        let names = store.list_blocking()?;
+        let names = match &engine {
+            Some(engine) => engine.list().await?,
+            None => store.list_blocking()?,
+        };
         server.count_databases(&names);
     }
     let (hub_tx, hub_rx) = mpsc::channel(4096);
+    let mut engine_up = None;
+    let cluster = match engine {
+        Some(engine) => {
+            // The tails start from the streams' ends now, before any load.
+            crate::cluster::spawn_tails(&engine, hub_tx.clone(), metrics.clone()).await?;
+            engine_up = Some(engine.up());
+            Some(crate::cluster::ClusterHub::new(
+                engine,
+                hub_tx.clone(),
+                metrics.clone(),
+            ))
+        }
+        None => None,
+    };
     let pools = heavy::Pools::start(hub::heavy_threads())?;
     let heavy = pools.heavy.clone();
     let hub_task = tokio::spawn(hub::run(
         server,
-        store,
+        hub::Storage {
+            store,
+            subjects,
+            cluster,
+        },
         metrics.clone(),
         HubConfig {
             max_queued_bytes: options.max_queued_bytes,
@@ -245,7 +289,6 @@ pub async fn run(
         },
         (hub_tx.clone(), hub_rx),
         pools,
-        subjects,
     ));
     let state = AppState {
         hub: hub_tx.clone(),
@@ -260,7 +303,7 @@ pub async fn run(
         ),
         held: Arc::new(Semaphore::new(hub::HELD_KIB)),
         heavy,
-        max_frame: options.max_frame,
+        max_frame,
         hello_timeout: options.hello_timeout,
         ping_interval: options.ping_interval.max(Duration::from_millis(10)),
         read_bytes_per_sec: options.read_bytes_per_sec,
@@ -270,7 +313,7 @@ pub async fn run(
     let mut metrics_task = None;
     let mut app = Router::new()
         .route("/sync", get(upgrade))
-        .route("/healthz", get(|| async { "ok\n" }));
+        .route("/healthz", get(move || healthz(engine_up.clone())));
     match options.metrics_listener {
         Some(listener) => {
             let metrics_app = metrics_app.with_state(state.clone());
@@ -314,6 +357,19 @@ pub async fn run(
         task.abort();
     }
     Ok(())
+}
+
+/// 200 while serving; in cluster mode 503 while the engine is unreachable
+/// (writes cannot be acknowledged: a load balancer should drain this node).
+async fn healthz(engine_up: Option<Arc<std::sync::atomic::AtomicBool>>) -> Response {
+    match engine_up {
+        Some(up) if !up.load(Ordering::Relaxed) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the NATS cluster is unreachable\n",
+        )
+            .into_response(),
+        _ => "ok\n".into_response(),
+    }
 }
 
 /// The server's own replica id, created once and kept in the data dir.
