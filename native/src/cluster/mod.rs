@@ -128,6 +128,10 @@ impl Engine {
         let client = async_nats::ConnectOptions::new()
             .name("syncline")
             .connection_timeout(Duration::from_secs(5))
+            // A server that stops answering (paused, cut off) without
+            // closing the socket is given up after two missed pings, so
+            // the node moves to another within seconds, not minutes.
+            .ping_interval(Duration::from_secs(2))
             .event_callback(move |event| {
                 let flag = flag.clone();
                 async move {
