@@ -230,6 +230,49 @@ async fn a_change_larger_than_one_engine_message_is_refused_whole_and_large_push
     assert!(metric(a.addr, "syncline_engine_publish_seconds_count") >= 2.0);
 }
 
+/// A change is acknowledged only once the engine holds it: with the
+/// engine paused no acknowledgement comes; the node is then killed with
+/// the change on its way, and the client pushes it to another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_push_loses_nothing_the_client_pushes_elsewhere() {
+    let nats = NatsCluster::start(1 << 20);
+    let dirs = tempfile::tempdir().unwrap();
+    let mut a = node(&dirs.path().join("a"), &nats);
+    let b = node(&dirs.path().join("b"), &nats);
+    let list = db("c-midpush");
+    let store = tempfile::tempdir().unwrap();
+    let c = SyncClient::builder()
+        .urls([a.url(), b.url()])
+        .dir(store.path())
+        .backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    c.open(&list).await.unwrap();
+    c.increment(&list, &doc("count"), &["n"], 1).await.unwrap();
+    synced(&c, &list).await;
+    for i in 0..3 {
+        nats.stop(i);
+    }
+    c.put(&list, &doc("x"), json!({"v": 1})).await.unwrap();
+    c.increment(&list, &doc("count"), &["n"], 1).await.unwrap();
+    let early = c.wait_synced_for(&list, Duration::from_secs(3)).await;
+    assert!(
+        early.is_err(),
+        "acknowledged while the engine could not have stored it"
+    );
+    a.kill9();
+    for i in 0..3 {
+        nats.resume(i);
+    }
+    c.wait_synced_for(&list, Duration::from_secs(30))
+        .await
+        .expect("pushed again to the other node and acknowledged");
+    let r = reader(&b.url(), &list).await;
+    until_value(&r, &list, &doc("x"), &json!({"v": 1})).await;
+    until_value(&r, &list, &doc("count"), &json!({"n": 2})).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_fails_while_the_engine_is_unreachable_and_recovers() {
     let mut nats = NatsCluster::start(1 << 20);
