@@ -160,6 +160,8 @@ impl Target {
                         let stored = self.net.server_store.load_now(&db).unwrap();
                         self.net.server.loaded(db, stored);
                     }
+                    // Cluster mode only (share_presence is off here).
+                    ServerOutput::SharePresence { .. } => {}
                     ServerOutput::ListDatabases { peer, req } => {
                         let names = self.net.server_store.list_now().unwrap();
                         self.net.server.databases_listed(peer, req, names);

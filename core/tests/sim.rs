@@ -293,6 +293,8 @@ impl Sim {
                 }
                 ServerOutput::Load { db } => self.loads.push_back(db),
                 ServerOutput::Validate { peer, job } => self.validations.push_back((peer, *job)),
+                // Cluster mode only (share_presence is off here).
+                ServerOutput::SharePresence { .. } => {}
                 ServerOutput::ListDatabases { peer, req } => {
                     let names = self.server_store.list_now().unwrap();
                     self.server.databases_listed(peer, req, names);

@@ -10,6 +10,7 @@ export {
   type Doc,
   type Path,
   type Peer,
+  type ServerUrls,
   type TextField,
   type WriteOptions,
 } from './client.js';

@@ -36,6 +36,12 @@ export type ConnectionStatus = 'offline' | 'connecting' | 'online' | 'refused';
  */
 export type DbStatus = ConnectionStatus | 'synced';
 
+/**
+ * Where {@link Syncline.connect} syncs: one server's URL, or several
+ * (nodes of one cluster, say) dialled in turn; `null`/omitted: local only.
+ */
+export type ServerUrls = string | readonly string[];
+
 /** Options of {@link Syncline.connect}. */
 export interface ConnectOptions {
   /** Token presented to the server (see `syncline token`). */
@@ -189,6 +195,25 @@ function toWsUrl(url: string): string {
   return u.toString();
 }
 
+/**
+ * The WebSocket URLs `connect` dials: none for a local replica (no url, or
+ * an empty string as before), one per entry of a list. A list must name at
+ * least one server, each entry a non-empty URL (an empty one is most likely
+ * an unset setting, not "the page's own URL").
+ */
+function toWsUrls(url: ServerUrls | null | undefined): string[] {
+  if (!Array.isArray(url)) return url ? [toWsUrl(url as string)] : [];
+  if (url.length === 0) {
+    throw synclineError('InvalidUrl', 'an empty list of URLs: give at least one (or no url for a local replica)');
+  }
+  return url.map((u: unknown, i) => {
+    if (typeof u !== 'string' || u === '') {
+      throw synclineError('InvalidUrl', `URL #${i + 1} of the list is ${JSON.stringify(u) ?? String(u)}, not a URL`);
+    }
+    return toWsUrl(u);
+  });
+}
+
 /** A client: one local replica, optionally synced with a server. */
 export class Syncline {
   #wasm: WasmClient;
@@ -219,15 +244,18 @@ export class Syncline {
 
   /**
    * Open the local replica and, with a `url`, keep it synced with that
-   * server (`ws://host:7070/sync`; `http://host:7070` works too). With no
-   * url the replica is purely local. Resolves once local data is readable;
-   * connecting happens in the background.
+   * server (`ws://host:7070/sync`; `http://host:7070` works too). With a
+   * list of URLs (servers of one cluster, or one behind a load balancer)
+   * the client dials them in turn: a failed dial or a dropped connection
+   * moves on to the next, after the usual backoff, and resumes there in
+   * one round trip. With no url the replica is purely local. Resolves once
+   * local data is readable; connecting happens in the background.
    */
-  static async connect(url?: string | null, options: ConnectOptions = {}): Promise<Syncline> {
+  static async connect(url?: ServerUrls | null, options: ConnectOptions = {}): Promise<Syncline> {
     await ensureWasm();
-    const wsUrl = url ? toWsUrl(url) : undefined;
+    const wsUrls = toWsUrls(url);
     const WebSocketClass = options.WebSocket ?? (globalThis as { WebSocket?: unknown }).WebSocket;
-    if (wsUrl && typeof WebSocketClass !== 'function') {
+    if (wsUrls.length > 0 && typeof WebSocketClass !== 'function') {
       throw synclineError(
         'Unsupported',
         options.WebSocket === undefined
@@ -256,7 +284,7 @@ export class Syncline {
     try {
       const wasm = await createClient(
         {
-          url: wsUrl,
+          urls: wsUrls,
           token: options.token,
           storage,
           idbName: `syncline:${name}:${slot.index}`,

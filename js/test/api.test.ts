@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { WebSocketServer } from 'ws';
+import WebSocket, { WebSocketServer } from 'ws';
 import { Syncline, isSynclineError } from '../src/node.js';
 
 async function local() {
@@ -208,5 +208,92 @@ describe('hostile or odd input', () => {
     await expect(db.whenSynced()).rejects.toSatisfy((e) => isSynclineError(e, 'NoServer'));
     await client.close();
     await expect(db.whenSynced()).rejects.toSatisfy((e) => isSynclineError(e, 'Closed'));
+  });
+});
+
+describe('a list of server URLs', () => {
+  const invalid = (e: unknown) => isSynclineError(e, 'InvalidUrl');
+
+  it('refuses an empty list and any bad entry with InvalidUrl', async () => {
+    await expect(Syncline.connect([], { storage: 'memory', WebSocket })).rejects.toSatisfy(invalid);
+    for (const bad of ['ftp://127.0.0.1/', '', 'http://[::1', 7]) {
+      await expect(
+        Syncline.connect(['ws://127.0.0.1:9/sync', bad as string], { storage: 'memory', WebSocket }),
+      ).rejects.toSatisfy(invalid);
+    }
+  });
+
+  it('dials the URLs in turn: a connection dropped by the first moves on to the second', async () => {
+    // Two bare WebSocket servers: the first drops every connection it
+    // gets, the second keeps it (the handshake reaching it is the proof).
+    const order: string[] = [];
+    const [first, second] = [0, 1].map(() => new WebSocketServer({ host: '127.0.0.1', port: 0 }));
+    try {
+      await Promise.all([first, second].map((s) => new Promise((ok) => s.once('listening', ok))));
+      first.on('connection', (ws) => {
+        order.push('first');
+        ws.terminate();
+      });
+      const reached = new Promise<void>((ok) =>
+        second.on('connection', () => {
+          order.push('second');
+          ok();
+        }),
+      );
+      const url = (s: WebSocketServer) => `http://127.0.0.1:${(s.address() as { port: number }).port}`;
+      const client = await Syncline.connect([url(first), url(second)] as const, {
+        storage: 'memory',
+        WebSocket,
+        maxBackoffMs: 100,
+      });
+      try {
+        await reached;
+        expect(order.slice(0, 2)).toEqual(['first', 'second']);
+        expect(client.status).not.toBe('refused');
+      } finally {
+        await client.close();
+      }
+    } finally {
+      await Promise.all([first, second].map((s) => new Promise((ok) => s.close(ok))));
+    }
+  });
+
+  it('a URL the runtime cannot open leaves the rotation (reported); alone, it refuses the client as before', async () => {
+    // A WebSocket class whose constructor throws for one URL, as a browser's
+    // does for a URL it will not dial.
+    class Picky extends WebSocket {
+      constructor(url: string) {
+        if (url.includes('unopenable')) throw new SyntaxError(`cannot open ${url}`);
+        super(url);
+      }
+    }
+    const server = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+    try {
+      await new Promise((ok) => server.once('listening', ok));
+      const reached = new Promise((ok) => server.once('connection', ok));
+      const good = `ws://127.0.0.1:${(server.address() as { port: number }).port}/sync`;
+      const client = await Syncline.connect(['ws://unopenable.invalid/sync', good], {
+        storage: 'memory',
+        WebSocket: Picky,
+        maxBackoffMs: 100,
+      });
+      try {
+        await reached;
+        expect(client.status).not.toBe('refused');
+        expect(client.refusal).toBeUndefined();
+      } finally {
+        await client.close();
+      }
+
+      const alone = await Syncline.connect(['ws://unopenable.invalid/sync'], { storage: 'memory', WebSocket: Picky });
+      try {
+        expect(alone.status).toBe('refused');
+        expect(alone.refusal?.code).toBe('InvalidUrl');
+      } finally {
+        await alone.close();
+      }
+    } finally {
+      await new Promise((ok) => server.close(ok));
+    }
   });
 });

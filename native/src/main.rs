@@ -720,6 +720,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     let options = ServeOptions {
         cluster,
+        engine: None,
         auth: TokenAuth::new(TokenConfig {
             secret: secret_from(
                 args.secret.or(file.secret),
@@ -807,6 +808,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         .context("starting the runtime")?;
     runtime.block_on(async move {
         let mut options = options;
+        if let Some(c) = options.cluster.clone() {
+            // Before saying it listens: a node that cannot reach the engine
+            // never looks ready.
+            options.engine = Some(syncline::cluster::Engine::connect(c).await?);
+        }
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("listening on {listen}"))?;

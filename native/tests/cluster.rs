@@ -48,6 +48,10 @@ fn metric(addr: SocketAddr, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The cluster tests run one at a time: each starts three engine servers
+/// and up to three nodes, and the chaos test's faults are timed.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn node(data: &Path, nats: &NatsCluster) -> ServerProc {
     ServerProc::start(
         data,
@@ -77,6 +81,7 @@ fn snapshot(c: &SyncClient, list: &DbName) -> BTreeMap<String, Json> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_fan_out_to_every_node_and_a_resume_elsewhere_gets_only_what_it_lacks() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let nats = NatsCluster::start(1 << 20);
     let dirs = tempfile::tempdir().unwrap();
     let nodes: Vec<ServerProc> = (0..3)
@@ -147,6 +152,7 @@ async fn changes_fan_out_to_every_node_and_a_resume_elsewhere_gets_only_what_it_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_larger_than_one_engine_message_is_refused_whole_and_large_pushes_are_split() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let nats = NatsCluster::start(512 << 10);
     let dirs = tempfile::tempdir().unwrap();
     let a = node(&dirs.path().join("a"), &nats);
@@ -235,6 +241,7 @@ async fn a_change_larger_than_one_engine_message_is_refused_whole_and_large_push
 /// the change on its way, and the client pushes it to another node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_push_loses_nothing_the_client_pushes_elsewhere() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let nats = NatsCluster::start(1 << 20);
     let dirs = tempfile::tempdir().unwrap();
     let mut a = node(&dirs.path().join("a"), &nats);
@@ -273,8 +280,66 @@ async fn a_node_killed_mid_push_loses_nothing_the_client_pushes_elsewhere() {
     until_value(&r, &list, &doc("count"), &json!({"n": 2})).await;
 }
 
+/// Wait (event-driven, bounded) until `c`'s presence on `list` passes `ok`.
+async fn until_presence(
+    list: &DbName,
+    what: &str,
+    c: &SyncClient,
+    ok: impl Fn(&syncline_core::sync::PresenceView) -> bool,
+) {
+    let mut events = c.events();
+    let done = tokio::time::timeout(WAIT, async {
+        loop {
+            if ok(&c.presence(list).await) {
+                return;
+            }
+            let _ = events.recv().await;
+        }
+    })
+    .await;
+    assert!(done.is_ok(), "{what}: {:?}", c.presence(list).await);
+}
+
+/// Presence and the online count span the nodes: a state published on
+/// one node is seen on another, and a client leaving is seen to leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_the_online_count_span_the_nodes() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = NatsCluster::start(1 << 20);
+    let dirs = tempfile::tempdir().unwrap();
+    let a = node(&dirs.path().join("a"), &nats);
+    let b = node(&dirs.path().join("b"), &nats);
+    let list = db("c-presence");
+    let x = reader(&a.url(), &list).await;
+    let y = reader(&b.url(), &list).await;
+    x.set_presence(&list, b"cursor:7".to_vec()).await.unwrap();
+    until_presence(&list, "y sees x's state and 2 online", &y, |p| {
+        p.online == 2
+            && p.peers
+                .iter()
+                .any(|q| q.state.as_deref() == Some(&b"cursor:7"[..]))
+    })
+    .await;
+    until_presence(&list, "x counts y", &x, |p| p.online == 2).await;
+    // A client joining on node b later gets x's state in its first list.
+    let z = reader(&b.url(), &list).await;
+    until_presence(&list, "z sees x's state and 3 online", &z, |p| {
+        p.online == 3
+            && p.peers
+                .iter()
+                .any(|q| q.state.as_deref() == Some(&b"cursor:7"[..]))
+    })
+    .await;
+    x.close().await;
+    until_presence(&list, "y sees x leave", &y, |p| {
+        p.online == 2 && p.peers.iter().all(|q| q.state.is_none())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_fails_while_the_engine_is_unreachable_and_recovers() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut nats = NatsCluster::start(1 << 20);
     let dirs = tempfile::tempdir().unwrap();
     let a = node(&dirs.path().join("a"), &nats);
@@ -306,7 +371,9 @@ async fn healthz_fails_while_the_engine_is_unreachable_and_recovers() {
     let list = db("c-health");
     let c = reader(&a.url(), &list).await;
     c.put(&list, &doc("x"), json!({"ok": true})).await.unwrap();
-    synced(&c, &list).await;
+    c.wait_synced_for(&list, Duration::from_secs(30))
+        .await
+        .expect("writes work again");
 }
 
 /// Where the chaos test's nodes listen now (a restarted node has a new port).
@@ -357,7 +424,9 @@ async fn chaos_writer(
             let d = format!("w{w}-{i}");
             let v = json!({"w": w, "i": i});
             c.put(&lists[k], &doc(&d), v.clone()).await.unwrap();
-            c.increment(&lists[0], &doc("count"), &["n"], 1).await.unwrap();
+            c.increment(&lists[0], &doc("count"), &["n"], 1)
+                .await
+                .unwrap();
             increments += 1;
             written.insert((k, d), v);
             unacked[k] += 1;
@@ -396,6 +465,7 @@ async fn chaos_writer(
 /// of writes (nothing applied twice, nothing lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_nothing_acknowledged_is_lost_when_nodes_and_engine_servers_die() {
+    let _one = ONE_AT_A_TIME.lock().await;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     let nats = Arc::new(Mutex::new(NatsCluster::start(1 << 20)));
@@ -449,7 +519,9 @@ async fn chaos_nothing_acknowledged_is_lost_when_nodes_and_engine_servers_die() 
     pause(3).await;
     let follower = {
         let n = nats.lock().unwrap();
-        let leader = n.stream_leader(&stream).expect("a leader after the restart");
+        let leader = n
+            .stream_leader(&stream)
+            .expect("a leader after the restart");
         let follower = (leader + 1) % 3;
         n.stop(follower);
         follower

@@ -49,8 +49,12 @@ const STABLE_MS: f64 = 10_000.0;
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 struct Options {
-    /// `ws://` or `wss://` URL of the server's `/sync` endpoint; none: local only.
+    /// `ws://` or `wss://` URL of the server's `/sync` endpoint; none (and
+    /// no `urls`): local only.
     url: Option<String>,
+    /// More servers' URLs (after `url`), dialled in turn: a failed dial or
+    /// a dropped connection moves on to the next (see [`Driver::urls`]).
+    urls: Vec<String>,
     /// The token presented in `Hello`.
     token: Option<String>,
     /// `"indexeddb"` (default in browsers) or `"memory"`.
@@ -143,7 +147,13 @@ pub(crate) struct Driver {
     /// The replica's key: every connection's `Hello` proves it.
     signer: Rc<Signer>,
     store: BrowserStore,
-    url: Option<String>,
+    /// The servers, dialled in turn: a failed dial or a dropped connection
+    /// moves on to the next, and any of them resumes where the last left
+    /// off (the `Subscribe`s after `Hello`). One the runtime cannot even
+    /// open a socket to leaves the rotation. Empty: local only.
+    urls: Vec<String>,
+    /// Which of `urls` the current (or next) connection dials.
+    at: usize,
     /// The WebSocket class to dial with (`None`: the global `WebSocket`).
     web_socket: Option<Function>,
     on_event: Function,
@@ -209,8 +219,9 @@ pub struct WasmClient {
     replica: ReplicaId,
 }
 
-/// Create a client (`options`: `{url?, token?, storage?, idbName?, maxBackoffMs?,
-/// WebSocket?}`, the last a WebSocket class to use instead of the global one);
+/// Create a client (`options`: `{url?, urls?, token?, storage?, idbName?,
+/// maxBackoffMs?, WebSocket?}`: `urls` more servers dialled in turn after
+/// `url`, `WebSocket` a class to use instead of the global one);
 /// `onEvent` receives `{type: 'status'|'changed'|'acked'|'synced'|'presence'|'error', …}`.
 #[wasm_bindgen(js_name = createClient)]
 pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmClient, JsValue> {
@@ -285,7 +296,8 @@ pub async fn create_client(options: JsValue, on_event: Function) -> Result<WasmC
         signer: Rc::new(signer),
         client: Client::new(replica, options.token.unwrap_or_default(), config),
         store,
-        url: options.url,
+        urls: options.url.into_iter().chain(options.urls).collect(),
+        at: 0,
         web_socket,
         on_event,
         socket: None,
@@ -342,6 +354,18 @@ fn after(shared: &Shared) {
 }
 
 impl Driver {
+    /// The URL the current (or next) connection dials (`None`: local only).
+    fn url(&self) -> Option<&str> {
+        self.urls.get(self.at).map(String::as_str)
+    }
+
+    /// Dial the next URL next time.
+    fn rotate(&mut self) {
+        if !self.urls.is_empty() {
+            self.at = (self.at + 1) % self.urls.len();
+        }
+    }
+
     fn pump(&mut self) {
         loop {
             let outs = self.client.take_outputs();
@@ -556,6 +580,9 @@ impl Driver {
         if self.closed || self.paused || self.refused.is_some() {
             return;
         }
+        // The next dial goes to the next server (the same one when there
+        // is only one); the backoff below applies all the same.
+        self.rotate();
         self.attempts = self.attempts.saturating_add(1);
         let delay = jittered_backoff(self.attempts, self.max_backoff_ms);
         let weak = Rc::downgrade(shared);
@@ -621,7 +648,9 @@ fn dial(shared: &Shared) {
     if d.closed || d.paused || d.refused.is_some() || d.socket.is_some() {
         return;
     }
-    let Some(url) = d.url.clone() else { return };
+    let Some(url) = d.url().map(str::to_owned) else {
+        return;
+    };
     d.generation += 1;
     let generation = d.generation;
     let weak = Rc::downgrade(shared);
@@ -634,6 +663,25 @@ fn dial(shared: &Shared) {
     });
     match socket {
         Ok(s) => d.socket = Some(s),
+        Err(message) if d.urls.len() > 1 => {
+            // This runtime cannot open a socket to that URL, now or later:
+            // it leaves the rotation (reported, not a refusal), and the
+            // others are dialled as after a failed dial.
+            tracing::warn!("cannot dial {url:?} ({message}); dialling the other servers");
+            d.events.push(to_js(&JsEvent::Error {
+                db: None,
+                code: "InvalidUrl",
+                message: format!("{url}: {message}"),
+            }));
+            let at = d.at;
+            d.urls.remove(at);
+            // `at` names the URL after the removed one; drop_connection
+            // moves on by one, so step back first.
+            d.at = (at + d.urls.len() - 1) % d.urls.len();
+            d.drop_connection(shared);
+            drop(d);
+            after(shared);
+        }
         Err(message) => {
             // A malformed URL will not get better by retrying.
             d.refused = Some(WasmError::InvalidUrl(message.clone()));
@@ -670,14 +718,13 @@ fn on_socket(shared: &Shared, ev: SocketEvent) {
             // Sign this connection's Hello (WebCrypto answers with a
             // promise), then start the handshake if the socket is still
             // the current one.
-            let (signer, generation, url) = {
+            // The proof names the host of the URL this socket dialled
+            // (rotation moves on only when the connection is dropped).
+            let (signer, generation, host) = {
                 let d = shared.borrow();
-                (d.signer.clone(), d.generation, d.url.clone())
+                let host = d.url().and_then(syncline_core::identity::host_of_url);
+                (d.signer.clone(), d.generation, host.unwrap_or_default())
             };
-            let host = url
-                .as_deref()
-                .and_then(syncline_core::identity::host_of_url)
-                .unwrap_or_default();
             let weak = Rc::downgrade(shared);
             wasm_bindgen_futures::spawn_local(async move {
                 let proof = signer.prove(&host).await;
@@ -1140,7 +1187,7 @@ impl WasmClient {
                 let mut d = self.shared.borrow_mut();
                 if d.closed {
                     settle(&resolvers, Err(WasmError::Closed.into()));
-                } else if d.url.is_none() {
+                } else if d.urls.is_empty() {
                     let e = WasmError::NoServer;
                     settle(&resolvers, Err(e.into()));
                 } else if d.client.is_synced(&db) {

@@ -40,6 +40,13 @@ pub const DEFAULT_REPLY_PART_BYTES: usize = 256 << 10;
 pub struct ServerConfig {
     /// The server's own replica id.
     pub replica: ReplicaId,
+    /// The first connection id ([`PeerId`]); a cluster's nodes start
+    /// theirs at random bases so ids are unique across the cluster (they
+    /// name peers in presence updates).
+    pub peer_id_base: u64,
+    /// Cluster mode: emit [`ServerOutput::SharePresence`] with this node's
+    /// presence changes, for the other nodes' [`Server::remote_presence`].
+    pub share_presence: bool,
     /// Largest frame accepted and produced.
     pub max_frame: usize,
     /// Most entries in one `Push`.
@@ -123,6 +130,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             replica: ReplicaId::random(),
+            peer_id_base: 1,
+            share_presence: false,
             max_frame: DEFAULT_MAX_FRAME,
             max_entries_per_push: 10_000,
             change_limits: ChangeLimits::default(),
@@ -143,6 +152,24 @@ impl Default for ServerConfig {
             replay_capacity: identity::DEFAULT_REPLAY_CAPACITY,
         }
     }
+}
+
+/// Another node's presence in one database.
+#[derive(Debug, Default)]
+struct RemotePresence {
+    /// Its subscribers.
+    online: u32,
+    /// Its peers with a state.
+    peers: BTreeMap<PeerId, (ReplicaId, Vec<u8>)>,
+    /// When it was last heard (the adapter's clock).
+    heard_ms: u64,
+}
+
+/// Subscribers of `db` on other nodes.
+fn remote_online(remote: &HashMap<DbName, BTreeMap<String, RemotePresence>>, db: &DbName) -> u32 {
+    remote.get(db).map_or(0, |m| {
+        m.values().fold(0u32, |a, r| a.saturating_add(r.online))
+    })
 }
 
 /// What [`Server::ingest`] did with entries from the cluster.
@@ -217,6 +244,13 @@ pub enum ServerOutput {
         peer: PeerId,
         /// The parsing to do.
         job: Box<ValidateJob>,
+    },
+    /// Cluster mode ([`ServerConfig::share_presence`]): tell the other
+    /// nodes this node's presence in `update.db` (its own peers only, its
+    /// own online count; `full` after [`Server::share_presence_full`]).
+    SharePresence {
+        /// The update, under half a frame.
+        update: PresenceUpdate,
     },
     /// List the databases in the store, then call [`Server::databases_listed`].
     ListDatabases {
@@ -581,6 +615,11 @@ struct ServerDb {
     presence: BTreeMap<PeerId, (ReplicaId, Option<Vec<u8>>)>,
     /// Presence changes not yet announced (the latest per peer).
     presence_pending: Vec<PeerPresence>,
+    /// Of those, this node's own (what [`ServerOutput::SharePresence`]
+    /// tells the other nodes).
+    presence_local: Vec<PeerPresence>,
+    /// The online count last shared with the other nodes.
+    online_shared: u32,
     /// Peers sent the full presence since the last announcement, with the
     /// count it carried: they need no count-only update.
     presence_fresh: Vec<(PeerId, u32)>,
@@ -651,6 +690,8 @@ pub struct Server<A> {
     out_bytes: usize,
     /// Databases with presence changes to announce.
     presence_dirty: BTreeSet<DbName>,
+    /// Cluster mode: other nodes' presence per database, by node.
+    remote: HashMap<DbName, BTreeMap<String, RemotePresence>>,
     /// Bytes of changes in every database's pending batches.
     pending_bytes: usize,
     /// Messages routed to loaded databases so far (a logical clock).
@@ -678,10 +719,11 @@ impl<A: Authenticator> Server<A> {
             dbs: HashMap::new(),
             loading: HashMap::new(),
             queued_total: 0,
-            next_peer: 1,
+            next_peer: config.peer_id_base.max(1),
             out: Vec::new(),
             out_bytes: 0,
             presence_dirty: BTreeSet::new(),
+            remote: HashMap::new(),
             pending_bytes: 0,
             uses: 0,
             presence_later: BTreeSet::new(),
@@ -742,12 +784,27 @@ impl<A: Authenticator> Server<A> {
 
     fn flush_presence(&mut self) {
         for db in std::mem::take(&mut self.presence_dirty) {
+            let remote_online = remote_online(&self.remote, &db);
             let Some(d) = self.dbs.get_mut(&db) else {
                 continue;
             };
             let peers = std::mem::take(&mut d.presence_pending);
             let fresh = std::mem::take(&mut d.presence_fresh);
-            let online = d.subscribers.len() as u32;
+            let local = std::mem::take(&mut d.presence_local);
+            let own_online = d.subscribers.len() as u32;
+            let online = own_online.saturating_add(remote_online);
+            if self.config.share_presence && (!local.is_empty() || d.online_shared != own_online) {
+                d.online_shared = own_online;
+                let share = PresenceUpdate {
+                    db: db.clone(),
+                    full: false,
+                    online: own_online,
+                    peers: local,
+                };
+                for update in presence_parts(share, self.config.max_frame / 2) {
+                    self.out.push(ServerOutput::SharePresence { update });
+                }
+            }
             let to: Vec<PeerId> = d
                 .subscribers
                 .iter()
@@ -1742,25 +1799,35 @@ impl<A: Authenticator> Server<A> {
         if newly {
             d.presence.insert(peer, (replica, None));
         }
-        let online = d.subscribers.len() as u32;
+        let online =
+            (d.subscribers.len() as u32).saturating_add(remote_online(&self.remote, &s.db));
+        // Peers that published a state; the rest are only counted, so a
+        // join costs O(peers with state), not O(subscribers).
+        let mut peers: Vec<PeerPresence> = d
+            .presence
+            .iter()
+            .filter_map(|(&p, (r, st))| {
+                st.as_ref().map(|st| PeerPresence {
+                    peer: p,
+                    replica: *r,
+                    left: false,
+                    state: Some(st.clone()),
+                })
+            })
+            .collect();
+        for node in self.remote.get(&s.db).into_iter().flat_map(|m| m.values()) {
+            peers.extend(node.peers.iter().map(|(&p, (r, st))| PeerPresence {
+                peer: p,
+                replica: *r,
+                left: false,
+                state: Some(st.clone()),
+            }));
+        }
         let full = PresenceUpdate {
             db: s.db.clone(),
             full: true,
             online,
-            // Peers that published a state; the rest are only counted, so a
-            // join costs O(peers with state), not O(subscribers).
-            peers: d
-                .presence
-                .iter()
-                .filter_map(|(&p, (r, st))| {
-                    st.as_ref().map(|st| PeerPresence {
-                        peer: p,
-                        replica: *r,
-                        left: false,
-                        state: Some(st.clone()),
-                    })
-                })
-                .collect(),
+            peers,
         };
         if let Some(p) = self.peers.get_mut(&peer) {
             p.subs.insert(s.db.clone());
@@ -2174,10 +2241,141 @@ impl<A: Authenticator> Server<A> {
     /// (`None`: only the online count changed); every subscriber hears it at
     /// the next `take_outputs`.
     fn presence_change(&mut self, db: &DbName, who: Option<PeerPresence>) {
+        let share = self.config.share_presence;
         let Some(d) = self.dbs.get_mut(db) else {
             return;
         };
         if let Some(who) = who {
+            if share {
+                d.presence_local.retain(|p| p.peer != who.peer);
+                d.presence_local.push(who.clone());
+            }
+            d.presence_pending.retain(|p| p.peer != who.peer);
+            d.presence_pending.push(who);
+        }
+        self.presence_dirty.insert(db.clone());
+    }
+
+    /// Cluster mode: another node's presence in `update.db` (its peers,
+    /// its online count), heard at `now_ms`. Local subscribers hear the
+    /// changes with the next announcement; a later subscriber gets them in
+    /// its full list. Kept while the database is not loaded here too.
+    pub fn remote_presence(&mut self, node: &str, update: PresenceUpdate, now_ms: u64) {
+        let db = update.db.clone();
+        let nodes = self.remote.entry(db.clone()).or_default();
+        let r = nodes.entry(node.to_owned()).or_default();
+        r.heard_ms = now_ms;
+        let mut changes = Vec::new();
+        if update.full {
+            for (&p, (replica, _)) in &r.peers {
+                if !update.peers.iter().any(|x| x.peer == p && !x.left) {
+                    changes.push(PeerPresence {
+                        peer: p,
+                        replica: *replica,
+                        left: true,
+                        state: None,
+                    });
+                }
+            }
+            r.peers.clear();
+        }
+        for p in update.peers {
+            match (&p.state, p.left) {
+                (Some(state), false) => {
+                    r.peers.insert(p.peer, (p.replica, state.clone()));
+                }
+                _ => {
+                    r.peers.remove(&p.peer);
+                }
+            }
+            changes.push(p);
+        }
+        r.online = update.online;
+        self.remote_changes(&db, changes);
+    }
+
+    /// Cluster mode: forget nodes not heard from since `before_ms` (a
+    /// node that died cannot say its peers left).
+    pub fn expire_remote_presence(&mut self, before_ms: u64) {
+        let mut gone: Vec<(DbName, Vec<PeerPresence>)> = Vec::new();
+        for (db, nodes) in &mut self.remote {
+            let mut changes = Vec::new();
+            nodes.retain(|_, r| {
+                if r.heard_ms >= before_ms {
+                    return true;
+                }
+                changes.extend(r.peers.iter().map(|(&p, (replica, _))| PeerPresence {
+                    peer: p,
+                    replica: *replica,
+                    left: true,
+                    state: None,
+                }));
+                false
+            });
+            if !changes.is_empty() || nodes.is_empty() {
+                gone.push((db.clone(), changes));
+            }
+        }
+        for (db, changes) in gone {
+            if self.remote.get(&db).is_some_and(BTreeMap::is_empty) {
+                self.remote.remove(&db);
+            }
+            self.remote_changes(&db, changes);
+        }
+    }
+
+    /// Cluster mode: a full [`ServerOutput::SharePresence`] of every loaded
+    /// database with subscribers here (the adapter calls it every few
+    /// seconds: a node that joined, or lost an update, catches up, and the
+    /// others know this node is alive).
+    pub fn share_presence_full(&mut self) {
+        if !self.config.share_presence {
+            return;
+        }
+        let budget = self.config.max_frame / 2;
+        let mut out = Vec::new();
+        for (db, d) in &mut self.dbs {
+            if d.subscribers.is_empty() && d.online_shared == 0 {
+                continue;
+            }
+            d.online_shared = d.subscribers.len() as u32;
+            let update = PresenceUpdate {
+                db: db.clone(),
+                full: true,
+                online: d.online_shared,
+                peers: d
+                    .presence
+                    .iter()
+                    .filter_map(|(&p, (r, st))| {
+                        st.as_ref().map(|st| PeerPresence {
+                            peer: p,
+                            replica: *r,
+                            left: false,
+                            state: Some(st.clone()),
+                        })
+                    })
+                    .collect(),
+            };
+            out.extend(
+                presence_parts(update, budget)
+                    .into_iter()
+                    .enumerate()
+                    // Parts after the first are changes on top of it.
+                    .map(|(i, mut update)| {
+                        update.full = i == 0;
+                        ServerOutput::SharePresence { update }
+                    }),
+            );
+        }
+        self.out.extend(out);
+    }
+
+    /// Remote presence changes for local subscribers (not shared again).
+    fn remote_changes(&mut self, db: &DbName, changes: Vec<PeerPresence>) {
+        let Some(d) = self.dbs.get_mut(db) else {
+            return;
+        };
+        for who in changes {
             d.presence_pending.retain(|p| p.peer != who.peer);
             d.presence_pending.push(who);
         }

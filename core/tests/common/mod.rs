@@ -178,6 +178,8 @@ impl<A: Authenticator> Net<A> {
                     let stored = self.server_store.load_now(&db).unwrap();
                     self.server.loaded(db, stored);
                 }
+                // Cluster mode only (share_presence is off here).
+                ServerOutput::SharePresence { .. } => {}
                 ServerOutput::ListDatabases { peer, req } => {
                     let names = self.server_store.list_now().unwrap();
                     self.server.databases_listed(peer, req, names);

@@ -1081,6 +1081,8 @@ impl Driver {
                 }
                 ServerOutput::Load { db } => self.loads.push_back(db),
                 ServerOutput::Validate { peer, job } => self.jobs.push((peer, *job)),
+                // Cluster mode only (share_presence is off here).
+                ServerOutput::SharePresence { .. } => {}
                 ServerOutput::ListDatabases { peer, req } => self.lists.push_back((peer, req)),
             }
         }

@@ -73,6 +73,8 @@ pub struct ClusterHub {
     loading: HashMap<DbName, Vec<StreamMsg>>,
     /// Stream sequence each loaded database's load covered.
     covered: HashMap<DbName, u64>,
+    /// This node's presence updates, to the publishing task.
+    presence: mpsc::Sender<syncline_core::protocol::PresenceUpdate>,
 }
 
 impl std::fmt::Debug for ClusterHub {
@@ -86,8 +88,14 @@ impl std::fmt::Debug for ClusterHub {
 
 impl ClusterHub {
     /// The hub's cluster state.
-    pub fn new(engine: Engine, tx: mpsc::Sender<HubMsg>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        engine: Engine,
+        tx: mpsc::Sender<HubMsg>,
+        metrics: Arc<Metrics>,
+        presence: mpsc::Sender<syncline_core::protocol::PresenceUpdate>,
+    ) -> Self {
         ClusterHub {
+            presence,
             engine,
             tx,
             metrics,
@@ -373,6 +381,12 @@ impl ClusterHub {
             }
             ServerOutput::Load { db } => {
                 self.load(db);
+                None
+            }
+            ServerOutput::SharePresence { update } => {
+                // Ephemeral: a full queue loses this one, the next full
+                // update (every few seconds) repairs it.
+                let _ = self.presence.try_send(update);
                 None
             }
             other => Some(other),

@@ -18,6 +18,7 @@
 
 mod hub_side;
 mod load;
+mod presence;
 mod tail;
 
 use std::collections::HashMap;
@@ -30,6 +31,7 @@ use syncline_core::DbName;
 
 pub use hub_side::{ClusterHub, StreamMsg};
 pub use load::LoadedDb;
+pub use presence::{PRESENCE_EVERY, PRESENCE_EXPIRE, spawn_presence};
 pub use tail::spawn_tails;
 
 /// Shards a new cluster gets (`--cluster-shards`): streams read in
@@ -76,6 +78,9 @@ pub enum ClusterError {
     /// No URL given, or one that is not a NATS URL.
     #[error("--cluster: {0}")]
     Config(String),
+    /// The streams exist with settings that can drop or forget messages.
+    #[error("the NATS cluster: {0}")]
+    Unsafe(String),
     /// The engine could not be reached or refused a request.
     #[error("the NATS cluster: {0}")]
     Engine(String),
@@ -124,7 +129,6 @@ impl Engine {
             addrs.push(addr);
         }
         let up = Arc::new(AtomicBool::new(false));
-        let flag = up.clone();
         let client = async_nats::ConnectOptions::new()
             .name("syncline")
             .connection_timeout(Duration::from_secs(5))
@@ -132,20 +136,13 @@ impl Engine {
             // closing the socket is given up after two missed pings, so
             // the node moves to another within seconds, not minutes.
             .ping_interval(Duration::from_secs(2))
-            .event_callback(move |event| {
-                let flag = flag.clone();
-                async move {
-                    match event {
-                        async_nats::Event::Connected => {
-                            tracing::info!("connected to the NATS cluster");
-                            flag.store(true, Ordering::Relaxed);
-                        }
-                        async_nats::Event::Disconnected => {
-                            tracing::warn!("lost the NATS cluster; reconnecting");
-                            flag.store(false, Ordering::Relaxed);
-                        }
-                        other => tracing::debug!("NATS: {other}"),
+            .event_callback(move |event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("connected to the NATS cluster"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("lost the NATS cluster; reconnecting");
                     }
+                    other => tracing::debug!("NATS: {other}"),
                 }
             })
             .connect(addrs)
@@ -154,7 +151,21 @@ impl Engine {
         up.store(true, Ordering::Relaxed);
         let max_payload = client.server_info().max_payload;
         let js = jetstream::new(client.clone());
-        let shards = ensure_streams(&js, &options).await?;
+        // Several nodes starting at once race to create the streams, and a
+        // young engine may still be electing leaders: retry for a while.
+        let started = std::time::Instant::now();
+        let shards = loop {
+            match ensure_streams(&js, &options).await {
+                Ok(k) => break k,
+                Err(e @ (ClusterError::Config(_) | ClusterError::Unsafe(_))) => return Err(e),
+                Err(e) if started.elapsed() > Duration::from_secs(30) => return Err(e),
+                Err(e) => {
+                    tracing::info!("setting up the streams: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        tokio::spawn(watch_health(js.clone(), client.clone(), shards, up.clone()));
         let node = format!("{:016x}", rand_u64());
         tracing::info!(shards, max_payload, node, "cluster mode: streams ready");
         Ok(Engine {
@@ -198,6 +209,11 @@ impl Engine {
         &self.node
     }
 
+    /// The plain NATS connection (presence: never stored).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
     /// The JetStream context.
     pub fn js(&self) -> &jetstream::Context {
         &self.js
@@ -235,6 +251,45 @@ impl Engine {
     /// Close the connection, flushing what was sent.
     pub async fn close(&self) {
         let _ = self.client.flush().await;
+    }
+}
+
+/// Keep `up` true only while the engine answers: connected, and every
+/// shard stream's leader answering an info request within 2 s (after an
+/// engine restart, streams elect leaders before they take writes).
+async fn watch_health(
+    js: jetstream::Context,
+    client: async_nats::Client,
+    shards: u32,
+    up: Arc<AtomicBool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let mut ok = client.connection_state() == async_nats::connection::State::Connected;
+        for k in 0..shards {
+            if !ok {
+                break;
+            }
+            let info = async {
+                let mut s = js.get_stream(stream_name(k)).await.ok()?;
+                s.info().await.ok().map(|_| ())
+            };
+            ok = matches!(
+                tokio::time::timeout(Duration::from_secs(2), info).await,
+                Ok(Some(()))
+            );
+        }
+        if up.swap(ok, Ordering::Relaxed) != ok {
+            if ok {
+                tracing::info!("the NATS cluster answers again");
+            } else {
+                tracing::warn!("the NATS cluster does not answer: /healthz is 503");
+            }
+        }
+        if Arc::strong_count(&up) == 1 {
+            return;
+        }
     }
 }
 
@@ -328,7 +383,7 @@ async fn ensure_streams(
             || c.max_bytes > 0
             || c.max_age > Duration::ZERO
         {
-            return Err(ClusterError::Engine(format!(
+            return Err(ClusterError::Unsafe(format!(
                 "stream {} exists with settings that can lose messages \
                  (storage {:?}, replicas {}, discard {:?}, limits {}/{}/{:?})",
                 c.name,
@@ -363,7 +418,9 @@ mod tests {
 
     #[test]
     fn subject_tokens_are_one_token_and_map_back_to_the_exact_name() {
-        for name in ["todo", "a.b", "a_d", "a._", "x__d.y", "A-b.C_", "a..b", "_d"] {
+        for name in [
+            "todo", "a.b", "a_d", "a._", "x__d.y", "A-b.C_", "a..b", "_d",
+        ] {
             let db = DbName::new(name).unwrap();
             let t = subject_token(&db);
             assert!(

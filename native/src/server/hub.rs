@@ -167,6 +167,13 @@ pub enum HubMsg {
         /// Acknowledged, or why not by the deadline.
         result: Result<(), String>,
     },
+    /// Cluster mode: another node's presence.
+    RemotePresence {
+        /// The node.
+        node: String,
+        /// Its update.
+        update: Box<syncline_core::protocol::PresenceUpdate>,
+    },
     /// Cluster mode: a database load from its stream finished.
     ClusterLoaded {
         /// Database.
@@ -293,6 +300,13 @@ pub async fn run(
                 hub.check_disk(&mut server);
                 if ticks.is_multiple_of(UNLOAD_EVERY) {
                     hub.unload_idle(&mut server);
+                }
+                if hub.cluster.is_some()
+                    && ticks.is_multiple_of(crate::cluster::PRESENCE_EVERY.as_secs())
+                {
+                    server.share_presence_full();
+                    let expire = crate::cluster::PRESENCE_EXPIRE.as_millis() as u64;
+                    server.expire_remote_presence(crate::auth::now_ms().saturating_sub(expire));
                 }
                 hub.execute(&mut server);
                 continue;
@@ -545,6 +559,9 @@ impl Hub {
                     self.views_later(server, &db);
                 }
             }
+            HubMsg::RemotePresence { node, update } => {
+                server.remote_presence(&node, *update, crate::auth::now_ms());
+            }
             HubMsg::Published { id, result } => {
                 if let Some(c) = &mut self.cluster {
                     c.published(server, &id, result);
@@ -671,6 +688,8 @@ impl Hub {
                     });
                 }
                 ServerOutput::Validate { peer, job } => self.validate(peer, job),
+                // Handled by the cluster side above (emitted only there).
+                ServerOutput::SharePresence { .. } => {}
                 ServerOutput::ListDatabases { peer, req } if self.cluster.is_some() => {
                     let Some(engine) = self.cluster.as_ref().map(|c| c.engine().clone()) else {
                         return;

@@ -122,6 +122,9 @@ pub struct ServeOptions {
     /// cluster shared with other nodes; the data directory keeps only this
     /// node's own files (its replica id, `subjects.jsonl`).
     pub cluster: Option<crate::cluster::ClusterOptions>,
+    /// Cluster mode with the engine already connected (the binary connects
+    /// before it says it is listening); else `cluster` is connected here.
+    pub engine: Option<crate::cluster::Engine>,
 }
 
 /// Why the server could not run.
@@ -205,9 +208,10 @@ pub async fn run(
             ),
             source,
         })?;
-    let engine = match options.cluster.clone() {
-        Some(c) => Some(crate::cluster::Engine::connect(c).await?),
-        None => None,
+    let engine = match (options.engine.clone(), options.cluster.clone()) {
+        (Some(engine), _) => Some(engine),
+        (None, Some(c)) => Some(crate::cluster::Engine::connect(c).await?),
+        (None, None) => None,
     };
     let mut change_limits = syncline_core::ChangeLimits::default();
     let mut max_frame = options.max_frame;
@@ -219,9 +223,21 @@ pub async fn run(
         change_limits.max_bytes = change_limits.max_bytes.min(engine.max_change_bytes());
         max_frame = max_frame.min(2 * engine.max_change_bytes()).max(64 << 10);
     }
+    let cluster_mode = engine.is_some();
     let mut server = Server::new(
         ServerConfig {
             change_limits,
+            // Presence spans the cluster: connection ids must not collide
+            // across nodes (kept under 2^52 for JavaScript's numbers).
+            share_presence: cluster_mode,
+            peer_id_base: if cluster_mode {
+                (u64::from(ReplicaId::random().0[0]) << 44
+                    | u64::from(ReplicaId::random().0[1]) << 36
+                    | u64::from(ReplicaId::random().0[2]) << 28)
+                    .max(1)
+            } else {
+                1
+            },
             replica,
             max_frame,
             max_entries_per_push: options.max_entries_per_push,
@@ -261,11 +277,13 @@ pub async fn run(
         Some(engine) => {
             // The tails start from the streams' ends now, before any load.
             crate::cluster::spawn_tails(&engine, hub_tx.clone(), metrics.clone()).await?;
+            let presence = crate::cluster::spawn_presence(&engine, hub_tx.clone()).await?;
             engine_up = Some(engine.up());
             Some(crate::cluster::ClusterHub::new(
                 engine,
                 hub_tx.clone(),
                 metrics.clone(),
+                presence,
             ))
         }
         None => None,
