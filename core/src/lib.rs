@@ -67,7 +67,7 @@
 //!             ServerOutput::Load { db } => server.loaded(db, StoredDatabase::default()),
 //!             ServerOutput::ListDatabases { peer, req } => server.databases_listed(peer, req, vec![]),
 //!             ServerOutput::Validate { peer, job } => server.validated(peer, job.run()),
-//!             ServerOutput::Close { .. } => {}
+//!             ServerOutput::Close { .. } | ServerOutput::SharePresence { .. } => {}
 //!         }
 //!     }
 //! }
