@@ -165,6 +165,21 @@ struct RemotePresence {
     heard_ms: u64,
 }
 
+/// The peers of `presence` that published a state, as a full list has them.
+fn with_state(presence: &BTreeMap<PeerId, (ReplicaId, Option<Vec<u8>>)>) -> Vec<PeerPresence> {
+    presence
+        .iter()
+        .filter_map(|(&p, (r, st))| {
+            st.as_ref().map(|st| PeerPresence {
+                peer: p,
+                replica: *r,
+                left: false,
+                state: Some(st.clone()),
+            })
+        })
+        .collect()
+}
+
 /// Subscribers of `db` on other nodes.
 fn remote_online(remote: &HashMap<DbName, BTreeMap<String, RemotePresence>>, db: &DbName) -> u32 {
     remote.get(db).map_or(0, |m| {
@@ -1803,18 +1818,7 @@ impl<A: Authenticator> Server<A> {
             (d.subscribers.len() as u32).saturating_add(remote_online(&self.remote, &s.db));
         // Peers that published a state; the rest are only counted, so a
         // join costs O(peers with state), not O(subscribers).
-        let mut peers: Vec<PeerPresence> = d
-            .presence
-            .iter()
-            .filter_map(|(&p, (r, st))| {
-                st.as_ref().map(|st| PeerPresence {
-                    peer: p,
-                    replica: *r,
-                    left: false,
-                    state: Some(st.clone()),
-                })
-            })
-            .collect();
+        let mut peers = with_state(&d.presence);
         for node in self.remote.get(&s.db).into_iter().flat_map(|m| m.values()) {
             peers.extend(node.peers.iter().map(|(&p, (r, st))| PeerPresence {
                 peer: p,
@@ -2343,18 +2347,7 @@ impl<A: Authenticator> Server<A> {
                 db: db.clone(),
                 full: true,
                 online: d.online_shared,
-                peers: d
-                    .presence
-                    .iter()
-                    .filter_map(|(&p, (r, st))| {
-                        st.as_ref().map(|st| PeerPresence {
-                            peer: p,
-                            replica: *r,
-                            left: false,
-                            state: Some(st.clone()),
-                        })
-                    })
-                    .collect(),
+                peers: with_state(&d.presence),
             };
             out.extend(
                 presence_parts(update, budget)
