@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::nats::NatsCluster;
-use common::{ServerProc, WAIT, db, doc, synced, until_value};
+use common::{ServerProc, WAIT, db, doc, incompressible, synced, until_value};
 use serde_json::{Value as Json, json};
 use syncline::client::SyncClient;
 use syncline_core::DbName;
@@ -162,17 +162,7 @@ async fn a_change_larger_than_one_engine_message_is_refused_whole_and_large_push
     let r = reader(&b.url(), &list).await;
     // Random letters (about 0.6 bytes each once automerge deflates them):
     // 1.5 MB in one change, over the engine's 512 KiB message.
-    let noise = |n: usize, seed: u64| -> String {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                char::from(b'a' + (x % 26) as u8)
-            })
-            .collect()
-    };
+    let noise = incompressible;
     let mut events = w.events();
     w.put(&list, &doc("huge"), json!({"s": noise(1_500_000, 7)}))
         .await

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{ServerProc, WAIT, db, doc, synced, token, until_value};
+use common::{ServerProc, WAIT, db, doc, incompressible, synced, token, until_value};
 use serde_json::{Value as Json, json};
 use syncline::client::{ClientError, SyncClient};
 use syncline_core::DbName;
@@ -2017,19 +2017,6 @@ async fn a_connection_over_its_read_rate_waits_and_loses_nothing() {
     .await
     .expect("every ping answered");
     assert!(metric(server.addr, "syncline_read_waits_total").await >= 1.0);
-}
-
-/// `len` letters that deflate does not shrink much.
-fn incompressible(len: usize, seed: u64) -> String {
-    let mut x = 0x2545_F491_4F6C_DD1Du64 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'a' + (x % 26) as u8)
-        })
-        .collect()
 }
 
 /// Replies to Subscribe are encoded part by part as the socket drains, not

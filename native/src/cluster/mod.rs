@@ -247,11 +247,6 @@ impl Engine {
         }
         Ok(names)
     }
-
-    /// Close the connection, flushing what was sent.
-    pub async fn close(&self) {
-        let _ = self.client.flush().await;
-    }
 }
 
 /// Keep `up` true only while the engine answers: connected, and every

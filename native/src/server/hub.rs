@@ -556,7 +556,10 @@ impl Hub {
                 if let Some(c) = &mut self.cluster {
                     let db = msg.db.clone();
                     c.on_stream(server, *msg);
-                    self.views_later(server, &db);
+                    // Only databases loaded here have views to build.
+                    if server.log(&db).is_some() {
+                        self.views_later(server, &db);
+                    }
                 }
             }
             HubMsg::RemotePresence { node, update } => {

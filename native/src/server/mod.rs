@@ -231,10 +231,8 @@ pub async fn run(
             // across nodes (kept under 2^52 for JavaScript's numbers).
             share_presence: cluster_mode,
             peer_id_base: if cluster_mode {
-                (u64::from(ReplicaId::random().0[0]) << 44
-                    | u64::from(ReplicaId::random().0[1]) << 36
-                    | u64::from(ReplicaId::random().0[2]) << 28)
-                    .max(1)
+                let r = ReplicaId::random().0;
+                (u64::from(r[0]) << 44 | u64::from(r[1]) << 36 | u64::from(r[2]) << 28).max(1)
             } else {
                 1
             },
