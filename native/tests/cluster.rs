@@ -367,6 +367,29 @@ async fn healthz_fails_while_the_engine_is_unreachable_and_recovers() {
 }
 
 /// Where the chaos test's nodes listen now (a restarted node has a new port).
+/// Every document of `list` in the client store at `dir`, as canonical
+/// automerge bytes (equal exactly when the same changes are held), after
+/// checking that no dot is stored twice.
+fn canonical_documents(dir: &Path, list: &DbName) -> BTreeMap<String, Vec<u8>> {
+    use syncline_client::store::FileStore;
+    let stored = FileStore::open(dir).unwrap().load_blocking(list).unwrap();
+    let mut dots = std::collections::HashSet::new();
+    for e in &stored.entries {
+        assert!(dots.insert(e.dot), "{list}: {:?} stored twice", e.dot);
+    }
+    let (database, errors) = syncline_core::Database::from_stored(
+        list.clone(),
+        syncline_core::ReplicaId::default(),
+        automerge::TextEncoding::UnicodeCodePoint,
+        stored,
+    );
+    assert!(errors.is_empty(), "{list}: {errors:?}");
+    database
+        .documents()
+        .map(|(d, doc)| (d.to_string(), doc.canonical_save()))
+        .collect()
+}
+
 type Urls = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// One writer of the chaos test: rounds of 8 writes over the databases,
@@ -488,36 +511,45 @@ async fn chaos_nothing_acknowledged_is_lost_when_nodes_and_engine_servers_die() 
     let shard = syncline::cluster::shard_of(&lists[0], syncline::cluster::DEFAULT_SHARDS);
     let stream = syncline::cluster::stream_name(shard);
     let pause = |s: u64| tokio::time::sleep(Duration::from_secs(s));
-    pause(4).await;
-    nodes[1].kill9();
-    pause(6).await;
-    nodes[1] = tokio::task::block_in_place(|| start(1));
-    urls.lock().unwrap()[1] = nodes[1].url();
-    pause(3).await;
-    let leader = {
-        let mut n = nats.lock().unwrap();
-        let leader = n.stream_leader(&stream).expect("the stream has a leader");
-        n.kill9(leader);
-        leader
-    };
-    pause(6).await;
-    {
-        let mut n = nats.lock().unwrap();
-        n.restart(leader);
+    // One cycle of faults in CI (about 36 s); a soak repeats it:
+    // SYNCLINE_CHAOS_CYCLES=20 cargo test -p syncline --test cluster chaos
+    let cycles: usize = std::env::var("SYNCLINE_CHAOS_CYCLES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(1);
+    for cycle in 0..cycles {
+        let victim = (1 + cycle) % 3;
+        pause(4).await;
+        nodes[victim].kill9();
+        pause(6).await;
+        nodes[victim] = tokio::task::block_in_place(|| start(victim));
+        urls.lock().unwrap()[victim] = nodes[victim].url();
+        pause(3).await;
+        let leader = {
+            let mut n = nats.lock().unwrap();
+            let leader = n.stream_leader(&stream).expect("the stream has a leader");
+            n.kill9(leader);
+            leader
+        };
+        pause(6).await;
+        {
+            let mut n = nats.lock().unwrap();
+            n.restart(leader);
+        }
+        tokio::task::block_in_place(|| nats.lock().unwrap().wait_ready());
+        pause(3).await;
+        let follower = {
+            let n = nats.lock().unwrap();
+            let leader = n
+                .stream_leader(&stream)
+                .expect("a leader after the restart");
+            let follower = (leader + 1) % 3;
+            n.stop(follower);
+            follower
+        };
+        pause(10).await;
+        nats.lock().unwrap().resume(follower);
     }
-    tokio::task::block_in_place(|| nats.lock().unwrap().wait_ready());
-    pause(3).await;
-    let follower = {
-        let n = nats.lock().unwrap();
-        let leader = n
-            .stream_leader(&stream)
-            .expect("a leader after the restart");
-        let follower = (leader + 1) % 3;
-        n.stop(follower);
-        follower
-    };
-    pause(10).await;
-    nats.lock().unwrap().resume(follower);
     pause(4).await;
     stop.store(true, Ordering::Relaxed);
 
@@ -539,10 +571,21 @@ async fn chaos_nothing_acknowledged_is_lost_when_nodes_and_engine_servers_die() 
     // up: a node may lag behind the engine, never lose), equal documents,
     // the count.
     let mut views = Vec::new();
+    let mut saved = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
         let mut all = Vec::new();
         for (k, l) in lists.iter().enumerate() {
-            let r = reader(&n.url(), l).await;
+            // A replica on disk: afterwards its store holds every entry
+            // this node sent, to compare as automerge bytes.
+            let kept = tempfile::tempdir().unwrap();
+            let r = SyncClient::builder()
+                .url(n.url())
+                .dir(kept.path())
+                .build()
+                .await
+                .unwrap();
+            r.open(l).await.unwrap();
+            synced(&r, l).await;
             let want: BTreeMap<&String, &Json> = expected
                 .iter()
                 .filter(|((kk, _), _)| *kk == k)
@@ -579,11 +622,24 @@ async fn chaos_nothing_acknowledged_is_lost_when_nodes_and_engine_servers_die() 
             );
             all.push(have);
             r.close().await;
+            saved.push(((k, i), canonical_documents(kept.path(), l)));
         }
         views.push(all);
     }
     assert_eq!(views[0], views[1], "nodes 0 and 1 differ");
     assert_eq!(views[0], views[2], "nodes 0 and 2 differ");
+    for ((k, i), docs) in &saved {
+        // Not vacuous: each store holds every document the node showed.
+        assert_eq!(docs.len(), views[*i][*k].len(), "{}: node {i}", lists[*k]);
+        let first = &saved.iter().find(|((kk, _), _)| kk == k).unwrap().1;
+        for (d, bytes) in docs {
+            assert!(
+                first.get(d) == Some(bytes),
+                "{} {d}: node {i}'s automerge document differs from node 0's",
+                lists[*k]
+            );
+        }
+    }
     assert_eq!(
         views[0][0].get("count"),
         Some(&json!({"n": increments})),
