@@ -15,6 +15,13 @@
 //! performance.now()`), and the process exits.
 //!
 //! `fanout --url ws://127.0.0.1:PORT/sync --db bench --count 1000 --changes 1000`
+//!
+//! Alone (`./scripts/bench-cluster`): `--url` may list several nodes
+//! (comma-separated; subscriber i uses node i mod n), and `--write URL`
+//! makes this process the writer too: once every subscriber is in sync it
+//! writes `ticker` every `--interval-ms` (default 5) through its own
+//! client on URL, then prints one Markdown row: delivery latency (write
+//! to a subscriber's `get`) p50 / p99 and how many arrivals were missed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -105,7 +112,11 @@ fn main() -> Result<()> {
 }
 
 async fn run() -> Result<()> {
-    let url = arg("--url").context("--url is required")?;
+    let urls: Vec<String> = arg("--url")
+        .context("--url is required")?
+        .split(',')
+        .map(str::to_owned)
+        .collect();
     let db = DbName::new(arg("--db").as_deref().unwrap_or("bench"))?;
     let count: usize = arg("--count").as_deref().unwrap_or("100").parse()?;
     let changes: usize = arg("--changes").as_deref().unwrap_or("1000").parse()?;
@@ -121,7 +132,7 @@ async fn run() -> Result<()> {
     for start in (0..count).step_by(50) {
         let mut batch = Vec::new();
         for _ in start..(start + 50).min(count) {
-            let c = SyncClient::in_memory(Some(&url), "");
+            let c = SyncClient::in_memory(Some(&urls[clients.len() % urls.len()]), "");
             c.open(&db).await?;
             let seen = Arc::new(Mutex::new(vec![None; changes]));
             tokio::spawn(subscribe(
@@ -143,6 +154,23 @@ async fn run() -> Result<()> {
                 .context("a subscriber did not sync in 120 s")??;
         }
     }
+    if let Some(write) = arg("--write") {
+        let interval: u64 = arg("--interval-ms").as_deref().unwrap_or("5").parse()?;
+        let report = write_and_report(
+            &write,
+            &db,
+            changes,
+            interval,
+            urls.len(),
+            &arrivals,
+            &all_done,
+        )
+        .await;
+        for c in &clients {
+            c.close().await;
+        }
+        return report;
+    }
     println!("ready");
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     tokio::select! {
@@ -161,5 +189,58 @@ async fn run() -> Result<()> {
     for c in &clients {
         c.close().await;
     }
+    Ok(())
+}
+
+/// The writer of a standalone run: `changes` writes of `ticker`, one per
+/// `interval` ms, then one Markdown row of delivery latencies.
+async fn write_and_report(
+    url: &str,
+    db: &DbName,
+    changes: usize,
+    interval: u64,
+    nodes: usize,
+    arrivals: &[Arc<Mutex<Vec<Option<f64>>>>],
+    all_done: &Notify,
+) -> Result<()> {
+    let ticker = DocId::new("ticker")?;
+    let writer = SyncClient::in_memory(Some(url), "");
+    writer.open(db).await?;
+    writer.wait_synced(db).await?;
+    let mut sent = Vec::with_capacity(changes);
+    let mut tick = tokio::time::interval(Duration::from_millis(interval));
+    for seq in 0..changes {
+        tick.tick().await;
+        sent.push(wall_ms());
+        writer
+            .put(db, &ticker, serde_json::json!({ "seq": seq }))
+            .await?;
+    }
+    // Every subscriber has seen the last write, or 30 s have passed.
+    let _ = tokio::time::timeout(Duration::from_secs(30), all_done.notified()).await;
+    let mut latencies = Vec::new();
+    let mut missed = 0usize;
+    for seen in arrivals {
+        for (at, sent) in seen.lock().await.iter().zip(&sent) {
+            match at {
+                Some(at) => latencies.push(at - sent),
+                None => missed += 1,
+            }
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let p = |q: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    println!(
+        "| {} subscribers on {nodes} node(s), writer on {url} | {:.1} ms | {:.1} ms | {missed} |",
+        arrivals.len(),
+        p(0.5),
+        p(0.99),
+    );
+    writer.close().await;
     Ok(())
 }

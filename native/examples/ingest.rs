@@ -13,6 +13,10 @@
 //!
 //! `./scripts/bench-ingest [--writers 10] [--changes 30000] [--seconds 10]`
 //! (`--changes` per writer; `--seconds` caps the run).
+//!
+//! With `--cluster ws://…/sync,ws://…/sync,…` (`./scripts/bench-cluster`
+//! starts one) the same load then runs against those cluster nodes, the
+//! writers spread over them, and both are printed side by side.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -24,8 +28,6 @@ use serde_json::json;
 use syncline_core::protocol::{self, Hello, Message, Push, Subscribe};
 use syncline_core::{Database, DbName, DocId, Entry, Identity, VersionVector};
 use tokio_tungstenite::tungstenite::Message as Ws;
-
-const DB: &str = "bench-ingest";
 
 /// The server under test and its data dir: stopped and removed however the
 /// run ends (a writer that panics included).
@@ -115,8 +117,8 @@ fn metric(addr: &str, name: &str) -> f64 {
 /// clock starts: the load generator shares the server's two cores, so it
 /// must not spend them making changes (or applying the other writers'
 /// fan-out) while the server is measured.
-fn make_entries(id: u8, count: u64) -> (Identity, Vec<Entry>) {
-    let db = DbName::new(DB).unwrap();
+fn make_entries(db: &str, id: u8, count: u64) -> (Identity, Vec<Entry>) {
+    let db = DbName::new(db).unwrap();
     let mut seed = [id; 32];
     seed[31] = 0xB0;
     let me = Identity::from_seed(seed);
@@ -139,13 +141,13 @@ fn make_entries(id: u8, count: u64) -> (Identity, Vec<Entry>) {
 /// writers are read and dropped (decoded, not applied).
 async fn writer(
     url: String,
+    db: DbName,
     me: Identity,
     entries: Vec<Entry>,
     until: Instant,
 ) -> (u64, Vec<Duration>) {
     const WINDOW: u64 = 512;
     const PUSH: usize = 128;
-    let db = DbName::new(DB).unwrap();
     let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
         .await
         .unwrap();
@@ -224,15 +226,89 @@ async fn writer(
     (acked, latencies)
 }
 
+/// What one run measured.
+struct Run {
+    total: u64,
+    elapsed: f64,
+    latencies: Vec<Duration>,
+    mean_change: f64,
+}
+
+/// `writers` writers push to database `db`, writer i through `urls[i % n]`.
+async fn run(urls: &[String], db: &str, writers: u8, per_writer: u64, seconds: u64) -> Run {
+    let made: Vec<(Identity, Vec<Entry>)> = std::thread::scope(|s| {
+        let jobs: Vec<_> = (0..writers)
+            .map(|i| s.spawn(move || make_entries(db, i + 1, per_writer)))
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    let bytes: usize = made
+        .iter()
+        .flat_map(|(_, e)| e.iter().map(|e| e.change.len()))
+        .sum();
+    let made_count: usize = made.iter().map(|(_, e)| e.len()).sum();
+    let start = Instant::now();
+    let until = start + Duration::from_secs(seconds);
+    let name = DbName::new(db).unwrap();
+    let tasks: Vec<_> = made
+        .into_iter()
+        .enumerate()
+        .map(|(i, (replica, entries))| {
+            let url = urls[i % urls.len()].clone();
+            tokio::spawn(writer(url, name.clone(), replica, entries, until))
+        })
+        .collect();
+    let mut total = 0;
+    let mut latencies = Vec::new();
+    for t in tasks {
+        let (n, l) = t.await.unwrap();
+        total += n;
+        latencies.extend(l);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    latencies.sort();
+    Run {
+        total,
+        elapsed,
+        latencies,
+        mean_change: bytes as f64 / made_count.max(1) as f64,
+    }
+}
+
+/// `host:port` of a `ws://host:port/sync` URL.
+fn addr_of(url: &str) -> String {
+    url.trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 #[tokio::main]
 async fn main() {
     let writers = arg("--writers", 10) as u8;
     let seconds = arg("--seconds", 10);
-    let binary = std::env::args()
-        .skip_while(|a| a != "--binary")
-        .nth(1)
+    let per_writer = arg("--changes", 30_000);
+    let args: Vec<String> = std::env::args().collect();
+    let value = |name: &str| args.iter().skip_while(|a| *a != name).nth(1).cloned();
+    let binary = value("--binary")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/release/syncline"));
+    let cluster: Vec<String> = value("--cluster")
+        .map(|c| c.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    // Every process of the cluster (its engine servers too), for its CPU.
+    let cluster_pids: Vec<u32> = value("--cluster-pids")
+        .map(|p| {
+            p.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
     let data = std::env::temp_dir().join(format!("syncline-bench-{}", std::process::id()));
     std::fs::create_dir_all(&data).unwrap();
 
@@ -265,58 +341,110 @@ async fn main() {
         .to_owned();
     let url = format!("ws://{addr}/sync");
 
-    let per_writer = arg("--changes", 30_000);
-    let made: Vec<(Identity, Vec<Entry>)> = std::thread::scope(|s| {
-        let jobs: Vec<_> = (0..writers)
-            .map(|i| s.spawn(move || make_entries(i + 1, per_writer)))
-            .collect();
-        jobs.into_iter().map(|j| j.join().unwrap()).collect()
-    });
-    let bytes: usize = made
-        .iter()
-        .flat_map(|(_, e)| e.iter().map(|e| e.change.len()))
-        .sum();
-    let made_count: usize = made.iter().map(|(_, e)| e.len()).sum();
-    let mean_change = bytes as f64 / made_count.max(1) as f64;
-
     let fsyncs_before = metric(&addr, "syncline_fsync_seconds_count");
     let cpu_before = cpu_seconds(server.0.id());
-    let start = Instant::now();
-    let until = start + Duration::from_secs(seconds);
-    let tasks: Vec<_> = made
-        .into_iter()
-        .map(|(replica, entries)| tokio::spawn(writer(url.clone(), replica, entries, until)))
-        .collect();
-    let mut total = 0;
-    let mut lat = Vec::new();
-    for t in tasks {
-        let (n, l) = t.await.unwrap();
-        total += n;
-        lat.extend(l);
-    }
-    let elapsed = start.elapsed().as_secs_f64();
+    let one = run(&[url], "bench-ingest", writers, per_writer, seconds).await;
     let fsyncs = metric(&addr, "syncline_fsync_seconds_count") - fsyncs_before;
     let server_cpu = cpu_seconds(server.0.id()) - cpu_before;
     drop(server);
-    lat.sort();
+
+    // The cluster: a database of its own each run (a cluster keeps its
+    // data between runs, and held dots would be acknowledged unwritten).
+    let on_cluster = if cluster.is_empty() {
+        None
+    } else {
+        let engine =
+            |name: &str| -> f64 { cluster.iter().map(|u| metric(&addr_of(u), name)).sum() };
+        let publish_before = (
+            engine("syncline_engine_publish_seconds_sum"),
+            engine("syncline_engine_publish_seconds_count"),
+        );
+        let cpu = || -> f64 { cluster_pids.iter().map(|p| cpu_seconds(*p)).sum() };
+        let cpu_before = cpu();
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let r = run(
+            &cluster,
+            &format!("bench-ingest-{stamp}"),
+            writers,
+            per_writer,
+            seconds,
+        )
+        .await;
+        let publishes = engine("syncline_engine_publish_seconds_count") - publish_before.1;
+        let publish_mean =
+            (engine("syncline_engine_publish_seconds_sum") - publish_before.0) / publishes.max(1.0);
+        Some((r, publishes, publish_mean, cpu() - cpu_before))
+    };
 
     println!(
-        "durable ingest, {writers} writers on one database, {elapsed:.1} s, \
-         1 change per entry ({mean_change:.0} B of change each)"
+        "durable ingest, {writers} writers on one database, 1 change per entry \
+         ({:.0} B of change each)",
+        one.mean_change
     );
-    println!("| figure | value |");
-    println!("| --- | --- |");
-    println!("| changes acknowledged durable | {total} |");
-    println!("| changes/s | {:.0} |", total as f64 / elapsed);
-    println!(
-        "| ack latency p50 / p99 | {:.1} ms / {:.1} ms |",
-        percentile(&lat, 0.5).as_secs_f64() * 1e3,
-        percentile(&lat, 0.99).as_secs_f64() * 1e3
+    let mut header = String::from("| figure | one node (file store) |");
+    let mut rule = String::from("| --- | --- |");
+    if on_cluster.is_some() {
+        header += &format!(" {} nodes on NATS JetStream (R3) |", cluster.len());
+        rule += " --- |";
+    }
+    println!("{header}");
+    println!("{rule}");
+    let row = |name: &str, single: String, clustered: Option<String>| match clustered {
+        Some(c) if on_cluster.is_some() => println!("| {name} | {single} | {c} |"),
+        _ if on_cluster.is_some() => println!("| {name} | {single} | |"),
+        _ => println!("| {name} | {single} |"),
+    };
+    let c = on_cluster.as_ref();
+    row(
+        "seconds",
+        format!("{:.1}", one.elapsed),
+        c.map(|(r, ..)| format!("{:.1}", r.elapsed)),
     );
-    println!("| server fsyncs/s | {:.0} |", fsyncs / elapsed);
-    println!(
-        "| changes per fsync | {:.1} |",
-        total as f64 / fsyncs.max(1.0)
+    row(
+        "changes acknowledged durable",
+        one.total.to_string(),
+        c.map(|(r, ..)| r.total.to_string()),
+    );
+    row(
+        "changes/s",
+        format!("{:.0}", one.total as f64 / one.elapsed),
+        c.map(|(r, ..)| format!("{:.0}", r.total as f64 / r.elapsed)),
+    );
+    let p = |r: &Run| {
+        format!(
+            "{:.1} ms / {:.1} ms",
+            ms(percentile(&r.latencies, 0.5)),
+            ms(percentile(&r.latencies, 0.99))
+        )
+    };
+    row("ack latency p50 / p99", p(&one), c.map(|(r, ..)| p(r)));
+    row(
+        "server fsyncs/s · engine publishes/s",
+        format!("{:.0}", fsyncs / one.elapsed),
+        c.map(|(r, n, ..)| format!("{:.0}", n / r.elapsed)),
+    );
+    row(
+        "changes per fsync · per engine message",
+        format!("{:.1}", one.total as f64 / fsyncs.max(1.0)),
+        c.map(|(r, n, ..)| format!("{:.1}", r.total as f64 / n.max(1.0))),
+    );
+    row(
+        "engine publish latency, mean",
+        "–".into(),
+        c.map(|(_, _, mean, _)| format!("{:.1} ms", mean * 1e3)),
+    );
+    row(
+        "CPU per change (µs): server · all nodes and engine servers",
+        format!("{:.1}", server_cpu / (one.total as f64).max(1.0) * 1e6),
+        c.map(|(r, _, _, cpu)| {
+            if cluster_pids.is_empty() {
+                "(no --cluster-pids)".into()
+            } else {
+                format!("{:.1}", cpu / (r.total as f64).max(1.0) * 1e6)
+            }
+        }),
     );
     println!(
         "| raw disk: 1 KB write + fdatasync | {raw_single:.0}/s (p50 {:.2} ms) |",
@@ -324,11 +452,7 @@ async fn main() {
     );
     println!("| raw disk: 100 × 1 KB per fdatasync | {raw_grouped:.0} records/s |");
     println!(
-        "| server CPU per change (µs) | {:.1} |",
-        server_cpu / (total as f64).max(1.0) * 1e6
-    );
-    println!(
         "| ratio: our changes/s ÷ raw grouped records/s | {:.2} |",
-        total as f64 / elapsed / raw_grouped
+        one.total as f64 / one.elapsed / raw_grouped
     );
 }
