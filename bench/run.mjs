@@ -10,7 +10,7 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { gzipSync } from 'node:zlib';
 import { dataset, resumePatches } from './lib/data.mjs';
-import { CountingProxy } from './lib/proxy.mjs';
+import { ProxyProcess } from './lib/proxy.mjs';
 import { cpuSeconds, deadline, median, memory, now, percentile } from './lib/util.mjs';
 import { browserLoad } from './lib/browser.mjs';
 import { writeReport } from './lib/report.mjs';
@@ -78,22 +78,22 @@ async function w1w2(name, sys) {
   const docs = dataset(1000);
   log(`${name}: seeding 1,000 documents × 11 changes`);
   const server = await sys.startServer({ docs });
-  const proxy = await new CountingProxy(server.port).listen();
+  const proxy = await new ProxyProcess(server.port).listen();
   const writer = await sys.client(server.url, server.ctx);
   await writer.prepare?.();
   const cold = [];
   const resume = [];
   try {
     for (let run = 0; run < RUNS; run++) {
-      proxy.reset();
+      await proxy.reset();
       const cpu0 = process.cpuUsage();
       const t0 = now();
       const c = await sys.client(server.urlVia(proxy.port), server.ctx);
       await c.loadAll(docs);
       const ms = now() - t0;
       const cpu = process.cpuUsage(cpu0);
-      cold.push({ ms, clientCpuS: (cpu.user + cpu.system) / 1e6, ...proxy.stats });
-      log(`${name}: W1 run ${run + 1}: ${ms.toFixed(0)} ms, ${(proxy.stats.down / 1024).toFixed(0)} KB down`);
+      cold.push({ ms, clientCpuS: (cpu.user + cpu.system) / 1e6, ...(await proxy.stats()) });
+      log(`${name}: W1 run ${run + 1}: ${ms.toFixed(0)} ms, ${(cold.at(-1).down / 1024).toFixed(0)} KB down`);
 
       c.goOffline();
       // Offline means disconnected: traffic still in flight on the closing
@@ -101,16 +101,17 @@ async function w1w2(name, sys) {
       await proxy.disconnected();
       const patches = resumePatches(10, 100 + run);
       await writer.write(patches);
-      proxy.reset();
+      await proxy.reset();
       const t1 = now();
       c.goOnline();
       try {
         await c.waitFor(patches);
-        resume.push({ ms: now() - t1, ...proxy.stats });
-        log(`${name}: W2 run ${run + 1}: ${resume.at(-1).ms.toFixed(0)} ms, ${proxy.stats.up} B up`);
+        const ms = now() - t1;
+        resume.push({ ms, ...(await proxy.stats()) });
+        log(`${name}: W2 run ${run + 1}: ${ms.toFixed(0)} ms, ${resume.at(-1).up} B up`);
       } catch (e) {
         // Reported in the table as a failed run, not silently dropped.
-        resume.push({ ms: Infinity, failed: String(e.message), ...proxy.stats });
+        resume.push({ ms: Infinity, failed: String(e.message), ...(await proxy.stats()) });
         log(`${name}: W2 run ${run + 1} FAILED: ${e.message}`);
       }
       await c.close();

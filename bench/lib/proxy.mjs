@@ -151,3 +151,85 @@ export class CountingProxy {
     await new Promise((ok) => this.server.close(ok));
   }
 }
+
+/**
+ * The proxy in a child process of its own, so that relaying (a thousand
+ * connections for Yjs) takes neither the measured client's event loop nor
+ * its `process.cpuUsage()`. Run in-process it did both: Yjs' W2 took
+ * 1.2–1.5 s through it and 0.36–1.0 s without it (BENCHMARKS.md §29).
+ * The same calls as `CountingProxy`, asynchronous: `await proxy.stats()`.
+ */
+export class ProxyProcess {
+  constructor(targetPort, targetHost = '127.0.0.1') {
+    this.target = [String(targetPort), targetHost];
+    this.pending = new Map();
+    this.next = 0;
+  }
+
+  async listen() {
+    const { fork } = await import('node:child_process');
+    this.child = fork(new URL(import.meta.url).pathname, this.target, { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    this.child.on('message', ({ id, value, error }) => {
+      const p = this.pending.get(id);
+      if (!p) return;
+      this.pending.delete(id);
+      if (error) p.fail(new Error(error));
+      else p.ok(value);
+    });
+    this.child.on('exit', (code) => {
+      for (const p of this.pending.values()) p.fail(new Error(`the proxy process exited (${code})`));
+      this.pending.clear();
+    });
+    this.port = await this.#call('port');
+    return this;
+  }
+
+  #call(op, arg) {
+    const id = this.next++;
+    return new Promise((ok, fail) => {
+      this.pending.set(id, { ok, fail });
+      this.child.send({ id, op, arg });
+    });
+  }
+
+  reset() {
+    return this.#call('reset');
+  }
+
+  stats() {
+    return this.#call('stats');
+  }
+
+  disconnected(timeoutMs = 10_000) {
+    return this.#call('disconnected', timeoutMs);
+  }
+
+  async close() {
+    if (!this.child || this.child.exitCode !== null) return;
+    await this.#call('close');
+    await new Promise((ok) => (this.child.exitCode !== null ? ok() : this.child.once('exit', ok)));
+  }
+}
+
+// Run as the child of a ProxyProcess: `proxy.mjs TARGET_PORT [TARGET_HOST]`.
+if (process.send && process.argv[1] === new URL(import.meta.url).pathname) {
+  const proxy = await new CountingProxy(Number(process.argv[2]), process.argv[3]).listen();
+  const ops = {
+    port: () => proxy.port,
+    reset: () => proxy.reset(),
+    stats: () => proxy.stats,
+    disconnected: (ms) => proxy.disconnected(ms),
+    close: async () => {
+      await proxy.close();
+      setImmediate(() => process.exit(0));
+    },
+  };
+  process.on('message', async ({ id, op, arg }) => {
+    try {
+      process.send({ id, value: await ops[op](arg) });
+    } catch (e) {
+      process.send({ id, error: String(e?.message ?? e) });
+    }
+  });
+  process.on('disconnect', () => process.exit(0));
+}
