@@ -2,6 +2,7 @@
 // (`Repo` + `NodeWSServerAdapter` + `NodeFSStorageAdapter`, sharePolicy
 // false) built from automerge-repo 2.5.6. The benchmark's dataset is written
 // into this repo before it listens (as if loaded from its store), and
+// `GET /connections` how many WebSockets are open;
 // `GET /rev?doc=ID` reports a document's `rev` so a benchmark can tell when
 // another client's edit has arrived (automerge-repo has no acknowledgements).
 //
@@ -39,6 +40,8 @@ const http = createServer(async (req, res) => {
   if (u.pathname === '/rev') {
     const h = await repo.find(urls[u.searchParams.get('doc')]);
     res.end(JSON.stringify(h.doc()?.rev ?? null));
+  } else if (u.pathname === '/connections') {
+    res.end(JSON.stringify(wss.clients.size));
   } else {
     res.end('ok');
   }

@@ -1,7 +1,8 @@
 // The Yjs peer server: `@y/websocket-server`'s own connection handler (as in
 // its bin), in memory (its LevelDB persistence needs a native build, and it
 // acknowledges nothing either way). The dataset is written into the server's
-// documents before it listens; `GET /rev?doc=ID` reports a document's `rev`.
+// documents before it listens; `GET /rev?doc=ID` reports a document's `rev`,
+// `GET /connections` how many WebSockets are open.
 //
 // Usage: node yjs.mjs SEED_DOCS  → prints "listening on 127.0.0.1:PORT"
 import { createServer } from 'node:http';
@@ -24,6 +25,8 @@ const http = createServer((req, res) => {
   if (u.pathname === '/rev') {
     const doc = docs.get(u.searchParams.get('doc'));
     res.end(JSON.stringify(doc ? (doc.getMap('root').get('rev') ?? null) : null));
+  } else if (u.pathname === '/connections') {
+    res.end(JSON.stringify(wss.clients.size));
   } else {
     res.end('ok');
   }

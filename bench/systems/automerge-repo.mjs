@@ -23,6 +23,8 @@ export async function startServer({ docs = [] } = {}) {
     ...server,
     url: `ws://127.0.0.1:${server.port}`,
     urlVia: (port) => `ws://127.0.0.1:${port}`,
+    /** Open WebSockets on the server (W1/W2 wait for an offline client's to close). */
+    connections: async () => (await fetch(`http://127.0.0.1:${server.port}/connections`)).json(),
     ctx: { http: `http://127.0.0.1:${server.port}`, urls },
     async stop() {
       await server.stop();

@@ -57,6 +57,11 @@ export async function startServer({ docs = [] } = {}) {
     ...server,
     url: `ws://127.0.0.1:${server.port}/sync`,
     urlVia: (port) => `ws://127.0.0.1:${port}/sync`,
+    /** Open WebSockets on the server (W1/W2 wait for an offline client's to close). */
+    async connections() {
+      const text = await (await fetch(`http://127.0.0.1:${server.port}/metrics`)).text();
+      return Number(/^syncline_connections (\d+)$/m.exec(text)?.[1] ?? NaN);
+    },
     ctx: {},
     async stop() {
       await server.stop();

@@ -383,35 +383,6 @@ async fn main() {
          ({:.0} B of change each)",
         one.mean_change
     );
-    let mut header = String::from("| figure | one node (file store) |");
-    let mut rule = String::from("| --- | --- |");
-    if on_cluster.is_some() {
-        header += &format!(" {} nodes on NATS JetStream (R3) |", cluster.len());
-        rule += " --- |";
-    }
-    println!("{header}");
-    println!("{rule}");
-    let row = |name: &str, single: String, clustered: Option<String>| match clustered {
-        Some(c) if on_cluster.is_some() => println!("| {name} | {single} | {c} |"),
-        _ if on_cluster.is_some() => println!("| {name} | {single} | |"),
-        _ => println!("| {name} | {single} |"),
-    };
-    let c = on_cluster.as_ref();
-    row(
-        "seconds",
-        format!("{:.1}", one.elapsed),
-        c.map(|(r, ..)| format!("{:.1}", r.elapsed)),
-    );
-    row(
-        "changes acknowledged durable",
-        one.total.to_string(),
-        c.map(|(r, ..)| r.total.to_string()),
-    );
-    row(
-        "changes/s",
-        format!("{:.0}", one.total as f64 / one.elapsed),
-        c.map(|(r, ..)| format!("{:.0}", r.total as f64 / r.elapsed)),
-    );
     let p = |r: &Run| {
         format!(
             "{:.1} ms / {:.1} ms",
@@ -419,40 +390,84 @@ async fn main() {
             ms(percentile(&r.latencies, 0.99))
         )
     };
-    row("ack latency p50 / p99", p(&one), c.map(|(r, ..)| p(r)));
+    let Some((r, publishes, publish_mean, cpu)) = on_cluster else {
+        // One node: the table ./scripts/bench reads (W4), row for row.
+        println!("| figure | value |");
+        println!("| --- | --- |");
+        println!("| changes acknowledged durable | {} |", one.total);
+        println!("| changes/s | {:.0} |", one.total as f64 / one.elapsed);
+        println!("| ack latency p50 / p99 | {} |", p(&one));
+        println!("| server fsyncs/s | {:.0} |", fsyncs / one.elapsed);
+        println!(
+            "| changes per fsync | {:.1} |",
+            one.total as f64 / fsyncs.max(1.0)
+        );
+        println!(
+            "| raw disk: 1 KB write + fdatasync | {raw_single:.0}/s (p50 {:.2} ms) |",
+            raw_p50.as_secs_f64() * 1e3
+        );
+        println!("| raw disk: 100 × 1 KB per fdatasync | {raw_grouped:.0} records/s |");
+        println!(
+            "| server CPU per change (µs) | {:.1} |",
+            server_cpu / (one.total as f64).max(1.0) * 1e6
+        );
+        println!(
+            "| ratio: our changes/s ÷ raw grouped records/s | {:.2} |",
+            one.total as f64 / one.elapsed / raw_grouped
+        );
+        return;
+    };
+    println!(
+        "| figure | one node (file store) | {} nodes on NATS JetStream (R3) |",
+        cluster.len()
+    );
+    println!("| --- | --- | --- |");
+    let row = |name: &str, single: String, clustered: String| {
+        println!("| {name} | {single} | {clustered} |")
+    };
+    row(
+        "seconds",
+        format!("{:.1}", one.elapsed),
+        format!("{:.1}", r.elapsed),
+    );
+    row(
+        "changes acknowledged durable",
+        one.total.to_string(),
+        r.total.to_string(),
+    );
+    row(
+        "changes/s",
+        format!("{:.0}", one.total as f64 / one.elapsed),
+        format!("{:.0}", r.total as f64 / r.elapsed),
+    );
+    row("ack latency p50 / p99", p(&one), p(&r));
     row(
         "server fsyncs/s · engine publishes/s",
         format!("{:.0}", fsyncs / one.elapsed),
-        c.map(|(r, n, ..)| format!("{:.0}", n / r.elapsed)),
+        format!("{:.0}", publishes / r.elapsed),
     );
     row(
         "changes per fsync · per engine message",
         format!("{:.1}", one.total as f64 / fsyncs.max(1.0)),
-        c.map(|(r, n, ..)| format!("{:.1}", r.total as f64 / n.max(1.0))),
+        format!("{:.1}", r.total as f64 / publishes.max(1.0)),
     );
     row(
         "engine publish latency, mean",
         "–".into(),
-        c.map(|(_, _, mean, _)| format!("{:.1} ms", mean * 1e3)),
+        format!("{:.1} ms", publish_mean * 1e3),
     );
     row(
-        "CPU per change (µs): server · all nodes and engine servers",
+        "CPU per change (µs): the server · all nodes and engine servers",
         format!("{:.1}", server_cpu / (one.total as f64).max(1.0) * 1e6),
-        c.map(|(r, _, _, cpu)| {
-            if cluster_pids.is_empty() {
-                "(no --cluster-pids)".into()
-            } else {
-                format!("{:.1}", cpu / (r.total as f64).max(1.0) * 1e6)
-            }
-        }),
+        if cluster_pids.is_empty() {
+            "(no --cluster-pids)".into()
+        } else {
+            format!("{:.1}", cpu / (r.total as f64).max(1.0) * 1e6)
+        },
     );
     println!(
-        "| raw disk: 1 KB write + fdatasync | {raw_single:.0}/s (p50 {:.2} ms) |",
+        "| raw disk: 1 KB write + fdatasync | {raw_single:.0}/s (p50 {:.2} ms) | |",
         raw_p50.as_secs_f64() * 1e3
     );
-    println!("| raw disk: 100 × 1 KB per fdatasync | {raw_grouped:.0} records/s |");
-    println!(
-        "| ratio: our changes/s ÷ raw grouped records/s | {:.2} |",
-        one.total as f64 / one.elapsed / raw_grouped
-    );
+    println!("| raw disk: 100 × 1 KB per fdatasync | {raw_grouped:.0} records/s | |");
 }
