@@ -10,7 +10,9 @@ use syncline_core::clock::VersionVector;
 use syncline_core::database::Database;
 use syncline_core::entry::Entry;
 use syncline_core::ids::{DbName, DocId, ReplicaId};
-use syncline_core::protocol::{self, ErrorCode, Hello, Message, Push, Subscribe};
+use syncline_core::protocol::{
+    self, ErrorCode, Hello, Message, PeerPresence, Presence, Push, Subscribe,
+};
 use syncline_core::store::{Batch, StoredDatabase};
 use syncline_core::sync::{Ingested, OpenAccess, PeerId, Server, ServerConfig, ServerOutput};
 
@@ -443,4 +445,79 @@ fn ingest_into_a_database_not_loaded_does_nothing() {
     assert!(b.server.take_outputs().is_empty());
     assert!(b.server.log(&other).is_none());
     assert_eq!(b.vv(), VersionVector::new());
+}
+
+/// A node that shares presence with the others, numbering its
+/// connections from `base` (as each node draws a random base).
+fn sharing(id: u8, base: u64) -> Node {
+    let mut node = Node::new(id);
+    let config = ServerConfig {
+        replica: ReplicaId([id; 16]),
+        share_presence: true,
+        peer_id_base: base,
+        ..ServerConfig::default()
+    };
+    node.server = Server::new(config, OpenAccess);
+    node
+}
+
+/// What the presence updates in `outs` tell `peer`: (online, peers).
+fn presence_to(outs: &[ServerOutput], peer: PeerId) -> Vec<(u32, Vec<PeerPresence>)> {
+    sent_to(outs, peer)
+        .into_iter()
+        .filter_map(|m| match m {
+            Message::PresenceUpdate(u) => Some((u.online, u.peers)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn presence_spans_nodes_and_a_node_not_heard_from_is_forgotten() {
+    let mut a = sharing(1, 1 << 40);
+    let mut b = sharing(2, 2 << 40);
+    let x = a.join(1, VersionVector::new());
+    let y = b.join(2, VersionVector::new());
+    assert_ne!(x, y, "connection ids differ across nodes");
+
+    // X publishes a state on A; A shares it; B hears it at t = 1,000 ms.
+    a.server.handle(
+        x,
+        Message::Presence(Box::new(Presence {
+            db: db(),
+            state: b"here".to_vec(),
+        })),
+    );
+    let shared: Vec<_> = a
+        .drain()
+        .into_iter()
+        .filter_map(|o| match o {
+            ServerOutput::SharePresence { update } => Some(update),
+            _ => None,
+        })
+        .collect();
+    assert!(!shared.is_empty(), "A shares X's presence");
+    for update in shared {
+        b.server.remote_presence("a", update, 1_000);
+    }
+    let outs = b.drain();
+    let seen = presence_to(&outs, y);
+    let (online, peers) = seen.last().expect("Y hears of X");
+    assert_eq!(*online, 2, "Y and X are online");
+    assert!(
+        peers
+            .iter()
+            .any(|p| p.peer == x && !p.left && p.state.as_deref() == Some(&b"here"[..])),
+        "{peers:?}"
+    );
+
+    // Heard from since t = 500: kept.
+    b.server.expire_remote_presence(500);
+    assert!(presence_to(&b.drain(), y).is_empty());
+    // Not heard from since t = 2,000: forgotten, X left, one online.
+    b.server.expire_remote_presence(2_000);
+    let seen = presence_to(&b.drain(), y);
+    let (online, peers) = seen.last().expect("Y hears X left");
+    assert_eq!(*online, 1);
+    assert!(peers.iter().any(|p| p.peer == x && p.left), "{peers:?}");
 }
