@@ -41,13 +41,17 @@ impl Drop for Server {
     }
 }
 
-fn arg(name: &str, default: u64) -> u64 {
+/// The value after `name` on the command line.
+fn value(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+        .cloned()
+}
+
+fn arg(name: &str, default: u64) -> u64 {
+    value(name).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -293,8 +297,6 @@ async fn main() {
     let writers = arg("--writers", 10) as u8;
     let seconds = arg("--seconds", 10);
     let per_writer = arg("--changes", 30_000);
-    let args: Vec<String> = std::env::args().collect();
-    let value = |name: &str| args.iter().skip_while(|a| *a != name).nth(1).cloned();
     let binary = value("--binary")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/release/syncline"));
