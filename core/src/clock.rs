@@ -137,6 +137,24 @@ impl VersionVector {
         self.0.iter().map(|(_, c)| c).sum()
     }
 
+    /// A 16-byte name for this vector (SHA-256 over its replicas and
+    /// counters, truncated): how a client names the pruned horizon it holds
+    /// in `Subscribe::horizon` without sending it ([`crate::protocol::HORIZON_REPLICAS`]).
+    /// Equal vectors have equal digests; distinct ones collide with
+    /// probability 2^-128, and a client that forged one only misleads itself.
+    pub fn digest(&self) -> [u8; 16] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"syncline-vv-v1");
+        for (r, c) in &self.0 {
+            h.update(r.0);
+            h.update(c.to_le_bytes());
+        }
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.finalize()[..16]);
+        out
+    }
+
     /// Re-establish the invariant on a vector that came from an untrusted
     /// encoder: sort, keep the highest counter per replica, drop zeros.
     ///

@@ -1,7 +1,7 @@
 //! The per-database entry log: snapshots below a pruned horizon, entries above
 //! it, and the indexes that make a delta cost O(replicas + missing entries).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use automerge::{ReadDoc, TextEncoding};
@@ -119,6 +119,12 @@ enum Folded {
     Held(Vec<Dot>),
 }
 
+/// [`VersionVector::digest`] of a pruned horizon.
+pub type HorizonDigest = [u8; 16];
+
+/// Horizons a log remembers besides its current one ([`Log::horizon`]).
+pub const EARLIER_HORIZONS: usize = 4;
+
 /// Snapshots + entries of one database, with delta indexes.
 ///
 /// Invariants: for every replica `r`, the log holds exactly the counters
@@ -127,6 +133,15 @@ enum Folded {
 #[derive(Debug, Clone, Default)]
 pub struct Log {
     base: VersionVector,
+    /// `base.digest()`, kept with it (a Subscribe that names the horizon
+    /// is compared with it; hashing 100,000 replicas takes milliseconds).
+    base_digest: [u8; 16],
+    /// The horizons before `base`, newest first (at most
+    /// [`EARLIER_HORIZONS`]): each one's digest and the counters it held
+    /// where the next differs, so a client naming a horizon this log has
+    /// since moved past still resumes in one round trip
+    /// ([`Log::horizon`]). Not stored: after a restart only `base` is known.
+    earlier: VecDeque<(HorizonDigest, Vec<(ReplicaId, u64)>)>,
     vv: VersionVector,
     snapshots: BTreeMap<DocId, Arc<Snapshot>>,
     /// Each entry in its own `Arc`, so a chunk a reply still shares is
@@ -154,6 +169,7 @@ impl Log {
     /// replica's entries (they are reported back so the caller can log them).
     pub fn from_stored(stored: StoredDatabase) -> (Self, Vec<LogError>) {
         let mut log = Log::new();
+        log.base_digest = stored.base.digest();
         log.base = stored.base.clone();
         log.vv = stored.base;
         for s in stored.snapshots {
@@ -183,6 +199,32 @@ impl Log {
     /// The pruned horizon.
     pub fn base(&self) -> &VersionVector {
         &self.base
+    }
+
+    /// [`VersionVector::digest`] of the pruned horizon.
+    pub fn base_digest(&self) -> HorizonDigest {
+        self.base_digest
+    }
+
+    /// The horizon whose digest is `digest`: the current one or one of the
+    /// last [`EARLIER_HORIZONS`] it replaced (rebuilt from the current one
+    /// and what changed since; horizons only rise). `None` for an unknown
+    /// digest, or the empty horizon (no client holds it "whole").
+    pub fn horizon(&self, digest: &HorizonDigest) -> Option<VersionVector> {
+        if self.base.is_empty() {
+            return None;
+        }
+        if *digest == self.base_digest {
+            return Some(self.base.clone());
+        }
+        let at = self.earlier.iter().position(|(d, _)| d == digest)?;
+        let mut vv = self.base.clone();
+        for (_, held) in self.earlier.iter().take(at + 1) {
+            for (r, c) in held {
+                vv.set(*r, *c);
+            }
+        }
+        Some(vv)
     }
 
     /// Entries above the horizon, in log order.
@@ -335,7 +377,7 @@ impl Log {
     /// O(replicas + missing · log missing), plus a scan of the snapshots only
     /// when the peer is behind the horizon.
     pub fn changes_since(&self, since: &VersionVector) -> Delta<'_> {
-        let (base, snapshots) = self.snapshots_since(since);
+        let (base, snapshots) = self.snapshots_since(since, false);
         Delta {
             base,
             snapshots: snapshots.into_iter().map(|s| s.as_ref()).collect(),
@@ -350,9 +392,11 @@ impl Log {
     /// [`Log::changes_since`] as a value that owns a snapshot of the log
     /// (shared chunks and snapshots: reference counts, no copies), so the
     /// entries can be read and encoded later, elsewhere, while the log moves
-    /// on.
-    pub fn missing_since(&self, since: &VersionVector) -> Missing {
-        let (base, snapshots) = self.snapshots_since(since);
+    /// on. With `announce`, a peer holding the whole horizon is told it
+    /// too (`base` without snapshots), so it can name it next time
+    /// (`Subscribe::horizon`).
+    pub fn missing_since(&self, since: &VersionVector, announce: bool) -> Missing {
+        let (base, snapshots) = self.snapshots_since(since, announce);
         Missing {
             base,
             snapshots: snapshots.into_iter().cloned().collect(),
@@ -364,9 +408,11 @@ impl Log {
     fn snapshots_since(
         &self,
         since: &VersionVector,
+        announce: bool,
     ) -> (Option<VersionVector>, Vec<&Arc<Snapshot>>) {
         if since.dominates(&self.base) {
-            return (None, Vec::new());
+            let base = (announce && !self.base.is_empty()).then(|| self.base.clone());
+            return (base, Vec::new());
         }
         let snapshots = self
             .snapshots
@@ -540,7 +586,19 @@ impl Log {
             self.entry_bytes += e.change.len();
             self.entries.push(e);
         }
-        self.base = base;
+        if base != self.base {
+            let held: Vec<(ReplicaId, u64)> = base
+                .iter()
+                .filter(|&(r, &c)| self.base.get(r) != c)
+                .map(|(r, _)| (*r, self.base.get(r)))
+                .collect();
+            if !self.base.is_empty() {
+                self.earlier.push_front((self.base_digest, held));
+                self.earlier.truncate(EARLIER_HORIZONS);
+            }
+            self.base_digest = base.digest();
+            self.base = base;
+        }
     }
 
     /// Install a compaction whose horizon may be ahead of this log: the
@@ -570,6 +628,35 @@ mod tests {
 
     fn id(s: &str) -> DocId {
         DocId::new(s).expect("valid id")
+    }
+
+    #[test]
+    fn a_log_names_its_current_and_its_last_earlier_horizons() {
+        let mut log = Log::new();
+        assert_eq!(log.horizon(&log.base_digest()), None, "no horizon yet");
+        let mut bases = Vec::new();
+        for k in 1..=7u64 {
+            // Each compaction raises some replicas and adds one.
+            let base: VersionVector = (0..=k as u8)
+                .map(|r| (ReplicaId([r; 16]), if r % 2 == 0 { k } else { 1 }))
+                .collect();
+            log.absorb(Compaction {
+                base: base.clone(),
+                snapshots: Vec::new(),
+                skipped: BTreeMap::new(),
+            });
+            assert_eq!(log.base(), &base);
+            bases.push(base);
+        }
+        for (i, base) in bases.iter().enumerate() {
+            let known = i + 1 + EARLIER_HORIZONS >= bases.len();
+            assert_eq!(
+                log.horizon(&base.digest()),
+                known.then(|| base.clone()),
+                "horizon {i}"
+            );
+        }
+        assert_eq!(log.horizon(&[7; 16]), None);
     }
 
     /// One change per actor in turn, each on top of the ones before.

@@ -102,6 +102,7 @@ impl Node {
         self.server.handle(
             p,
             Message::Subscribe(Box::new(Subscribe {
+                horizon: None,
                 db: db(),
                 since,
                 req: 1,

@@ -44,6 +44,7 @@ impl Hub {
 
     fn subscribe(&mut self, p: PeerId, name: &str) {
         let s = Subscribe {
+            horizon: None,
             db: db(name),
             since: Default::default(),
             req: 1,

@@ -117,6 +117,7 @@ impl Target {
         server.handle(
             peer,
             Message::Subscribe(Box::new(Subscribe {
+                horizon: None,
                 db: DbName::new("org-42").unwrap(),
                 since: Default::default(),
                 req: 1,
@@ -233,6 +234,7 @@ fn flipped_bytes_never_panic_and_change_nothing() {
 #[test]
 fn invalid_names_inside_a_valid_archive_are_refused() {
     let msg = Message::Subscribe(Box::new(Subscribe {
+        horizon: None,
         db: DbName::new("abcd").unwrap(),
         since: Default::default(),
         req: 1,
@@ -423,6 +425,7 @@ fn the_first_frame_must_be_a_small_uncompressed_hello() {
     ));
     // Another message first is a protocol violation.
     let sub = protocol::encode(&Message::Subscribe(Box::new(Subscribe {
+        horizon: None,
         db: DbName::new("a").unwrap(),
         since: Default::default(),
         req: 1,

@@ -84,6 +84,7 @@ impl Hub {
         self.server.handle(
             p,
             Message::Subscribe(Box::new(Subscribe {
+                horizon: None,
                 db: db(),
                 since: Default::default(),
                 req: 1,
@@ -458,6 +459,7 @@ fn held_bytes_return_to_zero_once_handled() {
     hub.server.handle(
         a,
         Message::Subscribe(Box::new(Subscribe {
+            horizon: None,
             db: DbName::new("later").unwrap(),
             since: Default::default(),
             req: 3,

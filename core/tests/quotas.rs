@@ -111,6 +111,7 @@ impl Hub {
         self.server.handle(
             p,
             Message::Subscribe(Box::new(Subscribe {
+                horizon: None,
                 db: name(db),
                 since: Default::default(),
                 req: 1,

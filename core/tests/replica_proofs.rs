@@ -96,6 +96,7 @@ fn forged_push(net: &Net<OpenAccess>) -> Vec<Vec<u8>> {
         ..first
     };
     let subscribe = Message::Subscribe(Box::new(Subscribe {
+        horizon: None,
         db: db(),
         since: Default::default(),
         req: 1,

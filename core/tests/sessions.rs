@@ -124,6 +124,7 @@ fn messages_before_hello_and_a_second_hello_close_the_connection() {
     net.raw(
         a,
         protocol::encode(&Message::Subscribe(Box::new(Subscribe {
+            horizon: None,
             db: db(),
             since: VersionVector::new(),
             req: 1,
@@ -700,6 +701,7 @@ fn a_subscribe_reply_shares_the_log_as_it_was_when_asked() {
         net.server.handle(
             peer,
             Message::Subscribe(Box::new(Subscribe {
+                horizon: None,
                 db: db(),
                 since: VersionVector::new(),
                 req,

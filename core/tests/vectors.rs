@@ -89,6 +89,7 @@ fn sample_messages() -> Vec<(&'static str, Message)> {
         (
             "subscribe",
             Message::Subscribe(Box::new(Subscribe {
+                horizon: Some([0xCC; 16]),
                 db: db.clone(),
                 since: vv.clone(),
                 req: 1,

@@ -37,6 +37,7 @@ impl Hub {
         let hello = Hello::signed(&Identity::from_seed([r; 32]), String::new(), "", 0);
         self.server.handle(p, Message::Hello(Box::new(hello)));
         let s = Subscribe {
+            horizon: None,
             db: db(),
             since,
             req: 1,

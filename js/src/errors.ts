@@ -35,6 +35,7 @@ export type SynclineErrorCode =
   | 'Internal'
   | 'ShuttingDown'
   | 'MissingDependency'
+  | 'UnknownHorizon'
   | 'Unknown';
 
 /** An error raised by Syncline. */

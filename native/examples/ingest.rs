@@ -162,6 +162,7 @@ async fn writer(
         .map_or(0, |d| d.as_millis() as u64);
     let hello = Message::Hello(Box::new(Hello::signed(&me, "", &host, now_ms)));
     let sub = Message::Subscribe(Box::new(Subscribe {
+        horizon: None,
         db: db.clone(),
         since: VersionVector::new(),
         req: 1,

@@ -979,6 +979,7 @@ async fn bad_frames_are_refused_and_slow_readers_dropped_while_others_are_served
     let hello = Message::Hello(Box::new(raw::hello(&url, 7, "")));
     raw::send(&mut slow, protocol::encode(&hello)).await;
     let sub = Message::Subscribe(Box::new(Subscribe {
+        horizon: None,
         db: list.clone(),
         since: Default::default(),
         req: 1,
@@ -1204,6 +1205,7 @@ async fn before_hello_only_one_small_uncompressed_hello_is_read() {
 
     // Anything but a Hello first.
     let sub = protocol::encode(&Message::Subscribe(Box::new(Subscribe {
+        horizon: None,
         db: list.clone(),
         since: Default::default(),
         req: 1,
@@ -2061,6 +2063,7 @@ async fn pipelined_cold_syncs_larger_than_the_send_queue_stream_in_order() {
     const REPLIES: u32 = 4;
     for req in 1..=REPLIES {
         let sub = Message::Subscribe(Box::new(Subscribe {
+            horizon: None,
             db: list.clone(),
             since: Default::default(),
             req,
@@ -2224,6 +2227,7 @@ async fn a_storm_of_new_databases_is_unloaded_as_it_loads() {
     for k in 0..400u32 {
         let name = db(&format!("storm-{k}"));
         let sub = Message::Subscribe(Box::new(Subscribe {
+            horizon: None,
             db: name.clone(),
             since: Default::default(),
             req: k + 1,
@@ -2322,6 +2326,7 @@ async fn no_one_writes_under_a_replica_id_they_do_not_own() {
             let mut ws = raw::open(&url).await;
             raw::send(&mut ws, hello).await;
             let sub = Message::Subscribe(Box::new(Subscribe {
+                horizon: None,
                 db: notes.clone(),
                 since: Default::default(),
                 req: 1,
@@ -2439,6 +2444,7 @@ async fn no_one_writes_under_a_replica_id_they_do_not_own() {
     )
     .await;
     let sub = Message::Subscribe(Box::new(Subscribe {
+        horizon: None,
         db: notes.clone(),
         since: Default::default(),
         req: 1,

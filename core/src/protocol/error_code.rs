@@ -33,6 +33,10 @@ pub enum ErrorCode {
     /// does not hold yet (another tab's, not yet pushed): nothing of the
     /// push was stored; push it again once the server has them.
     MissingDependency,
+    /// A `Subscribe` named a pruned horizon (`Subscribe::horizon`) that is
+    /// not the server's (it compacted since, or restarted from other data):
+    /// subscribe again with the whole version vector.
+    UnknownHorizon,
     /// A code this build does not know.
     Unknown(u16),
 }
@@ -54,6 +58,7 @@ impl ErrorCode {
             ErrorCode::Internal => 11,
             ErrorCode::ShuttingDown => 12,
             ErrorCode::MissingDependency => 13,
+            ErrorCode::UnknownHorizon => 14,
             ErrorCode::Unknown(n) => n,
         }
     }
@@ -74,6 +79,7 @@ impl ErrorCode {
             11 => ErrorCode::Internal,
             12 => ErrorCode::ShuttingDown,
             13 => ErrorCode::MissingDependency,
+            14 => ErrorCode::UnknownHorizon,
             n => ErrorCode::Unknown(n),
         }
     }
@@ -94,6 +100,7 @@ impl ErrorCode {
             ErrorCode::Internal => "Internal",
             ErrorCode::ShuttingDown => "ShuttingDown",
             ErrorCode::MissingDependency => "MissingDependency",
+            ErrorCode::UnknownHorizon => "UnknownHorizon",
             ErrorCode::Unknown(_) => "Unknown",
         }
     }

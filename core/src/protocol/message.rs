@@ -54,10 +54,18 @@ pub struct Welcome {
 pub struct Subscribe {
     /// The database.
     pub db: DbName,
-    /// What the client holds; the reply carries what it lacks.
+    /// What the client holds; the reply carries what it lacks. With
+    /// `horizon`, only the counters above that horizon.
     pub since: VersionVector,
     /// Request number echoed by the reply (non-zero).
     pub req: u32,
+    /// The [`VersionVector::digest`] of a pruned horizon the client holds
+    /// whole (the server's `base`, as a reply announced it). `since` then
+    /// omits every counter at or below it, so a Subscribe costs the
+    /// replicas that wrote since the last compaction, not every replica
+    /// ever. A server whose horizon is another answers `UnknownHorizon`
+    /// and the client asks again with its whole vector.
+    pub horizon: Option<[u8; 16]>,
 }
 
 /// Entries (and snapshots) a peer lacks: the reply to `Subscribe`, cut into

@@ -18,7 +18,7 @@ pub use message::{
 };
 
 /// The protocol version this build speaks; the first byte of every frame.
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 
 /// Default largest frame accepted, in bytes (16 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
@@ -31,6 +31,13 @@ pub const MAX_TOKEN_LEN: usize = 4096;
 /// the replica id and the archive's overhead. A server reads nothing more
 /// from a connection before it has accepted its `Hello`.
 pub const MAX_HELLO_FRAME: usize = 8 * 1024;
+
+/// A pruned horizon naming at least this many replicas is named by its
+/// digest in `Subscribe::horizon` rather than sent, and announced to
+/// subscribers that hold it without naming it (so they can name it next
+/// time). Below it a whole vector is small (24 bytes a replica) and a
+/// Subscribe sends it as is.
+pub const HORIZON_REPLICAS: usize = 256;
 
 /// Largest presence state a peer may publish.
 pub const MAX_PRESENCE_LEN: usize = 16 * 1024;

@@ -20,8 +20,8 @@ use crate::entry::{Entry, Snapshot};
 use crate::identity::Proof;
 use crate::ids::{DbName, DocId, ReplicaId};
 use crate::protocol::{
-    self, DEFAULT_MAX_FRAME, Delta, ErrorCode, ErrorMsg, Hello, Message, Presence, PresenceUpdate,
-    Push, Subscribe,
+    self, DEFAULT_MAX_FRAME, Delta, ErrorCode, ErrorMsg, HORIZON_REPLICAS, Hello, Message,
+    Presence, PresenceUpdate, Push, Subscribe,
 };
 use crate::store::{Batch, StoredDatabase};
 use crate::view::DocView;
@@ -245,6 +245,10 @@ struct ClientDb {
     /// yet); they go again once the server relays new entries of others,
     /// at the next heartbeat, or on the next connection.
     awaiting_others: bool,
+    /// The digest of our horizon the server answered `UnknownHorizon` to:
+    /// not named again (the whole vector goes) until a reply installs
+    /// another horizon.
+    refused_horizon: Option<[u8; 16]>,
 }
 
 /// Default of [`ClientConfig::view_refresh_entries`]: entries persisted
@@ -418,6 +422,7 @@ impl Client {
                 reply_seq: 0,
                 persisted_seq: 0,
                 resubscribed_at: None,
+                refused_horizon: None,
                 awaiting_others: false,
             },
         );
@@ -933,12 +938,13 @@ impl Client {
             snapshots: Vec::new(),
             vv: VersionVector::new(),
         };
-        let since = c.db.vv().clone();
+        let (since, horizon) = subscribe_vector(c);
         let presence = c.presence.clone();
         self.send(Message::Subscribe(Box::new(Subscribe {
             db: name.clone(),
             since,
             req,
+            horizon,
         })));
         if let Some(state) = presence {
             self.send(Message::Presence(Box::new(Presence {
@@ -1006,10 +1012,17 @@ impl Client {
         }
         let mut resubscribe = false;
         let reply_done = complete.is_some();
+        let mut new_base = false;
         if let Some((base, snapshots, vv)) = complete {
-            if !base.is_empty() && !c.db.vv().dominates(&base) {
+            // Behind the server's horizon: its snapshots bring us up to it.
+            // Holding all of it (the reply announced it): fold our own
+            // documents to the same horizon, so we can name it next time.
+            if !base.is_empty()
+                && (!c.db.vv().dominates(&base) || !c.db.log().base().dominates(&base))
+            {
                 let more = c.db.apply_snapshots(snapshots, &base);
                 merge_applied(&mut applied, more);
+                new_base = true;
             }
             applied.changed.extend(c.db.withdraw_offers());
             let pushed = vv.get(&self.replica);
@@ -1025,7 +1038,7 @@ impl Client {
             // part, so only the last part can tell that something is missing.)
             resubscribe = true;
         }
-        self.absorb(&name, applied);
+        self.absorb(&name, applied, new_base);
         if reply_done && let Some(c) = self.dbs.get_mut(&name) {
             // Everything of the reply is in batches up to the newest one.
             c.reply_seq = c.next_seq - 1;
@@ -1049,11 +1062,11 @@ impl Client {
     }
 
     /// Persist and announce what applying remote data did.
-    fn absorb(&mut self, name: &DbName, applied: Applied) {
+    fn absorb(&mut self, name: &DbName, applied: Applied, new_base: bool) {
         for e in applied.errors {
             self.apply_error(name, e);
         }
-        let base = (!applied.snapshots.is_empty()).then(|| {
+        let base = (new_base || !applied.snapshots.is_empty()).then(|| {
             self.dbs
                 .get(name)
                 .map(|c| c.db.log().base().clone())
@@ -1208,6 +1221,20 @@ impl Client {
             self.send_subscribe(&db);
             return;
         }
+        if code == ErrorCode::UnknownHorizon
+            && let Some(db) = &e.db
+            && let Some(c) = self.dbs.get_mut(db)
+            && c.wanted
+            && matches!(c.sync, Sync::Awaiting { .. })
+            && self.status == Status::Online
+        {
+            // The server compacted since (or is another): ask again with the
+            // whole vector; the reply announces its horizon.
+            c.refused_horizon = Some(c.db.log().base_digest());
+            let db = db.clone();
+            self.send_subscribe(&db);
+            return;
+        }
         if code == ErrorCode::MissingDependency
             && let Some(db) = &e.db
             && let Some(c) = self.dbs.get_mut(db)
@@ -1235,6 +1262,25 @@ impl Client {
             message: e.message,
         });
     }
+}
+
+/// What a Subscribe of `c` says it holds: its whole vector, or — once its
+/// pruned horizon names [`HORIZON_REPLICAS`] replicas or more — the
+/// horizon's digest and only the counters above it (the server fills in
+/// the rest), unless the server refused that horizon.
+fn subscribe_vector(c: &ClientDb) -> (VersionVector, Option<[u8; 16]>) {
+    let base = c.db.log().base();
+    let digest = c.db.log().base_digest();
+    if base.len() < HORIZON_REPLICAS || c.refused_horizon == Some(digest) {
+        return (c.db.vv().clone(), None);
+    }
+    let above =
+        c.db.vv()
+            .iter()
+            .filter(|(r, n)| **n > base.get(r))
+            .map(|(r, n)| (*r, *n))
+            .collect();
+    (above, Some(digest))
 }
 
 fn merge_applied(into: &mut Applied, more: Applied) {

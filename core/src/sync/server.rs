@@ -20,8 +20,8 @@ use crate::identity::{self, ProofError, ReplayWindow};
 use crate::ids::{DbName, DocId, ReplicaId};
 use crate::log::{Appended, Compaction, Log, Missing};
 use crate::protocol::{
-    self, Ack, DEFAULT_MAX_FRAME, ErrorCode, Hello, Message, PeerPresence, Presence,
-    PresenceUpdate, Push, Subscribe, Welcome,
+    self, Ack, DEFAULT_MAX_FRAME, ErrorCode, HORIZON_REPLICAS, Hello, Message, PeerPresence,
+    Presence, PresenceUpdate, Push, Subscribe, Welcome,
 };
 use crate::store::{Batch, StoredDatabase};
 use crate::view::{BuiltViews, DocView, ViewJob};
@@ -1796,7 +1796,26 @@ impl<A: Authenticator> Server<A> {
         let Some(d) = self.dbs.get_mut(&s.db) else {
             return;
         };
-        let missing = d.log.missing_since(&s.since);
+        // A client naming the horizon omitted every counter at or below it.
+        let mut s = s;
+        match s.horizon.map(|h| d.log.horizon(&h)) {
+            Some(Some(horizon)) => s.since.merge(&horizon),
+            Some(None) => {
+                self.fail(
+                    peer,
+                    ErrorCode::UnknownHorizon,
+                    "this server's pruned horizon is another; subscribe with the whole version vector",
+                    Some(s.db.clone()),
+                );
+                return;
+            }
+            None => {}
+        }
+        // Tell a subscriber holding a large horizon what it is, once, so
+        // its next Subscribe can name it instead of sending it.
+        let announce =
+            s.horizon != Some(d.log.base_digest()) && d.log.base().len() >= HORIZON_REPLICAS;
+        let missing = d.log.missing_since(&s.since, announce);
         let views = if self.config.serve_views {
             fresh_views_for(&d.log, &d.views, &missing, budget / 2)
         } else {

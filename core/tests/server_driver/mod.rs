@@ -594,7 +594,19 @@ impl Driver {
         let db = self.dbs[input.below(DBS.len())].clone();
         let since = self.since(input);
         let req = u32::from(input.byte());
-        Message::Subscribe(Box::new(Subscribe { db, since, req }))
+        // Now and then a named horizon: the server's own (that of an empty
+        // base, which it must not take as a horizon held) or garbage.
+        let horizon = match input.byte() % 16 {
+            14 => Some(VersionVector::new().digest()),
+            15 => Some([input.byte(); 16]),
+            _ => None,
+        };
+        Message::Subscribe(Box::new(Subscribe {
+            horizon,
+            db,
+            since,
+            req,
+        }))
     }
 
     fn subscribe(&mut self, input: &mut Input) {
@@ -1271,7 +1283,12 @@ fn run_actions(data: &[u8]) {
             d.send(slot, &Message::Hello(Box::new(hello)));
             let db = d.dbs[r % 2].clone();
             let since = VersionVector::new();
-            let sub = Subscribe { db, since, req: 1 };
+            let sub = Subscribe {
+                horizon: None,
+                db,
+                since,
+                req: 1,
+            };
             d.send(slot, &Message::Subscribe(Box::new(sub)));
         }
     }

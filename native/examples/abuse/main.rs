@@ -403,6 +403,7 @@ async fn greet(
     let mut reply = 0;
     if let Some((db, since)) = sub {
         let s = Message::Subscribe(Box::new(Subscribe {
+            horizon: None,
             db: db.clone(),
             since: since.clone(),
             req: 1,
@@ -764,6 +765,7 @@ async fn prepare(url: &str) -> Prepared {
     drop(ws);
 
     let subscribe_first = protocol::encode(&Message::Subscribe(Box::new(Subscribe {
+        horizon: None,
         db: big_db.clone(),
         since: VersionVector::new(),
         req: 1,
@@ -1129,6 +1131,7 @@ async fn subscribe_loop(ctx: Ctx, p: Arc<Prepared>, conn: usize) {
         while ctx.live() && subs < 100_000 {
             while subs * reply < got + 2 * reply && ctx.live() {
                 let s = Message::Subscribe(Box::new(Subscribe {
+                    horizon: None,
                     db: p.big_db.clone(),
                     since: VersionVector::new(),
                     req,

@@ -312,6 +312,7 @@ async fn storm(ctx: Ctx, counts: Arc<Counts>, s: usize) {
             k += 1;
             let db = DbName::new(format!("open-storm-{s}-{k}")).expect("db name");
             let sub = Message::Subscribe(Box::new(Subscribe {
+                horizon: None,
                 db: db.clone(),
                 since: VersionVector::new(),
                 req: k as u32,

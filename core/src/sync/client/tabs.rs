@@ -36,7 +36,7 @@ impl Client {
             .ok_or_else(|| ClientError::NotOpen(db.clone()))?;
         let foreign = entries.into_iter().filter(|e| e.dot.replica != me);
         let applied = c.db.apply_entries(foreign);
-        self.absorb(db, applied);
+        self.absorb(db, applied, false);
         Ok(())
     }
 
