@@ -24,7 +24,7 @@ const option = (name, dflt) => {
   return i >= 0 ? args[i + 1] : dflt;
 };
 const FULL = flag('--full');
-const ONLY = option('--only', 'w1,w2,w3,w4,w5,w6').split(',');
+const ONLY = option('--only', 'w1,w2,w1a,w3,w4,w5,w6').split(',');
 const SYSTEMS = option('--systems', 'syncline,syncline-native,automerge-repo,yjs').split(',');
 const RUNS = 3;
 const systems = {};
@@ -34,10 +34,13 @@ const taking = (w) => Object.entries(systems).filter(([, s]) => !s.workloads || 
 
 const results = {
   mode: FULL ? 'full' : 'quick',
+  // BENCH_TEXT=random: the incompressible dataset (lib/data.mjs).
+  text: process.env.BENCH_TEXT === 'random' ? 'random letters' : 'words',
   date: new Date().toISOString(),
   machine: machine(),
   w1: {},
   w2: {},
+  w1a: {},
   held: {},
   w3: {},
   w4: null,
@@ -145,6 +148,62 @@ async function w1w2(name, sys) {
   }
   results.w1[name] = { ...traffic.w1, ...summarize(cold) };
   results.w2[name] = { ...traffic.w2, ...summarize(resume) };
+}
+
+// ---- W1 on an active database ----
+
+/**
+ * The cold sync of W1 where the database is not at rest: once at the
+ * moment the seeding client's last write is acknowledged (nothing has had
+ * time to settle: Syncline's server has not built all its views), then
+ * three times while another client keeps writing (10 documents every
+ * 100 ms, each write waiting for its acknowledgement).
+ */
+async function w1active(name, sys) {
+  const docs = dataset(1000);
+  log(`${name}: W1a seeding 1,000 documents × 11 changes, no settling`);
+  const server = await sys.startServer({ docs, settle: false });
+  const writer = await sys.client(server.url, server.ctx);
+  const out = { fresh: null, busy: [] };
+  const load = async () => {
+    const cpu0 = process.cpuUsage();
+    const t0 = now();
+    const c = await sys.client(server.url, server.ctx);
+    await c.loadAll(docs);
+    const ms = now() - t0;
+    const cpu = process.cpuUsage(cpu0);
+    await c.close();
+    return { ms, clientCpuS: (cpu.user + cpu.system) / 1e6 };
+  };
+  let writing = true;
+  let writes = 0;
+  let busyWriter = null;
+  try {
+    out.fresh = await load();
+    log(`${name}: W1a right after seeding: ${out.fresh.ms.toFixed(0)} ms`);
+    await writer.prepare?.();
+    busyWriter = (async () => {
+      for (let rev = 1000; writing; rev++) {
+        const t = now();
+        await writer.write(resumePatches(10, rev));
+        writes += 10;
+        await new Promise((r) => setTimeout(r, Math.max(0, 100 - (now() - t))));
+      }
+    })();
+    // Let the writes run a second before the first measured load.
+    await new Promise((r) => setTimeout(r, 1000));
+    for (let run = 0; run < RUNS; run++) {
+      const r = await load();
+      out.busy.push(r);
+      log(`${name}: W1a run ${run + 1} while writing: ${r.ms.toFixed(0)} ms`);
+    }
+  } finally {
+    writing = false;
+    await busyWriter?.catch((e) => log(`${name}: W1a writer: ${e.message}`));
+    await writer.close();
+    await server.stop();
+  }
+  results.w1a[name] = { fresh: out.fresh, ...summarize(out.busy), writes };
 }
 
 /** Until the server has at most `count` WebSockets open (10 s at most). */
@@ -460,6 +519,9 @@ async function attempt(w, key, extra, run) {
 
 const started = Date.now();
 if (ONLY.includes('w1') || ONLY.includes('w2')) for (const [n, s] of taking('w1')) await w1w2(n, s);
+if (ONLY.includes('w1a')) {
+  for (const [n, s] of taking('w1')) await attempt('w1a', n, {}, () => w1active(n, s));
+}
 if (ONLY.includes('w3')) {
   // Quick mode runs N = 100, and N = 1,000 too for systems whose
   // subscribers are cheap enough to finish in the quick budget (native).
@@ -483,7 +545,8 @@ results.seconds = (Date.now() - started) / 1000;
 
 // Only a complete run replaces the published figures (every figure on the
 // page comes from one run); a partial run (--only/--systems/...) just prints.
-const complete = !args.some((a) => ['--only', '--systems', '--subscribers', '--changes'].includes(a));
+const complete =
+  !args.some((a) => ['--only', '--systems', '--subscribers', '--changes'].includes(a)) && results.text === 'words';
 const outDir = complete ? join(root, 'docs/bench') : mkdtempSync(join(tmpdir(), 'bench-partial-'));
 mkdirSync(outDir, { recursive: true });
 writeFileSync(join(outDir, `results-${results.mode}.json`), JSON.stringify(results, null, 1));

@@ -19,9 +19,26 @@ const WORDS = (
   'presence list todo game board move player lobby title body note tag owner'
 ).split(' ');
 
+/**
+ * `BENCH_TEXT=random` (inherited by the peers' server processes, which
+ * seed from this module too) makes every word random lowercase letters of
+ * the same length range instead of one of the 40 above: text deflate cannot
+ * shrink much, so bytes on the wire are the data's (issue 35).
+ */
+const RANDOM_TEXT = process.env.BENCH_TEXT === 'random';
+
 function words(r, n) {
   const out = [];
-  for (let i = 0; i < n; i++) out.push(WORDS[Math.floor(r() * WORDS.length)]);
+  for (let i = 0; i < n; i++) {
+    if (RANDOM_TEXT) {
+      const len = 2 + Math.floor(r() * 8);
+      let w = '';
+      for (let k = 0; k < len; k++) w += String.fromCharCode(97 + Math.floor(r() * 26));
+      out.push(w);
+    } else {
+      out.push(WORDS[Math.floor(r() * WORDS.length)]);
+    }
+  }
   return out.join(' ');
 }
 

@@ -127,7 +127,8 @@ export async function writeReport(results, { root, outDir, publish }) {
   const sections = [];
   const m = results.machine;
   sections.push(
-    `Run: ${results.date.slice(0, 16).replace('T', ' ')} UTC, ${results.mode} mode, ${results.seconds.toFixed(0)} s. ` +
+    `Run: ${results.date.slice(0, 16).replace('T', ' ')} UTC, ${results.mode} mode, ${results.seconds.toFixed(0)} s` +
+      `${results.text === 'random letters' ? ', text of random letters (BENCH_TEXT=random)' : ''}. ` +
       `Machine: ${m.cpus} × ${m.cpu}, ${m.memoryGiB} GiB, Linux ${m.kernel}, Node ${m.node}. ` +
       `Versions: Syncline ${m.syncline}, automerge-repo ${m.automergeRepo} (automerge ${m.automerge}), ` +
       `Yjs ${m.yjs} with y-websocket ${m.yWebsocket} and @y/websocket-server ${m.yWebsocketServer}.`,
@@ -160,6 +161,22 @@ export async function writeReport(results, { root, outDir, publish }) {
             row('messages up / down', results.w2, (v) => `${v.msgsUp} / ${v.msgsDown}`, String, false),
             row('round trips (busiest connection)', results.w2, (v) => v.roundTrips, String, false),
             row('runs that did not finish in 60 s', results.w2, (v) => v.failedRuns, String, false),
+          ],
+          sys,
+        ),
+    );
+  }
+  if (Object.keys(results.w1a ?? {}).length) {
+    sections.push(
+      '### W1 on an active database (the same 1,000 documents; no settling after the seeding)\n\n' +
+        table(
+          [
+            row('right after the seeding: time (ms)', results.w1a, (v) => v.fresh?.ms, ms),
+            row('… client CPU (s)', results.w1a, (v) => v.fresh?.clientCpuS, (x) => x.toFixed(2)),
+            row('while 100 documents/s are written: time (ms, median of 3)', results.w1a, (v) => v.ms, ms),
+            row('… client CPU (s)', results.w1a, (v) => v.clientCpuS, (x) => x.toFixed(2)),
+            row('writes acknowledged meanwhile', results.w1a, (v) => v.writes, String, false),
+            ...finished(results.w1a),
           ],
           sys,
         ),

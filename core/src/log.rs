@@ -153,6 +153,11 @@ pub struct Log {
     doc_clocks: HashMap<DocId, VersionVector>,
     /// Per document, how many of its entries are above the horizon.
     doc_entries: HashMap<DocId, u32>,
+    /// Entries ever appended to this log (a logical clock), and per
+    /// document its value after the document's latest entry: which
+    /// documents changed since some moment ([`Log::doc_appended`]).
+    appended: u64,
+    doc_appended: HashMap<DocId, u64>,
     entry_bytes: usize,
     /// Bytes of snapshot data.
     snapshot_bytes: usize,
@@ -199,6 +204,19 @@ impl Log {
     /// The pruned horizon.
     pub fn base(&self) -> &VersionVector {
         &self.base
+    }
+
+    /// Entries appended to this log so far (since it was built; a logical
+    /// clock, not a count of what it holds).
+    pub fn appended(&self) -> u64 {
+        self.appended
+    }
+
+    /// [`Log::appended`] as of `doc`'s latest entry (0 when it got none
+    /// since the log was built): the document changed after a moment `m`
+    /// exactly when this is above `appended()` read at `m`.
+    pub fn doc_appended(&self, doc: &DocId) -> u64 {
+        self.doc_appended.get(doc).copied().unwrap_or(0)
     }
 
     /// [`VersionVector::digest`] of the pruned horizon.
@@ -334,6 +352,13 @@ impl Log {
             Some(n) => *n += 1,
             None => {
                 self.doc_entries.insert(entry.doc.clone(), 1);
+            }
+        }
+        self.appended += 1;
+        match self.doc_appended.get_mut(&entry.doc) {
+            Some(n) => *n = self.appended,
+            None => {
+                self.doc_appended.insert(entry.doc.clone(), self.appended);
             }
         }
         self.entry_bytes += entry.change.len();

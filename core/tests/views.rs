@@ -317,3 +317,42 @@ fn a_view_that_is_not_json_is_dropped_not_the_frame() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A view build while the database is still being written leaves out the
+/// documents changed since a given moment (`Server::appended`): their
+/// views would be stale at once (the native hub builds those only once
+/// they settle, and everything when the database goes quiet).
+#[test]
+fn a_settled_view_job_leaves_out_the_documents_still_being_written() {
+    let (mut net, w) = seeded(4);
+    let mark = net.server.appended(&db()).unwrap();
+    for k in [1, 3] {
+        net.nodes[w]
+            .client
+            .update(&db(), &id(k), &value(k, 9))
+            .unwrap();
+    }
+    net.run();
+    assert_eq!(net.server.appended(&db()), Some(mark + 2));
+    let mut settled: Vec<DocId> = net
+        .server
+        .view_job_settled(&db(), 1_000, mark)
+        .unwrap()
+        .targets()
+        .into_iter()
+        .map(|(doc, _)| doc)
+        .collect();
+    settled.sort();
+    assert_eq!(settled, vec![id(0), id(2)]);
+    let all = net.server.view_job(&db(), 1_000).unwrap();
+    assert_eq!(all.len(), 4);
+    // Once the settled ones are built, nothing settled is left to build.
+    let built = net
+        .server
+        .view_job_settled(&db(), 1_000, mark)
+        .unwrap()
+        .build();
+    net.server.views_built(&db(), built);
+    assert!(net.server.view_job_settled(&db(), 1_000, mark).is_none());
+    assert_eq!(net.server.stale_views(&db()), 2);
+}

@@ -223,6 +223,15 @@ struct ServeArgs {
     /// history [default: true].
     #[arg(long, env = "SYNCLINE_VIEWS")]
     views: Option<bool>,
+    /// Seconds a database must go without a write before its changed
+    /// documents' views are built [default: 0.1].
+    #[arg(long, env = "SYNCLINE_VIEWS_QUIET")]
+    views_quiet: Option<f64>,
+    /// Seconds at most a changed document waits for its view while writes
+    /// keep coming, so a database that is never quiet still has views
+    /// [default: 1].
+    #[arg(long, env = "SYNCLINE_VIEWS_MAX_WAIT")]
+    views_max_wait: Option<f64>,
     /// Seconds a new connection may take to send Hello [default: 10].
     #[arg(long, env = "SYNCLINE_HELLO_TIMEOUT")]
     hello_timeout: Option<f64>,
@@ -325,6 +334,8 @@ struct FileConfig {
     static_dir: Option<PathBuf>,
     compact_after_bytes: Option<usize>,
     views: Option<bool>,
+    views_quiet: Option<f64>,
+    views_max_wait: Option<f64>,
     hello_timeout: Option<f64>,
     ping_interval: Option<f64>,
     metrics_listen: Option<SocketAddr>,
@@ -761,6 +772,14 @@ fn serve(args: ServeArgs) -> Result<()> {
             .or(file.compact_after_bytes)
             .unwrap_or(64 << 20),
         serve_views: args.views.or(file.views).unwrap_or(true),
+        views_quiet: seconds(
+            "--views-quiet",
+            args.views_quiet.or(file.views_quiet).unwrap_or(0.1),
+        )?,
+        views_max_wait: seconds(
+            "--views-max-wait",
+            args.views_max_wait.or(file.views_max_wait).unwrap_or(1.0),
+        )?,
         hello_timeout: seconds(
             "--hello-timeout",
             args.hello_timeout.or(file.hello_timeout).unwrap_or(10.0),

@@ -1556,6 +1556,72 @@ async fn a_quiet_database_gets_views_and_cold_replicas_receive_them() {
     server.kill9();
 }
 
+/// A database that is never quiet (a write every 20 ms; the views wait
+/// for 5 s without one here, so a stall of the disk cannot make a pause)
+/// still gets its views, at most about a second old (`--views-max-wait`),
+/// so a cold replica of an active database is shown views too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_written_without_pause_still_gets_views() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProc::start(
+        &dir.path().join("srv"),
+        "127.0.0.1:0",
+        &["--anonymous", "demo-*", "--views-quiet", "5"],
+    );
+    let url = server.url();
+    let list = db("demo-busy");
+    // In memory: no local fsync between writes, so they stay 20 ms apart.
+    let w = SyncClient::in_memory(Some(&url), "");
+    w.open(&list).await.unwrap();
+    for k in 0..50 {
+        w.put(&list, &doc(&format!("d{k}")), json!({"k": k}))
+            .await
+            .unwrap();
+    }
+    let addr = server.addr;
+    let built = move || async move {
+        let (_, m) = tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))
+            .await
+            .unwrap();
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix("syncline_views_built_total")
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut rev = 0;
+    while built().await < 50.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no views while the database was being written ({rev} writes)"
+        );
+        rev += 1;
+        w.put(&list, &doc("hot"), json!({"rev": rev}))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    synced(&w, &list).await;
+    let fresh = SyncClient::connect(Some(&url), "", dir.path().join("fresh"))
+        .await
+        .unwrap();
+    fresh.open(&list).await.unwrap();
+    synced(&fresh, &list).await;
+    assert_eq!(fresh.list(&list).unwrap().len(), 51);
+    let (_, metrics) = http_get(server.addr, "/metrics");
+    let out = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("syncline_views_out_total")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(0.0);
+    assert!(out >= 50.0, "the cold replica got views:\n{metrics}");
+    server.kill9();
+}
+
 /// A socket that never says Hello gets a typed refusal; one that stops
 /// answering pings is closed; one that answers stays open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

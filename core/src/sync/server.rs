@@ -1437,12 +1437,25 @@ impl<A: Authenticator> Server<A> {
     /// view is current. The adapter runs [`ViewJob::build`] off its hot
     /// path and hands the result to [`Server::views_built`].
     pub fn view_job(&self, db: &DbName, max_changes: usize) -> Option<ViewJob> {
+        self.view_job_settled(db, max_changes, u64::MAX)
+    }
+
+    /// [`Server::view_job`] for the documents whose latest change came
+    /// before [`Server::appended`] read `settled` (the rest are still being
+    /// written: a view of them would be stale at once).
+    pub fn view_job_settled(
+        &self,
+        db: &DbName,
+        max_changes: usize,
+        settled: u64,
+    ) -> Option<ViewJob> {
         if !self.config.serve_views {
             return None;
         }
         let d = self.dbs.get(db)?;
         let mut budget = 0usize;
         let docs: Vec<DocId> = stale_docs(d)
+            .filter(|doc| d.log.doc_appended(doc) <= settled)
             .take_while(|doc| {
                 let go = budget == 0 || budget < max_changes;
                 budget += d.log.doc_entry_count(doc) as usize;
@@ -1452,6 +1465,11 @@ impl<A: Authenticator> Server<A> {
             .collect();
         let job = d.log.view_job(docs);
         (!job.is_empty()).then_some(job)
+    }
+
+    /// [`Log::appended`] of a loaded database.
+    pub fn appended(&self, db: &DbName) -> Option<u64> {
+        self.dbs.get(db).map(|d| d.log.appended())
     }
 
     /// Keep views built from a [`Server::view_job`]; a view whose document

@@ -157,6 +157,8 @@ pub enum HubMsg {
         db: DbName,
         /// The views.
         built: syncline_core::BuiltViews,
+        /// How long building them took.
+        took: Duration,
     },
     /// Cluster mode: a message the tail read from the engine.
     Stream(Box<crate::cluster::StreamMsg>),
@@ -200,6 +202,10 @@ pub struct HubConfig {
     /// for this long: views cost a full load of each changed document, so
     /// they wait for a pause rather than competing with a burst of writes.
     pub view_quiet: Duration,
+    /// The longest a database's changed documents wait for their views
+    /// while writes keep coming (so a database that is never quiet for
+    /// `view_quiet` is still served views, at most this old).
+    pub view_max_wait: Duration,
     /// Most changes one background view build applies (then it yields
     /// to the hub and the next build continues).
     pub view_job_changes: usize,
@@ -212,6 +218,25 @@ pub struct HubConfig {
     pub max_disk_bytes: u64,
 }
 
+/// A database's view builds take at most one part in this many of the
+/// time (the wait after a build is this many times its length, minus one),
+/// so views of a database written without pause cost the writers little.
+const VIEW_DUTY: u32 = 10;
+
+/// When a database's missing views are built ([`HubConfig::view_quiet`]).
+#[derive(Debug, Clone, Copy)]
+struct ViewsDue {
+    at: Instant,
+    /// The first write this build waits for, and the database's
+    /// `Server::appended` then: a build that starts while writes still
+    /// come (after `view_max_wait`) builds only the documents not changed
+    /// since (the others would be stale at once).
+    since: Instant,
+    mark: u64,
+    /// The latest write this build waits for.
+    last: Instant,
+}
+
 /// Seconds between checks of [`HubConfig::max_loaded_bytes`].
 const UNLOAD_EVERY: u64 = 10;
 
@@ -221,6 +246,7 @@ impl Default for HubConfig {
             max_queued_bytes: 32 << 20,
             compact_after_bytes: 64 << 20,
             view_quiet: Duration::from_millis(100),
+            view_max_wait: Duration::from_secs(1),
             view_job_changes: 50_000,
             max_loaded_bytes: 1 << 30,
             max_disk_bytes: 0,
@@ -268,6 +294,7 @@ pub async fn run(
         compacted_left: HashMap::new(),
         views_due: HashMap::new(),
         views_building: std::collections::HashSet::new(),
+        views_rest: HashMap::new(),
         views_pending: std::collections::HashSet::new(),
         validators: pools.heavy,
         background: pools.background,
@@ -286,7 +313,7 @@ pub async fn run(
             .views_due
             .iter()
             .filter(|(db, _)| !hub.views_building.contains(*db))
-            .map(|(_, at)| *at)
+            .map(|(_, due)| due.at)
             .min();
         let msg = tokio::select! {
             msg = rx.recv() => msg,
@@ -361,8 +388,12 @@ struct Hub {
     compacted_left: HashMap<DbName, usize>,
     /// When each database's missing views may be built (pushed back by
     /// every durable write).
-    views_due: HashMap<DbName, Instant>,
+    views_due: HashMap<DbName, ViewsDue>,
     views_building: std::collections::HashSet<DbName>,
+    /// Per database, the earliest its next view build may start: builds
+    /// take at most a tenth of a core's time per database
+    /// ([`VIEW_DUTY`]), however often its writes make views stale.
+    views_rest: HashMap<DbName, Instant>,
     /// Databases counted in the `views_pending` metric.
     views_pending: std::collections::HashSet<DbName>,
     /// Threads for expensive work (parsing pushes, decoding large frames,
@@ -486,7 +517,7 @@ impl Hub {
                         server.persisted(&db, seq);
                         self.check_disk(server);
                         self.maybe_compact(server, &db);
-                        self.views_later(server, &db);
+                        self.views_later(server, &db, true);
                     }
                     // The core server logs the reason and tells the clients less.
                     Err(e) => server.persist_failed(&db, seq, &e),
@@ -497,7 +528,7 @@ impl Hub {
                 match result {
                     Ok(stored) => {
                         server.loaded(db.clone(), stored);
-                        self.views_later(server, &db);
+                        self.views_later(server, &db, false);
                         // A client loading thousands of databases a second
                         // must not outrun the check every ten seconds: after
                         // a quarter of the budget of loads (each counted as
@@ -531,12 +562,14 @@ impl Hub {
                 let left = server.log(&db).map_or(0, |l| l.entry_bytes());
                 self.compacted_left.insert(db, left);
             }
-            HubMsg::ViewsBuilt { db, built } => {
+            HubMsg::ViewsBuilt { db, built, took } => {
+                self.views_rest
+                    .insert(db.clone(), Instant::now() + took * (VIEW_DUTY - 1));
                 self.metrics.views_built.inc_by(built.views.len() as u64);
                 server.views_built(&db, built);
                 self.views_building.remove(&db);
                 if server.stale_views(&db) > 0 {
-                    self.views_later(server, &db);
+                    self.views_later(server, &db, false);
                 } else if !self.views_due.contains_key(&db) {
                     self.views_gauge(&db, false);
                 }
@@ -558,7 +591,7 @@ impl Hub {
                     c.on_stream(server, *msg);
                     // Only databases loaded here have views to build.
                     if server.log(&db).is_some() {
-                        self.views_later(server, &db);
+                        self.views_later(server, &db, true);
                     }
                 }
             }
@@ -575,7 +608,7 @@ impl Hub {
                     let ok = result.is_ok();
                     c.loaded(server, db.clone(), result);
                     if ok {
-                        self.views_later(server, &db);
+                        self.views_later(server, &db, false);
                     }
                 }
             }
@@ -768,6 +801,7 @@ impl Hub {
                 c.forget(db);
             }
             self.views_due.remove(db);
+            self.views_rest.remove(db);
             self.compacted_left.remove(db);
             self.views_gauge(db, false);
         }
@@ -779,12 +813,30 @@ impl Hub {
     }
 
     /// Schedule building `db`'s missing views after a quiet period.
-    fn views_later(&mut self, server: &Server<TokenAuth>, db: &DbName) {
+    /// (`write`: a durable write of the database is why; otherwise it was
+    /// loaded, or a build left documents stale.)
+    fn views_later(&mut self, server: &Server<TokenAuth>, db: &DbName, write: bool) {
         if !server.config().serve_views || self.shutdown.is_some() {
             return;
         }
-        self.views_due
-            .insert(db.clone(), Instant::now() + self.config.view_quiet);
+        let now = Instant::now();
+        let (quiet, max_wait) = (self.config.view_quiet, self.config.view_max_wait);
+        let mark = server.appended(db).unwrap_or(0);
+        let due = self.views_due.entry(db.clone()).or_insert(ViewsDue {
+            at: now + quiet,
+            since: now,
+            mark,
+            last: now.checked_sub(quiet).unwrap_or(now),
+        });
+        if write {
+            due.last = now;
+        }
+        // Each write postpones the build by `view_quiet`, up to
+        // `view_max_wait` after the first write it waits for.
+        due.at = (now + quiet).min(due.since + max_wait).max(due.at);
+        if let Some(rest) = self.views_rest.get(db) {
+            due.at = due.at.max(*rest);
+        }
         self.views_gauge(db, true);
     }
 
@@ -816,13 +868,38 @@ impl Hub {
         let due: Vec<DbName> = self
             .views_due
             .iter()
-            .filter(|(db, at)| **at <= now && !self.views_building.contains(*db))
+            .filter(|(db, due)| due.at <= now && !self.views_building.contains(*db))
             .map(|(db, _)| db.clone())
             .collect();
         for db in due {
-            self.views_due.remove(&db);
-            let Some(job) = server.view_job(&db, self.config.view_job_changes) else {
-                self.views_gauge(&db, false);
+            let Some(due) = self.views_due.remove(&db) else {
+                continue;
+            };
+            let changes = self.config.view_job_changes;
+            // Still being written: only the documents that were not since
+            // the first write this build waited for.
+            let busy = due.last + self.config.view_quiet > now;
+            let job = if busy {
+                server.view_job_settled(&db, changes, due.mark)
+            } else {
+                server.view_job(&db, changes)
+            };
+            let Some(job) = job else {
+                if busy && server.stale_views(&db) > 0 {
+                    // Every stale document is being written: look again
+                    // once the ones written now have had time to settle.
+                    self.views_due.insert(
+                        db.clone(),
+                        ViewsDue {
+                            at: now + self.config.view_max_wait,
+                            since: now,
+                            mark: server.appended(&db).unwrap_or(0),
+                            last: due.last,
+                        },
+                    );
+                } else {
+                    self.views_gauge(&db, false);
+                }
                 continue;
             };
             self.views_building.insert(db.clone());
@@ -843,7 +920,8 @@ impl Hub {
                     });
                 let ms = started.elapsed().as_millis() as u64;
                 tracing::debug!(%db, docs, changes, ms, "views built");
-                let _ = tx.send(HubMsg::ViewsBuilt { db, built }).await;
+                let took = started.elapsed();
+                let _ = tx.send(HubMsg::ViewsBuilt { db, built, took }).await;
             });
         }
     }

@@ -83,6 +83,11 @@ pub struct ServeOptions {
     pub compact_after_bytes: usize,
     /// Build document views in the background and send them with cold syncs.
     pub serve_views: bool,
+    /// How long a database goes without a write before its views are built.
+    pub views_quiet: Duration,
+    /// How long at most a changed document waits for its view while
+    /// writes keep coming.
+    pub views_max_wait: Duration,
     /// How long a new connection may take to send its first frame (Hello)
     /// before it is closed, so silent sockets cannot hold every slot.
     pub hello_timeout: Duration,
@@ -299,6 +304,8 @@ pub async fn run(
         HubConfig {
             max_queued_bytes: options.max_queued_bytes,
             compact_after_bytes: options.compact_after_bytes,
+            view_quiet: options.views_quiet,
+            view_max_wait: options.views_max_wait,
             max_loaded_bytes: options.max_loaded_bytes,
             max_disk_bytes: options.max_disk_bytes,
             ..HubConfig::default()
