@@ -54,6 +54,25 @@ fn refused_horizon<A>(net: &Net<A>, i: usize) -> bool {
         .any(|m| matches!(m, Message::Error(e) if e.code() == ErrorCode::UnknownHorizon))
 }
 
+/// `a` sets document "new" to `{"n": n}`; then `b` (disconnected)
+/// reconnects and catches up. Returns `b`'s Subscribes.
+fn write_then_resume(
+    net: &mut Net<OpenAccess>,
+    a: usize,
+    b: usize,
+    n: u32,
+) -> Vec<(Subscribe, usize)> {
+    net.nodes[a]
+        .client
+        .update(&db(), &DocId::new("new").unwrap(), &json!({ "n": n }))
+        .unwrap();
+    net.run();
+    net.reset_traffic();
+    net.connect(b);
+    net.run();
+    subscribes(net, b)
+}
+
 fn app_errors<A>(net: &Net<A>, i: usize) -> Vec<String> {
     net.nodes[i]
         .events
@@ -116,15 +135,7 @@ fn a_resume_names_the_horizon_instead_of_sending_a_hundred_thousand_counters() {
     // only what it holds above it.
     net.disconnect(b);
     let new = DocId::new("new").unwrap();
-    net.nodes[a]
-        .client
-        .update(&db(), &new, &json!({"n": 1}))
-        .unwrap();
-    net.run();
-    net.reset_traffic();
-    net.connect(b);
-    net.run();
-    let subs = subscribes(&net, b);
+    let subs = write_then_resume(&mut net, a, b, 1);
     assert_eq!(subs.len(), 1, "one round trip");
     let (sub, size) = &subs[0];
     assert_eq!(sub.horizon, Some(all.digest()));
@@ -169,15 +180,7 @@ fn a_resume_names_the_horizon_instead_of_sending_a_hundred_thousand_counters() {
         vv
     };
     let horizon = compact(&mut net);
-    net.nodes[a]
-        .client
-        .update(&db(), &new, &json!({"n": 3}))
-        .unwrap();
-    net.run();
-    net.reset_traffic();
-    net.connect(b);
-    net.run();
-    let subs = subscribes(&net, b);
+    let subs = write_then_resume(&mut net, a, b, 3);
     assert_eq!(subs.len(), 1, "one round trip");
     assert_eq!(subs[0].0.horizon, Some(all.digest()));
     assert!(subs[0].1 < 1024);
