@@ -1029,3 +1029,51 @@ fn connections_end_when_their_token_expires() {
     assert!(net.nodes[a].peer.is_none(), "closed");
     assert_eq!(net.server.connections(), 0);
 }
+
+/// A Subscribe the server could not load the database for (its store or
+/// engine failed: `Internal`) is reported and asked again at the next
+/// heartbeat, so the database syncs without a reconnect.
+#[test]
+fn a_failed_load_is_retried_at_the_next_heartbeat() {
+    let mut net = Net::new(OpenAccess);
+    net.fail_loads = 1;
+    let a = net.add(1, "");
+    net.open(a, "shared");
+    net.connect(a);
+    net.run();
+    assert_eq!(errors(&net, a), vec![ErrorCode::Internal]);
+    let synced = |net: &Net<OpenAccess>| {
+        net.nodes[a]
+            .events
+            .iter()
+            .any(|e| matches!(e, ClientEvent::Synced { .. }))
+    };
+    assert!(!synced(&net), "not synced after the failed load");
+    assert!(
+        net.nodes[a].events.iter().any(|e| matches!(
+            e,
+            ClientEvent::Error { code: ErrorCode::Internal, db: Some(d), .. } if *d == db()
+        )),
+        "the application is told"
+    );
+    assert!(net.nodes[a].client.heartbeat());
+    net.run();
+    assert!(synced(&net), "synced once the load worked");
+    let subscribes = net.nodes[a]
+        .up
+        .frames
+        .iter()
+        .filter(|m| matches!(m, Message::Subscribe(_)))
+        .count();
+    assert_eq!(subscribes, 2);
+    // A later heartbeat does not subscribe again.
+    assert!(net.nodes[a].client.heartbeat());
+    net.run();
+    let again = net.nodes[a]
+        .up
+        .frames
+        .iter()
+        .filter(|m| matches!(m, Message::Subscribe(_)))
+        .count();
+    assert_eq!(again, 2);
+}

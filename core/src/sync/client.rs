@@ -249,6 +249,10 @@ struct ClientDb {
     /// not named again (the whole vector goes) until a reply installs
     /// another horizon.
     refused_horizon: Option<[u8; 16]>,
+    /// The server failed to load the database for our Subscribe
+    /// (`Internal`: its store or engine failed): subscribe again at the
+    /// next heartbeat.
+    retry_subscribe: bool,
 }
 
 /// Default of [`ClientConfig::view_refresh_entries`]: entries persisted
@@ -334,12 +338,21 @@ impl Client {
         // Also the retry tick for pushes the server failed to store, and
         // for those it refused as building on what it lacked (the relay that
         // would have retried them may have come before the refusal).
+        // And for Subscribes the server could not load the database for.
         let names: Vec<DbName> = self.dbs.keys().cloned().collect();
         for name in names {
+            let mut again = false;
             if let Some(c) = self.dbs.get_mut(&name) {
                 c.awaiting_others = false;
+                again = std::mem::take(&mut c.retry_subscribe)
+                    && c.wanted
+                    && matches!(c.sync, Sync::Awaiting { .. });
             }
-            self.push(&name);
+            if again && self.status == Status::Online {
+                self.send_subscribe(&name);
+            } else {
+                self.push(&name);
+            }
         }
         true
     }
@@ -423,6 +436,7 @@ impl Client {
                 persisted_seq: 0,
                 resubscribed_at: None,
                 refused_horizon: None,
+                retry_subscribe: false,
                 awaiting_others: false,
             },
         );
@@ -679,6 +693,7 @@ impl Client {
         self.heard = false;
         for c in self.dbs.values_mut() {
             c.resubscribed_at = None;
+            c.retry_subscribe = false;
         }
         self.send(Message::Hello(Box::new(Hello {
             replica: self.replica,
@@ -1245,6 +1260,15 @@ impl Client {
             *pushed = c.acked;
             c.awaiting_others = true;
             return;
+        }
+        if code == ErrorCode::Internal
+            && let Some(db) = &e.db
+            && let Some(c) = self.dbs.get_mut(db)
+            && matches!(c.sync, Sync::Awaiting { .. })
+        {
+            // The server could not load the database (its disk or engine
+            // failed): reported, and asked again at the next heartbeat.
+            c.retry_subscribe = true;
         }
         if matches!(code, ErrorCode::Internal | ErrorCode::TooLarge)
             && let Some(db) = &e.db

@@ -43,6 +43,8 @@ pub struct Net<A> {
     pub hold_server_persists: bool,
     /// Hold client persists until `flush_client` (to observe local durability).
     pub hold_client_persists: bool,
+    /// Fail this many of the server's next loads (`Server::load_failed`).
+    pub fail_loads: usize,
     server_persists: VecDeque<(DbName, u64, Batch)>,
 }
 
@@ -64,6 +66,7 @@ impl<A: Authenticator> Net<A> {
             nodes: Vec::new(),
             hold_server_persists: false,
             hold_client_persists: false,
+            fail_loads: 0,
             server_persists: VecDeque::new(),
         }
     }
@@ -173,6 +176,10 @@ impl<A: Authenticator> Net<A> {
                 }
                 ServerOutput::Persist { db, seq, batch } => {
                     self.server_persists.push_back((db, seq, batch));
+                }
+                ServerOutput::Load { db } if self.fail_loads > 0 => {
+                    self.fail_loads -= 1;
+                    self.server.load_failed(&db, "the store timed out");
                 }
                 ServerOutput::Load { db } => {
                     let stored = self.server_store.load_now(&db).unwrap();
